@@ -1,0 +1,61 @@
+"""`obliviate erase`: erase a concept and write results, model, patch and report."""
+from __future__ import annotations
+
+import argparse
+
+from .. import methods
+from ..cli import add_dataclass_arguments, add_run_arguments, collect_overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from ..methods.ember import Config as EmberConfig
+
+    add_run_arguments(parser)
+    parser.add_argument("--method", dest="run__method", default=None,
+                        help=f"erasure method: {', '.join(methods.available())} (default ember)")
+    parser.add_argument("--ember", dest="run__with_ember", action="store_true", default=None,
+                        help="apply the EMBER edit first, then the base method")
+    parser.add_argument("--set", dest="method_settings", action="append", default=[], metavar="KEY=VALUE",
+                        help="a setting of the chosen trained method, e.g. --set lr=1e-4 (repeatable)")
+    add_dataclass_arguments(parser, EmberConfig, "ember", title="EMBER")
+
+
+def parse_method_settings(pairs: list[str], method: str) -> dict:
+    from ..errors import ObliviateError
+
+    settings = {}
+    for pair in pairs:
+        if "=" not in pair:
+            raise ObliviateError(f"--set expects KEY=VALUE, got {pair!r}.")
+        key, value = pair.split("=", 1)
+        settings[key.strip().replace("-", "_")] = value
+    return {method: settings} if settings else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import make_config
+    from ..pipeline import erase
+    from ..report import fmt
+
+    overrides = collect_overrides(args)
+    config = make_config(args.config_file, **overrides)
+    if args.method_settings:
+        from ..config import merge
+
+        config = merge(config, {"methods": parse_method_settings(args.method_settings, config.method)})
+    if not config.concept:
+        from ..errors import ObliviateError
+
+        raise ObliviateError("Name the concept to erase with --concept (e.g. --concept 'Harry Potter').")
+    result = erase(config)
+    r = result.results
+    print(f"\n{r['concept']} erased with {r['method']} -> {config.out}")
+    for name in ("qa_test", "simdom_test", "general_test"):
+        if name in r:
+            print(f"  {name:13s} original {fmt(r[name]['base'])}  edited {fmt(r[name]['edited'])}")
+    for name in ("efficacy", "specificity", "coherence", "harmonic"):
+        if name in r:
+            print(f"  {name:13s} {fmt(r[name])}")
+    if r.get("delta") is not None:
+        print(f"  delta {r['delta']}, {r['edited_token_count']} tokens edited, {len(r['features'])} features")
+    return 0

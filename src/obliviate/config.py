@@ -1,0 +1,176 @@
+"""One typed configuration for the API, YAML files and the CLI.
+
+A run is a ``RunConfig`` of sections (model, data, evaluation, and one per method).
+YAML files use the same section and field names; unknown keys are errors. CLI flags
+override single fields (``--k 200``, ``--delta-grid 1,5,10``) and are generated from the
+dataclass fields, so every setting is reachable without a file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ObliviateError
+from .methods.ember import Config as EmberConfig
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "embedded"  # embedded Gemma 3 270M, a hub id, a folder, or a .gguf file
+    device: str = "cpu"  # cpu | cuda | cuda:N | auto
+    dtype: str | None = None  # None: float32 on CPU, bfloat16 on cuda
+    device_map: str | None = None  # "auto": spread over every GPU through accelerate
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data: str | None = None  # the EMBER benchmark folder
+    concept_sentences: str | None = None  # a custom concept: one sentence a line or a JSON list
+    neutral_sentences: str | None = None
+    questions: str | None = None  # MC questions in the benchmark's schema
+    coherency_prompts: str | None = None
+    general_questions_file: str | None = None  # an MMLU-style file, if the user has one
+    general_questions: int = 100  # per split, from the other concepts when no file is given
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    scoring: str = "auto"  # auto | loglik | letter (auto: letter when a chat template exists)
+    batch_tokens: int | None = None  # None: sized to the device
+    coherence_new_tokens: int = 32  # greedy tokens per coherence prompt (reference: 200 on GPUs)
+    neutral_coherence_prompts: int = 10  # neutral sentence openings added to the concept's prompts
+    general_gate: float = 0.9  # reject a candidate whose general-knowledge fraction is below
+    coherence_gate: float = 0.9  # score 0 for a candidate whose coherence is below
+    bootstrap: int = 1000  # resamples for 95% intervals
+
+    def __post_init__(self) -> None:
+        if self.scoring not in ("auto", "loglik", "letter"):
+            raise ObliviateError(f"scoring must be auto, loglik or letter, got {self.scoring!r}.")
+        if self.batch_tokens is not None and self.batch_tokens < 16:
+            raise ObliviateError(f"batch_tokens must be >= 16, got {self.batch_tokens}.")
+        for name in ("general_gate", "coherence_gate"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ObliviateError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    concept: str = ""
+    out: str = "runs/erase"
+    method: str = "ember"
+    with_ember: bool = False  # apply EMBER first, then the base method
+    seed: int = 42
+    overwrite: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    ember: EmberConfig = field(default_factory=EmberConfig)
+    # Settings of the trained methods by method name, validated by each method's Config.
+    methods: dict[str, dict] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "evaluation": EvalConfig, "ember": EmberConfig}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Convert YAML/CLI values to the field's declared type, with a clear error."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if value is None:
+        if type(None) in args or annotation is Any:
+            return None
+        raise ObliviateError(f"{where} may not be empty.")
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], where) if len(inner) == 1 else value
+    if origin is tuple:
+        items = value.split(",") if isinstance(value, str) else list(value)
+        return tuple(_coerce(v, args[0], where) for v in items)
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes"):
+            return True
+        if str(value).lower() in ("false", "0", "no"):
+            return False
+        raise ObliviateError(f"{where} must be true or false, got {value!r}.")
+    if annotation in (int, float, str):
+        try:
+            return annotation(value)
+        except (TypeError, ValueError) as err:
+            raise ObliviateError(f"{where} must be {annotation.__name__}, got {value!r}.") from err
+    return value
+
+
+def build_section(cls: type, values: dict, where: str):
+    """Instantiate a config dataclass from a dict; unknown keys are errors."""
+    if not isinstance(values, dict):
+        raise ObliviateError(f"{where} must be a mapping of settings, got {type(values).__name__}.")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ObliviateError(f"Unknown setting(s) {', '.join(sorted(unknown))} in {where}. Known: {', '.join(sorted(known))}.")
+    kwargs = {}
+    for name, value in values.items():
+        kwargs[name] = value if is_dataclass(hints[name]) else _coerce(value, hints[name], f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ObliviateError(f"Config file {path} does not exist.")
+    try:
+        payload = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ObliviateError(f"Config file {path} is not valid YAML: {err}") from err
+    if not isinstance(payload, dict):
+        raise ObliviateError(f"Config file {path} must hold a mapping of sections at the top level.")
+    return payload
+
+
+def run_config_from_dict(payload: dict, where: str = "config") -> RunConfig:
+    top = {f.name for f in fields(RunConfig)}
+    unknown = set(payload) - top
+    if unknown:
+        raise ObliviateError(f"Unknown section(s) {', '.join(sorted(unknown))} in {where}. Known: {', '.join(sorted(top))}.")
+    kwargs = {}
+    hints = typing.get_type_hints(RunConfig)
+    for name, value in payload.items():
+        if name in SECTIONS:
+            kwargs[name] = build_section(SECTIONS[name], value, f"{where}.{name}")
+        elif name == "methods":
+            kwargs[name] = dict(value or {})
+        else:
+            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+    return RunConfig(**kwargs)
+
+
+def merge(base: RunConfig, overrides: dict) -> RunConfig:
+    """Apply {section: {field: value}} and {field: value} overrides on top of ``base``."""
+    kwargs = {}
+    hints = typing.get_type_hints(RunConfig)
+    for name, value in overrides.items():
+        if name in SECTIONS:
+            section = getattr(base, name)
+            current = {f.name: getattr(section, f.name) for f in fields(section)}
+            current.update(value)
+            kwargs[name] = build_section(SECTIONS[name], current, name)
+        elif name == "methods":
+            merged = {k: dict(v) for k, v in base.methods.items()}
+            for method, settings in value.items():
+                merged.setdefault(method, {}).update(settings)
+            kwargs[name] = merged
+        else:
+            kwargs[name] = _coerce(value, hints[name], name)
+    return replace(base, **kwargs)

@@ -1,0 +1,316 @@
+"""Benchmark and user-concept loading, with schema checks that name the file and field.
+
+The EMBER benchmark folder holds concept_sentences.json, neutral_sentences.json,
+mc_questions.json, open_questions.json, relearn_paragraphs.json and
+coherency_prompts.json (see its README). A user concept comes as a sentences file plus,
+optionally, questions in the benchmark's schema.
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ObliviateError
+
+MC_SPLITS = {"qa_train": "QA_train", "qa_test": "QA_test", "simdom_train": "SimdomQA_train", "simdom_test": "SimdomQA_test"}
+MIN_SENTENCES = 5
+
+
+@dataclass(frozen=True)
+class MCQuestion:
+    question: str
+    options: tuple[str, ...]
+    answer: int  # index of the correct option in ``options``
+
+
+@dataclass(frozen=True)
+class OpenQuestion:
+    question: str
+    answer: str
+
+
+@dataclass
+class ConceptData:
+    """Everything about one concept that erasure and evaluation need."""
+
+    concept: str
+    concept_sentences: list[str]
+    neutral_sentences: list[str]
+    # Other concepts' sentences: negatives that make "concept-only" mean this concept,
+    # not the genre of encyclopedic text about any concept.
+    contrast_sentences: list[str] = field(default_factory=list)
+    questions: dict[str, list[MCQuestion]] = field(default_factory=dict)  # keys of MC_SPLITS
+    general: dict[str, list[MCQuestion]] = field(default_factory=dict)  # "train" / "test"
+    general_source: str = "none"
+    coherency_prompts: list[str] = field(default_factory=list)
+    data_dir: Path | None = None
+
+    @property
+    def has_questions(self) -> bool:
+        return bool(self.questions.get("qa_train")) and bool(self.questions.get("qa_test"))
+
+
+def _read_json(path: Path) -> Any:
+    if not path.is_file():
+        raise ObliviateError(f"Data file {path} is missing: point --data at the EMBER benchmark folder.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ObliviateError(f"Data file {path} is not valid JSON (line {err.lineno}): {err.msg}.") from err
+
+
+def _require(condition: bool, path: Path, what: str) -> None:
+    if not condition:
+        raise ObliviateError(f"Data file {path} is malformed: {what}. See the benchmark README for the schema.")
+
+
+def _clean_sentences(sentences: list[Any], path: Path, what: str) -> list[str]:
+    _require(isinstance(sentences, list), path, f"{what} must be a list of strings")
+    _require(all(isinstance(s, str) for s in sentences), path, f"every entry of {what} must be a string")
+    cleaned = [s.strip() for s in sentences if s.strip()]
+    if len(cleaned) < MIN_SENTENCES:
+        raise ObliviateError(
+            f"{path}: {what} has {len(cleaned)} non-empty sentences; at least {MIN_SENTENCES} are needed "
+            "(the reference uses about 300)."
+        )
+    return cleaned
+
+
+def parse_mc_questions(items: Any, path: Path, where: str) -> list[MCQuestion]:
+    """Benchmark schema {q, correct_answer, options} or MMLU's {question, choices, answer}."""
+    _require(isinstance(items, list), path, f"{where} must be a list of questions")
+    questions = []
+    for index, item in enumerate(items):
+        field_at = f"{where}[{index}]"
+        _require(isinstance(item, dict), path, f"{field_at} must be an object")
+        text = item.get("q", item.get("question"))
+        options = item.get("options", item.get("choices"))
+        _require(isinstance(text, str) and text.strip() != "", path, f"{field_at} needs a non-empty 'q'")
+        _require(
+            isinstance(options, list) and len(options) >= 2 and all(isinstance(o, str) for o in options),
+            path,
+            f"{field_at} needs 'options', a list of at least 2 strings",
+        )
+        if "correct_answer" in item:
+            _require(item["correct_answer"] in options, path, f"{field_at}.correct_answer is not one of its options")
+            answer = options.index(item["correct_answer"])
+        else:
+            answer = item.get("answer")
+            if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
+                answer = ord(answer.upper()) - ord("A")
+            _require(isinstance(answer, int) and 0 <= answer < len(options), path, f"{field_at} needs 'correct_answer'")
+        questions.append(MCQuestion(text.strip(), tuple(options), answer))
+    return questions
+
+
+def parse_open_questions(items: Any, path: Path, where: str) -> list[OpenQuestion]:
+    _require(isinstance(items, list), path, f"{where} must be a list")
+    out = []
+    for index, item in enumerate(items):
+        ok = isinstance(item, dict) and isinstance(item.get("q"), str) and isinstance(item.get("a"), str)
+        _require(ok, path, f"{where}[{index}] needs string fields 'q' and 'a'")
+        out.append(OpenQuestion(item["q"].strip(), item["a"].strip()))
+    return out
+
+
+def list_concepts(data_dir: str | Path) -> list[str]:
+    path = Path(data_dir) / "concept_sentences.json"
+    entries = _read_json(path)
+    _require(isinstance(entries, list), path, "the top level must be a list of {concept, sentences}")
+    _require(all(isinstance(e, dict) and "concept" in e for e in entries), path, "every entry needs 'concept'")
+    return [entry["concept"] for entry in entries]
+
+
+def _unknown_concept(concept: str, available: list[str]) -> ObliviateError:
+    return ObliviateError(
+        f"Concept {concept!r} is not in the benchmark. Available: {', '.join(sorted(available))}. "
+        "For another concept pass --concept-sentences FILE (and optionally --questions FILE)."
+    )
+
+
+def _benchmark_sentences(data_dir: Path) -> dict[str, list[str]]:
+    path = data_dir / "concept_sentences.json"
+    entries = _read_json(path)
+    _require(isinstance(entries, list), path, "the top level must be a list of {concept, sentences}")
+    out = {}
+    for index, entry in enumerate(entries):
+        _require(isinstance(entry, dict) and isinstance(entry.get("concept"), str), path, f"entry {index} needs 'concept'")
+        out[entry["concept"]] = _clean_sentences(entry.get("sentences"), path, f"entry {index}.sentences")
+    return out
+
+
+def load_neutral_sentences(path: str | Path) -> list[str]:
+    """The benchmark's list of {url, title, sentence}, a JSON list of strings, or a text file."""
+    path = Path(path)
+    if path.suffix == ".json":
+        items = _read_json(path)
+        if isinstance(items, list) and items and isinstance(items[0], dict):
+            _require(all("sentence" in item for item in items), path, "every entry needs 'sentence'")
+            items = [item["sentence"] for item in items]
+        return _clean_sentences(items, path, "the sentence list")
+    return load_sentence_file(path)
+
+
+def load_sentence_file(path: str | Path) -> list[str]:
+    """One sentence a line, or a JSON list of strings."""
+    path = Path(path)
+    if not path.is_file():
+        raise ObliviateError(f"Sentence file {path} does not exist: check the path.")
+    if path.suffix == ".json":
+        return _clean_sentences(_read_json(path), path, "the sentence list")
+    return _clean_sentences(path.read_text(encoding="utf-8").splitlines(), path, "the sentence lines")
+
+
+def _mc_splits(entry: Any, path: Path, where: str) -> dict[str, list[MCQuestion]]:
+    _require(isinstance(entry, dict), path, f"{where} must map split names to question lists")
+    splits = {}
+    for ours, theirs in MC_SPLITS.items():
+        if theirs in entry:
+            splits[ours] = parse_mc_questions(entry[theirs], path, f"{where}.{theirs}")
+    _require("QA_train" in entry and "QA_test" in entry, path, f"{where} needs the splits QA_train and QA_test")
+    return splits
+
+
+def sample_general_questions(
+    mc_by_concept: dict[str, dict[str, list[MCQuestion]]], exclude: str, per_split: int, seed: int
+) -> dict[str, list[MCQuestion]]:
+    """General knowledge = the OTHER concepts' QA questions (MMLU is not available offline).
+
+    Sampled evenly across the other concepts with a fixed seed so the set is the same in
+    every run.
+    """
+    others = sorted(name for name in mc_by_concept if name != exclude)
+    rng = random.Random(seed)
+    general = {}
+    for split in ("train", "test"):
+        pools = [list(mc_by_concept[name].get(f"qa_{split}", [])) for name in others]
+        for pool in pools:
+            rng.shuffle(pool)
+        picked: list[MCQuestion] = []
+        depth = 0
+        while len(picked) < per_split and any(depth < len(pool) for pool in pools):
+            picked.extend(pool[depth] for pool in pools if depth < len(pool))
+            depth += 1
+        general[split] = picked[:per_split]
+    return general
+
+
+def load_general_file(path: str | Path, seed: int) -> dict[str, list[MCQuestion]]:
+    """An MMLU-style file: {"train": [...], "test": [...]} or one list split in half."""
+    path = Path(path)
+    payload = _read_json(path)
+    if isinstance(payload, dict):
+        _require("train" in payload and "test" in payload, path, "an object needs 'train' and 'test' lists")
+        return {split: parse_mc_questions(payload[split], path, split) for split in ("train", "test")}
+    questions = parse_mc_questions(payload, path, "the question list")
+    random.Random(seed).shuffle(questions)
+    half = len(questions) // 2
+    return {"train": questions[:half], "test": questions[half:]}
+
+
+def load_benchmark_concept(
+    concept: str,
+    data_dir: str | Path,
+    general_questions: int = 100,
+    general_file: str | Path | None = None,
+    seed: int = 42,
+) -> ConceptData:
+    """One concept of the EMBER benchmark, with other concepts as contrast and general sets."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise ObliviateError(f"Data folder {data_dir} does not exist: pass --data with the EMBER benchmark folder.")
+    sentences = _benchmark_sentences(data_dir)
+    if concept not in sentences:
+        raise _unknown_concept(concept, list(sentences))
+    mc_path = data_dir / "mc_questions.json"
+    mc_raw = _read_json(mc_path)
+    _require(isinstance(mc_raw, dict), mc_path, "the top level must map concept names to splits")
+    if concept not in mc_raw:
+        raise ObliviateError(f"{mc_path} has no questions for {concept!r}; its concepts: {', '.join(sorted(mc_raw))}.")
+    mc = {name: _mc_splits(entry, mc_path, name) for name, entry in mc_raw.items()}
+    if general_file:
+        general, source = load_general_file(general_file, seed), f"file:{general_file}"
+    else:
+        general = sample_general_questions(mc, concept, general_questions, seed)
+        source = f"other benchmark concepts' QA ({general_questions} per split)"
+    coherency_path = data_dir / "coherency_prompts.json"
+    coherency = _read_json(coherency_path)
+    _require(isinstance(coherency, dict), coherency_path, "the top level must map concepts to prompt lists")
+    return ConceptData(
+        concept=concept,
+        concept_sentences=sentences[concept],
+        neutral_sentences=load_neutral_sentences(data_dir / "neutral_sentences.json"),
+        contrast_sentences=[s for name, group in sentences.items() if name != concept for s in group],
+        questions=mc[concept],
+        general=general,
+        general_source=source,
+        coherency_prompts=_clean_sentences(coherency.get(concept, []), coherency_path, concept)
+        if concept in coherency
+        else [],
+        data_dir=data_dir,
+    )
+
+
+def load_user_concept(
+    concept: str,
+    concept_sentences: str | Path,
+    neutral_sentences: str | Path | None = None,
+    data_dir: str | Path | None = None,
+    questions: str | Path | None = None,
+    coherency_prompts: str | Path | None = None,
+    general_file: str | Path | None = None,
+    general_questions: int = 100,
+    seed: int = 42,
+) -> ConceptData:
+    """A concept the benchmark does not have: the user's sentences (and maybe questions)."""
+    if neutral_sentences is None:
+        if data_dir is None:
+            raise ObliviateError("A custom concept needs neutral sentences: pass --neutral-sentences FILE or --data DIR.")
+        neutral_sentences = Path(data_dir) / "neutral_sentences.json"
+    data = ConceptData(
+        concept=concept,
+        concept_sentences=load_sentence_file(concept_sentences),
+        neutral_sentences=load_neutral_sentences(neutral_sentences),
+        data_dir=Path(data_dir) if data_dir else None,
+    )
+    if data_dir is not None and (Path(data_dir) / "concept_sentences.json").exists():
+        others = _benchmark_sentences(Path(data_dir))
+        data.contrast_sentences = [s for name, group in others.items() if name != concept for s in group]
+    if questions is not None:
+        path = Path(questions)
+        payload = _read_json(path)
+        if isinstance(payload, dict) and concept in payload:
+            payload = payload[concept]
+        data.questions = _mc_splits(payload, path, concept)
+    if general_file is not None:
+        data.general, data.general_source = load_general_file(general_file, seed), f"file:{general_file}"
+    elif data_dir is not None and (Path(data_dir) / "mc_questions.json").exists():
+        mc_raw = _read_json(Path(data_dir) / "mc_questions.json")
+        mc = {name: _mc_splits(entry, Path(data_dir) / "mc_questions.json", name) for name, entry in mc_raw.items()}
+        data.general = sample_general_questions(mc, concept, general_questions, seed)
+        data.general_source = f"benchmark concepts' QA ({general_questions} per split)"
+    if coherency_prompts is not None:
+        data.coherency_prompts = load_sentence_file(coherency_prompts)
+    return data
+
+
+def load_open_questions(data_dir: str | Path, concept: str) -> dict[str, list[OpenQuestion]]:
+    path = Path(data_dir) / "open_questions.json"
+    payload = _read_json(path)
+    if concept not in payload:
+        raise _unknown_concept(concept, list(payload))
+    return {ours: parse_open_questions(payload[concept][theirs], path, f"{concept}.{theirs}")
+            for ours, theirs in MC_SPLITS.items() if theirs in payload[concept]}
+
+
+def load_relearn_paragraphs(data_dir: str | Path, concept: str, limit: int = 100) -> list[str]:
+    """The relearning attack's text: the first ``limit`` paragraphs (the paper uses 100)."""
+    path = Path(data_dir) / "relearn_paragraphs.json"
+    payload = _read_json(path)
+    if concept not in payload:
+        raise _unknown_concept(concept, list(payload))
+    paragraphs = payload[concept].get("RelearnParagraphs")
+    return _clean_sentences(paragraphs, path, f"{concept}.RelearnParagraphs")[:limit]

@@ -1,0 +1,80 @@
+"""Coherence without an external judge.
+
+For each prompt, the edited model writes a greedy continuation. The ORIGINAL model then
+scores it: its mean per-token log-likelihood, compared with the original model's own
+greedy continuation of the same prompt (a fluency ratio, i.e. a perplexity ratio), and
+its share of distinct bigrams, compared with the original's (a repetition ratio):
+
+  fluency    = min(1, exp(mean_ll(edited text) - mean_ll(original text)))
+  repetition = min(1, distinct2(edited text) / distinct2(original text))
+  coherence  = harmonic(fluency, repetition)
+
+This mirrors the reference's "harmonic mean of two ratios to the original, each capped
+at 1", with the external LLM's relevance/fluency ratings replaced by the original model's
+likelihood and a degeneration measure.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..models import LoadedModel
+from .scoring import Batching, continuation_logprobs, greedy_generate
+
+EMPTY_CONTINUATION_LL = -20.0  # per token: an empty answer counts as worse than any real text
+
+
+@dataclass
+class CoherenceSet:
+    """Prompts and the original model's own continuations, computed once."""
+
+    prompts: list[str]
+    prompt_ids: list[list[int]]
+    original_continuations: list[list[int]]
+    original_ll: np.ndarray
+    original_distinct: np.ndarray
+    max_new_tokens: int
+
+    def token_sets(self) -> list[frozenset[int]]:
+        return [frozenset(p) | frozenset(c) for p, c in zip(self.prompt_ids, self.original_continuations)]
+
+    def touching(self, token_ids: set[int] | None) -> np.ndarray:
+        """Prompts whose greedy path could change: the prompt or the original continuation uses
+        an edited token. (With input-embedding-only edits every other path is identical.)"""
+        if token_ids is None:
+            return np.arange(len(self.prompts))
+        return np.array([i for i, ids in enumerate(self.token_sets()) if ids & token_ids], dtype=int)
+
+
+def distinct_bigrams(tokens: list[int]) -> float:
+    if len(tokens) < 2:
+        return 0.0
+    pairs = list(zip(tokens, tokens[1:]))
+    return len(set(pairs)) / len(pairs)
+
+
+def mean_loglik(original: LoadedModel, prompt_ids: list[list[int]], continuations: list[list[int]], batching: Batching) -> np.ndarray:
+    scored = [i for i, c in enumerate(continuations) if c]
+    totals = continuation_logprobs(original, [(prompt_ids[i], continuations[i]) for i in scored], batching).numpy()
+    out = np.full(len(continuations), EMPTY_CONTINUATION_LL)
+    out[scored] = totals / np.array([len(continuations[i]) for i in scored])
+    return out
+
+
+def build_coherence_set(original: LoadedModel, prompts: list[str], max_new_tokens: int, batching: Batching = Batching()) -> CoherenceSet:
+    prompt_ids = [original.tokenizer(p).input_ids for p in prompts]
+    continuations = greedy_generate(original, prompt_ids, max_new_tokens, batching)
+    return CoherenceSet(
+        prompts=list(prompts),
+        prompt_ids=prompt_ids,
+        original_continuations=continuations,
+        original_ll=mean_loglik(original, prompt_ids, continuations, batching),
+        original_distinct=np.array([distinct_bigrams(c) for c in continuations]),
+        max_new_tokens=max_new_tokens,
+    )
+
+
+def coherence_rows(edited_ll: np.ndarray, edited_distinct: np.ndarray, reference: CoherenceSet) -> tuple[np.ndarray, ...]:
+    """Rows for the bootstrap: one per prompt."""
+    return (edited_ll, reference.original_ll, edited_distinct, reference.original_distinct)

