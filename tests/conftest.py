@@ -107,3 +107,13 @@ def embedded_lm():
     from obliviate.models import load_model
 
     return load_model()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tiny_tokenizer) -> Path:
+    """A tiny Gemma 3 saved with save_pretrained: loadable by path like any user model."""
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    lm = make_tiny_lm(tiny_tokenizer, "gemma3")
+    lm.model.save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    return folder

@@ -69,6 +69,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", dest="run__seed", default=None, help="random seed (default 42)")
     parser.add_argument("--overwrite", dest="run__overwrite", action="store_true", default=None,
                         help="replace an output folder that holds a different run")
+    parser.add_argument("--no-save-model", dest="run__save_model", action="store_false", default=None,
+                        help="do not write model/ (the patch, results and report are still written)")
     add_dataclass_arguments(parser, ModelConfig, "model", rename={"name": "model"}, title="model")
     add_dataclass_arguments(parser, DataConfig, "data", title="data")
     add_dataclass_arguments(parser, EvalConfig, "evaluation", title="evaluation")

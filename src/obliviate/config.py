@@ -47,6 +47,9 @@ class EvalConfig:
     neutral_coherence_prompts: int = 10  # neutral sentence openings added to the concept's prompts
     general_gate: float = 0.9  # reject a candidate whose general-knowledge fraction is below
     coherence_gate: float = 0.9  # score 0 for a candidate whose coherence is below
+    # EMBER's delta grid is monotone: stop after this many candidates in a row fail the
+    # coherence gate (they score 0 and cannot be chosen). 0 = run the whole grid (reference).
+    stop_after_incoherent: int = 2
     bootstrap: int = 1000  # resamples for 95% intervals
 
     def __post_init__(self) -> None:
@@ -67,6 +70,7 @@ class RunConfig:
     with_ember: bool = False  # apply EMBER first, then the base method
     seed: int = 42
     overwrite: bool = False
+    save_model: bool = True  # write model/ (a full copy); the patch and results are always written
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)

@@ -154,6 +154,7 @@ def sweep(
     done = state["sweeps"].setdefault(name, [])
     results, edits = [], []
     bar = tqdm(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
+    incoherent = 0
     for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
         edits.append(edit)
         if index < len(done):
@@ -170,10 +171,17 @@ def sweep(
                 write_json(out / CHECKPOINT, state)
         bar.update(1)
         bar.set_postfix(params=params, score=round(results[-1].score, 3))
-        if stop_on_reject and results[-1].rejected:
+        if not stop_on_reject:
+            continue
+        incoherent = incoherent + 1 if _fails_coherence(results[-1], config.evaluation) else 0
+        if results[-1].rejected or 0 < config.evaluation.stop_after_incoherent <= incoherent:
             break
     bar.close()
     return results, edits
+
+
+def _fails_coherence(result: CandidateResult, config) -> bool:
+    return result.value("coherence") < config.coherence_gate
 
 
 def _split_summary(outcome: SplitOutcome | None, base: dict[str, float]) -> dict:
@@ -299,16 +307,18 @@ def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, c
 
 
 def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool) -> None:
-    """model/ (plain from_pretrained), the patch, and report.md; each written atomically."""
+    """model/ (plain from_pretrained), the patch, and report.md; each written atomically
+    (model/ is written beside and renamed into place)."""
     from .report import markdown_report
 
     model_dir = out / "model"
     staging = out / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    lm.model.save_pretrained(staging)
-    lm.tokenizer.save_pretrained(staging)
-    shutil.rmtree(model_dir, ignore_errors=True)
-    staging.rename(model_dir)
+    if results["config"]["save_model"]:
+        lm.model.save_pretrained(staging)
+        lm.tokenizer.save_pretrained(staging)
+        shutil.rmtree(model_dir, ignore_errors=True)
+        staging.rename(model_dir)
     patches = [e for e in (edit.edits if isinstance(edit, CompositeEdit) else [edit]) if isinstance(e, EmbeddingPatch)]
     for patch in patches:
         patch.metadata["embeddings_untied"] = str(results["embeddings_untied"])

@@ -1,0 +1,42 @@
+import json
+import subprocess
+import sys
+
+from obliviate.cli import main
+
+
+def test_unknown_concept_exits_2_with_the_list(data_dir, tiny_model_dir, tmp_path, capsys):
+    code = main(["erase", "--concept", "Quidditch", "--data", str(data_dir), "--model", str(tiny_model_dir),
+                 "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 2 and "Available:" in err and "Golf" in err and "Traceback" not in err
+    assert not (tmp_path / "o" / "results.json").exists()
+
+
+def test_missing_model_path_and_bad_values_exit_2(data_dir, tmp_path, capsys):
+    code = main(["erase", "--concept", "Golf", "--data", str(data_dir), "--model", "./no/such/model", "--out", str(tmp_path / "o")])
+    assert code == 2 and "does not exist" in capsys.readouterr().err
+    code = main(["erase", "--concept", "Golf", "--data", str(data_dir), "--k", "lots", "--out", str(tmp_path / "o2")])
+    assert code == 2 and "must be int" in capsys.readouterr().err
+    code = main(["erase", "--concept", "Golf", "--data", str(data_dir), "--method", "magic", "--out", str(tmp_path / "o3")])
+    assert code == 2 and "Available methods" in capsys.readouterr().err
+
+
+def test_custom_concept_without_questions_needs_delta_then_reports_tokens(data_dir, tiny_model_dir, tmp_path, capsys):
+    sentences = tmp_path / "pottery.txt"
+    sentences.write_text("\n".join(f"The potter shapes clay vessel {i} on the wheel before the kiln." for i in range(12)))
+    common = ["erase", "--concept", "Pottery", "--concept-sentences", str(sentences), "--data", str(data_dir),
+              "--model", str(tiny_model_dir), "--k", "10", "--ratio-threshold", "1", "--no-save-model",
+              "--coherence-new-tokens", "0"]
+    assert main(common + ["--out", str(tmp_path / "a")]) == 2
+    assert "--delta" in capsys.readouterr().err
+    assert main(common + ["--out", str(tmp_path / "b"), "--delta", "3"]) == 0
+    results = json.loads((tmp_path / "b" / "results.json").read_text())
+    assert results["delta"] == 3.0 and results["questions_available"] is False
+    assert "efficacy" not in results and "qa_test" not in results  # no accuracy claims
+
+
+def test_module_entry_point_and_help_are_fast_and_work():
+    out = subprocess.run([sys.executable, "-m", "obliviate", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "erase" in out.stdout
+    assert subprocess.run([sys.executable, "-m", "obliviate", "nonsense"], capture_output=True).returncode == 2

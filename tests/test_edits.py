@@ -1,0 +1,74 @@
+import pytest
+import torch
+
+from obliviate.edits import EditVerificationError, EmbeddingPatch, apply_verified, revert_verified
+from obliviate.errors import ObliviateError
+from obliviate.methods import ember
+from obliviate.models import embedding_scale, untie_output_embeddings
+
+
+@pytest.fixture
+def fitted(tiny_lm, small_concept):
+    untie_output_embeddings(tiny_lm.model)
+    return ember.fit(tiny_lm, small_concept, ember.Config(k=20, ratio_threshold=1.0))
+
+
+def test_patch_row_arithmetic_is_exact_in_float64(tiny_lm, fitted):
+    delta = 3.0
+    patch = fitted.patch(delta)
+    scale = embedding_scale(tiny_lm.model)
+    assert scale == pytest.approx(32 ** 0.5)  # read from the module: Gemma scales by sqrt(d)
+    expected = fitted.original_rows.double() - delta * fitted.contributions / scale
+    torch.testing.assert_close(patch.edited_rows.double(), expected, rtol=0, atol=1e-6)
+    # In the space the model uses, the row moved by exactly delta * c_i.
+    moved = (patch.original_rows.double() - patch.edited_rows.double()) * scale
+    torch.testing.assert_close(moved, delta * fitted.contributions, rtol=1e-5, atol=1e-5)
+
+
+def test_only_the_chosen_rows_change_and_revert_restores_the_bits(tiny_lm, fitted):
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    patch = fitted.patch(5.0)
+    assert patch.changed_token_ids(), "the fit must select tokens for this test to mean anything"
+    apply_verified(patch, tiny_lm.model)
+    after = tiny_lm.model.state_dict()
+    for name, tensor in after.items():
+        if name.endswith("embed_tokens.weight"):
+            changed = torch.nonzero((tensor != before[name]).any(dim=1)).flatten().tolist()
+            assert set(changed) == patch.changed_token_ids()
+        else:
+            assert torch.equal(tensor, before[name]), f"{name} changed"
+    revert_verified(patch, tiny_lm.model)
+    for name, tensor in tiny_lm.model.state_dict().items():
+        assert torch.equal(tensor, before[name])
+
+
+def test_verification_catches_a_change_outside_the_patch(tiny_lm, fitted):
+    patch = fitted.patch(1.0)
+
+    class Sneaky(EmbeddingPatch):
+        def apply(self, model):
+            super().apply(model)
+            with torch.no_grad():
+                model.lm_head.weight[0, 0] += 1.0
+
+    sneaky = Sneaky(patch.token_ids, patch.original_rows, patch.edited_rows, patch.metadata)
+    with pytest.raises(EditVerificationError, match="lm_head"):
+        apply_verified(sneaky, tiny_lm.model)
+
+
+def test_patch_round_trips_through_safetensors(tmp_path, fitted):
+    patch = fitted.patch(2.0)
+    patch.save(tmp_path / "p.safetensors")
+    loaded = EmbeddingPatch.load(tmp_path / "p.safetensors")
+    assert torch.equal(loaded.token_ids, patch.token_ids)
+    assert torch.equal(loaded.edited_rows, patch.edited_rows)
+    assert loaded.metadata["delta"] == "2.0"
+    assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_a_patch_for_another_model_is_refused(tiny_tokenizer, fitted):
+    from conftest import make_tiny_lm
+
+    other = make_tiny_lm(tiny_tokenizer, "llama", seed=1)
+    with pytest.raises(ObliviateError, match="another model"):
+        fitted.patch(1.0).apply(other.model)

@@ -1,0 +1,107 @@
+"""The whole erase on a tiny model saved to a folder: files, verification, resume."""
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import obliviate
+from obliviate.edits import EmbeddingPatch
+from obliviate.errors import ObliviateError
+from obliviate.pipeline import CandidateResult, choose
+
+FAST = dict(
+    ember={"k": 20, "ratio_threshold": 1.0, "delta_grid": (1.0, 50.0)},
+    evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50},
+    data_options={"general_questions": 6},
+)
+
+
+def run(tiny_model_dir, data_dir, out, **extra):
+    settings = {**FAST, **extra}
+    return obliviate.erase("Golf", data=data_dir, out=out, model={"name": str(tiny_model_dir)}, progress=False, **settings)
+
+
+def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir, tmp_path):
+    result = run(tiny_model_dir, data_dir, tmp_path / "run")
+    out = tmp_path / "run"
+    results = json.loads((out / "results.json").read_text())
+    for key in ("concept", "method", "model", "seed", "delta", "features", "edited_token_count", "qa_test",
+                "simdom_test", "general_test", "efficacy", "specificity", "coherence", "harmonic",
+                "delta_sweep", "timings", "embeddings_untied", "general_knowledge_source"):
+        assert key in results, key
+    assert results["embeddings_untied"] is True
+    assert {"low", "high", "value"} <= set(results["qa_test"]["edited"])
+    assert [c["params"]["delta"] for c in results["delta_sweep"]][0] == 1.0
+    assert (out / "report.md").read_text().startswith("# Erasure of 'Golf'")
+    assert not (out / ".checkpoint.json").exists() and not list(out.glob(".*tmp"))
+
+    from transformers import AutoModelForCausalLM
+
+    reloaded = AutoModelForCausalLM.from_pretrained(out / "model")
+    original = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = torch.nonzero((reloaded.get_input_embeddings().weight != original.get_input_embeddings().weight).any(1))
+    if results["delta"]:
+        patch = EmbeddingPatch.load(out / "embedding_patch.safetensors")
+        assert set(changed.flatten().tolist()) == patch.changed_token_ids()
+        assert len(load_file(out / "embedding_patch.safetensors")["token_ids"]) == results["edited_token_count"]
+        # The output layer is the original one: only the input embedding was edited.
+        assert torch.equal(reloaded.lm_head.weight, original.get_input_embeddings().weight)
+    else:
+        assert len(changed) == 0
+    assert result["concept"] == "Golf"
+
+
+def test_fixed_delta_and_patch_apply_revert_through_the_api(tiny_model_dir, data_dir, tmp_path):
+    run(tiny_model_dir, data_dir, tmp_path / "run", ember={**FAST["ember"], "delta": 7.0}, save_model=False)
+    assert not (tmp_path / "run" / "model").exists()
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["delta"] == 7.0
+    lm = obliviate.load_model(str(tiny_model_dir))
+    before = lm.model.get_input_embeddings().weight.clone()
+    patch = obliviate.apply_patch(lm, tmp_path / "run" / "embedding_patch.safetensors")
+    assert not torch.equal(before, lm.model.get_input_embeddings().weight)
+    obliviate.revert_patch(lm, patch)
+    assert torch.equal(before, lm.model.get_input_embeddings().weight)
+
+
+def test_an_interrupted_grid_resumes_with_the_same_numbers(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from obliviate import pipeline
+
+    full = run(tiny_model_dir, data_dir, tmp_path / "full", save_model=False).results
+    calls = {"n": 0}
+    real = pipeline.Evaluator.evaluate
+
+    def dies_on_second_train(self, split, edit):
+        if split == "train":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt
+        return real(self, split, edit)
+
+    monkeypatch.setattr(pipeline.Evaluator, "evaluate", dies_on_second_train)
+    with pytest.raises(KeyboardInterrupt):
+        run(tiny_model_dir, data_dir, tmp_path / "resumed", save_model=False)
+    checkpoint = json.loads((tmp_path / "resumed" / ".checkpoint.json").read_text())
+    assert len(checkpoint["sweeps"]["ember"]) == 1
+    assert not (tmp_path / "resumed" / "results.json").exists()  # nothing that looks complete
+    monkeypatch.setattr(pipeline.Evaluator, "evaluate", real)
+    resumed = run(tiny_model_dir, data_dir, tmp_path / "resumed", save_model=False).results
+    assert resumed["delta_sweep"] == full["delta_sweep"]
+    assert resumed["qa_test"] == full["qa_test"]
+
+
+def test_an_out_folder_with_another_run_is_refused(tiny_model_dir, data_dir, tmp_path):
+    run(tiny_model_dir, data_dir, tmp_path / "run", save_model=False)
+    with pytest.raises(ObliviateError, match="different run.*--overwrite"):
+        run(tiny_model_dir, data_dir, tmp_path / "run", save_model=False, seed=1)
+
+
+def test_choice_follows_the_one_standard_error_rule():
+    def cand(delta, score, se, rejected=None):
+        return CandidateResult({"delta": delta}, {}, score, se, rejected)
+
+    noisy = [cand(0.5, 0.60, 0.05), cand(1, 0.64, 0.05), cand(2, 0.70, 0.08)]
+    assert choose(noisy) == 1  # 0.64 >= 0.70 - 0.08; 0.60 is not
+    assert choose([cand(1, 0.0, 0.0), cand(2, 0.0, 0.0)]) is None
+    assert choose([cand(1, 0.9, 0.0, rejected="general"), cand(2, 0.5, 0.0)]) == 1

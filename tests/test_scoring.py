@@ -1,0 +1,63 @@
+import numpy as np
+import torch
+
+from obliviate.data import MCQuestion
+from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare, shuffled_order
+from obliviate.evaluation.scoring import Batching, continuation_logprobs, greedy_generate
+
+
+@torch.no_grad()
+def naive_logprob(lm, context, continuation):
+    ids = torch.tensor([context + continuation])
+    logits = lm.model(input_ids=ids).logits[0].double()
+    logprobs = torch.log_softmax(logits, dim=-1)
+    return sum(float(logprobs[len(context) - 1 + t, tok]) for t, tok in enumerate(continuation))
+
+
+def test_batched_left_padded_scores_equal_one_at_a_time_scores(tiny_lm):
+    tok = tiny_lm.tokenizer
+    items = [
+        (tok("Question: who?\nAnswer:").input_ids, tok(" a wizard", add_special_tokens=False).input_ids),
+        (tok("Question: a much longer question about golf clubs?\nAnswer:").input_ids, tok(" iron", add_special_tokens=False).input_ids),
+        (tok("Q:").input_ids, tok(" the river of the north", add_special_tokens=False).input_ids),
+    ]
+    for budget in (16, 4096):  # one item per batch, and all together
+        batched = continuation_logprobs(tiny_lm, items, Batching(budget)).numpy()
+        naive = np.array([naive_logprob(tiny_lm, c, x) for c, x in items])
+        np.testing.assert_allclose(batched, naive, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_generation_matches_unbatched_generation(tiny_lm):
+    prompts = [tiny_lm.tokenizer(p).input_ids for p in ("The wizard", "Golf is a sport played on a long")]
+    together = greedy_generate(tiny_lm, prompts, 6, Batching(4096))
+    alone = [greedy_generate(tiny_lm, [p], 6, Batching(4096))[0] for p in prompts]
+    assert together == alone
+    assert all(0 < len(c) <= 6 for c in together)
+
+
+def test_options_are_shuffled_with_a_fixed_seed_and_answers_follow():
+    q = MCQuestion("Which?", ("right", "w1", "w2", "w3"), 0)
+    assert shuffled_order(q, 0) == shuffled_order(q, 0)
+    orders = {tuple(shuffled_order(MCQuestion(f"Q{i}", q.options, 0), 0)) for i in range(40)}
+    firsts = [o.index(0) for o in orders]
+    assert len(orders) > 10 and len(set(firsts)) == 4  # the correct option lands everywhere
+
+
+def test_loglik_scoring_picks_the_option_the_model_prefers(tiny_lm):
+    tok = tiny_lm.tokenizer
+    questions = [MCQuestion("What is it?", ("alpha", "beta beta beta", "gamma", "delta"), 1)]
+    prepared = prepare(tiny_lm, questions, "loglik", seed=3)
+    scores = option_scores(tiny_lm, prepared)
+    context = tok("Question: What is it?\nAnswer:").input_ids
+    order = shuffled_order(questions[0], 3)
+    expected = [naive_logprob(tiny_lm, context, tok(f" {questions[0].options[i]}", add_special_tokens=False).input_ids)
+                / (len(questions[0].options[i]) + 1) for i in order]
+    np.testing.assert_allclose(scores[0], expected, rtol=1e-4, atol=1e-5)
+    assert correct_from_scores(prepared, scores)[0] == (int(np.argmax(expected)) == order.index(1))
+
+
+def test_partial_rescoring_leaves_other_rows_unscored(tiny_lm):
+    questions = [MCQuestion(f"Question {i}?", ("a", "b", "c", "d"), 0) for i in range(4)]
+    prepared = prepare(tiny_lm, questions, "loglik")
+    scores = option_scores(tiny_lm, prepared, np.array([1, 3]))
+    assert np.isnan(scores[[0, 2]]).all() and np.isfinite(scores[[1, 3]]).all()
