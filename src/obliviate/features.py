@@ -7,14 +7,27 @@ on Gemma 3 270M / Harry Potter it selects style features (" however/though/but",
 " delivers/describes") because encyclopedic prose about anything is "concept-only"
 relative to the neutral Wikipedia sentences.
 
-Our default, ``contrast``, counts the OTHER concepts' sentences as negatives as well: a
-token is concept-only only when it occurs in none of them, so genre words become
-``both`` and drop out of the numerator; the ratio's denominator keeps neutral-only tokens.
-``reference`` keeps the paper's labels and rule; ``judge`` adds a local model's yes/no
-reading of each candidate's top tokens on top of ``contrast``.
+Our default, ``contrast``, needs no judge and combines two statistics:
+- contrast ratio: a token is concept-only only when it occurs in none of the neutral
+  sentences and none of the OTHER concepts' sentences, and the ratio divides a feature's
+  mean |G| on concept-only tokens by its mean |G| on every other token, so features that
+  live on genre words shared with other concepts rank low;
+- usage: how much of the concept TEXT the feature carries, sum over token occurrences in
+  the concept sentences of |G| on concept-only tokens, per sentence. Script or spelling
+  features (Greek letters for "Culture of Greece") are concept-only but rare in the text.
+A feature is kept when ratio >= threshold (2.0) and its usage is at least
+``usage_fraction`` (0.25) of the largest usage among the features that pass the ratio.
+Measured on Gemma 3 270M (usage of the kept feature vs the next): Harry Potter " Wizard,
+wizards, Magic, Hermione" 0.159 vs 0.021; Golf " basketball, baseball, golf" 0.142 vs
+0.020; Gambling " gambling, betting, casino" 0.178 vs 0.027; COVID-19 " coronavirus,
+COVID, pandemic" 0.111 and " infection, antibody" 0.044. ``reference`` keeps the paper's labels and rule; ``judge`` adds a local
+model's yes/no reading of each candidate's top tokens on top of ``contrast``. Which
+tokens are EDITED always follows the paper's labels (concept-only vs neutral sentences):
+the contrast only decides which features are the concept.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -32,8 +45,10 @@ class TokenSet:
     """V' (token ids of concept and neutral sentences) and each token's label."""
 
     ids: np.ndarray  # (n,) sorted token ids
-    labels: np.ndarray  # (n,) CONCEPT / NEUTRAL / BOTH under the chosen labelling
+    labels: np.ndarray  # (n,) CONCEPT / NEUTRAL / BOTH with other concepts as negatives too
     reference_labels: np.ndarray  # (n,) labels from neutral sentences alone (the paper's)
+    concept_occurrences: np.ndarray  # (n,) how often each token occurs in the concept sentences
+    n_concept_sentences: int
 
     def mask(self, label: str, reference: bool = False) -> np.ndarray:
         return (self.reference_labels if reference else self.labels) == label
@@ -42,15 +57,16 @@ class TokenSet:
         return {label: int(self.mask(label).sum()) for label in (CONCEPT, NEUTRAL, BOTH)}
 
 
-def _token_ids(tokenizer, sentences: list[str]) -> set[int]:
+def _token_counts(tokenizer, sentences: list[str]) -> Counter:
     special = set(tokenizer.all_special_ids)
     encoded = tokenizer(sentences, add_special_tokens=False).input_ids
-    return {t for ids in encoded for t in ids if t not in special}
+    return Counter(t for ids in encoded for t in ids if t not in special)
 
 
 def build_token_set(tokenizer, concept: list[str], neutral: list[str], contrast: list[str]) -> TokenSet:
-    concept_ids, neutral_ids = _token_ids(tokenizer, concept), _token_ids(tokenizer, neutral)
-    contrast_ids = _token_ids(tokenizer, contrast) if contrast else set()
+    concept_counts = _token_counts(tokenizer, concept)
+    concept_ids, neutral_ids = set(concept_counts), set(_token_counts(tokenizer, neutral))
+    contrast_ids = set(_token_counts(tokenizer, contrast)) if contrast else set()
     ids = np.array(sorted(concept_ids | neutral_ids), dtype=np.int64)
 
     def label(token: int, negatives: set[int]) -> str:
@@ -60,7 +76,9 @@ def build_token_set(tokenizer, concept: list[str], neutral: list[str], contrast:
 
     reference = np.array([label(t, neutral_ids) for t in ids])
     contrasted = np.array([label(t, neutral_ids | contrast_ids) for t in ids])
-    return TokenSet(ids=ids, labels=contrasted, reference_labels=reference)
+    occurrences = np.array([concept_counts.get(int(t), 0) for t in ids], dtype=np.float64)
+    return TokenSet(ids=ids, labels=contrasted, reference_labels=reference,
+                    concept_occurrences=occurrences, n_concept_sentences=max(len(concept), 1))
 
 
 def feature_ratios(G: torch.Tensor, concept_mask: np.ndarray, neutral_mask: np.ndarray) -> np.ndarray:
@@ -77,6 +95,7 @@ class FeatureInfo:
     ratio: float
     top_tokens: list[str]  # by |G|, decoded
     concept_share: float  # fraction of the feature's |G| mass on concept-only tokens
+    usage: float  # |G| on concept-only tokens, weighted by occurrences, per concept sentence
     judge_confidence: float | None = None
 
     def as_dict(self) -> dict:
@@ -93,7 +112,8 @@ def describe_features(G: torch.Tensor, token_set: TokenSet, tokenizer, ratios: n
         order = order[column[order] > 0]
         tokens = [tokenizer.decode([int(token_set.ids[i])]) for i in order]
         share = float(column[concept_mask].sum() / max(column.sum(), 1e-30))
-        infos.append(FeatureInfo(index=k, ratio=float(ratios[k]), top_tokens=tokens, concept_share=share))
+        usage = float((column * token_set.concept_occurrences)[concept_mask].sum() / token_set.n_concept_sentences)
+        infos.append(FeatureInfo(index=k, ratio=float(ratios[k]), top_tokens=tokens, concept_share=share, usage=usage))
     return infos
 
 
@@ -103,6 +123,7 @@ def select_features(
     tokenizer,
     mode: str = "contrast",
     ratio_threshold: float = 2.0,
+    usage_fraction: float = 0.25,
     judge=None,
     concept: str = "",
     judge_confidence: float = 0.85,
@@ -118,6 +139,9 @@ def select_features(
     ratios = feature_ratios(G, concept_mask, negatives)
     described = describe_features(G, token_set, tokenizer, ratios)
     selected = [f for f in described if f.ratio >= ratio_threshold]
+    if not reference and selected:
+        floor = usage_fraction * max(f.usage for f in selected)
+        selected = [f for f in selected if f.usage >= floor]
     if reference and not selected:
         selected = list(described)  # the reference falls back to every candidate
     if mode == "judge":

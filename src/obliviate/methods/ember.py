@@ -33,32 +33,29 @@ class Config:
     patience: int = 500
     reg: float = 1e-4
     selection: str = "contrast"  # contrast | reference | judge (see features.py)
-    # None: 2.0 for ``reference`` (the paper's threshold); 4.0 for ``contrast``/``judge``,
-    # whose ratio divides by every non-concept token (measured: genre features sit at
-    # 2-3.5, concept features at 4-60 on Gemma 3 270M).
-    ratio_threshold: float | None = None
+    ratio_threshold: float = 2.0  # reference threshold (see features.py for ``contrast``)
+    usage_fraction: float = 0.25  # contrast/judge: usage >= this x the strongest candidate's
     judge_model: str | None = None
     judge_confidence: float = 0.85  # reference judge cut-off
     max_tokens_per_feature: int = 200  # reference cap on each feature's token list
     delta_grid: tuple[float, ...] = DELTA_GRID
     delta: float | None = None  # fixed delta: skip the grid
     untie_embeddings: bool = True  # reference: only the input embedding changes
+    # Where the factorization runs: "cpu" (the reference's default) or "model" (the
+    # device of the input embedding, e.g. a GPU; same seed, results equal up to float order).
+    factorize_on: str = "cpu"
 
     def __post_init__(self) -> None:
-        if self.ratio_threshold is not None and self.ratio_threshold <= 0:
-            raise ObliviateError(f"ratio_threshold must be > 0, got {self.ratio_threshold}.")
+        if self.ratio_threshold <= 0 or not 0 <= self.usage_fraction <= 1:
+            raise ObliviateError(f"ratio_threshold must be > 0 and usage_fraction in [0, 1], got {self.ratio_threshold}, {self.usage_fraction}.")
         if not self.delta_grid or any(d <= 0 for d in self.delta_grid):
             raise ObliviateError(f"delta_grid must be positive numbers, got {self.delta_grid}.")
         if self.delta is not None and self.delta < 0:
             raise ObliviateError(f"delta must be >= 0, got {self.delta}.")
         if self.max_tokens_per_feature < 1:
             raise ObliviateError("max_tokens_per_feature must be >= 1.")
-
-    @property
-    def threshold(self) -> float:
-        if self.ratio_threshold is not None:
-            return self.ratio_threshold
-        return 2.0 if self.selection == "reference" else 4.0
+        if self.factorize_on not in ("cpu", "model"):
+            raise ObliviateError(f"factorize_on must be cpu or model, got {self.factorize_on!r}.")
 
     def factorization(self, seed: int) -> FactorizationConfig:
         return FactorizationConfig(
@@ -93,7 +90,8 @@ class EmberFit:
             "token_counts": self.token_set.counts(),
             "labels": "contrast (other concepts are negatives)" if self.config.selection != "reference" else "reference",
             "selection": self.config.selection,
-            "ratio_threshold": self.config.threshold,
+            "ratio_threshold": self.config.ratio_threshold,
+            "usage_fraction": self.config.usage_fraction if self.config.selection != "reference" else None,
             "features": [f.as_dict() for f in self.features],
             "edited_token_count": int(len(self.token_ids)),
             "edited_tokens": self.token_report(self.tokenizer) if self.tokenizer is not None else [],
@@ -131,9 +129,10 @@ def embedding_matrix(lm: LoadedModel, token_ids: np.ndarray) -> torch.Tensor:
 def eligible_contributions(
     fit_F: torch.Tensor, fit_G: torch.Tensor, token_set: TokenSet, features: list[FeatureInfo], cap: int
 ) -> tuple[np.ndarray, torch.Tensor]:
-    """Rows of V' to edit and their c_i: concept-only tokens with nonzero G on a selected
-    feature, at most ``cap`` tokens per feature (largest |G| first)."""
-    concept = torch.as_tensor(token_set.mask(CONCEPT))
+    """Rows of V' to edit and their c_i: concept-only tokens (the paper's labels: not in the
+    neutral sentences) with nonzero G on a selected feature, at most ``cap`` tokens per
+    feature (largest |G| first)."""
+    concept = torch.as_tensor(token_set.mask(CONCEPT, reference=True))
     weights = torch.zeros_like(fit_G)
     for feature in features:
         column = fit_G[:, feature.index]
@@ -152,11 +151,13 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     timings["token_set"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = factorize(A.cpu(), config.factorization(seed), progress=progress)
+    result = factorize(A.cpu() if config.factorize_on == "cpu" else A, config.factorization(seed), progress=progress)
+    # Feature selection and the edit work on CPU tensors (token masks are NumPy/CPU).
+    result.F, result.G = result.F.cpu(), result.G.cpu()
     timings["factorization"] = time.perf_counter() - start
 
     selected, described = select_features(
-        result.G, token_set, lm.tokenizer, config.selection, config.threshold,
+        result.G, token_set, lm.tokenizer, config.selection, config.ratio_threshold, config.usage_fraction,
         judge=judge, concept=data.concept, judge_confidence=config.judge_confidence,
     )
     rows, contributions = eligible_contributions(result.F, result.G, token_set, selected, config.max_tokens_per_feature)

@@ -1,0 +1,135 @@
+"""Speed of EMBER's stages on the embedded model (targets from issue 3).
+
+    python bench/bench_erase.py --data ../shared/data/ember-benchmark [--stages factorization,scoring,erase]
+
+- factorization: the plain reference schedule vs our solver on the same A, same seed
+  (target: >= 10x faster at equal or lower loss);
+- scoring: multiple-choice tokens/s, batched (ours) vs one option at a time with full
+  logits (target >= 5x), and as a fraction of this machine's measured matmul FLOP rate;
+- erase: a full `erase` of one concept, per-stage seconds (target <= 5 minutes).
+Prints a Markdown table with the machine's name.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+import obliviate
+from obliviate.data import load_benchmark_concept
+from obliviate.evaluation.multiple_choice import option_scores, prepare
+from obliviate.factorization import FactorizationConfig, factorize, reference_factorize
+from obliviate.features import build_token_set
+from obliviate.methods.ember import embedding_matrix
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    return f"{platform.node()} ({cpu}, {torch.get_num_threads()} threads)"
+
+
+def matmul_flops(n: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * n**3 * repeats / (time.perf_counter() - start)
+
+
+def bench_factorization(lm, data) -> list[tuple[str, str]]:
+    token_set = build_token_set(lm.tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)
+    A = embedding_matrix(lm, token_set.ids).cpu()
+    config = FactorizationConfig()
+    start = time.perf_counter()
+    plain = reference_factorize(A, config)
+    plain_s = time.perf_counter() - start
+    start = time.perf_counter()
+    fast = factorize(A, config)
+    fast_s = time.perf_counter() - start
+    shape = f"A {tuple(A.shape)}, K={config.k}"
+    return [
+        ("factorization, plain reference", f"{plain_s:.2f} s, {plain.iterations} it ({1000 * plain_s / plain.iterations:.1f} ms/it), loss {plain.loss:,.0f}; {shape}"),
+        ("factorization, ours", f"{fast_s:.2f} s, {fast.iterations} it + polish, loss {fast.loss:,.0f}"),
+        ("factorization speed-up / loss ratio", f"{plain_s / fast_s:.1f}x, ours/plain loss = {fast.loss / plain.loss:.4f}"),
+    ]
+
+
+@torch.no_grad()
+def naive_scoring(lm, prepared) -> None:
+    """One option at a time, logits at every position (how a plain loop is usually written)."""
+    for context, continuation in prepared.items:
+        ids = torch.tensor([context + continuation])
+        logprobs = torch.log_softmax(lm.model(input_ids=ids).logits[0], dim=-1)
+        sum(float(logprobs[len(context) - 1 + t, tok]) for t, tok in enumerate(continuation))
+
+
+def scoring_flops(lm, prepared) -> float:
+    """Forward FLOPs of the batched scorer: 2 x non-embedding params per token, plus the
+    vocabulary projection at the kept positions only."""
+    emb = lm.model.get_input_embeddings().weight
+    head = lm.model.get_output_embeddings().weight
+    body = sum(p.numel() for p in lm.model.parameters()) - emb.numel() - (0 if head is emb else head.numel())
+    tokens = sum(len(c) + len(x) for c, x in prepared.items)
+    kept = sum(len(x) + 1 for _, x in prepared.items)
+    return 2 * body * tokens + 2 * head.numel() * kept
+
+
+def bench_scoring(lm, data, questions: int) -> list[tuple[str, str]]:
+    prepared = prepare(lm, data.questions["qa_train"][:questions], "loglik")
+    tokens = sum(len(c) + len(x) for c, x in prepared.items)
+    option_scores(lm, prepared)  # warm-up
+    start = time.perf_counter()
+    option_scores(lm, prepared)
+    ours = time.perf_counter() - start
+    start = time.perf_counter()
+    naive_scoring(lm, prepared)
+    naive = time.perf_counter() - start
+    peak = matmul_flops()
+    achieved = scoring_flops(lm, prepared) / ours
+    return [
+        ("MC scoring, one option at a time", f"{tokens / naive:,.0f} tokens/s ({questions} questions, {naive:.1f} s)"),
+        ("MC scoring, ours (batched)", f"{tokens / ours:,.0f} tokens/s ({ours:.1f} s)"),
+        ("MC scoring speed-up", f"{naive / ours:.1f}x"),
+        ("MC scoring vs matmul peak", f"{achieved / 1e9:.1f} GFLOP/s of {peak / 1e9:.1f} GFLOP/s measured = {achieved / peak:.0%}"),
+    ]
+
+
+def bench_erase(concept: str, data_dir: str) -> list[tuple[str, str]]:
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = obliviate.erase(concept, data=data_dir, out=Path(tmp) / "run", save_model=True)
+        wall = time.perf_counter() - start
+    rows = [(f"erase {concept!r}: wall", f"{wall:.0f} s ({wall / 60:.1f} min; target <= 5 min)")]
+    rows += [(f"  stage {stage}", f"{seconds:.1f} s") for stage, seconds in result.results["timings"].items()]
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/ember-benchmark")
+    parser.add_argument("--concept", default="Harry Potter")
+    parser.add_argument("--stages", default="factorization,scoring,erase")
+    parser.add_argument("--questions", type=int, default=20)
+    args = parser.parse_args()
+    stages = args.stages.split(",")
+    lm = obliviate.load_model()
+    data = load_benchmark_concept(args.concept, args.data)
+    rows = [("machine", machine())]
+    if "factorization" in stages:
+        rows += bench_factorization(lm, data)
+    if "scoring" in stages:
+        rows += bench_scoring(lm, data, args.questions)
+    if "erase" in stages:
+        rows += bench_erase(args.concept, args.data)
+    print("| measurement | result |\n| --- | --- |")
+    for name, value in rows:
+        print(f"| {name} | {value} |")
+
+
+if __name__ == "__main__":
+    main()
