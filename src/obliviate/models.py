@@ -66,6 +66,17 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def placement(device: str | None, dtype: str | None, device_map: str | None) -> tuple[torch.device, torch.dtype]:
+    """The device a model is moved to and its dtype.
+
+    With a device map accelerate puts the weights on the GPUs when there are any, whatever
+    ``device`` says, so the default dtype follows the GPUs (bfloat16), not ``device``.
+    """
+    target = resolve_device(device)
+    placed = resolve_device("auto") if device_map is not None else target
+    return target, resolve_dtype(dtype, placed)
+
+
 def _gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
     """Dequantize a GGUF file once into a plain transformers folder (safetensors).
 
@@ -145,11 +156,12 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     source = resolve_model_source(spec)
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
+    target, torch_dtype = placement(device, dtype, device_map)
+    # Without a device map a GPU model is loaded straight onto its GPU (no full CPU copy).
+    load_map = device_map if device_map is not None else (str(target) if target.type == "cuda" else None)
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=device_map)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=load_map)
     except OSError as err:
         raise ObliviateError(
             f"Could not load model {spec!r} ({source}): {err}. Pass an existing folder, a "

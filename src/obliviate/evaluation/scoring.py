@@ -26,14 +26,12 @@ class Batching:
     def budget(self, lm: LoadedModel) -> int:
         if self.tokens is not None:
             return self.tokens
-        device = lm.device
-        if device.type != "cuda":
-            return CPU_BATCH_TOKENS
-        free, _ = torch.cuda.mem_get_info(device)
-        # Activations of one token across the model, with headroom for attention buffers.
-        config = lm.model.config
-        per_token = 12 * config.hidden_size * config.num_hidden_layers * 2
-        return int(max(512, min(65536, free * 0.5 // per_token)))
+        from ..scale import auto_batch_tokens
+
+        # Sized to the tightest GPU holding the model (device maps span several); the
+        # fixed CPU budget when no GPU holds it.
+        tokens = auto_batch_tokens(lm.model)
+        return CPU_BATCH_TOKENS if tokens is None else tokens
 
 
 def _batches(lengths: Sequence[int], kept: Sequence[int], vocab: int, budget: int) -> list[list[int]]:

@@ -1,0 +1,473 @@
+"""Speed and peak memory at the paper's model sizes, without downloading a model (issue 7).
+
+    python bench/bench_scale.py                       # CPU: full width and vocabulary, 1 layer
+    python bench/bench_scale.py --layers 0            # GPU: full depth (0 = the real depth)
+    python bench/bench_scale.py --models llama-3.1-8b --device cuda --device-map auto
+
+Models are randomly initialised from the real configs of Gemma-2-2B and Llama-3.1-8B
+(written below: no download). Stages: the factorization at the real A size (d_model x
+5000 tokens, K=100/200), one delta-grid evaluation pass (apply an embedding patch, score
+letter-mode questions, greedy coherence generations, revert), multiple-choice scoring
+tokens/s and its fraction of this device's measured matmul peak, one relearning step
+(AdamW on every parameter, batch 1, 256 tokens), one training step of each trained
+method. On the CPU the model is cut to ``--layers`` decoder layers (full width and
+vocabulary) and the training stages to ``--train-vocab`` tokens of vocabulary; the
+"est. full" column scales the measured seconds by the FLOP ratio to the real model
+(rough: it ignores memory-bound parts). Peak memory: torch's max allocated bytes on a
+GPU, the process's peak RSS on the CPU (added = above the stage's start).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+import torch
+
+from obliviate import scale
+from obliviate.edits import EmbeddingPatch
+from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
+from obliviate.factorization import FactorizationConfig, factorize
+from obliviate.models import LoadedModel
+
+GiB = 2**30
+# From the models' published config.json files (google/gemma-2-2b-it, meta-llama/Llama-3.1-8B-Instruct).
+REAL_CONFIGS = {
+    "gemma-2-2b": dict(
+        model_type="gemma2", vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+        num_attention_heads=8, num_key_value_heads=4, head_dim=256, max_position_embeddings=8192,
+        sliding_window=4096, query_pre_attn_scalar=256, attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+        hidden_activation="gelu_pytorch_tanh", tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2,
+    ),
+    "llama-3.1-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+        num_attention_heads=32, num_key_value_heads=8, head_dim=128, max_position_embeddings=131072,
+        rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=128000, eos_token_id=128009,
+        rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                          original_max_position_embeddings=8192),
+    ),
+}
+PAPER_K = {"gemma-2-2b": 100, "llama-3.1-8b": 200}  # EMBER paper
+TOKEN_SET = 5000  # |V'|: ~300 concept + 300 neutral sentences give about 5k distinct tokens
+EDITED_ROWS = 300  # a typical EMBER edit (selected features x <=200 tokens, deduplicated)
+
+
+@dataclass
+class Row:
+    model: str
+    stage: str
+    shape: str
+    seconds: float
+    peak: int
+    added: int
+    full_seconds: float | None = None
+    note: str = ""
+
+
+def machine(device: torch.device) -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    name = f"{platform.node()} ({cpu}, {torch.get_num_threads()} threads, torch {torch.__version__})"
+    if device.type == "cuda":
+        name += f", GPU {torch.cuda.get_device_name(device)} x{torch.cuda.device_count()}"
+    return name
+
+
+def build(name: str, layers: int, vocab: int | None, dtype: torch.dtype, device: torch.device, device_map: str | None):
+    """A random-init model from the real config, cut to ``layers`` layers / ``vocab`` tokens."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(REAL_CONFIGS[name])
+    values["num_hidden_layers"] = layers or values["num_hidden_layers"]
+    values["vocab_size"] = vocab or values["vocab_size"]
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    torch.manual_seed(0)
+    if device_map is not None:  # built on the CPU, then placed by accelerate (as from_pretrained does)
+        from accelerate import dispatch_model
+
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        model = dispatch_model(model, scale.plan_device_map(model, _max_memory(), dtype=dtype))
+    else:
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None  # random weights: always run the full length
+    tokenizer = SimpleNamespace(pad_token_id=0, eos_token_id=-1)
+    return LoadedModel(model=model, tokenizer=tokenizer, name=f"{name}-random", source="config")
+
+
+def _max_memory() -> dict:
+    free = {i: torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count())}
+    return {**{i: int(f * 0.9) for i, f in free.items()}, "cpu": 64 * GiB}
+
+
+def meta_model(name: str):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    values = dict(REAL_CONFIGS[name])
+    config = AutoConfig.for_model(values.pop("model_type"), **values)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+
+
+def forward_flops(name: str, layers: int, vocab: int, tokens: int, seq_len: int, logit_positions: int) -> float:
+    """Matmul FLOPs of a forward pass: 2 x block params per token, attention scores and
+    values (causal: seq_len/2 keys on average), and the vocabulary head at the kept positions."""
+    c = REAL_CONFIGS[name]
+    d, attn = c["hidden_size"], c["num_attention_heads"] * c["head_dim"]
+    kv = c["num_key_value_heads"] * c["head_dim"]
+    block = d * (2 * attn + 2 * kv) + 3 * d * c["intermediate_size"]
+    per_token = layers * (2 * block + 2 * 2 * (seq_len / 2) * attn)
+    return per_token * tokens + 2 * vocab * d * logit_positions
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_factorization(name: str, lm: LoadedModel, iterations: int, on: torch.device) -> Row:
+    weight = lm.model.get_input_embeddings().weight
+    ids = torch.randperm(weight.shape[0], generator=torch.Generator().manual_seed(0))[:TOKEN_SET]
+    A = weight[ids.to(weight.device)].detach().float().T.contiguous().to(on)
+    config = FactorizationConfig(k=PAPER_K[name], max_iterations=iterations)
+    with scale.measure(on) as record:
+        result = factorize(A, config)
+        sync(on)
+    per_iteration = record.seconds / max(result.iterations, 1)
+    note = (f"{result.iterations} it ({1000 * per_iteration:.0f} ms/it incl. polish), rel. loss {result.relative_loss:.3f}; "
+            "iterations to converge depend on the data (tolerance stop)")
+    return Row(name, f"factorization on {on.type}", f"A {tuple(A.shape)}, K={config.k}", record.seconds,
+               record.peak, record.added, None, note)
+
+
+@torch.no_grad()
+def bench_eval_pass(name: str, lm: LoadedModel, args, device: torch.device, built_layers: int, peak_flops: float) -> list[Row]:
+    c = REAL_CONFIGS[name]
+    weight = lm.model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(1)
+    rows_ids = torch.randperm(weight.shape[0], generator=generator)[:EDITED_ROWS]
+    original = weight[rows_ids.to(weight.device)].detach().cpu()
+    patch = EmbeddingPatch(rows_ids, original, (original.float() * 0.5).to(original.dtype), {"method": "bench"})
+    contexts = [torch.randint(3, c["vocab_size"], (args.question_tokens,), generator=generator).tolist()
+                for _ in range(args.questions)]
+    prompts = [ctx[: args.question_tokens // 2] for ctx in contexts[: args.gen_prompts]]
+    letters = list(range(100, 104))
+    batching = Batching(args.batch_tokens)
+    next_token_logprobs(lm, contexts[:1], letters, batching)  # warm-up
+    # Re-measured next to the scoring: on a shared machine the rate moves with the load.
+    peak_flops = max(peak_flops, scale.matmul_flops(device, weight.dtype, n=4096 if device.type == "cuda" else 2048))
+    with scale.measure(device) as record:
+        patch.apply(lm.model)
+        begin = time.perf_counter()
+        next_token_logprobs(lm, contexts, letters, batching)
+        sync(device)
+        scoring_s = time.perf_counter() - begin
+        greedy_generate(lm, prompts, args.gen_tokens, batching)
+        sync(device)
+        patch.revert(lm.model)
+    tokens = args.questions * args.question_tokens
+    depth, vocab = c["num_hidden_layers"], c["vocab_size"]
+    measured = forward_flops(name, built_layers, vocab, tokens, args.question_tokens, args.questions)
+    full = forward_flops(name, depth, vocab, tokens, args.question_tokens, args.questions)
+    gen_measured = forward_flops(name, built_layers, vocab, len(prompts) * args.gen_tokens, args.question_tokens, len(prompts) * args.gen_tokens)
+    gen_full = forward_flops(name, depth, vocab, len(prompts) * args.gen_tokens, args.question_tokens, len(prompts) * args.gen_tokens)
+    generation_s = record.seconds - scoring_s
+    pass_full = scoring_s * full / measured + generation_s * gen_full / gen_measured
+    achieved = measured / scoring_s
+    shape = f"{built_layers}/{depth} layers, {args.questions} q x {args.question_tokens} tok, {len(prompts)} x {args.gen_tokens} gen"
+    return [
+        Row(name, "delta-grid eval pass", shape, record.seconds, record.peak, record.added, pass_full,
+            f"scoring {scoring_s:.2f} s + generation {generation_s:.2f} s; batch {batching.budget(lm)} tokens"),
+        Row(name, "MC scoring (letter)", f"{tokens} tokens", scoring_s, record.peak, record.added,
+            scoring_s * full / measured,
+            f"{tokens / scoring_s:,.0f} tok/s at {built_layers} layers (~{tokens / (scoring_s * full / measured):,.0f} est. full); "
+            f"{achieved / 1e9:.1f} GFLOP/s = {100 * achieved / peak_flops:.0f}% of measured matmul peak"),
+    ]
+
+
+def _texts(generator: torch.Generator, vocab: int, batch: int, length: int, device) -> SimpleNamespace:
+    ids = torch.randint(3, vocab, (batch, length), generator=generator).to(device)
+    return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+
+def _step(params: list, loss_fn, steps: int = 2, lr: float = 1e-5, weight_decay: float = 0.01) -> None:
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    for _ in range(steps):
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+
+def training_steps(name: str, lm: LoadedModel, method_config) -> dict:
+    """One step's loss closure and parameters per method, composed from the methods' own
+    loss functions and parameter patterns (``None`` where the method is not available)."""
+    from obliviate import losses
+    from obliviate.training import layer_activations, logits, select_parameters
+
+    model, device = lm.model, lm.device
+    generator = torch.Generator().manual_seed(2)
+    vocab = model.config.vocab_size
+    steps = {}
+    relearn = method_config("obliviate.attacks.relearning")
+    batch, length = (relearn.batch_size, relearn.max_length) if relearn else (1, 256)
+
+    def relearning():
+        b = _texts(generator, vocab, batch, length, device)
+        return losses.causal_lm_loss(logits(model, b), b.input_ids, b.attention_mask)
+
+    steps["relearning step (AdamW, all params)"] = (list(model.parameters()), relearning, batch, length)
+    gd = method_config("obliviate.methods.grad_diff")
+    if gd:
+        def grad_diff():
+            f, r = (_texts(generator, vocab, gd.batch_size, gd.max_length, device) for _ in range(2))
+            forget = losses.causal_lm_loss(logits(model, f), f.input_ids, f.attention_mask)
+            retain = losses.causal_lm_loss(logits(model, r), r.input_ids, r.attention_mask)
+            return losses.gradient_difference_loss(forget, retain, 1.0)
+        steps["grad_diff step"] = (list(select_parameters(model, gd.param_pattern).values()), grad_diff,
+                                   gd.batch_size, gd.max_length)
+    npo = method_config("obliviate.methods.npo")
+    if npo:
+        def npo_step():
+            f, r = (_texts(generator, vocab, npo.batch_size, npo.max_length, device) for _ in range(2))
+            with torch.no_grad():
+                reference = losses.sequence_logprob(logits(model, f), f.input_ids, f.attention_mask)
+            policy = losses.sequence_logprob(logits(model, f), f.input_ids, f.attention_mask)
+            retain = losses.causal_lm_loss(logits(model, r), r.input_ids, r.attention_mask)
+            return losses.npo_loss(policy, reference, 0.1) + retain
+        steps["npo step"] = (list(select_parameters(model, npo.param_pattern).values()), npo_step,
+                             npo.batch_size, npo.max_length)
+    rmu = method_config("obliviate.methods.rmu")
+    if rmu:
+        depth = model.config.num_hidden_layers
+        layer = depth - 1  # the last built layer (the real run: L = 7 of 26 / 9 of 32)
+        trained = list(range(max(0, layer - rmu.trained_below), layer + 1))
+        params = select_parameters(model, rmu.param_pattern, trained)
+        control = losses.rmu_control_vector(model.config.hidden_size, 300.0, generator).to(device)
+
+        def rmu_step():
+            f, r = (_texts(generator, vocab, rmu.batch_size, rmu.max_length, device) for _ in range(2))
+            with torch.no_grad():
+                frozen = layer_activations(model, layer, r)
+            forget = losses.rmu_forget_loss(layer_activations(model, layer, f), control, f.attention_mask)
+            return forget + losses.rmu_retain_loss(layer_activations(model, layer, r), frozen, r.attention_mask, 100.0)
+        steps["rmu step"] = (list(params.values()), rmu_step, rmu.batch_size, rmu.max_length)
+    elm = method_config("obliviate.methods.elm")
+    # Built when its turn comes (last): peft injects adapters into the shared model.
+    steps["elm step"] = (lambda: _elm_step(model, elm, generator, vocab, device)) if elm else None
+    return steps
+
+
+def _elm_step(model, elm, generator, vocab, device):
+    """ELM's step as methods/elm.py runs it: LoRA (rank 256) on every built layer; four
+    no-grad passes with the adapter off (P, P|expert, P|novice on concept text; argmax on
+    neutral text), three passes with it on (erase, retain, consistency)."""
+    from peft import LoraConfig, get_peft_model
+
+    from obliviate import losses
+    from obliviate.training import logits
+
+    lora = LoraConfig(r=elm.rank, lora_alpha=elm.lora_alpha, lora_dropout=elm.lora_dropout,
+                      target_modules=list(elm.target_modules), bias="none")
+    peft_model = get_peft_model(model, lora)
+    prefix = 8  # "As an expert in {concept}:" is about 8 tokens
+
+    def prefixed(batch):
+        head = torch.randint(3, vocab, (batch.input_ids.shape[0], prefix), generator=generator).to(device)
+        ids = torch.cat([head, batch.input_ids], dim=1)
+        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
+
+    def elm_step():
+        f, r, c = (_texts(generator, vocab, elm.batch_size, elm.max_length, device) for _ in range(3))
+        with torch.no_grad(), peft_model.disable_adapter():
+            base = logits(model, f)
+            expert = logits(model, prefixed(f))[:, prefix:]
+            novice = logits(model, prefixed(f))[:, prefix:]
+            eta = losses.eta_ramp(base.shape[1] - 1, elm.eta_start, elm.eta_end).to(base.device)
+            guided = losses.elm_guided_logprobs(base[:, :-1], expert[:, :-1], novice[:, :-1], eta)
+            target = losses.guided_target_distribution(guided, base[:, :-1], elm.temperature, elm.top_k)
+            retain_targets = logits(model, r).argmax(-1)
+        erase = losses.soft_cross_entropy(logits(model, f)[:, :-1], target, f.attention_mask[:, 1:])
+        retain = losses.hard_cross_entropy(logits(model, r)[:, :-1], retain_targets[:, :-1], r.attention_mask[:, 1:])
+        return erase + retain + losses.causal_lm_loss(logits(model, c), c.input_ids, c.attention_mask)
+
+    params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
+    return params, elm_step, elm.batch_size, elm.max_length
+
+
+def method_config(module: str):
+    """The module's default ``Config()``, or None where the module does not exist (yet)."""
+    import importlib
+
+    try:
+        return importlib.import_module(module).Config()
+    except (ImportError, AttributeError):
+        return None
+
+
+def train_flops(name: str, label: str, layers: int, vocab: int, batch: int, length: int) -> float:
+    sequences = batch * (1 if label.startswith("relearning") else 2)
+    if label.startswith("rmu"):  # three passes that stop at layer L, no vocabulary head
+        return 3 * forward_flops(name, layers, 0, sequences * length, length, 0)
+    forward = forward_flops(name, layers, vocab, sequences * length, length, sequences * length)
+    if label.startswith("elm"):  # 4 no-grad forwards + 3 trained ones (x3 with backward), on 3 sides of 2
+        return forward / 2 * (4 + 3 * 3)
+    return forward * (4 if label.startswith("npo") else 3)  # npo adds a reference forward
+
+
+def bench_training(name: str, args, device: torch.device, dtype: torch.dtype) -> list[Row]:
+    layers = args.layers or REAL_CONFIGS[name]["num_hidden_layers"]
+    lm = build(name, layers, args.train_vocab, dtype, device, None)
+    c = REAL_CONFIGS[name]
+    vocab = lm.model.config.vocab_size
+    rmu_depth = round(7 / 26 * c["num_hidden_layers"]) + 1
+    out = []
+    wanted = set(filter(None, args.steps.split(",")))
+    for label, entry in training_steps(name, lm, method_config).items():
+        if wanted and label.split()[0] not in wanted:
+            continue
+        if entry is None:
+            available = method_config(f"obliviate.methods.{label.split()[0]}") is not None
+            out.append(Row(name, label, "-", float("nan"), 0, 0, None,
+                           "n/a (module exists, not timed yet)" if available else "n/a (not yet available)"))
+            continue
+        params, loss_fn, batch, length = entry() if callable(entry) else entry
+        sequences = "" if label.startswith("relearning") else ("forget+retain+consistency " if label.startswith("elm") else "forget+retain ")
+        shape = f"{sequences}{batch} x {length} tok"
+        for p in lm.model.parameters():
+            p.requires_grad_(False)
+        for p in params:
+            p.requires_grad_(True)
+        lm.model.train()
+        _step(params, loss_fn, steps=1)  # warm-up: allocates the optimizer state
+        gc.collect()
+        with scale.measure(device) as record:
+            _step(params, loss_fn, steps=1)
+            sync(device)
+        measured = train_flops(name, label, layers, vocab, batch, length)
+        full_layers = rmu_depth if label.startswith("rmu") else c["num_hidden_layers"]
+        full = train_flops(name, label, full_layers, c["vocab_size"], batch, length)
+        out.append(Row(name, label, f"{layers} layers, vocab {vocab}, {shape}", record.seconds, record.peak,
+                       record.added, record.seconds * full / measured,
+                       f"{sum(p.numel() for p in params) / 1e6:.0f}M trained params; peak incl. AdamW state"))
+    del lm
+    gc.collect()
+    return out
+
+
+def memory_row(name: str) -> Row:
+    model = meta_model(name)
+    estimate = scale.erase_memory_estimate(model, free_bytes=79 * GiB)
+    note = (f"weights {estimate.weights / GiB:.1f} + untied head {estimate.untied_output / GiB:.1f} + eval batch "
+            f"{estimate.evaluation / GiB:.1f} + logits {estimate.logits / GiB:.2f} + fingerprints {estimate.fingerprints / GiB:.1f} GiB")
+    return Row(name, "est. GPU peak of EMBER erase (bf16)", "real size, 80 GB GPU", float("nan"), estimate.total, 0, None, note)
+
+
+def relearn_memory_row(name: str) -> Row:
+    """The relearning attack as attacks/relearning.py runs it: a deep copy of the model
+    next to the original, its gradients and AdamW's two moments (in the weights' dtype)."""
+    model = meta_model(name)
+    weights = sum(p.numel() for p in model.parameters()) * 2
+    total = weights * 2 + weights + 2 * weights
+    note = (f"original {weights / GiB:.1f} + copy {weights / GiB:.1f} + grads {weights / GiB:.1f} + AdamW "
+            f"{2 * weights / GiB:.1f} GiB, before activations")
+    return Row(name, "est. GPU peak of relearning attack (bf16)", "real size", float("nan"), total, 0, None, note)
+
+
+def bf16_update_row() -> Row:
+    """Whether a relearning step (AdamW, lr 1e-5) moves bfloat16 weights at all: most
+    updates are smaller than half a bf16 step at |w| ~ 0.02 and round away."""
+    generator = torch.Generator().manual_seed(0)
+    weight = torch.nn.Parameter((torch.randn(1024, 1024, generator=generator) * 0.02).to(torch.bfloat16))
+    before = weight.detach().clone()
+    weight.grad = torch.randn(1024, 1024, generator=generator).to(torch.bfloat16)
+    torch.optim.AdamW([weight], lr=1e-5, weight_decay=0.01).step()
+    moved = float((weight.detach() != before).float().mean())
+    return Row("any", "bf16 AdamW step, lr 1e-5", "1024 x 1024, |w|~0.02", float("nan"), 0, 0, None,
+               f"{100 * moved:.0f}% of weights change (fp32: 100%): pure-bf16 relearning mostly rounds away")
+
+
+def print_table(rows: list[Row], title: str) -> None:
+    print(f"\n{title}\n")
+    print("| model | stage | measured shape | s | peak GB | +GB | est. s full size | notes |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
+    for r in rows:
+        seconds = "-" if r.seconds != r.seconds else f"{r.seconds:.2f}"
+        full = "-" if r.full_seconds is None else f"{r.full_seconds:.1f}"
+        print(f"| {r.model} | {r.stage} | {r.shape} | {seconds} | {r.peak / GiB:.2f} | {r.added / GiB:.2f} | {full} | {r.note} |")
+
+
+def parse(argv) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="gemma-2-2b,llama-3.1-8b")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--device-map", default=None, help="'auto': spread the model over every GPU (accelerate)")
+    parser.add_argument("--layers", type=int, default=None, help="decoder layers built (0 = real depth; CPU default 1)")
+    parser.add_argument("--train-vocab", type=int, default=None, help="vocabulary of the training stages (CPU default 8192)")
+    parser.add_argument("--questions", type=int, default=None, help="letter-mode questions (CPU 8, GPU 200)")
+    parser.add_argument("--question-tokens", type=int, default=128)
+    parser.add_argument("--gen-prompts", type=int, default=None, help="coherence prompts (CPU 2, GPU 30)")
+    parser.add_argument("--gen-tokens", type=int, default=None, help="greedy tokens each (CPU 8, GPU 200)")
+    parser.add_argument("--fact-iterations", type=int, default=None, help="factorization cap (CPU 30, GPU 20000)")
+    parser.add_argument("--batch-tokens", type=int, default=None, help="override the auto-sized evaluation batch")
+    parser.add_argument("--skip", default="", help="comma-separated: factorization,eval,training")
+    parser.add_argument("--steps", default="", help="only these training steps, e.g. elm,rmu (default all)")
+    args = parser.parse_args(argv)
+    gpu = torch.cuda.is_available() and args.device != "cpu"
+    defaults = dict(layers=0 if gpu else 1, train_vocab=None if gpu else 8192, questions=200 if gpu else 8,
+                    gen_prompts=30 if gpu else 2, gen_tokens=200 if gpu else 8, fact_iterations=20000 if gpu else 30)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.train_vocab = args.train_vocab or None
+    return args
+
+
+def bench_inference(name: str, args, device, dtype, layers: int, peak: float, skip: set) -> list[Row]:
+    depth = REAL_CONFIGS[name]["num_hidden_layers"]
+    with scale.measure(device) as record:
+        lm = build(name, layers, None, dtype, device, args.device_map)
+    rows = [Row(name, "build model (random init)", f"{layers}/{depth} layers, full width & vocab, {dtype}",
+                record.seconds, record.peak, record.added, None, f"{scale.parameter_bytes(lm.model) / GiB:.2f} GiB of weights")]
+    if "factorization" not in skip:
+        rows.append(bench_factorization(name, lm, args.fact_iterations, torch.device("cpu")))
+        if device.type == "cuda":
+            rows.append(bench_factorization(name, lm, args.fact_iterations, device))
+    if "eval" not in skip:
+        rows.extend(bench_eval_pass(name, lm, args, device, layers, peak))
+    del lm
+    gc.collect()
+    return rows
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.device != "cpu" else "cpu")
+    if args.device not in ("auto", "cpu", "cuda"):
+        device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    skip = set(filter(None, args.skip.split(",")))
+    peak = scale.matmul_flops(device, dtype, n=4096 if device.type == "cuda" else 2048)
+    rows: list[Row] = [bf16_update_row()]
+    for name in args.models.split(","):
+        depth = REAL_CONFIGS[name]["num_hidden_layers"]
+        layers = args.layers or depth
+        rows.append(memory_row(name))
+        rows.append(relearn_memory_row(name))
+        if not {"factorization", "eval"} <= skip:
+            rows.extend(bench_inference(name, args, device, dtype, layers, peak, skip))
+        if "training" not in skip:
+            rows.extend(bench_training(name, args, device, dtype))
+        print_table(rows[-12:], f"{name} done")  # progress while the rest runs
+        sys.stdout.flush()
+    title = (f"Machine: {machine(device)}\nMeasured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, {device.type})")
+    print_table(rows, title)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
