@@ -20,7 +20,7 @@ from ..edits import EmbeddingPatch
 from ..errors import ObliviateError
 from ..factorization import Factorization, FactorizationConfig, factorize
 from ..features import CONCEPT, FeatureInfo, TokenSet, build_token_set, select_features
-from ..models import LoadedModel, embedding_scale
+from ..models import LoadedModel, embedding_scale, load_model
 
 DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
 
@@ -35,7 +35,7 @@ class Config:
     selection: str = "contrast"  # contrast | reference | judge (see features.py)
     ratio_threshold: float = 2.0  # reference threshold (see features.py for ``contrast``)
     usage_fraction: float = 0.25  # contrast/judge: usage >= this x the strongest candidate's
-    judge_model: str | None = None
+    judge_model: str | None = None  # selection "judge": a local model path/hub id, or "self"
     judge_confidence: float = 0.85  # reference judge cut-off
     max_tokens_per_feature: int = 200  # reference cap on each feature's token list
     delta_grid: tuple[float, ...] = DELTA_GRID
@@ -156,6 +156,8 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     result.F, result.G = result.F.cpu(), result.G.cpu()
     timings["factorization"] = time.perf_counter() - start
 
+    if config.selection == "judge" and judge is None and config.judge_model:
+        judge = lm if config.judge_model == "self" else load_model(config.judge_model, device=str(lm.device))
     selected, described = select_features(
         result.G, token_set, lm.tokenizer, config.selection, config.ratio_threshold, config.usage_fraction,
         judge=judge, concept=data.concept, judge_confidence=config.judge_confidence,
