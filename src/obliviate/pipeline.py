@@ -27,6 +27,7 @@ from .data import ConceptData, load_benchmark_concept, load_user_concept
 from .edits import CompositeEdit, EmbeddingPatch, apply_verified, revert_verified
 from .errors import ObliviateError
 from .evaluation.evaluator import Evaluator, SplitOutcome
+from .html_report import write_report as write_html_report
 from .io import read_json, write_json, write_text
 from .models import LoadedModel, load_model, untie_output_embeddings
 
@@ -324,3 +325,4 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool
         patch.metadata["embeddings_untied"] = str(results["embeddings_untied"])
         patch.save(out / "embedding_patch.safetensors")
     write_text(out / "report.md", markdown_report(results))
+    write_html_report([{**results, "_name": out.name}], out)  # report.html and summary.csv

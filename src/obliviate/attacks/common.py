@@ -1,0 +1,137 @@
+"""Pieces every attack shares: test-question accuracy with a bootstrap interval, a text
+prefix spliced into prepared questions, and the two-model comparison `eval` uses.
+
+Accuracy is always on TEST questions (METHOD.md section 4: grid search on train, final
+numbers on test) and always carries a 95% bootstrap interval over questions, in the
+{value, low, high} format of evaluation/metrics.py.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from ..data import ConceptData, MCQuestion
+from ..evaluation.metrics import bootstrap, erasure_metrics
+from ..evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
+from ..evaluation.scoring import Batching
+from ..models import LoadedModel
+
+ROLES = ("original", "erased")  # every attack runs on both, side by side
+
+
+@dataclass
+class AttackContext:
+    """What an attack needs: both models, the concept's data and where to keep state."""
+
+    models: dict[str, LoadedModel]  # role -> model ("original", "erased")
+    data: ConceptData
+    data_dir: Path | None
+    scoring: str = "auto"
+    seed: int = 42
+    bootstrap: int = 1000
+    batching: Batching = field(default_factory=Batching)
+    out: Path | None = None  # checkpoints go under out/checkpoints/<attack>/<role>
+    progress: bool = True
+    options: dict = field(default_factory=dict)  # per-attack settings by attack name
+
+    def test_questions(self) -> list[MCQuestion]:
+        return self.data.questions.get("qa_test", [])
+
+    def checkpoint_dir(self, attack: str, role: str) -> Path | None:
+        return None if self.out is None else self.out / "checkpoints" / attack / role
+
+
+def accuracy_interval(correct: np.ndarray, n_resamples: int, seed: int) -> dict[str, float]:
+    correct = np.asarray(correct, dtype=float)
+    stat = lambda s: {"acc": float(s["c"][0].mean()) if len(s["c"][0]) else float("nan")}  # noqa: E731
+    return bootstrap(stat, {"c": (correct,)}, n_resamples, seed)["acc"].as_dict()
+
+
+def recovered_fraction(original_correct: np.ndarray, attacked_correct: np.ndarray, n_resamples: int, seed: int) -> dict:
+    """Share of the ORIGINAL model's above-chance knowledge the attack brings back
+    (qa_frac of metrics.py: clip((acc - 0.25) / (base - 0.25), 0, 1)), with its interval."""
+    pair = (np.asarray(original_correct, float), np.asarray(attacked_correct, float))
+    return erasure_metrics({"qa": pair}, n_resamples, seed)["qa_frac"].as_dict()
+
+
+def splice_prefix(lm: LoadedModel, prepared: PreparedQuestions, prefix: str) -> PreparedQuestions:
+    """The same questions (same option order) with ``prefix`` placed before each context.
+
+    The prefix goes right after a leading BOS token, so "Question: {q}\\nAnswer:" (or the
+    chat prompt) is unchanged and only the text before it differs.
+    """
+    if not prefix:
+        return prepared
+    prefix_ids = lm.tokenizer(prefix, add_special_tokens=False).input_ids
+    bos = lm.tokenizer.bos_token_id
+    cache: dict[tuple[int, ...], list[int]] = {}
+
+    def spliced(context: list[int]) -> list[int]:
+        key = tuple(context)
+        if key not in cache:
+            head = 1 if context and context[0] == bos else 0
+            cache[key] = context[:head] + prefix_ids + context[head:]
+        return cache[key]
+
+    items = [(spliced(context), continuation) for context, continuation in prepared.items]
+    token_sets = [ids | frozenset(prefix_ids) for ids in prepared.token_sets]
+    return replace(prepared, items=items, token_sets=token_sets)
+
+
+def correct_on(lm: LoadedModel, prepared: PreparedQuestions, batching: Batching) -> np.ndarray:
+    return correct_from_scores(prepared, option_scores(lm, prepared, batching=batching))
+
+
+def prepared_test(ctx: AttackContext, lm: LoadedModel) -> PreparedQuestions:
+    from ..errors import ObliviateError
+
+    questions = ctx.test_questions()
+    if not questions:
+        raise ObliviateError(f"Concept {ctx.data.concept!r} has no QA_test questions: attacks report test accuracy.")
+    return prepare(lm, questions, ctx.scoring, ctx.seed)
+
+
+def compare_models(original: LoadedModel, candidate: LoadedModel, data: ConceptData, config, seed: int,
+                   splits=("train", "test")) -> dict:
+    """Multiple choice (QA, SimDom, general) and coherence of ``candidate`` against
+    ``original``: the Evaluator's metrics, for a model that is not an edit of the original."""
+    from ..evaluation import coherence as coh
+    from ..evaluation.metrics import accuracy_pair
+    from ..evaluation.scoring import greedy_generate
+
+    batching = Batching(config.batch_tokens)
+    sets_by_split = {split: {"qa": data.questions.get(f"qa_{split}", []),
+                             "simdom": data.questions.get(f"simdom_{split}", []),
+                             "general": data.general.get(split, [])} for split in splits}
+    reference = None
+    prompts = list(data.coherency_prompts) + list(data.neutral_sentences[: config.neutral_coherence_prompts])
+    if prompts and config.coherence_new_tokens > 0:
+        reference = coh.build_coherence_set(original, prompts, config.coherence_new_tokens, batching)
+    out = {}
+    for split, sets in sets_by_split.items():
+        samples = {}
+        for name, questions in sets.items():
+            if questions:
+                base = correct_on(original, prepare(original, questions, config.scoring, seed), batching)
+                edited = correct_on(candidate, prepare(candidate, questions, config.scoring, seed), batching)
+                samples[name] = accuracy_pair(base, edited)
+        if reference is not None and split == "test":
+            samples["coherence"] = _coherence_rows(original, candidate, reference, batching, greedy_generate, coh)
+        out[split] = {name: interval.as_dict() for name, interval in erasure_metrics(samples, config.bootstrap, seed).items()}
+    return out
+
+
+def _coherence_rows(original, candidate, reference, batching, greedy_generate, coh):
+    """Candidate continuations, re-tokenized for the original and scored by it."""
+    prompt_ids = [candidate.tokenizer(p).input_ids for p in reference.prompts]
+    generated = greedy_generate(candidate, prompt_ids, reference.max_new_tokens, batching)
+    if candidate.tokenizer.get_vocab() == original.tokenizer.get_vocab():
+        continuations = generated  # same tokenizer: score the very tokens generated
+    else:  # another tokenizer: its text, re-tokenized for the original
+        texts = [candidate.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+        continuations = [original.tokenizer(t, add_special_tokens=False).input_ids if t else [] for t in texts]
+    edited_ll = coh.mean_loglik(original, reference.prompt_ids, continuations, batching)
+    edited_distinct = np.array([coh.distinct_bigrams(c) for c in continuations])
+    return coh.coherence_rows(edited_ll, edited_distinct, reference)

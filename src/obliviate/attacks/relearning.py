@@ -1,0 +1,200 @@
+"""Relearning attack (METHOD.md section 4): fine-tune on the concept's own text and see
+how much of the erased knowledge comes back.
+
+Reference protocol: full-parameter fine-tuning on the first 100 relearning paragraphs,
+2 epochs, AdamW lr 1e-5, weight decay 0.01, batch 1, max length 256 with padding masked
+from the loss, paragraphs shuffled each epoch; test QA accuracy after each epoch. The same
+attack on the original model is the reference line. The caller's models are never
+changed: the attack trains a copy.
+
+Resumable per epoch: after each finished epoch (but the last) the weights and AdamW state
+go to ``checkpoints/relearn/<role>/epoch-N`` (written as ``.partial`` and renamed); the
+shuffle of epoch e depends only on (seed, e), so a resumed run gives the same numbers as
+an uninterrupted one.
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import hashlib
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import ObliviateError
+from ..io import read_json, write_json
+from ..models import LoadedModel
+from .common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
+
+NAME = "relearn"
+
+
+@dataclass(frozen=True)
+class Config:
+    paragraphs: int = 100  # the reference attack uses the first 100
+    epochs: int = 2
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    batch_size: int = 1
+    max_length: int = 256  # tokens per paragraph, longer ones are truncated
+    gradient_checkpointing: bool = False  # trade time for activation memory on big models
+
+    def __post_init__(self) -> None:
+        for name in ("paragraphs", "epochs", "batch_size", "max_length"):
+            if getattr(self, name) < 1:
+                raise ObliviateError(f"relearn {name} must be >= 1, got {getattr(self, name)}.")
+        if not self.lr > 0 or self.weight_decay < 0:
+            raise ObliviateError(f"relearn lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}.")
+
+
+def _fingerprint(config: Config, paragraphs: list[str], seed: int, role: str) -> str:
+    payload = json.dumps([asdict(config), paragraphs, seed, role], sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def _batches(encoded: list[list[int]], order: list[int], size: int, pad_id: int):
+    """Right-padded batches; labels are -100 on padding so it never enters the loss."""
+    for start in range(0, len(order), size):
+        rows = [encoded[i] for i in order[start:start + size]]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for row, seq in enumerate(rows):
+            ids[row, :len(seq)] = torch.tensor(seq)
+            mask[row, :len(seq)] = 1
+        yield ids, mask, ids.masked_fill(mask == 0, -100)
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The shuffle of one epoch, a function of (seed, epoch) only (so resume is exact)."""
+    generator = torch.Generator().manual_seed(seed * 1009 + epoch)
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def _latest_checkpoint(folder: Path | None, fingerprint: str) -> tuple[Path | None, dict]:
+    if folder is None or not (folder / "state.json").exists():
+        return None, {"fingerprint": fingerprint, "epochs": []}
+    state = read_json(folder / "state.json")
+    if state.get("fingerprint") != fingerprint:
+        shutil.rmtree(folder)  # another attack's settings: start over rather than mix
+        return None, {"fingerprint": fingerprint, "epochs": []}
+    weights = folder / f"epoch-{len(state['epochs'])}"
+    return (weights if weights.is_dir() else None), state
+
+
+def _save_weights(folder: Path, epoch: int, model: torch.nn.Module, optimizer) -> None:
+    from safetensors.torch import save_model
+
+    final, staging = folder / f"epoch-{epoch}", folder / f"epoch-{epoch}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    save_model(model, str(staging / "model.safetensors"))
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    staging.rename(final)
+
+
+def relearn(
+    lm: LoadedModel,
+    paragraphs: list[str],
+    config: Config,
+    evaluate: Callable[[LoadedModel], np.ndarray],
+    seed: int = 42,
+    checkpoint_dir: Path | None = None,
+    progress: bool = True,
+    role: str = "model",
+) -> list[dict]:
+    """Fine-tune a copy of ``lm`` on ``paragraphs``; ``evaluate`` after every epoch.
+
+    Returns one record per epoch: {epoch, correct (per question), loss, seconds}.
+    """
+    fingerprint = _fingerprint(config, paragraphs, seed, role)
+    weights, state = _latest_checkpoint(checkpoint_dir, fingerprint)
+    if len(state["epochs"]) >= config.epochs:
+        return state["epochs"]
+    model = copy.deepcopy(lm.model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    if weights is not None:
+        from safetensors.torch import load_model
+
+        load_model(model, str(weights / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(weights / "optimizer.pt", weights_only=True))
+    elif state["epochs"]:  # state without its weights: cannot resume, start over
+        state["epochs"] = []
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    copy_lm = LoadedModel(model=model, tokenizer=lm.tokenizer, name=f"{lm.name}+relearn", source=lm.source)
+    encoded = [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids for p in paragraphs]
+    start = len(state["epochs"])
+    bar = tqdm(total=config.epochs * len(encoded), initial=start * len(encoded), desc=f"relearn ({role})",
+               unit="paragraph", disable=not progress or None)
+    try:
+        for epoch in range(start, config.epochs):
+            clock = time.perf_counter()
+            torch.manual_seed(seed * 1009 + epoch)  # dropout, if the model has any
+            model.train()
+            losses = []
+            for ids, mask, labels in _batches(encoded, epoch_order(len(encoded), seed, epoch), config.batch_size,
+                                              lm.tokenizer.pad_token_id):
+                device = lm.device
+                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                losses.append(float(loss.detach()))
+                bar.update(len(ids))
+                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
+            model.eval()
+            train_seconds = time.perf_counter() - clock
+            correct = np.asarray(evaluate(copy_lm), dtype=float)
+            state["epochs"].append({"epoch": epoch + 1, "correct": correct.tolist(), "loss": float(np.mean(losses)),
+                                    "train_seconds": train_seconds, "seconds": time.perf_counter() - clock})
+            if checkpoint_dir is not None:
+                if epoch + 1 < config.epochs:
+                    _save_weights(checkpoint_dir, epoch + 1, model, optimizer)
+                write_json(checkpoint_dir / "state.json", state)
+                shutil.rmtree(checkpoint_dir / f"epoch-{epoch}", ignore_errors=True)
+        if checkpoint_dir is not None:  # finished: the weights are no longer needed
+            for old in checkpoint_dir.glob("epoch-*"):
+                shutil.rmtree(old, ignore_errors=True)
+    finally:
+        bar.close()
+        del model, optimizer, copy_lm
+        gc.collect()
+    return state["epochs"]
+
+
+def run(ctx: AttackContext, config: Config) -> dict:
+    """Relearn on both models; accuracy before and after each epoch, and how much of the
+    original model's knowledge the erased model gets back (``recovered_frac``)."""
+    from ..data import load_relearn_paragraphs
+
+    if ctx.data_dir is None:
+        raise ObliviateError("The relearning attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")
+    paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
+    out = {"settings": {**asdict(config), "paragraphs_used": len(paragraphs), "optimizer": "AdamW (full parameters)"}}
+    curves = {}
+    for role, lm in ctx.models.items():
+        clock = time.perf_counter()
+        prepared = prepared_test(ctx, lm)
+        before = correct_on(lm, prepared, ctx.batching)
+        epochs = relearn(lm, paragraphs, config, lambda m: correct_on(m, prepared, ctx.batching), ctx.seed,
+                         ctx.checkpoint_dir(NAME, role), ctx.progress, role)
+        curves[role] = [before] + [np.asarray(e["correct"]) for e in epochs]  # epoch 0 = before
+        out[role] = {
+            "before": accuracy_interval(curves[role][0], ctx.bootstrap, ctx.seed),
+            "after": accuracy_interval(curves[role][-1], ctx.bootstrap, ctx.seed),
+            "curve": [accuracy_interval(c, ctx.bootstrap, ctx.seed) for c in curves[role]],
+            "losses": [e["loss"] for e in epochs],
+            "train_seconds": [e["train_seconds"] for e in epochs],
+            "seconds": time.perf_counter() - clock,
+        }
+    if "original" in curves and "erased" in curves:
+        out["recovered_frac"] = recovered_fraction(curves["original"][0], curves["erased"][-1], ctx.bootstrap, ctx.seed)
+    return out

@@ -1,0 +1,86 @@
+"""`obliviate attack`: the attack battery on the original and the erased model."""
+from __future__ import annotations
+
+import argparse
+
+from ..cli import add_run_arguments, collect_overrides
+
+# Shortcut flags -> (attack, setting). Everything else: --set ATTACK.KEY=VALUE.
+SHORTCUTS = {
+    "relearn_paragraphs": ("relearn", "paragraphs"),
+    "epochs": ("relearn", "epochs"),
+    "max_length": ("relearn", "max_length"),
+    "lr": ("relearn", "lr"),
+    "k": ("in-context", "k"),
+    "probe_sentences": ("probe", "sentences"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    group = parser.add_argument_group("attacks")
+    group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
+    group.add_argument("--attacks", default="relearn,in-context,adversarial,probe",
+                       help="comma-separated: relearn, in-context, adversarial, probe (default: all)")
+    group.add_argument("--relearn-paragraphs", type=int, default=None, help="relearning paragraphs (default 100)")
+    group.add_argument("--epochs", type=int, default=None, help="relearning epochs (default 2)")
+    group.add_argument("--max-length", type=int, default=None, help="relearning tokens per paragraph (default 256)")
+    group.add_argument("--lr", type=float, default=None, help="relearning AdamW learning rate (default 1e-5)")
+    group.add_argument("--k", type=int, default=None, help="in-context paragraphs before each question (default 3)")
+    group.add_argument("--probe-sentences", type=int, default=None, help="probe sentences per class (default 150)")
+    group.add_argument("--set", dest="attack_settings", action="append", default=[], metavar="ATTACK.KEY=VALUE",
+                       help="any attack setting, e.g. --set relearn.weight_decay=0 (repeatable)")
+    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+
+
+def attack_settings(args: argparse.Namespace) -> dict[str, dict]:
+    from ..errors import ObliviateError
+
+    settings: dict[str, dict] = {}
+    for flag, (attack, key) in SHORTCUTS.items():
+        if getattr(args, flag, None) is not None:
+            settings.setdefault(attack, {})[key] = getattr(args, flag)
+    for pair in args.attack_settings:
+        name, _, value = pair.partition("=")
+        attack, _, key = name.partition(".")
+        if not value or not key:
+            raise ObliviateError(f"--set expects ATTACK.KEY=VALUE (e.g. relearn.lr=1e-5), got {pair!r}.")
+        settings.setdefault(attack.strip(), {})[key.strip().replace("-", "_")] = value
+    return settings
+
+
+def run(args: argparse.Namespace) -> int:
+    from .. import attacks
+    from ..api import make_config
+    from ..attacks.runner import run_attacks
+    from ..errors import ObliviateError
+
+    names = attacks.parse_names(args.attacks)
+    settings = attack_settings(args)
+    unknown = set(settings) - set(names)
+    if unknown:
+        raise ObliviateError(f"Settings given for attack(s) not run: {', '.join(sorted(unknown))}. Running: {', '.join(names)}.")
+    overrides = collect_overrides(args)
+    overrides.setdefault("out", "runs/attack")
+    config = make_config(args.config_file, **overrides)
+    guard_out(config.out, config.model.name)
+    results = run_attacks(config, names, settings, base=args.base, progress=args.progress)
+    print(f"\nattacks on {results['concept']!r}: {results['model']} vs {results['base']} -> {config.out}")
+    for name in names:
+        r = results[name]
+        row = "  ".join(f"{role} " + (f"{r[role]['before']['value']:.3f}->" if "before" in r[role] else "")
+                        + f"{r[role]['after']['value']:.3f}" for role in ("original", "erased") if role in r)
+        print(f"  {name:12s} {row}  ({r['seconds']:.0f} s)")
+    return 0
+
+
+def guard_out(out: str, model: str | None) -> None:
+    """Never let --overwrite delete the model being evaluated."""
+    from pathlib import Path
+
+    from ..errors import ObliviateError
+
+    if model and Path(model).exists():
+        out_path, model_path = Path(out).resolve(), Path(model).resolve()
+        if out_path == model_path or out_path in model_path.parents:
+            raise ObliviateError(f"--out {out} would hold the model being evaluated ({model}): choose another folder.")

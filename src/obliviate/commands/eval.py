@@ -1,0 +1,45 @@
+"""`obliviate eval`: evaluate any model against the original on a concept."""
+from __future__ import annotations
+
+import argparse
+
+from ..cli import add_run_arguments, collect_overrides
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_run_arguments(parser)
+    group = parser.add_argument_group("eval")
+    group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
+    group.add_argument("--eco", default=None, metavar="DIR", help="evaluate the model wrapped by an ECO folder (obliviate eco)")
+    group.add_argument("--judge", default=None, metavar="PATH_OR_URL",
+                       help="optional open-ended judge: a local model path/hub id or an OpenAI-compatible URL "
+                            "(default: normalised answer match only)")
+    group.add_argument("--judge-model", default="default", help="model name sent to a judge endpoint")
+    group.add_argument("--general-prompts", default=None, metavar="FILE",
+                       help="extra coherence prompts, one a line or a JSON list")
+    group.add_argument("--open-new-tokens", type=int, default=24, help="greedy tokens per open-ended answer")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..api import make_config
+    from ..attacks.runner import run_eval
+    from ..report import fmt
+    from .attack import guard_out
+
+    overrides = collect_overrides(args)
+    overrides.setdefault("out", "runs/eval")
+    config = make_config(args.config_file, **overrides)
+    guard_out(config.out, config.model.name)
+    r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
+                 general_prompts=args.general_prompts, open_new_tokens=args.open_new_tokens)
+    print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
+    for name in ("qa_test", "simdom_test", "general_test"):
+        if name in r:
+            print(f"  {name:13s} original {fmt(r[name]['base'])}  model {fmt(r[name]['edited'])}")
+    for name in ("efficacy", "specificity", "coherence", "harmonic"):
+        if name in r:
+            print(f"  {name:13s} {fmt(r[name])}")
+    for split, entry in r.get("open_ended", {}).items():
+        if isinstance(entry, dict) and "base" in entry:
+            print(f"  open {split:8s} original {fmt(entry['base']['match'])}  model {fmt(entry['edited']['match'])} (match)")
+    return 0

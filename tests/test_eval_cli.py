@@ -1,0 +1,110 @@
+"""`obliviate eval`, `attack` and `report` end to end on a tiny saved model, and their
+refusals of bad input (exit 2, a clear message, nothing half-written)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from obliviate.cli import main
+
+
+@pytest.fixture
+def common(tiny_model_dir, data_dir):
+    return ["--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--concept", "Harry Potter",
+            "--data", str(data_dir), "--general-questions", "8", "--bootstrap", "20"]
+
+
+TINY_ATTACKS = ["--relearn-paragraphs", "2", "--epochs", "1", "--max-length", "16", "--probe-sentences", "8",
+                "--no-progress"]
+
+
+def test_attack_end_to_end_then_report(common, tmp_path, capsys):
+    out = tmp_path / "attack"
+    code = main(["attack", *common, "--attacks", "relearn,probe", *TINY_ATTACKS, "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert results["attacks"] == ["relearn", "probe"] and results["kind"] == "attack"
+    # the same model as original and erased: the attack sees identical numbers on both sides
+    assert results["relearn"]["original"]["curve"] == results["relearn"]["erased"]["curve"]
+    assert results["probe"]["original"]["per_layer"] == results["probe"]["erased"]["per_layer"]
+    assert len(results["relearn"]["original"]["curve"]) == 2
+    assert not (out / ".checkpoint.json").exists()
+    assert main(["report", str(out)]) == 0
+    assert "relearn_after" in (out / "report.html").read_text() and (out / "summary.csv").exists()
+
+
+def test_eval_same_model_as_base_is_identical(common, tmp_path, capsys):
+    out = tmp_path / "eval"
+    code = main(["eval", *common, "--out", str(out), "--coherence-new-tokens", "4", "--open-new-tokens", "4"])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((out / "results.json").read_text())
+    for name in ("qa_test", "simdom_test", "general_test"):
+        assert r[name]["base"] == r[name]["edited"]
+    assert r["efficacy"]["value"] == 0.0 and r["coherence"]["value"] == pytest.approx(1.0)
+    assert r["open_ended"]["judge"] is None  # no judge ran: no judged number is claimed
+    assert "judged" not in r["open_ended"]["qa_test"]["edited"]
+    assert r["open_ended"]["qa_test"]["base"]["match"] == r["open_ended"]["qa_test"]["edited"]["match"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--attacks", "relearn,jailbreak"], "Valid attacks: relearn, in-context, adversarial, probe"),
+    (["--concept", "Knitting"], "Available:"),
+    (["--set", "relearn.epochs=0"], "epochs must be >= 1"),
+])
+def test_attack_refuses_bad_input(common, tmp_path, capsys, extra, message):
+    out = tmp_path / "never"
+    assert main(["attack", *common, *extra, "--out", str(out)]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_model_folder_without_config(tmp_path, data_dir, capsys):
+    (tmp_path / "empty-model").mkdir()
+    code = main(["eval", "--model", str(tmp_path / "empty-model"), "--concept", "Golf", "--data", str(data_dir),
+                 "--out", str(tmp_path / "out")])
+    assert code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_out_folder_of_another_run_needs_overwrite(common, tmp_path, capsys):
+    out = tmp_path / "taken"
+    out.mkdir()
+    (out / "results.json").write_text(json.dumps({"config_fingerprint": "someone-else"}))
+    args = ["attack", *common, "--attacks", "probe", "--probe-sentences", "8", "--out", str(out)]
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert json.loads((out / "results.json").read_text()) == {"config_fingerprint": "someone-else"}
+    assert main([*args, "--overwrite"]) == 0
+    assert json.loads((out / "results.json").read_text())["kind"] == "attack"
+
+
+def test_eco_folder_must_exist(common, tmp_path, capsys):
+    assert main(["eval", *common, "--eco", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "--eco" in capsys.readouterr().err
+
+
+def test_out_may_not_hold_the_model(tiny_model_dir, data_dir, capsys):
+    code = main(["attack", "--model", str(tiny_model_dir), "--concept", "Golf", "--data", str(data_dir),
+                 "--out", str(tiny_model_dir), "--overwrite"])
+    assert code == 2 and "would hold the model" in capsys.readouterr().err
+    assert (tiny_model_dir / "config.json").exists()
+
+
+def test_eval_of_a_patch_only_erase_folder_matches_the_erase_run(tiny_model_dir, data_dir, tmp_path, capsys):
+    """A folder written with --no-save-model is evaluated as original + its embedding patch."""
+    import obliviate
+
+    run_dir = tmp_path / "erase"
+    obliviate.erase("Golf", data=data_dir, out=run_dir, model={"name": str(tiny_model_dir)}, progress=False,
+                    save_model=False, ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
+                    evaluation={"coherence_new_tokens": 4, "bootstrap": 20}, data_options={"general_questions": 6})
+    erased = json.loads((run_dir / "results.json").read_text())
+    assert not (run_dir / "model").exists() and erased["edited_token_count"] > 0
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(run_dir), "--data", str(data_dir), "--general-questions", "6",
+                 "--bootstrap", "20", "--coherence-new-tokens", "4", "--open-new-tokens", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((out / "results.json").read_text())
+    assert r["concept"] == "Golf" and r["base"] == str(tiny_model_dir)
+    for split in ("qa_test", "simdom_test"):
+        assert r[split]["edited"]["value"] == erased[split]["edited"]["value"]
+        assert r[split]["base"]["value"] == erased[split]["base"]["value"]

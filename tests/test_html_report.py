@@ -1,0 +1,107 @@
+"""The HTML report parses, embeds its plots as PNG, and names every metric it has."""
+from __future__ import annotations
+
+import base64
+import csv
+from html.parser import HTMLParser
+
+import pytest
+
+from obliviate.html_report import METRICS, render_html, report_from_dirs, summary_rows, write_report
+from obliviate.errors import ObliviateError
+from obliviate.io import write_json
+
+
+def iv(value: float) -> dict:
+    return {"value": value, "low": max(0.0, value - 0.1), "high": min(1.0, value + 0.1)}
+
+
+def erase_results() -> dict:
+    sweep = [{"params": {"delta": d}, "metrics": {"efficacy": iv(e), "specificity": iv(1.0), "coherence": iv(c)},
+              "score": 0.5, "score_se": 0.1, "rejected": None} for d, e, c in ((0.5, 0.4, 0.99), (5.0, 0.8, 0.6))]
+    return {"concept": "Harry Potter", "method": "ember", "model": "embedded", "delta": 0.5, "delta_sweep": sweep,
+            "features": [{"index": 41, "ratio": 42.7, "concept_share": 0.9, "top_tokens": [" Wizard", " Hermione"]}],
+            "qa_test": {"base": iv(0.6), "edited": iv(0.3)}, "simdom_test": {"base": iv(0.5), "edited": iv(0.5)},
+            "general_test": {"base": iv(0.4), "edited": iv(0.4)}, "efficacy": iv(0.9), "specificity": iv(1.0),
+            "coherence": iv(0.95), "harmonic": iv(0.94)}
+
+
+def attack_results() -> dict:
+    def side(before, after):
+        return {"original": {"before": iv(0.6), "after": iv(0.62), "curve": [iv(0.6), iv(0.61), iv(0.62)]},
+                "erased": {"before": iv(before), "after": iv(after), "curve": [iv(before), iv(0.4), iv(after)]},
+                "recovered_frac": iv(0.7)}
+    return {"kind": "attack", "concept": "Harry Potter", "method": "ember", "model": "runs/hp",
+            "relearn": side(0.3, 0.5), "in-context": side(0.3, 0.35), "adversarial": side(0.3, 0.33),
+            "probe": {"original": {"per_layer": [0.6, 0.9, 0.95], "after": iv(0.95)},
+                      "erased": {"per_layer": [0.55, 0.85, 0.9], "after": iv(0.9)}},
+            "open_ended": {"judge": None, "qa_test": {"base": {"match": iv(0.4)}, "edited": {"match": iv(0.1)}}},
+            "erase_results": {"qa_test": {"base": iv(0.6), "edited": iv(0.3)}}}
+
+
+VOID = {"meta", "br", "wbr", "img", "hr", "input", "link"}  # elements without a closing tag
+
+
+class Collector(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.text, self.images, self.open = [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "img":
+            self.images.append(dict(attrs)["src"])
+        elif tag not in VOID:
+            self.open.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.open and self.open[-1] == tag, f"</{tag}> closes <{self.open[-1] if self.open else None}>"
+        self.open.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def parse(text: str) -> Collector:
+    parser = Collector()
+    parser.feed(text)
+    parser.close()
+    assert parser.open == [], f"unclosed tags {parser.open}"
+    return parser
+
+
+def test_report_parses_names_every_metric_and_embeds_pngs():
+    runs = [{**erase_results(), "_name": "hp"}, {**attack_results(), "_name": "hp-attack"}]
+    parsed = parse(render_html(runs))
+    text = " ".join(parsed.text)
+    for metric in METRICS:
+        assert metric in text, metric
+    # relearning curve, per-concept bars, attacks, probe, one delta sweep
+    assert len(parsed.images) == 5
+    for src in parsed.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "Hermione" in text and "no judge ran" in text
+
+
+def test_summary_rows_and_csv(tmp_path):
+    rows = summary_rows([{**erase_results(), "_name": "a"}, {**attack_results(), "_name": "b"}])
+    assert rows[0]["efficacy"] == 0.9 and rows[0]["relearn_after"] is None
+    assert rows[1]["relearn_recovered"] == 0.7 and rows[1]["qa_erased"] == 0.3 and rows[1]["probe_erased"] == 0.9
+    for name, payload in (("a", erase_results()), ("b", attack_results())):
+        write_json(tmp_path / name / "results.json", payload)
+    path = report_from_dirs([tmp_path / "a", tmp_path / "b"], tmp_path / "out")
+    with open(tmp_path / "out" / "summary.csv", newline="") as handle:
+        table = list(csv.DictReader(handle))
+    assert path.exists() and [r["run"] for r in table] == ["a", "b"] and table[1]["adversarial_worst"] == "0.33"
+    assert set(METRICS) <= set(table[0])
+
+
+def test_report_of_a_run_without_plots_still_parses(tmp_path):
+    write_report([{"concept": "Golf", "method": "rmu", "_name": "bare"}], tmp_path)
+    parsed = parse((tmp_path / "report.html").read_text())
+    assert parsed.images == [] and "Golf" in " ".join(parsed.text)
+
+
+def test_missing_results_is_a_clear_error(tmp_path):
+    with pytest.raises(ObliviateError, match="no results.json"):
+        report_from_dirs([tmp_path])
