@@ -1,0 +1,270 @@
+"""ELM, Erasure of Language Memory (Gandikota et al., arXiv 2410.02760), with LoRA via peft.
+
+Three losses, each weight 1 in the reference:
+  erase: on concept text, the adapted model's next-token distribution matches
+      log P'(x) = log P(x) + eta * (log P(x | novice prefix) - log P(x | expert prefix)),
+      computed with the adapter off; eta ramps 1 -> 1000 over positions, the original
+      model's top-50 tokens kept, temperature 1.2, soft cross-entropy (losses.py);
+  retain: on neutral text, cross-entropy to the original model's argmax tokens;
+  consistency: on a concept prompt followed by a change-of-topic phrase, cross-entropy
+      to the text the original model writes under erase guidance (gamma 3), generated
+      once per run and cached beside the checkpoints.
+The trained adapter is saved as a normal peft adapter folder (``PeftModel.from_pretrained``
+loads it); the edit merges it into the base weights.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .. import losses
+from ..data import ConceptData
+from ..errors import ObliviateError
+from ..models import LoadedModel
+from ..training import (
+    LoopConfig,     TrainSettings, TrainedGrid, TextStream, cached_log, check_positive, decoder_layers, finished, grid_points,
+    model_device, model_fingerprint, resolve_layer, run_key, tokenize, train,
+)
+from ..weight_edits import LoraAdapter
+
+EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
+    "As an expert in {c}:", "Written by a leading authority on {c}:", "From an encyclopedia entry on {c}:",
+    "A specialist in {c} explains:", "Here is what a {c} scholar knows:", "Speaking as someone who knows {c} well:",
+    "An expert on {c} writes:", "From a textbook about {c}:", "A historian of {c} notes:", "In-depth facts about {c}:",
+)
+NOVICE = (
+    "As a novice in {c}:", "Written by someone who knows nothing about {c}:", "From a person unfamiliar with {c}:",
+    "Someone who has never heard of {c} says:", "A beginner with no knowledge of {c} writes:",
+    "Speaking as someone who knows nothing of {c}:", "A newcomer confused about {c} writes:",
+    "From a person who never learned about {c}:", "Someone ignorant of {c} guesses:", "With no idea what {c} is:",
+)
+TOPIC_CHANGE = (" Anyway, let's talk about something else.", " On a completely different subject,",
+                " Changing the topic entirely,", " Let me tell you about something unrelated:")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Config(LoopConfig):
+    lr: tuple[float, ...] = (2e-4, 1e-3)  # reference 5e-5 over ~750 steps; larger for the short CPU run
+    rank: int = 256  # reference LoRA rank
+    lora_alpha: float = 16.0  # reference
+    lora_dropout: float = 0.05  # reference
+    target_modules: tuple[str, ...] = PROJECTIONS  # attention and MLP projections (reference)
+    layers: tuple[int, ...] = ()  # absolute layers; empty: the layer_from..layer_to fractions of depth
+    layer_from: float = 4 / 32  # reference layers 4-7 of 32 -> 2..4 of Gemma 3 270M's 18
+    layer_to: float = 7 / 32
+    eta_start: float = 1.0  # eta ramp over positions (reference 1 -> 1000)
+    eta_end: float = 1000.0
+    temperature: float = 1.2  # reference
+    top_k: int = 50  # reference
+    erase_weight: float = 1.0  # reference loss scales
+    retain_weight: float = 1.0
+    consistency_weight: float = 1.0
+    guidance_gamma: float = 3.0  # guidance when generating the consistency text (reference)
+    consistency_prompts: int = 8  # CPU-scale (the reference generates hundreds)
+    consistency_tokens: int = 24
+    steps: int = 20  # reference ~3000 samples / (batch 1 x accumulation 4) = 750; CPU-scale default
+    batch_size: int = 4
+    grad_accum: int = 1  # reference 4
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in ("rank", "top_k"):
+            if getattr(self, name) < 1:
+                raise ObliviateError(f"{name} must be >= 1, got {getattr(self, name)}.")
+        check_positive("temperature", self.temperature)
+        if not 0 <= self.layer_from <= self.layer_to < 1:
+            raise ObliviateError(f"Need 0 <= layer_from <= layer_to < 1, got {self.layer_from}, {self.layer_to}.")
+
+
+def check_target_modules(model, targets: tuple[str, ...], layers: list[int]) -> None:
+    """Every LoRA target must name Linear modules of the chosen layers; list the model's
+    Linear module names that match when one does not."""
+    prefix, _ = decoder_layers(model)
+    present = {name.rsplit(".", 1)[-1] for name, m in model.named_modules()
+               if isinstance(m, torch.nn.Linear) and re.match(re.escape(prefix) + r"\.(\d+)\.", name)}
+    missing = [t for t in targets if t not in present]
+    if missing:
+        raise ObliviateError(
+            f"LoRA target module(s) {', '.join(missing)} do not exist in this model. Its decoder layers' linear "
+            f"modules are: {', '.join(sorted(present))}."
+        )
+
+
+def _prefixed(tokenizer, batch, prefix: str):
+    """The batch with ``prefix`` inserted after BOS (or prepended); returns (ids, mask, offset)."""
+    ids = torch.tensor(tokenizer(prefix, add_special_tokens=False)["input_ids"], device=batch.input_ids.device)
+    ids = ids[None].expand(batch.input_ids.shape[0], -1)
+    ones = torch.ones_like(ids)
+    has_bos = tokenizer.bos_token_id is not None and bool((batch.input_ids[:, 0] == tokenizer.bos_token_id).all())
+    cut = 1 if has_bos else 0
+    new_ids = torch.cat([batch.input_ids[:, :cut], ids, batch.input_ids[:, cut:]], dim=1)
+    new_mask = torch.cat([batch.attention_mask[:, :cut], ones, batch.attention_mask[:, cut:]], dim=1)
+    return new_ids, new_mask, ids.shape[1]
+
+
+def _logits(model, ids, mask):
+    return model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+
+
+@torch.no_grad()
+def guided_generate(lm: LoadedModel, prompt: str, concept: str, tokens: int, gamma: float, top_k: int, seed: int) -> list[int]:
+    """Greedy continuation under erase guidance: argmax over the original model's top-k of
+    log P + gamma (log P(. | novice) - log P(. | expert))."""
+    rng = torch.Generator().manual_seed(seed)
+    expert = EXPERT[int(torch.randint(len(EXPERT), (1,), generator=rng))].format(c=concept)
+    novice = NOVICE[int(torch.randint(len(NOVICE), (1,), generator=rng))].format(c=concept)
+    batch = tokenize(lm.tokenizer, [prompt], 10_000, model_device(lm.model))
+    generated: list[int] = []
+    for _ in range(tokens):
+        ids = torch.cat([batch.input_ids, torch.tensor([generated], dtype=torch.long, device=batch.input_ids.device)], 1)
+        mask = torch.ones_like(ids)
+        step = type(batch)(batch.texts, ids, mask)
+        base = _logits(lm.model, ids, mask)[:, -1:]
+        e_ids, e_mask, _ = _prefixed(lm.tokenizer, step, expert + " ")
+        n_ids, n_mask, _ = _prefixed(lm.tokenizer, step, novice + " ")
+        guided = losses.elm_guided_logprobs(base, _logits(lm.model, e_ids, e_mask)[:, -1:],
+                                            _logits(lm.model, n_ids, n_mask)[:, -1:], torch.tensor([gamma]))
+        target = losses.guided_target_distribution(guided, base, 1.0, top_k)
+        token = int(target[0, -1].argmax())
+        generated.append(token)
+        if token == lm.tokenizer.eos_token_id:
+            break
+    return generated
+
+
+def consistency_examples(lm: LoadedModel, data: ConceptData, config: Config, seed: int, folder) -> list[dict]:
+    """(prompt ids, continuation ids) pairs, generated once and cached as JSON."""
+    path = folder / "consistency.json" if folder is not None else None
+    if path is not None and path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    examples = []
+    for i, sentence in enumerate(data.concept_sentences[: config.consistency_prompts]):
+        words = sentence.split()
+        prompt = " ".join(words[: max(4, len(words) // 2)]) + TOPIC_CHANGE[i % len(TOPIC_CHANGE)]
+        ids = lm.tokenizer(prompt)["input_ids"]
+        continuation = guided_generate(lm, prompt, data.concept, config.consistency_tokens, config.guidance_gamma,
+                                       config.top_k, seed + i)
+        examples.append({"prompt": ids, "continuation": continuation})
+    if path is not None:
+        folder.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(examples), encoding="utf-8")
+    return examples
+
+
+def _consistency_batch(examples: list[dict], pad_id: int, device):
+    rows = [e["prompt"] + e["continuation"] for e in examples]
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    target_mask = torch.zeros_like(ids)
+    for i, (row, e) in enumerate(zip(rows, examples)):
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+        target_mask[i, len(e["prompt"]): len(row)] = 1
+    return ids.to(device), mask.to(device), target_mask.to(device)
+
+
+def _base_weight_name(peft_name: str) -> str:
+    # base_model.model.<module path>.lora_A.default.weight -> <module path>.weight
+    path = peft_name.split(".lora_")[0]
+    return path.removeprefix("base_model.model.") + ".weight"
+
+
+def _adapter_weights(named: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    pairs: dict[str, dict] = {}
+    for name, tensor in named.items():
+        if ".lora_A." in name or ".lora_B." in name:
+            pairs.setdefault(_base_weight_name(name), {})["A" if ".lora_A." in name else "B"] = tensor.detach().cpu().clone()
+    return {name: (p["A"], p["B"]) for name, p in pairs.items()}
+
+
+def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> TrainedGrid:
+    from peft import LoraConfig
+
+    depth = len(decoder_layers(lm.model)[1])
+    layers = list(config.layers) or list(range(resolve_layer(None, config.layer_from, depth, "layer_from"),
+                                               resolve_layer(None, config.layer_to, depth, "layer_to") + 1))
+    for layer in layers:
+        resolve_layer(layer, 0, depth)
+    check_target_modules(lm.model, config.target_modules, layers)
+    folder = getattr(context, "checkpoint_dir", None)
+    base_folder = folder / "elm" / run_key("elm", config.__dict__, seed, model_fingerprint(lm.model)) if folder else None
+    examples = consistency_examples(lm, data, config, seed, base_folder)
+    lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=list(config.target_modules), layers_to_transform=layers, bias="none")
+
+    def run_point(point: dict):
+        where = base_folder / f"lr{point['lr']:g}" if base_folder else None
+        return train_adapter(lm, data, config, lora, examples, point, seed, where, getattr(context, "progress", True))
+
+    return TrainedGrid("elm", grid_points(lr=config.lr), run_point,
+                       info={"layers": layers, "consistency_examples": len(examples)})
+
+
+def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, progress):
+    from peft import get_peft_model
+    from safetensors.torch import load_file
+
+    done = cached_log(where)
+    if done is not None and (where / "adapter" / "adapter_model.safetensors").is_file():
+        weights = load_file(str(where / "adapter" / "adapter_model.safetensors"))
+        named = {f"base_model.model.{k}".replace(".lora_A.weight", ".lora_A.default.weight")
+                 .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in weights.items()}
+        return LoraAdapter(_adapter_weights(named), config.lora_alpha / config.rank, where / "adapter"), done
+    flags = {name: p.requires_grad for name, p in lm.model.named_parameters()}
+    torch.manual_seed(seed)  # LoRA A's init
+    peft_model = get_peft_model(lm.model, lora)
+    try:
+        params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
+        step_loss = _elm_loss(lm, peft_model, data, config, examples, seed)
+        log = train(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
+                    config.settings(point["lr"], seed), where, progress, f"elm {point}")
+        adapter = LoraAdapter(_adapter_weights(params), config.lora_alpha / config.rank,
+                              where / "adapter" if where else None, {"method": "elm", **point})
+        if where is not None:
+            peft_model.save_pretrained(str(where / "adapter"))
+            finished(where, log)
+    finally:
+        peft_model.unload()
+        for name, p in lm.model.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+    return adapter, log
+
+
+def _elm_loss(lm, peft_model, data, config: Config, examples, seed):
+    rng = torch.Generator().manual_seed(seed + 7)
+    stream = TextStream(list(range(len(examples))), config.batch_size, seed + 2) if examples else None
+    pad = lm.tokenizer.pad_token_id
+
+    def step_loss(forget, retain):
+        expert = EXPERT[int(torch.randint(len(EXPERT), (1,), generator=rng))].format(c=data.concept) + " "
+        novice = NOVICE[int(torch.randint(len(NOVICE), (1,), generator=rng))].format(c=data.concept) + " "
+        with torch.no_grad(), peft_model.disable_adapter():
+            base = _logits(lm.model, forget.input_ids, forget.attention_mask)
+            e_ids, e_mask, offset = _prefixed(lm.tokenizer, forget, expert)
+            expert_logits = _logits(lm.model, e_ids, e_mask)[:, offset: offset + base.shape[1]]
+            n_ids, n_mask, n_offset = _prefixed(lm.tokenizer, forget, novice)
+            novice_logits = _logits(lm.model, n_ids, n_mask)[:, n_offset: n_offset + base.shape[1]]
+            eta = losses.eta_ramp(base.shape[1] - 1, config.eta_start, config.eta_end).to(base.device)
+            guided = losses.elm_guided_logprobs(base[:, :-1], expert_logits[:, :-1], novice_logits[:, :-1], eta)
+            target = losses.guided_target_distribution(guided, base[:, :-1], config.temperature, config.top_k)
+            del guided, expert_logits, novice_logits
+            retain_targets = _logits(lm.model, retain.input_ids, retain.attention_mask).argmax(-1)
+        student = _logits(lm.model, forget.input_ids, forget.attention_mask)[:, :-1]
+        erase = losses.soft_cross_entropy(student, target, forget.attention_mask[:, 1:])
+        retain_logits = _logits(lm.model, retain.input_ids, retain.attention_mask)
+        retain_term = losses.hard_cross_entropy(retain_logits[:, :-1], retain_targets[:, :-1], retain.attention_mask[:, 1:])
+        total = config.erase_weight * erase + config.retain_weight * retain_term
+        parts = {"erase": erase.detach(), "retain": retain_term.detach()}
+        if stream is not None and config.consistency_weight > 0:
+            ids, mask, target_mask = _consistency_batch([examples[i] for i in stream.next()], pad, base.device)
+            consistency = losses.causal_lm_loss(_logits(lm.model, ids, mask), ids, target_mask)
+            total = total + config.consistency_weight * consistency
+            parts["consistency"] = consistency.detach()
+        return total, parts
+
+    return step_loss

@@ -1,0 +1,139 @@
+"""Edits made by the trained methods: new values for whole weight tensors.
+
+``ParameterDelta`` holds the original and trained values of the parameters a method
+trained (RMU's down-projections, gradient difference's and NPO's block weights), so
+``revert`` restores the original bits exactly. ``LoraAdapter`` holds a trained peft LoRA
+adapter (ELM): it is saved as a normal peft adapter folder, and applying it merges
+``W + (alpha / r) B A`` into the base weights (what peft's ``merge_and_unload`` does).
+Both may change any output, so ``changed_token_ids`` is None.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import ObliviateError
+from .io import atomic_path
+
+
+def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
+    params = dict(model.named_parameters())
+    missing = [name for name in names if name not in params]
+    if missing:
+        raise ObliviateError(f"This edit changes parameters the model does not have: {missing[:5]}; apply it to the model it was made for.")
+    return {name: params[name] for name in names}
+
+
+@dataclass
+class ParameterDelta:
+    """Trained values of some parameters, with their originals (kept on the CPU)."""
+
+    original: dict[str, torch.Tensor]
+    new: dict[str, torch.Tensor]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if set(self.original) != set(self.new):
+            raise ValueError("original and new must name the same parameters")
+        for name, tensor in self.new.items():
+            if tensor.shape != self.original[name].shape:
+                raise ValueError(f"shape mismatch for {name}: {tuple(tensor.shape)} vs {tuple(self.original[name].shape)}")
+
+    @classmethod
+    def capture(cls, model: torch.nn.Module, original: dict[str, torch.Tensor], metadata: dict | None = None) -> "ParameterDelta":
+        """The model's current values of the parameters in ``original`` as the new values."""
+        current = _parameters(model, original)
+        new = {name: param.detach().to("cpu", copy=True) for name, param in current.items()}
+        return cls(original=original, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()})
+
+    def _write(self, model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            for name, param in _parameters(model, values).items():
+                param.copy_(values[name].to(device=param.device, dtype=param.dtype))
+
+    def apply(self, model: torch.nn.Module) -> None:
+        self._write(model, self.new)
+
+    def revert(self, model: torch.nn.Module) -> None:
+        self._write(model, self.original)
+
+    def changed_token_ids(self) -> None:
+        return None  # transformer weights: any prediction may move
+
+    def changed_parameters(self) -> list[str]:
+        return sorted(name for name in self.new if not torch.equal(self.new[name], self.original[name]))
+
+    def summary(self) -> dict:
+        moved = sum(float((self.new[n].double() - self.original[n].double()).norm() ** 2) for n in self.new) ** 0.5
+        return {
+            "kind": "parameter_delta", "parameters": len(self.new), "changed_parameters": len(self.changed_parameters()),
+            "elements": int(sum(t.numel() for t in self.new.values())), "delta_norm": moved,
+        }
+
+    def save(self, path: str | Path) -> None:
+        tensors = {f"original.{n}": t.contiguous() for n, t in self.original.items()}
+        tensors.update({f"new.{n}": t.contiguous() for n, t in self.new.items()})
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=self.metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ParameterDelta":
+        from safetensors import safe_open
+
+        if not Path(path).is_file():
+            raise ObliviateError(f"Parameter delta file {path} does not exist.")
+        tensors = load_file(str(path))
+        with safe_open(str(path), "pt") as handle:
+            metadata = dict(handle.metadata() or {})
+        original = {k[len("original."):]: v for k, v in tensors.items() if k.startswith("original.")}
+        new = {k[len("new."):]: v for k, v in tensors.items() if k.startswith("new.")}
+        return cls(original=original, new=new, metadata=metadata)
+
+
+@dataclass
+class LoraAdapter:
+    """A trained LoRA adapter (peft format), applied by merging into the base weights.
+
+    ``weights`` maps a base Linear weight name (e.g. ``model.layers.2.mlp.up_proj.weight``)
+    to its (A, B) pair; ``scaling`` is lora_alpha / r. ``folder`` is where the adapter was
+    saved with peft's ``save_pretrained`` (load it with ``PeftModel.from_pretrained``).
+    """
+
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    scaling: float
+    folder: Path | None = None
+    metadata: dict[str, str] = field(default_factory=dict)
+    _originals: dict[str, torch.Tensor] | None = None
+
+    def merged_delta(self, model: torch.nn.Module) -> ParameterDelta:
+        params = _parameters(model, self.weights)
+        original = self._originals or {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        new = {}
+        for name, (a, b) in self.weights.items():
+            new[name] = (original[name].double() + self.scaling * (b.double() @ a.double())).to(original[name].dtype)
+        return ParameterDelta(original=original, new=new, metadata=self.metadata)
+
+    def apply(self, model: torch.nn.Module) -> None:
+        delta = self.merged_delta(model)
+        self._originals = delta.original
+        delta.apply(model)
+
+    def merge(self, model: torch.nn.Module) -> None:
+        """Merge the adapter into the model's weights for good (same as apply)."""
+        self.apply(model)
+
+    def revert(self, model: torch.nn.Module) -> None:
+        if self._originals is None:
+            raise ObliviateError("This adapter was never applied to the model, so there is nothing to revert.")
+        ParameterDelta(original=self._originals, new=self._originals).revert(model)
+
+    def changed_token_ids(self) -> None:
+        return None
+
+    def summary(self) -> dict:
+        rank = next(iter(self.weights.values()))[0].shape[0] if self.weights else 0
+        return {"kind": "lora_adapter", "modules": len(self.weights), "rank": int(rank), "scaling": self.scaling,
+                "folder": str(self.folder) if self.folder else None}

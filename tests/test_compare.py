@@ -1,0 +1,58 @@
+"""`obliviate compare`: the plan of cells, bad input, and the table it writes (the
+erase runs and the relearning attack are replaced by fakes: they are tested elsewhere)."""
+from __future__ import annotations
+
+import csv
+
+import pytest
+
+from obliviate.cli import main
+from obliviate.commands import compare
+from obliviate.errors import ObliviateError
+
+
+def test_plan_covers_every_cell():
+    cells = compare.plan("rmu,npo", "Golf,Gun", True)
+    assert len(cells) == 8 and ("Gun", "npo", True) in cells and ("Golf", "rmu", False) in cells
+    assert compare.plan("ember", "Golf", True) == [("Golf", "ember", False)]
+
+
+def test_unknown_method_exit_2(capsys):
+    assert main(["compare", "--methods", "rmu,sgd", "--concepts", "Golf"]) == 2
+    assert "grad_diff, npo, rmu" in capsys.readouterr().err
+
+
+def test_bad_set_syntax():
+    with pytest.raises(ObliviateError, match="METHOD.KEY=VALUE"):
+        compare.parse_settings(["steps=3"])
+    assert compare.parse_settings(["rmu.steps=3", "rmu.lr=1e-4"]) == {"rmu": {"steps": "3", "lr": "1e-4"}}
+
+
+def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
+    import obliviate.pipeline as pipeline
+
+    calls = []
+
+    class Fake:
+        def __init__(self, config):
+            eff = 0.8 if config.with_ember else 0.5
+            self.results = {"efficacy": {"value": eff}, "specificity": {"value": 0.9}, "coherence": {"value": 1.0},
+                            "harmonic": {"value": 0.6}, "delta": 5.0 if config.with_ember else None, "params": {"lr": 1e-4},
+                            "qa_test": {"base": {"value": 0.7}, "edited": {"value": 0.3}}}
+            self.lm, self.out = None, None
+
+    def fake_erase(config):
+        calls.append((config.concept, config.method, config.with_ember, config.methods))
+        return Fake(config)
+
+    monkeypatch.setattr(pipeline, "erase", fake_erase)
+    monkeypatch.setattr(compare, "relearn_curve", lambda result, *a: [0.3, 0.5, 0.6])
+    code = main(["compare", "--methods", "rmu", "--concepts", "Golf,Gun", "--with-and-without-ember",
+                 "--data", str(data_dir), "--out", str(tmp_path), "--set", "rmu.steps=2"])
+    assert code == 0
+    assert [c[:3] for c in calls] == [("Golf", "rmu", False), ("Golf", "rmu", True), ("Gun", "rmu", False), ("Gun", "rmu", True)]
+    assert calls[0][3] == {"rmu": {"steps": "2"}}
+    rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
+    assert len(rows) == 4 and rows[1]["ember"] == "True" and float(rows[1]["efficacy"]) == 0.8
+    assert float(rows[0]["qa_after_relearn_epoch_2"]) == 0.6 and "qa_after_relearn_epoch_1" in rows[0]
+    assert (tmp_path / "compare.md").read_text().count("\n") == 6

@@ -1,0 +1,212 @@
+"""Trained methods on tiny random models: exactly the targeted parameters move, the model
+is restored around each candidate, losses are finite and fall, determinism, resume, the
+EMBER plug-in order, and bad input. Forgetting itself is checked on the real model (slow)."""
+from __future__ import annotations
+
+import math
+import re
+
+import pytest
+import torch
+
+from obliviate import methods
+from obliviate.config import build_section
+from obliviate.errors import ObliviateError
+from obliviate.methods import MethodContext
+from obliviate.weight_edits import ParameterDelta
+
+TINY = {"steps": 4, "batch_size": 2, "max_length": 24}
+TINY_SETTINGS = {
+    "rmu": {**TINY, "lr": (1e-2,), "steering": (10.0,), "alpha": (1.0,)},
+    "grad_diff": {**TINY, "lr": (1e-3,)},
+    "npo": {**TINY, "lr": (1e-3,)},
+    "elm": {**TINY, "lr": (1e-3,), "rank": 4, "consistency_prompts": 2, "consistency_tokens": 4},
+}
+EXPECTED = {
+    # tiny models have 4 layers; RMU's L = round(7/26 * 4) = 1, trained layers 0..1
+    "rmu": lambda n: re.fullmatch(r"model\.layers\.[01]\.mlp\.down_proj\.weight", n),
+    "grad_diff": lambda n: re.search(r"\.(mlp|self_attn)\.\w+_proj\.weight$", n),
+    "npo": lambda n: re.search(r"\.(mlp|self_attn)\.\w+_proj\.weight$", n),
+}
+
+
+def fit(name, lm, data, context=None, **overrides):
+    module = methods.get(name)
+    config = build_section(module.Config, {**TINY_SETTINGS[name], **overrides}, name)
+    return module.fit(lm, data, config, 0, context or MethodContext(progress=False))
+
+
+def state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("name", ["rmu", "grad_diff", "npo"])
+def test_only_targeted_parameters_change_and_model_is_restored(name, tiny_lm, small_concept):
+    before = state(tiny_lm.model)
+    fitted = fit(name, tiny_lm, small_concept)
+    (params, edit), = list(fitted.candidates())
+    after_fit = state(tiny_lm.model)
+    assert all(torch.equal(before[n], after_fit[n]) for n in before), "fit must leave the model as it came"
+    assert isinstance(edit, ParameterDelta) and edit.changed_token_ids() is None
+    targeted = {n for n in before if EXPECTED[name](n)}
+    assert set(edit.new) == targeted and targeted
+    edit.apply(tiny_lm.model)
+    applied = state(tiny_lm.model)
+    for n in before:
+        if n in targeted:
+            assert not torch.equal(before[n], applied[n]), f"{n} should have moved"
+        else:
+            assert torch.equal(before[n], applied[n]), f"{n} should not have moved"
+    edit.revert(tiny_lm.model)
+    assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters())
+
+
+@pytest.mark.parametrize("name", ["rmu", "grad_diff", "npo"])
+def test_losses_finite_and_forget_term_falls(name, tiny_lm, small_concept):
+    fitted = fit(name, tiny_lm, small_concept, steps=12)
+    list(fitted.candidates())
+    losses = fitted.report()["candidates"][0]["losses"]
+    assert len(losses) == 12 and all(math.isfinite(v) for step in losses for v in step.values())
+    key = {"rmu": "forget", "grad_diff": "loss", "npo": "npo"}[name]
+    first, last = sum(s[key] for s in losses[:3]), sum(s[key] for s in losses[-3:])
+    assert last < first, f"{name}: {key} did not fall ({first} -> {last})"
+
+
+def test_deterministic_under_seed(tiny_lm, small_concept):
+    a = next(fit("grad_diff", tiny_lm, small_concept).candidates())[1]
+    b = next(fit("grad_diff", tiny_lm, small_concept).candidates())[1]
+    assert all(torch.equal(a.new[n], b.new[n]) for n in a.new)
+
+
+def test_grid_order_and_size(tiny_lm, small_concept):
+    fitted = fit("rmu", tiny_lm, small_concept, lr=(1e-3, 1e-2), steering=(1.0, 5.0), steps=1)
+    assert [tuple(p.values())[1:] for p, _ in fitted.candidates()] == [
+        (1e-3, 1.0, 1.0), (1e-3, 1.0, 5.0), (1e-2, 1.0, 1.0), (1e-2, 1.0, 5.0)]
+
+
+def test_resume_from_checkpoint_matches_uninterrupted(tiny_lm, small_concept, tmp_path, monkeypatch):
+    from obliviate import training
+
+    full = next(fit("grad_diff", tiny_lm, small_concept, steps=6).candidates())[1]
+    context = MethodContext(progress=False, checkpoint_dir=tmp_path)
+    original_step = training.TextStream.next
+    calls = {"n": 0}
+
+    def interrupt(self):
+        calls["n"] += 1
+        if calls["n"] > 2 * 4:  # forget + retain batches of 4 steps, then "Ctrl-C"
+            raise KeyboardInterrupt
+        return original_step(self)
+
+    monkeypatch.setattr(training.TextStream, "next", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        next(fit("grad_diff", tiny_lm, small_concept, context, steps=6, checkpoint_every=2).candidates())
+    monkeypatch.setattr(training.TextStream, "next", original_step)
+    assert list(tmp_path.rglob("train_state.pt"))
+    fitted = fit("grad_diff", tiny_lm, small_concept, context, steps=6, checkpoint_every=2)
+    resumed = next(fitted.candidates())[1]
+    assert fitted.report()["candidates"][0]["resumed_from"] == 4
+    assert all(torch.allclose(full.new[n], resumed.new[n], atol=1e-6) for n in full.new)
+    again = fit("grad_diff", tiny_lm, small_concept, context, steps=6, checkpoint_every=2)
+    cached = next(again.candidates())[1]
+    assert again.report()["candidates"][0]["cached"] is True
+    assert all(torch.equal(cached.new[n], resumed.new[n]) for n in full.new)
+
+
+def test_parameter_delta_save_load(tiny_lm, small_concept, tmp_path):
+    edit = next(fit("rmu", tiny_lm, small_concept, steps=1).candidates())[1]
+    edit.save(tmp_path / "delta.safetensors")
+    loaded = ParameterDelta.load(tmp_path / "delta.safetensors")
+    assert set(loaded.new) == set(edit.new) and all(torch.equal(loaded.new[n], edit.new[n]) for n in edit.new)
+
+
+@pytest.mark.parametrize("name, settings, message", [
+    ("rmu", {"layer": (9,)}, "beyond the model's depth"),
+    ("rmu", {"lr": (0.0,)}, "lr must be > 0"),
+    ("npo", {"lr": (-1e-5,)}, "lr must be > 0"),
+    ("grad_diff", {"param_pattern": "no_such_module"}, "No parameter of the model matches"),
+])
+def test_bad_settings_are_clear_errors(name, settings, message, tiny_lm, small_concept):
+    with pytest.raises(ObliviateError, match=message):
+        fit(name, tiny_lm, small_concept, **settings)
+
+
+def test_unknown_method_lists_methods():
+    with pytest.raises(ObliviateError, match="elm, ember, grad_diff, npo, rmu"):
+        methods.get("sgd")
+
+
+def test_ember_patch_is_applied_while_training(tiny_lm, small_concept, monkeypatch):
+    """--ember: the base method trains on the EMBER-edited model (pipeline._under), and
+    the candidate it yields is the EMBER patch followed by the trained change."""
+    from obliviate import training
+    from obliviate.edits import CompositeEdit, EmbeddingPatch
+    from obliviate.pipeline import _under, applied
+
+    weight = tiny_lm.model.get_input_embeddings().weight
+    rows = torch.tensor([5, 9, 11])
+    patch = EmbeddingPatch(rows, weight[rows].detach().clone(), weight[rows].detach() + 1.0, {})
+    seen = []
+    real_train = training.train
+
+    def spy(model, *args, **kwargs):
+        seen.append(torch.equal(model.get_input_embeddings().weight[rows].detach(), patch.edited_rows))
+        return real_train(model, *args, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    with applied(patch, tiny_lm.model):
+        fitted = fit("npo", tiny_lm, small_concept, steps=1)
+    (params, edit), = list(_under(patch, tiny_lm.model, fitted.candidates()))
+    assert seen == [True]
+    assert isinstance(edit, CompositeEdit) and edit.edits[0] is patch and isinstance(edit.edits[1], ParameterDelta)
+    assert torch.equal(weight[rows].detach(), patch.original_rows), "the patch is reverted after each candidate"
+    assert edit.changed_token_ids() is None
+
+
+def test_elm_trains_only_lora_layers_and_saves_a_peft_adapter(tiny_lm, small_concept, tmp_path):
+    from peft import PeftModel
+
+    from obliviate.weight_edits import LoraAdapter
+
+    before = state(tiny_lm.model)
+    fitted = fit("elm", tiny_lm, small_concept, MethodContext(progress=False, checkpoint_dir=tmp_path), layers=(1, 2))
+    (params, edit), = list(fitted.candidates())
+    assert isinstance(edit, LoraAdapter) and edit.changed_token_ids() is None
+    assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters()), "model restored after training"
+    assert sorted(fitted.report()["candidates"][0]["losses"][0]) == ["consistency", "erase", "loss", "retain"]
+    edit.apply(tiny_lm.model)
+    changed = {n for n, p in tiny_lm.model.named_parameters() if not torch.equal(before[n], p)}
+    expected = {n for n in before if re.fullmatch(r"model\.layers\.[12]\.(self_attn|mlp)\.\w+_proj\.weight", n)}
+    assert changed == expected and len(expected) == 14
+    merged_ours = state(tiny_lm.model)
+    edit.revert(tiny_lm.model)
+    assert all(torch.equal(before[n], p) for n, p in tiny_lm.model.named_parameters())
+    # the saved folder is a normal peft adapter; peft's own merge gives the same weights
+    assert (edit.folder / "adapter_config.json").is_file()
+    merged = PeftModel.from_pretrained(tiny_lm.model, str(edit.folder)).merge_and_unload()
+    for n in expected:
+        assert torch.allclose(dict(merged.named_parameters())[n], merged_ours[n], atol=1e-5)
+
+
+def test_elm_unknown_target_module_lists_the_models_modules(tiny_lm, small_concept):
+    with pytest.raises(ObliviateError, match=r"qkv_proj do not exist.*down_proj, gate_proj, k_proj"):
+        fit("elm", tiny_lm, small_concept, target_modules=("qkv_proj",))
+
+
+@pytest.mark.slow
+def test_rmu_lowers_qa_accuracy_on_the_embedded_model(embedded_lm, data_dir):
+    """RMU (default CPU settings, c=300) on Harry Potter lowers train-QA accuracy of the real model."""
+    from obliviate.config import EvalConfig
+    from obliviate.data import load_benchmark_concept
+    from obliviate.evaluation.evaluator import Evaluator
+    from obliviate.models import untie_output_embeddings
+
+    untie_output_embeddings(embedded_lm.model)
+    data = load_benchmark_concept("Harry Potter", data_dir, general_questions=20)
+    data.coherency_prompts = []
+    evaluator = Evaluator(embedded_lm, data, EvalConfig(coherence_new_tokens=0, bootstrap=50), 42)
+    fitted = methods.get("rmu").fit(embedded_lm, data, methods.get("rmu").Config(steering=(300.0,)), 42,
+                                    MethodContext(progress=False))
+    _, edit = next(fitted.candidates())
+    outcome = evaluator.evaluate("train", edit)
+    assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.1
