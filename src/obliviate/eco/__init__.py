@@ -1,0 +1,80 @@
+"""ECO: inference-time erasure behind a prompt classifier (METHOD.md section 3).
+
+    import obliviate.eco as eco
+    artifact = eco.fit(lm, data, eco.EcoConfig(), out="runs/eco-hp")   # offline
+    wrapped = eco.wrap(lm, "runs/eco-hp")      # same LoadedModel, hook installed
+    wrapped.model.generate(...)                # flagged prompts corrupted at prefill
+    eco.unwrap(wrapped)                        # hook removed; the model is as before
+
+No weight changes: ``wrap`` installs hooks on the model in place (it does not copy it),
+so the returned LoadedModel shares its model with the one passed in. Apply an EMBER
+patch first (obliviate.api.apply_patch) to get EMBER+ECO: the edited embedding table
+sits under the hook.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from ..errors import ObliviateError
+from ..models import LoadedModel
+from .artifact import EcoArtifact
+from .config import EcoConfig
+from .hook import EcoEdit, EcoHook
+
+
+def load(eco_dir: str | Path) -> EcoArtifact:
+    return EcoArtifact.load(eco_dir)
+
+
+def make_hook(artifact: EcoArtifact) -> EcoHook:
+    return EcoHook(artifact.classifier, artifact.corruption, artifact.marker_ids, artifact.pad_token_id)
+
+
+def _model_name(model: nn.Module) -> str:
+    return str(getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__)
+
+
+def wrap(model_or_lm: LoadedModel | nn.Module, eco_dir: str | Path | EcoArtifact, tokenizer=None) -> LoadedModel:
+    """Install the ECO hook of ``eco_dir`` on the model and return it as a LoadedModel.
+
+    Refuses (ObliviateError) an artifact made for another model, naming both. The hook is
+    reachable as ``wrapped.model._obliviate_eco``; ``unwrap(wrapped)`` removes it.
+    """
+    artifact = eco_dir if isinstance(eco_dir, EcoArtifact) else load(eco_dir)
+    if isinstance(model_or_lm, LoadedModel):
+        lm = model_or_lm
+    elif isinstance(model_or_lm, nn.Module):
+        name = _model_name(model_or_lm)
+        lm = LoadedModel(model=model_or_lm, tokenizer=tokenizer, name=name, source=name)
+    else:
+        raise ObliviateError(f"eco.wrap needs a LoadedModel or a torch model, got {type(model_or_lm).__name__}.")
+    if getattr(lm.model, "_obliviate_eco", None) is not None:
+        raise ObliviateError("This model already has an ECO hook: call obliviate.eco.unwrap first.")
+    artifact.check_model(lm.model, f"{lm.name} ({lm.source})")
+    make_hook(artifact).install(lm.model)
+    return lm
+
+
+def unwrap(model_or_lm: LoadedModel | nn.Module) -> None:
+    """Remove the ECO hook (a no-op when none is installed)."""
+    model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
+    hook = getattr(model, "_obliviate_eco", None)
+    if hook is not None:
+        hook.remove()
+
+
+def hook_of(model_or_lm: LoadedModel | nn.Module) -> EcoHook | None:
+    model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
+    return getattr(model, "_obliviate_eco", None)
+
+
+def fit(lm: LoadedModel, data, config: EcoConfig = EcoConfig(), out: str | Path | None = None, progress=None) -> EcoArtifact:
+    """Train the classifier, calibrate its threshold and learn sigma (see fitting.py)."""
+    from .fitting import fit as _fit
+
+    return _fit(lm, data, config, out, progress)
+
+
+__all__ = ["wrap", "unwrap", "fit", "load", "hook_of", "make_hook", "EcoConfig", "EcoArtifact", "EcoHook", "EcoEdit"]

@@ -1,0 +1,190 @@
+"""The prompt classifier: logistic regression on mean-pooled early-layer hidden states of
+the target model itself (no extra download), with a threshold calibrated on held-out
+negatives.
+
+Features are computed with an early exit: a forward hook on decoder layer ``layer``
+stores its output and stops the forward pass, so the classifier costs about
+``layer / num_layers`` of one prefill. The pass runs under no_grad with use_cache=False
+and changes nothing in the model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..errors import ObliviateError
+
+
+class _StopForward(Exception):
+    """Raised by the early-exit hook once the chosen layer has run."""
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers: the ModuleList with num_hidden_layers blocks."""
+    config = getattr(model, "config", None)
+    count = getattr(config, "num_hidden_layers", None)
+    if count is None and hasattr(config, "get_text_config"):
+        count = config.get_text_config().num_hidden_layers
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == count:
+            return module
+    raise ObliviateError("Could not find the model's decoder layers (a ModuleList of num_hidden_layers blocks).")
+
+
+def _left_pad(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in sequences)
+    ids = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return ids.to(device), mask.to(device)
+
+
+@torch.no_grad()
+def pooled_hidden_layers(model: nn.Module, sequences: Sequence[Sequence[int]], layers: Sequence[int],
+                         batch_size: int = 32) -> dict[int, torch.Tensor]:
+    """Mean over real tokens of each decoder layer's output (1-based), float32, (n, d).
+
+    One pass per batch, stopped right after the deepest requested layer.
+    """
+    stack = decoder_layers(model)
+    for layer in layers:
+        if not 1 <= layer <= len(stack):
+            raise ObliviateError(f"Classifier layer must be in [1, {len(stack)}], got {layer}.")
+    device = model.get_input_embeddings().weight.device
+    deepest = max(layers)
+    captured: dict[int, torch.Tensor] = {}
+
+    def keep(layer: int):
+        def hook(_module, _inputs, output):
+            captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == deepest:
+                raise _StopForward
+        return hook
+
+    pooled: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    for start in range(0, len(sequences), batch_size):
+        ids, mask = _left_pad(sequences[start:start + batch_size], device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        handles = [stack[layer - 1].register_forward_hook(keep(layer)) for layer in set(layers)]
+        try:
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
+        except _StopForward:
+            pass
+        finally:
+            for handle in handles:
+                handle.remove()
+        weights = mask.unsqueeze(-1).float()
+        for layer in layers:
+            pooled[layer].append(((captured[layer].float() * weights).sum(1) / weights.sum(1)).cpu())
+    return {layer: torch.cat(chunks) for layer, chunks in pooled.items()}
+
+
+def pooled_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], layer: int, batch_size: int = 32) -> torch.Tensor:
+    """Mean over real tokens of decoder layer ``layer``'s output (1-based), float32, (n, d)."""
+    return pooled_hidden_layers(model, sequences, [layer], batch_size)[layer]
+
+
+def candidate_layers(model: nn.Module) -> list[int]:
+    """Early layers to choose from: a sixth, a quarter and a third of the way up (on the
+    embedded model the earliest separated held-out concept questions best; deeper layers
+    cost more and did worse)."""
+    count = len(decoder_layers(model))
+    return sorted({max(1, round(count * f)) for f in (1 / 6, 1 / 4, 1 / 3)})
+
+
+@dataclass
+class PromptClassifier:
+    """p(concept | prompt) = sigmoid(w . (x - mean) / std + b); flagged when p >= threshold."""
+
+    weight: torch.Tensor  # (d,)
+    bias: torch.Tensor  # (1,)
+    mean: torch.Tensor  # (d,)
+    std: torch.Tensor  # (d,)
+    layer: int
+    threshold: float = 0.5
+
+    def __post_init__(self) -> None:
+        check_threshold(self.threshold)
+
+    def probabilities(self, features: torch.Tensor) -> torch.Tensor:
+        z = (features.float().cpu() - self.mean) / self.std
+        return torch.sigmoid(z @ self.weight + self.bias)
+
+    def score(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.probabilities(pooled_hidden(model, sequences, self.layer)).numpy()
+
+    def flags(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.score(model, sequences) >= self.threshold
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight, "bias": self.bias, "mean": self.mean, "std": self.std}
+
+
+def check_threshold(threshold: float) -> None:
+    if not 0.0 < float(threshold) < 1.0:
+        raise ObliviateError(f"The classifier threshold must be strictly between 0 and 1, got {threshold}.")
+
+
+def train_logistic(features: torch.Tensor, labels: np.ndarray, layer: int, c: float = 1.0, seed: int = 0,
+                   sample_weight: np.ndarray | None = None) -> PromptClassifier:
+    """Class-weighted logistic regression (the reference weights classes too); explicit
+    ``sample_weight`` replaces the class weights."""
+    from sklearn.linear_model import LogisticRegression
+
+    x = features.double()
+    mean, std = x.mean(0), x.std(0).clamp(min=1e-6)
+    z = ((x - mean) / std).numpy()
+    balanced = "balanced" if sample_weight is None else None
+    model = LogisticRegression(C=c, class_weight=balanced, max_iter=2000, random_state=seed)
+    model.fit(z, labels.astype(int), sample_weight=sample_weight)
+    return PromptClassifier(
+        weight=torch.tensor(model.coef_[0], dtype=torch.float32),
+        bias=torch.tensor(model.intercept_, dtype=torch.float32),
+        mean=mean.float(), std=std.float(), layer=layer,
+    )
+
+
+def calibrate_threshold(negative_scores: np.ndarray, target_fpr: float | None = None, alpha: float | None = None) -> float:
+    """Threshold from held-out negatives' scores.
+
+    target_fpr: the empirical (1 - fpr) quantile, so at most that share of the
+      calibration negatives is flagged.
+    alpha: split-conformal: the ceil((n+1)(1-alpha))-th smallest negative score, which
+      bounds the false-positive rate on new negatives by alpha (marginally).
+    The threshold is kept inside (0.5, 1) so a confident negative is never flagged.
+    """
+    scores = np.sort(np.asarray(negative_scores, dtype=float))
+    n = len(scores)
+    if n == 0:
+        raise ObliviateError("No held-out negatives to calibrate the threshold on.")
+    if alpha is not None:
+        if not 0 < alpha < 1:
+            raise ObliviateError(f"conformal alpha must be in (0, 1), got {alpha}.")
+        rank = int(np.ceil((n + 1) * (1 - alpha)))
+        cut = scores[min(rank, n) - 1] if rank <= n else 1.0
+    else:
+        if not 0 < target_fpr < 1:
+            raise ObliviateError(f"target false-positive rate must be in (0, 1), got {target_fpr}.")
+        allowed = int(np.floor(target_fpr * n))  # negatives that may score at or above the threshold
+        cut = scores[n - allowed - 1] if allowed < n else scores[0]
+    # Strictly above the cut: flagged means score >= threshold.
+    threshold = float(np.nextafter(cut, 1.0))
+    return float(min(max(threshold, 0.5), 1.0 - 1e-12))
+
+
+def rates(scores: np.ndarray, labels: np.ndarray, threshold: float) -> dict[str, float]:
+    flagged = np.asarray(scores) >= threshold
+    labels = np.asarray(labels).astype(bool)
+    positives, negatives = labels.sum(), (~labels).sum()
+    return {
+        "fpr": float((flagged & ~labels).sum() / max(negatives, 1)),
+        "fnr": float((~flagged & labels).sum() / max(positives, 1)),
+        "positives": int(positives),
+        "negatives": int(negatives),
+    }

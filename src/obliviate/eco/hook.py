@@ -1,0 +1,197 @@
+"""The ECO inference hook: classify each prompt in the batch, corrupt flagged prompts'
+token embeddings during prefill only.
+
+Two hooks cooperate:
+- a forward pre-hook on the top-level model sees ``input_ids`` and ``attention_mask``
+  (left padding included), finds each row's prompt, asks the classifier, and plans which
+  (row, position) embeddings to corrupt;
+- a forward hook on the input-embedding module applies the plan to its output (the
+  embeddings as the model uses them, after any scale) and clears it.
+
+Prefill only: a call whose ``input_ids`` has length 1 (a KV-cache decoding step) or that
+continues a non-empty cache plans nothing. Unflagged rows, and calls with nothing
+flagged, are not touched at all (the embedding hook returns None), so their outputs are
+bit-identical to the plain model's.
+
+What the prompt is. For generation it is the whole (unpadded) input. For log-likelihood
+multiple-choice scoring the model sees "Question: q\\nAnswer: option" in one pass; the
+reference corrupts the prompt (the question), not the answer option. So when a row
+contains the prompt marker (default "\\nAnswer:"), its prompt ends at the marker's last
+occurrence: the classifier sees only that part, and its tokens up to but excluding the
+last marker token are corrupted; the option tokens are left alone. Without the marker
+every real token but the last is corrupted, as in the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from .classifier import PromptClassifier
+from .corruption import Corruption
+
+CACHE_LIMIT = 8192
+
+
+def prompt_length(tokens: Sequence[int], marker: Sequence[int]) -> int:
+    """Length of the prompt part of ``tokens``: through the marker's last occurrence."""
+    m = len(marker)
+    if m == 0 or len(tokens) < m:
+        return len(tokens)
+    marker = list(marker)
+    for end in range(len(tokens), m - 1, -1):
+        if list(tokens[end - m:end]) == marker:
+            return end
+    return len(tokens)
+
+
+@dataclass
+class HookStats:
+    calls: int = 0  # prefill calls seen
+    sequences: int = 0
+    flagged: int = 0
+    corrupted_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class EcoHook:
+    """Installable on any causal LM; ``force`` overrides the classifier (True: corrupt
+    every prompt, as when learning sigma on a forget set; False: never)."""
+
+    classifier: PromptClassifier
+    corruption: Corruption
+    marker_ids: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+    force: bool | None = None
+    stats: HookStats = field(default_factory=HookStats)
+    last_flags: np.ndarray | None = None  # the latest prefill's per-row decisions
+
+    def __post_init__(self) -> None:
+        self._handles: list = []
+        self._plan: tuple[tuple[int, int], list[tuple[int, torch.Tensor]]] | None = None
+        self._busy = False
+        self._scores: dict[tuple[int, ...], float] = {}
+        self.model: nn.Module | None = None
+
+    # -- installation ------------------------------------------------------------------
+    def install(self, model: nn.Module) -> "EcoHook":
+        if getattr(model, "_obliviate_eco", None) is not None:
+            raise RuntimeError("An ECO hook is already installed on this model; remove it first.")
+        self._handles = [
+            model.register_forward_pre_hook(self._plan_prefill, with_kwargs=True),
+            model.get_input_embeddings().register_forward_hook(self._corrupt_embeddings),
+        ]
+        model._obliviate_eco = self
+        self.model = model
+        return self
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles, self._plan = [], None
+        if self.model is not None and getattr(self.model, "_obliviate_eco", None) is self:
+            del self.model._obliviate_eco
+        self.model = None
+
+    @property
+    def installed(self) -> bool:
+        return bool(self._handles)
+
+    # -- classification ----------------------------------------------------------------
+    def prompt_scores(self, model: nn.Module, prompts: list[tuple[int, ...]]) -> np.ndarray:
+        """Classifier probabilities, cached per prompt (MC scoring repeats each question)."""
+        missing = sorted({p for p in prompts if p not in self._scores}, key=len)
+        if missing:
+            self._busy = True  # the classifier's own forward pass must not be hooked
+            try:
+                scores = self.classifier.score(model, missing)
+            finally:
+                self._busy = False
+            if len(self._scores) + len(missing) > CACHE_LIMIT:
+                self._scores.clear()
+            self._scores.update(zip(missing, scores.tolist()))
+        return np.array([self._scores[p] for p in prompts])
+
+    def decide(self, model: nn.Module, prompts: list[tuple[int, ...]]) -> np.ndarray:
+        if self.force is not None:
+            return np.full(len(prompts), bool(self.force))
+        return self.prompt_scores(model, prompts) >= self.classifier.threshold
+
+    # -- hooks -------------------------------------------------------------------------
+    def _real_mask(self, ids: torch.Tensor, mask) -> torch.Tensor:
+        if torch.is_tensor(mask) and mask.shape == ids.shape:
+            return mask.bool()
+        if self.pad_token_id is not None:  # e.g. a 4-D mask prepared by the caller
+            return ids != self.pad_token_id
+        return torch.ones_like(ids, dtype=torch.bool)
+
+    @staticmethod
+    def _is_prefill(ids, kwargs) -> bool:
+        if ids is None or ids.dim() != 2 or ids.shape[1] <= 1:
+            return False
+        cache = kwargs.get("past_key_values")
+        seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        return int(seen) == 0
+
+    def _plan_prefill(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._plan = None
+        if self._busy:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if not self._is_prefill(ids, kwargs):
+            return None
+        real = self._real_mask(ids, kwargs.get("attention_mask")).cpu()
+        rows = ids.cpu().tolist()
+        positions = [torch.nonzero(real[r]).flatten() for r in range(len(rows))]
+        tokens = [tuple(rows[r][p] for p in positions[r].tolist()) for r in range(len(rows))]
+        lengths = [prompt_length(t, self.marker_ids) for t in tokens]
+        flags = self.decide(model, [t[:n] for t, n in zip(tokens, lengths)])
+        self.last_flags = flags
+        self.stats.calls += 1
+        self.stats.sequences += len(rows)
+        self.stats.flagged += int(flags.sum())
+        plan = [(r, positions[r][: lengths[r] - 1]) for r in range(len(rows)) if flags[r] and lengths[r] > 1]
+        if plan:
+            self._plan = (tuple(ids.shape), plan)
+        return None
+
+    def _corrupt_embeddings(self, module: nn.Module, inputs: tuple, output: torch.Tensor):
+        plan, self._plan = self._plan, None
+        if plan is None or self._busy or tuple(output.shape[:2]) != plan[0]:
+            return None
+        out = output.clone()
+        for row, where in plan[1]:
+            where = where.to(out.device)
+            out[row, where] = self.corruption(out[row, where])
+            self.stats.corrupted_tokens += len(where)
+        return out
+
+
+@dataclass
+class EcoEdit:
+    """The hook as an ``Edit`` (edits.py) for the Evaluator: apply installs, revert removes.
+
+    It changes no weights, but any output may change, so ``changed_token_ids`` is None
+    (every question and prompt is scored again)."""
+
+    hook: EcoHook
+
+    def apply(self, model: nn.Module) -> None:
+        self.hook.install(model)
+
+    def revert(self, model: nn.Module) -> None:
+        self.hook.remove()
+
+    def changed_token_ids(self) -> None:
+        return None
+
+    def summary(self) -> dict:
+        c = self.hook.corruption
+        return {"kind": "eco_hook", "corruption": c.kind, "dims": c.dims, "sigma": c.strength,
+                "threshold": self.hook.classifier.threshold}

@@ -1,0 +1,336 @@
+"""ECO: the prompt classifier, the prefill-only hook, zeroth-order sigma, the artifact,
+the CLI's bad-input paths, and (slow) the whole thing on the embedded model."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate.cli import main
+from obliviate.eco import EcoArtifact, unwrap, wrap
+from obliviate.eco.artifact import model_identity, probe_rows
+from obliviate.eco.classifier import PromptClassifier, calibrate_threshold, pooled_hidden, rates, train_logistic
+from obliviate.eco.corruption import Corruption, zero_out_top
+from obliviate.eco.fitting import MIN_POSITIVES, build_examples
+from obliviate.eco.hook import EcoEdit, EcoHook, prompt_length
+from obliviate.eco.sigma import ZerothOrderConfig, learn_sigma, zeroth_order_step
+from obliviate.errors import ObliviateError
+
+from conftest import make_tiny_lm
+
+FLAG_WORD = " Potter"
+
+
+def never_classifier(d: int, layer: int = 1) -> PromptClassifier:
+    """A real classifier whose probability is ~0 for every prompt (runs its forward pass)."""
+    return PromptClassifier(torch.zeros(d), torch.tensor([-50.0]), torch.zeros(d), torch.ones(d), layer, 0.5)
+
+
+class WordHook(EcoHook):
+    """Flags prompts containing a given token id: deterministic per-row decisions."""
+
+    flag_id: int = -1
+
+    def decide(self, model, prompts):
+        return np.array([self.flag_id in p for p in prompts])
+
+
+def word_hook(tok, d: int, **kwargs) -> WordHook:
+    hook = WordHook(never_classifier(d), Corruption("gaussian", 0, 5.0, seed=1), **kwargs)
+    hook.flag_id = tok(FLAG_WORD, add_special_tokens=False).input_ids[0]
+    return hook
+
+
+def left_batch(tok, texts):
+    return tok(texts, padding=True, padding_side="left", return_tensors="pt")
+
+
+def capture_embeddings(model):
+    seen: list[torch.Tensor] = []
+    handle = model.get_input_embeddings().register_forward_hook(lambda m, i, o: seen.append(o.detach().clone()))
+    return seen, handle
+
+
+def full_logits(model, batch):
+    positions = (batch.attention_mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=positions,
+                     use_cache=False).logits
+
+
+TEXTS = ["Harry Potter went to school", "the cat sat on the mat today", "a story about Potter and friends at night"]
+
+
+@pytest.mark.parametrize("arch", ["gemma3", "llama"])
+def test_hook_corrupts_only_flagged_rows_real_tokens_but_last(tiny_tokenizer, arch):
+    lm = make_tiny_lm(tiny_tokenizer, arch, tie=arch == "gemma3")
+    batch = left_batch(tiny_tokenizer, TEXTS)
+    plain_seen, handle = capture_embeddings(lm.model)
+    plain_logits = full_logits(lm.model, batch)
+    handle.remove()
+    hook = word_hook(tiny_tokenizer, lm.model.config.hidden_size, pad_token_id=tiny_tokenizer.pad_token_id).install(lm.model)
+    seen, handle = capture_embeddings(lm.model)  # registered after ECO's: sees its output
+    hooked_logits = full_logits(lm.model, batch)
+    handle.remove()
+    hook.remove()
+    assert hook.last_flags.tolist() == [True, False, True]
+    before, after = plain_seen[0], seen[0]
+    mask = batch.attention_mask.bool()
+    for row in (0, 2):
+        real = torch.nonzero(mask[row]).flatten()
+        changed = (before[row] != after[row]).any(-1)
+        assert changed[real[:-1]].all(), "every real prompt token but the last is corrupted"
+        assert not changed[real[-1]] and not changed[~mask[row]].any(), "last token and padding untouched"
+        assert not torch.equal(hooked_logits[row, -1], plain_logits[row, -1])
+    assert torch.equal(after[1], before[1])
+    assert torch.equal(hooked_logits[1], plain_logits[1]), "unflagged row must be bit-identical"
+
+
+def test_unflagged_prompts_bit_identical_through_classifier_and_generate(tiny_lm, tiny_tokenizer):
+    batch = left_batch(tiny_tokenizer, TEXTS)
+    kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    plain_logits = full_logits(tiny_lm.model, batch)
+    plain_out = tiny_lm.model.generate(**batch, **kwargs)
+    hook = EcoHook(never_classifier(32, layer=2), Corruption("gaussian", 0, 100.0)).install(tiny_lm.model)
+    hooked_logits = full_logits(tiny_lm.model, batch)
+    hooked_out = tiny_lm.model.generate(**batch, **kwargs)
+    hook.remove()
+    assert hook.stats.calls == 2 and hook.stats.flagged == 0 and hook.stats.corrupted_tokens == 0
+    assert torch.equal(plain_logits, hooked_logits)
+    assert torch.equal(plain_out, hooked_out)
+    assert not hasattr(tiny_lm.model, "_obliviate_eco")
+
+
+def test_decoding_steps_never_corrupted(tiny_lm, tiny_tokenizer):
+    batch = left_batch(tiny_tokenizer, TEXTS[:2])
+    hook = EcoHook(never_classifier(32), Corruption("gaussian", 0, 50.0), force=True).install(tiny_lm.model)
+    seen, handle = capture_embeddings(tiny_lm.model)
+    out = tiny_lm.model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tiny_tokenizer.pad_token_id)
+    handle.remove()
+    hook.remove()
+    embed = tiny_lm.model.get_input_embeddings()
+    width = batch.input_ids.shape[1]
+    assert len(seen) == 4 and seen[0].shape[1] == width
+    assert not torch.equal(seen[0], embed(batch.input_ids)), "the prefill is corrupted"
+    for step, observed in enumerate(seen[1:]):
+        assert observed.shape[1] == 1
+        assert torch.equal(observed, embed(out[:, width + step: width + step + 1])), f"decode step {step} touched"
+    assert hook.stats.calls == 1
+
+
+def test_marker_limits_corruption_to_question(tiny_lm, tiny_tokenizer):
+    marker = tuple(tiny_tokenizer("\nAnswer:", add_special_tokens=False).input_ids)
+    context = tiny_tokenizer("Question: who is Harry Potter?\nAnswer:").input_ids
+    option = tiny_tokenizer(" a wizard", add_special_tokens=False).input_ids
+    assert prompt_length(context + option, marker) == len(context)
+    assert prompt_length([5, 6, 7], marker) == 3
+    ids = torch.tensor([context + option])
+    plain_seen, handle = capture_embeddings(tiny_lm.model)
+    full_logits(tiny_lm.model, type("B", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})())
+    handle.remove()
+    hook = EcoHook(never_classifier(32), Corruption("sign_flip"), marker, force=True).install(tiny_lm.model)
+    seen, handle = capture_embeddings(tiny_lm.model)
+    full_logits(tiny_lm.model, type("B", (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)})())
+    handle.remove()
+    hook.remove()
+    changed = (plain_seen[0][0] != seen[0][0]).any(-1)
+    assert changed[: len(context) - 1].all()
+    assert not changed[len(context) - 1:].any(), "the last prompt token and the option are left alone"
+
+
+def test_corruptions_shapes_and_determinism():
+    x = torch.randn(4, 10)
+    g = Corruption("gaussian", 3, 2.0, seed=7)
+    assert torch.equal(g(x), g(x)) and torch.equal(g(x)[:, 3:], x[:, 3:]) and not torch.equal(g(x)[:, :3], x[:, :3])
+    z = zero_out_top(x, 2)
+    assert ((z == 0).sum(-1) == 2).all()
+    assert torch.equal(z.abs().max(-1).values, x.abs().sort(-1).values[:, -3])
+    assert torch.equal(Corruption("sign_flip", 0)(x), -x)
+    with pytest.raises(ObliviateError):
+        Corruption("blur")
+
+
+def test_zeroth_order_step_moves_sigma_the_right_way():
+    config = ZerothOrderConfig()
+    decreasing = lambda s: max(0.25, 0.9 - 0.01 * s)  # more noise, less accuracy: sigma must grow
+    new, record = zeroth_order_step(decreasing, 0.1, config)
+    assert record["gradient"] == pytest.approx(-0.01) and new == pytest.approx(0.1 + 100 * 0.01)
+    increasing = lambda s: 0.3 + 0.01 * s  # accuracy rises with sigma: sigma shrinks to s_min
+    new, _ = zeroth_order_step(increasing, 0.1, config)
+    assert new == config.s_min
+    new, _ = zeroth_order_step(lambda s: 0.8, 0.1, config)  # flat: grow instead of standing still
+    assert new == pytest.approx(1.0)
+
+
+def test_learn_sigma_stops_near_chance_on_a_toy_accuracy_curve():
+    curve = lambda s: 0.25 + 0.55 / (1 + (s / 3.0) ** 2)  # falls from 0.8 to chance around s ~ 3
+    trace = learn_sigma(curve, ZerothOrderConfig(lr=10.0, steps=30))
+    assert trace.stopped == "near_chance" and trace.objective <= 0.30 and trace.sigma > 3.0
+    sigmas = [step["sigma"] for step in trace.steps]
+    assert sigmas == sorted(sigmas)
+
+
+def test_threshold_calibration_controls_false_positives():
+    negatives = np.linspace(0.0, 0.99, 100)
+    threshold = calibrate_threshold(negatives, target_fpr=0.05)
+    assert (negatives >= threshold).mean() <= 0.05 and (negatives >= threshold).mean() >= 0.04
+    conformal = calibrate_threshold(negatives, alpha=0.1)
+    assert conformal > negatives[np.ceil(101 * 0.9).astype(int) - 2]
+    assert (negatives >= conformal).mean() <= 0.1
+    r = rates(np.array([0.9, 0.2, 0.8, 0.1]), np.array([1, 1, 0, 0]), 0.5)
+    assert r["fpr"] == 0.5 and r["fnr"] == 0.5
+    for bad in (0.0, 1.0, 1.5, -0.2):
+        with pytest.raises(ObliviateError, match="between 0 and 1"):
+            PromptClassifier(torch.zeros(2), torch.zeros(1), torch.zeros(2), torch.ones(2), 1, bad)
+
+
+def test_classifier_separates_hidden_states_and_hook_uses_it(tiny_lm, tiny_tokenizer):
+    pos = [f"Harry Potter and the wizard {w}" for w in ("wand", "castle", "owl", "spell", "broom", "cloak")] * 3
+    neg = [f"the price of {w} rose in the market" for w in ("bread", "oil", "gold", "corn", "rice", "wool")] * 3
+    ids = [tiny_tokenizer(t).input_ids for t in pos + neg]
+    features = pooled_hidden(tiny_lm.model, ids, layer=2)
+    assert features.shape == (36, 32)
+    single = pooled_hidden(tiny_lm.model, ids[:1], layer=2)
+    assert torch.allclose(single[0], features[0], atol=1e-5), "padding does not change a prompt's features"
+    classifier = train_logistic(features, np.array([1] * 18 + [0] * 18), layer=2)
+    scores = classifier.score(tiny_lm.model, ids)
+    assert (scores[:18] > 0.5).all() and (scores[18:] < 0.5).all()
+    hook = EcoHook(classifier, Corruption("gaussian", 0, 10.0)).install(tiny_lm.model)
+    full_logits(tiny_lm.model, left_batch(tiny_tokenizer, [pos[0], neg[0]]))
+    hook.remove()
+    assert hook.last_flags.tolist() == [True, False]
+
+
+def artifact_for(lm, threshold=0.7) -> EcoArtifact:
+    d = lm.model.config.hidden_size
+    classifier = PromptClassifier(torch.randn(d), torch.zeros(1), torch.zeros(d), torch.ones(d), 1, threshold)
+    return EcoArtifact(classifier, Corruption("gaussian", 0, 3.0), lm.name, lm.source, model_identity(lm.model),
+                       probe_rows(lm.model), (5, 6), 0, {"concept": "Harry Potter"})
+
+
+def test_artifact_round_trip_and_wrong_model_refused(tiny_lm, tiny_tokenizer, tmp_path):
+    artifact = artifact_for(tiny_lm)
+    artifact.save(tmp_path / "eco")
+    assert {p.name for p in (tmp_path / "eco").iterdir()} == {"config.json", "classifier.safetensors"}
+    loaded = EcoArtifact.load(tmp_path / "eco")
+    assert torch.equal(loaded.classifier.weight, artifact.classifier.weight)
+    assert loaded.classifier.threshold == 0.7 and loaded.corruption == artifact.corruption
+    assert loaded.marker_ids == (5, 6) and loaded.info["concept"] == "Harry Potter"
+    wrapped = wrap(tiny_lm, tmp_path / "eco")
+    assert wrapped.model is tiny_lm.model and wrapped.model._obliviate_eco.installed
+    with pytest.raises(ObliviateError, match="already has an ECO hook"):
+        wrap(tiny_lm, tmp_path / "eco")
+    unwrap(wrapped)
+    assert not hasattr(tiny_lm.model, "_obliviate_eco")
+    bare = wrap(tiny_lm.model, tmp_path / "eco")  # a bare transformers model works too
+    unwrap(bare)
+    other = make_tiny_lm(tiny_tokenizer, "gemma3", seed=1)
+    other.name = "other-model"
+    with pytest.raises(ObliviateError, match=r"made for model tiny-gemma3 .*not for other-model"):
+        wrap(other, tmp_path / "eco")
+    with pytest.raises(ObliviateError, match="not an ECO artifact"):
+        wrap(tiny_lm, tmp_path)
+
+
+def test_eco_edit_under_evaluator_leaves_model_clean(tiny_lm, small_concept):
+    from obliviate.config import EvalConfig
+    from obliviate.evaluation.evaluator import Evaluator
+
+    config = EvalConfig(scoring="loglik", coherence_new_tokens=4, neutral_coherence_prompts=1, bootstrap=10)
+    evaluator = Evaluator(tiny_lm, small_concept, config)
+    never = EcoEdit(EcoHook(never_classifier(32), Corruption("gaussian", 0, 1e3)))
+    outcome = evaluator.evaluate("test", never)
+    for name in ("qa", "simdom", "general"):
+        base, edited = outcome.correct[name]
+        assert np.array_equal(base, edited), f"{name}: nothing flagged must change nothing"
+    assert outcome.value("coherence") == 1.0
+    assert never.changed_token_ids() is None and not hasattr(tiny_lm.model, "_obliviate_eco")
+    always = EcoEdit(EcoHook(never_classifier(32), Corruption("gaussian", 0, 1e3), force=True))
+    evaluator.evaluate("test", always)
+    assert always.hook.stats.corrupted_tokens > 0
+
+
+def test_too_few_sentences_is_a_clear_error(small_concept):
+    small_concept.concept_sentences = small_concept.concept_sentences[:10]
+    small_concept.questions["qa_train"] = small_concept.questions["qa_train"][:3]
+    with pytest.raises(ObliviateError, match=rf"13 positive examples .* at least {MIN_POSITIVES}"):
+        build_examples(small_concept)
+
+
+def test_examples_split_without_leaking_question_formats(data_dir):
+    from obliviate.data import load_benchmark_concept
+
+    data = load_benchmark_concept("Golf", data_dir, general_questions=20)
+    examples = build_examples(data)
+    by_text = {}
+    for e in examples:
+        key = e.text.removeprefix("Question: ").removesuffix("\nAnswer:")
+        by_text.setdefault((key, e.group), set()).add(e.split)
+    assert all(len(splits) == 1 for splits in by_text.values())
+    groups = {e.group for e in examples if e.label == 0}
+    assert {"simdom_questions", "neutral_sentences", "other_questions"} <= groups
+
+
+def test_cli_bad_input_exit_2(tmp_path, capsys, tiny_lm):
+    assert main(["eco", "fit", "--concept", "Golf", "--out", str(tmp_path), "--threshold", "1.5"]) == 2
+    assert "between 0 and 1" in capsys.readouterr().err
+    assert main(["eco", "fit", "--concept", "Golf", "--out", str(tmp_path), "--target-fpr", "0"]) == 2
+    assert main(["eco", "generate", "--eco", str(tmp_path / "missing"), "--prompt", "hi"]) == 2
+    assert "not an ECO artifact" in capsys.readouterr().err
+
+
+def test_cli_fit_and_generate_on_a_tiny_model_folder(tiny_lm, data_dir, tmp_path, capsys):
+    tiny_lm.model.save_pretrained(tmp_path / "model")
+    tiny_lm.tokenizer.save_pretrained(tmp_path / "model")
+    out = tmp_path / "eco"
+    args = ["eco", "fit", "--model", str(tmp_path / "model"), "--concept", "Golf", "--data", str(data_dir),
+            "--out", str(out), "--sigma", "2.0", "--general-questions", "40", "--layer", "2"]
+    assert main(args) == 0
+    assert {"config.json", "classifier.safetensors", "calibration.png", "sigma.png"} <= {p.name for p in out.iterdir()}
+    artifact = EcoArtifact.load(out)
+    assert artifact.corruption.strength == 2.0 and artifact.classifier.layer == 2
+    report = artifact.info["classifier_report"]
+    assert 0 <= report["heldout"]["fpr"] <= 1 and report["examples"]["heldout"] > 50
+    assert main(args) == 2 and "--overwrite" in capsys.readouterr().err
+    assert main(["eco", "generate", "--eco", str(out), "--model", str(tmp_path / "model"), "--prompt",
+                 "Golf is a sport", "--max-new-tokens", "3", "--compare"]) == 0
+    assert "flagged:" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_eco_on_the_embedded_model(embedded_lm, data_dir, tmp_path):
+    """Real model: the classifier separates held-out concept prompts, and corrupting the
+    train questions at the learned sigma brings accuracy near chance."""
+    from obliviate.data import load_benchmark_concept
+    from obliviate.eco import EcoConfig, fit
+    from obliviate.eco.evaluate import side_effects
+
+    data = load_benchmark_concept("World War II", data_dir, general_questions=100)
+    artifact = fit(embedded_lm, data, EcoConfig(zo_steps=4), out=tmp_path / "eco")
+    report = artifact.info["classifier_report"]
+    assert report["heldout"]["fpr"] <= 0.05 and report["heldout"]["fnr"] <= 0.25
+    search = artifact.info["sigma_search"]
+    assert search["objective"] < search["steps"][0]["objective"], "corruption lowers forget accuracy"
+    hook = EcoHook(artifact.classifier, artifact.corruption, artifact.marker_ids, artifact.pad_token_id)
+    effects = side_effects(hook, embedded_lm, data.questions["simdom_test"][:20], "auto", 42)
+    assert effects["unflagged"] > 0 and effects["unflagged_identical"] == effects["unflagged"]
+
+
+def test_evaluate_reports_eco_ember_and_exact_side_effects(tiny_lm, small_concept, tmp_path):
+    from obliviate.config import EvalConfig
+    from obliviate.edits import EmbeddingPatch
+    from obliviate.eco.evaluate import evaluate
+
+    weight = tiny_lm.model.get_input_embeddings().weight.detach()
+    ids = torch.tensor([10, 11, 12])
+    patch = EmbeddingPatch(ids, weight[ids].clone(), weight[ids].clone() + 1.0, {"model": "tiny", "embeddings_untied": "True"})
+    patch.save(tmp_path / "patch.safetensors")
+    artifact = artifact_for(tiny_lm, threshold=0.5)
+    config = EvalConfig(scoring="loglik", coherence_new_tokens=3, neutral_coherence_prompts=1, bootstrap=5)
+    results = evaluate(tiny_lm, small_concept, artifact, config, ember_patch=tmp_path / "patch.safetensors")
+    assert {"eco", "ember", "ember+eco", "classifier", "side_effects", "classifier_under_ember"} <= set(results)
+    effects = results["side_effects"]
+    assert effects["unflagged_identical"] == effects["unflagged"] and effects["max_abs_difference"] == 0.0
+    assert 0 <= results["classifier"]["recall_test_questions"] <= 1
+    assert not hasattr(tiny_lm.model, "_obliviate_eco")
+    assert torch.equal(tiny_lm.model.get_input_embeddings().weight[ids], weight[ids]), "patch reverted"
