@@ -46,7 +46,8 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
         return Fake(config)
 
     monkeypatch.setattr(pipeline, "erase", fake_erase)
-    monkeypatch.setattr(compare, "relearn_curve", lambda result, *a: [0.3, 0.5, 0.6])
+    curve = [{"value": v, "low": v, "high": v} for v in (0.3, 0.5, 0.6)]
+    monkeypatch.setattr(compare, "relearn_attack", lambda result, *a: {"erased": {"curve": curve}})
     code = main(["compare", "--methods", "rmu", "--concepts", "Golf,Gun", "--with-and-without-ember",
                  "--data", str(data_dir), "--out", str(tmp_path), "--set", "rmu.steps=2"])
     assert code == 0
@@ -55,4 +56,6 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
     rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
     assert len(rows) == 4 and rows[1]["ember"] == "True" and float(rows[1]["efficacy"]) == 0.8
     assert float(rows[0]["qa_after_relearn_epoch_2"]) == 0.6 and "qa_after_relearn_epoch_1" in rows[0]
+    assert float(rows[0]["relearn_regained"]) == pytest.approx((0.6 - 0.25) / (0.7 - 0.25))
     assert (tmp_path / "compare.md").read_text().count("\n") == 6
+    assert "Golf" in (tmp_path / "report.html").read_text()

@@ -3,19 +3,25 @@ relearning, into one table (compare.csv and compare.md in --out).
 
 Each cell is an ordinary `erase` run in DIR/<concept>/<method>[+ember] (so an interrupted
 comparison resumes cell by cell), followed by the relearning attack on the erased model
-(obliviate.attacks.relearning): test QA accuracy after each relearning epoch.
+(obliviate.attacks.relearning): test QA accuracy after each relearning epoch and the share
+of the original model's knowledge it regains; report.html plots them all.
 """
 from __future__ import annotations
 
 import argparse
 import csv
 import gc
+import io
 import re
 from pathlib import Path
 
 from .. import methods
 from ..cli import add_run_arguments, collect_overrides
 from ..errors import ObliviateError
+from ..html_report import write_report
+from ..io import write_text
+
+CHANCE = 0.25  # four options
 
 COLUMNS = ("concept", "method", "ember", "delta", "params", "efficacy", "specificity", "coherence", "harmonic",
            "qa_test_base", "qa_test_edited")
@@ -54,46 +60,54 @@ def plan(method_list: str, concept_list: str, both: bool) -> list[tuple[str, str
     return [(c, m, e) for c in concepts for m in names for e in variants if not (m == "ember" and e)]
 
 
-def relearn_curve(result, config, epochs: int, paragraphs: int, progress: bool) -> list[float] | None:
-    """Test QA accuracy before and after each relearning epoch, or None without the attack."""
-    try:
-        from ..attacks import relearning
-        from ..attacks.common import AttackContext
-    except ImportError:
-        return None
+def relearn_attack(result, config, epochs: int, paragraphs: int, progress: bool) -> dict:
+    """The relearning attack on the cell's erased model (the attack suite's own code):
+    test QA accuracy before and after each epoch, as in `obliviate attack` results."""
+    from ..attacks import relearning
+    from ..attacks.common import AttackContext
     from ..pipeline import load_concept_data
 
     data = load_concept_data(config)
     ctx = AttackContext(models={"erased": result.lm}, data=data, data_dir=data.data_dir,
-                        scoring=config.evaluation.scoring, seed=config.seed, out=result.out, progress=progress)
-    out = relearning.run(ctx, relearning.Config(epochs=epochs, paragraphs=paragraphs))
-    return [point["value"] for point in out["erased"]["curve"]]
+                        scoring=config.evaluation.scoring, seed=config.seed, bootstrap=config.evaluation.bootstrap,
+                        out=result.out, progress=progress)
+    return relearning.run(ctx, relearning.Config(epochs=epochs, paragraphs=paragraphs))
 
 
-def cell_row(concept: str, method: str, ember: bool, results: dict, curve: list[float] | None) -> dict:
+def regained_fraction(base: float | None, after: float) -> float | None:
+    """Share of the original model's above-chance accuracy that relearning brings back
+    (METHOD.md section 4); None when the original is at chance (nothing to regain)."""
+    if base is None or base - CHANCE <= 0:
+        return None
+    return min(1.0, max(0.0, (after - CHANCE) / (base - CHANCE)))
+
+
+def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     value = lambda name: results.get(name, {}).get("value", "")  # noqa: E731
+    base = results.get("qa_test", {}).get("base", {}).get("value")
     row = {"concept": concept, "method": method, "ember": ember, "delta": results.get("delta"),
            "params": results.get("params"), "efficacy": value("efficacy"), "specificity": value("specificity"),
-           "coherence": value("coherence"), "harmonic": value("harmonic"),
-           "qa_test_base": results.get("qa_test", {}).get("base", {}).get("value", ""),
+           "coherence": value("coherence"), "harmonic": value("harmonic"), "qa_test_base": base,
            "qa_test_edited": results.get("qa_test", {}).get("edited", {}).get("value", "")}
-    for epoch, acc in enumerate(curve or []):
-        if epoch:
-            row[f"qa_after_relearn_epoch_{epoch}"] = acc
+    curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
+    for epoch, point in enumerate(curve[1:], start=1):
+        row[f"qa_after_relearn_epoch_{epoch}"] = point["value"]
+    if curve:
+        row["relearn_regained"] = regained_fraction(base, curve[-1]["value"])
     return row
 
 
 def write_table(out: Path, rows: list[dict]) -> None:
     columns = list(COLUMNS) + sorted({k for r in rows for k in r if k not in COLUMNS})
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "compare.csv", "w", newline="", encoding="utf-8") as handle:
-        writer = csv.DictWriter(handle, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
-    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else str(v)  # noqa: E731
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text(out / "compare.csv", text.getvalue())
+    fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    (out / "compare.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_text(out / "compare.md", "\n".join(lines) + "\n")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -106,18 +120,21 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_settings(args.method_settings)
     overrides = collect_overrides(args)
     out = Path(overrides.pop("out", None) or "runs/compare")
-    rows = []
+    rows, runs = [], []
     for concept, method, ember in cells:
         cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
         config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
                                                   "with_ember": ember, "out": str(cell), "methods": settings})
         result = erase(config)
-        curve = relearn_curve(result, config, args.relearn_epochs, args.relearn_paragraphs, True) \
-            if args.relearn_epochs else None
-        rows.append(cell_row(concept, method, ember, result.results, curve))
+        results = dict(result.results)
+        if args.relearn_epochs:
+            results["relearn"] = relearn_attack(result, config, args.relearn_epochs, args.relearn_paragraphs, True)
+        rows.append(cell_row(concept, method, ember, results))
+        runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})
         write_table(out, rows)  # after every cell, so a partial comparison is readable
+        write_report(runs, out)  # report.html (plots) and summary.csv
         del result
         gc.collect()
-    print(f"\n{len(rows)} runs -> {out / 'compare.csv'} and {out / 'compare.md'}")
+    print(f"\n{len(rows)} runs -> {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'report.html'}")
     print((out / "compare.md").read_text(encoding="utf-8"))
     return 0
