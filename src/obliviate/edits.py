@@ -12,10 +12,9 @@ from pathlib import Path
 from typing import Protocol, runtime_checkable
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .errors import ObliviateError
-from .io import atomic_path
+from .io import load_tensors, save_tensors
 from .models import changed_rows, embeddings_are_tied, input_embedding_name, parameter_fingerprints
 
 
@@ -82,23 +81,12 @@ class EmbeddingPatch:
             )
 
     def save(self, path: str | Path) -> None:
-        tensors = {
-            "token_ids": self.token_ids.contiguous(),
-            "original_rows": self.original_rows.contiguous(),
-            "edited_rows": self.edited_rows.contiguous(),
-        }
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata={k: str(v) for k, v in self.metadata.items()})
+        tensors = {"token_ids": self.token_ids, "original_rows": self.original_rows, "edited_rows": self.edited_rows}
+        save_tensors(path, tensors, self.metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "EmbeddingPatch":
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise ObliviateError(f"Patch file {path} does not exist.")
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        tensors, metadata = load_tensors(path, "Patch")
         return cls(tensors["token_ids"], tensors["original_rows"], tensors["edited_rows"], metadata)
 
 

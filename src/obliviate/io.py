@@ -47,3 +47,25 @@ def write_json(path: str | Path, payload: Any) -> None:
 
 def read_json(path: str | Path) -> Any:
     return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def save_tensors(path: str | Path, tensors: dict, metadata: dict) -> None:
+    """A safetensors file with string metadata, written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={k: str(v) for k, v in metadata.items()})
+
+
+def load_tensors(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
+    """(tensors, metadata) of a safetensors file; a clear error when it is missing."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    from .errors import ObliviateError
+
+    if not Path(path).is_file():
+        raise ObliviateError(f"{what} file {path} does not exist.")
+    with safe_open(str(path), "pt") as handle:
+        metadata = dict(handle.metadata() or {})
+    return load_file(str(path)), metadata

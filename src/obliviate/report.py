@@ -9,6 +9,16 @@ def fmt(metric: dict | None) -> str:
     return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
 
 
+def print_summary(results: dict, model_label: str = "edited") -> None:
+    """Test accuracies (original vs the model) and the derived metrics, for the terminal."""
+    for name in ("qa_test", "simdom_test", "general_test"):
+        if name in results:
+            print(f"  {name:13s} original {fmt(results[name]['base'])}  {model_label} {fmt(results[name]['edited'])}")
+    for name in ("efficacy", "specificity", "coherence", "harmonic"):
+        if name in results:
+            print(f"  {name:13s} {fmt(results[name])}")
+
+
 def _accuracy_rows(results: dict) -> list[str]:
     rows = ["| set (test) | original | edited |", "| --- | --- | --- |"]
     for name in ("qa_test", "simdom_test", "general_test"):

@@ -13,10 +13,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from .errors import ObliviateError
-from .io import atomic_path
+from .io import load_tensors, save_tensors
 
 
 def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
@@ -74,20 +73,13 @@ class ParameterDelta:
         }
 
     def save(self, path: str | Path) -> None:
-        tensors = {f"original.{n}": t.contiguous() for n, t in self.original.items()}
-        tensors.update({f"new.{n}": t.contiguous() for n, t in self.new.items()})
-        with atomic_path(path) as tmp:
-            save_file(tensors, str(tmp), metadata=self.metadata)
+        tensors = {f"original.{n}": t for n, t in self.original.items()}
+        tensors.update({f"new.{n}": t for n, t in self.new.items()})
+        save_tensors(path, tensors, self.metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "ParameterDelta":
-        from safetensors import safe_open
-
-        if not Path(path).is_file():
-            raise ObliviateError(f"Parameter delta file {path} does not exist.")
-        tensors = load_file(str(path))
-        with safe_open(str(path), "pt") as handle:
-            metadata = dict(handle.metadata() or {})
+        tensors, metadata = load_tensors(path, "Parameter delta")
         original = {k[len("original."):]: v for k, v in tensors.items() if k.startswith("original.")}
         new = {k[len("new."):]: v for k, v in tensors.items() if k.startswith("new.")}
         return cls(original=original, new=new, metadata=metadata)

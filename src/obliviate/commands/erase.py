@@ -35,7 +35,7 @@ def parse_method_settings(pairs: list[str], method: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..api import make_config
     from ..pipeline import erase
-    from ..report import fmt
+    from ..report import print_summary
 
     overrides = collect_overrides(args)
     config = make_config(args.config_file, **overrides)
@@ -50,12 +50,7 @@ def run(args: argparse.Namespace) -> int:
     result = erase(config)
     r = result.results
     print(f"\n{r['concept']} erased with {r['method']} -> {config.out}")
-    for name in ("qa_test", "simdom_test", "general_test"):
-        if name in r:
-            print(f"  {name:13s} original {fmt(r[name]['base'])}  edited {fmt(r[name]['edited'])}")
-    for name in ("efficacy", "specificity", "coherence", "harmonic"):
-        if name in r:
-            print(f"  {name:13s} {fmt(r[name])}")
+    print_summary(r, "edited")
     if r.get("delta") is not None:
         print(f"  delta {r['delta']}, {r['edited_token_count']} tokens edited, {len(r['features'])} features")
     return 0

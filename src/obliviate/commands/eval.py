@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ..api import make_config
     from ..attacks.runner import run_eval
-    from ..report import fmt
+    from ..report import fmt, print_summary
     from .attack import guard_out
 
     overrides = collect_overrides(args)
@@ -33,12 +33,7 @@ def run(args: argparse.Namespace) -> int:
     r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
                  general_prompts=args.general_prompts, open_new_tokens=args.open_new_tokens)
     print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
-    for name in ("qa_test", "simdom_test", "general_test"):
-        if name in r:
-            print(f"  {name:13s} original {fmt(r[name]['base'])}  model {fmt(r[name]['edited'])}")
-    for name in ("efficacy", "specificity", "coherence", "harmonic"):
-        if name in r:
-            print(f"  {name:13s} {fmt(r[name])}")
+    print_summary(r, "model")
     for split, entry in r.get("open_ended", {}).items():
         if isinstance(entry, dict) and "base" in entry:
             print(f"  open {split:8s} original {fmt(entry['base']['match'])}  model {fmt(entry['edited']['match'])} (match)")
