@@ -23,7 +23,7 @@ import torch
 
 from obliviate import attacks
 from obliviate.attacks.common import AttackContext
-from obliviate.attacks.runner import erase_run_info
+from obliviate.attacks.runner import erase_run_info, load_erased
 from obliviate.data import load_benchmark_concept
 from obliviate.models import load_model
 
@@ -52,7 +52,7 @@ def main() -> None:
     data = load_benchmark_concept(args.concept, args.data, general_questions=8)
     data.questions["qa_test"] = data.questions["qa_test"][: args.questions]
     original = load_model()
-    erased = load_model(erase_run_info(args.erased)[0]) if args.erased else original
+    erased = load_erased(*erase_run_info(args.erased)) if args.erased else original
     settings = {"relearn": {"paragraphs": args.relearn_paragraphs, "epochs": args.epochs, "max_length": args.max_length}}
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

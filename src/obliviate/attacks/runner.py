@@ -57,15 +57,22 @@ def resolve_base(spec: str | None, base: str | None) -> tuple[str, str, dict]:
     return model_spec, base or recorded.get("model") or EMBEDDED_MODEL, recorded
 
 
+def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device_map=None) -> LoadedModel:
+    """The model to evaluate: a model folder / hub id, or the recorded original with the
+    erase run's embedding patch applied (folders written with --no-save-model)."""
+    patch_file = Path(model_spec) / PATCH_FILE
+    if not recorded or not patch_file.is_file() or (Path(model_spec) / "config.json").is_file():
+        return load_model(model_spec, device, dtype, device_map)
+    erased = load_model(recorded["model"], device, dtype, device_map)
+    apply_patch(erased, patch_file)
+    erased.name = f"{recorded['model']}+{patch_file}"
+    return erased
+
+
 def load_pair(config, base: str | None) -> ModelPair:
     model_spec, base_spec, recorded = resolve_base(config.model.name, base)
     m = config.model
-    if model_spec and (Path(model_spec) / PATCH_FILE).is_file() and recorded:
-        erased = load_model(recorded["model"], m.device, m.dtype, m.device_map)
-        apply_patch(erased, Path(model_spec) / PATCH_FILE)
-        erased.name = f"{recorded['model']}+{Path(model_spec) / PATCH_FILE}"
-    else:
-        erased = load_model(model_spec, m.device, m.dtype, m.device_map)  # first: a bad folder fails fast
+    erased = load_erased(model_spec, recorded, m.device, m.dtype, m.device_map)  # first: a bad folder fails fast
     original = load_model(base_spec, m.device, m.dtype, m.device_map)
     if original.model.get_input_embeddings().weight.shape[0] != erased.model.get_input_embeddings().weight.shape[0]:
         raise ObliviateError(
