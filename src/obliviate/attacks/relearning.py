@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..errors import ObliviateError
 from ..io import read_json, write_json
 from ..models import LoadedModel
+from ..training import adamw
 from .common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
 
 NAME = "relearn"
@@ -119,7 +120,7 @@ def relearn(
     if len(state["epochs"]) >= config.epochs:
         return state["epochs"]
     model = copy.deepcopy(lm.model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
     if weights is not None:
         from safetensors.torch import load_model
 
