@@ -152,7 +152,8 @@ def run_evaluate(args: argparse.Namespace) -> int:
             cells = "  ".join(f"{k} {r[k]['value']:.3f}" for k in ("qa_edited", "efficacy", "specificity", "coherence") if k in r)
             print(f"  {name:10s} {cells}")
     c = results["classifier"]
-    print(f"  classifier recall {c['recall_test_questions']:.3f} (adversarial prefix {c['recall_adversarial_prefix']:.3f}), "
+    print(f"  classifier recall {c['recall_test_questions']:.3f} (adversarial prefix {c['recall_adversarial_prefix']:.3f}, "
+          f"attack templates {c['recall_attack_templates']:.3f}), "
           f"FPR simdom {c['fpr_simdom_test']:.3f}, other concepts {c['fpr_other_concepts_test']:.3f}")
     s = results["side_effects"]
     print(f"  unflagged prompts identical: {s['unflagged_identical']}/{s['unflagged']} (max diff {s['max_abs_difference']})")
