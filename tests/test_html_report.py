@@ -105,3 +105,12 @@ def test_report_of_a_run_without_plots_still_parses(tmp_path):
 def test_missing_results_is_a_clear_error(tmp_path):
     with pytest.raises(ObliviateError, match="no results.json"):
         report_from_dirs([tmp_path])
+
+
+def test_an_erasure_and_its_attack_show_one_sweep_even_with_the_same_folder_name():
+    attack = {**attack_results(), "erase_results": {**erase_results(), "kind": "erase"}, "_name": "hp"}
+    other = {**erase_results(), "concept": "Golf", "delta": 5.0, "_name": "golf",
+             "features": [{"index": 7, "ratio": 3.8, "concept_share": 0.4, "top_tokens": [" golf", " putt"]}]}
+    html_text = render_html([{**erase_results(), "_name": "hp"}, attack, other])
+    assert html_text.count("Delta sweep (Harry Potter)") == 1 and html_text.count("Delta sweep (Golf)") == 1
+    assert html_text.count("Hermione") == 1 and html_text.count("putt") == 1  # each erasure's features once

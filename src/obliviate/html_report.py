@@ -282,16 +282,18 @@ def feature_table(runs: list[dict], limit: int = 8) -> str:
 
 
 def _unique_erasures(runs: list[dict]) -> list[dict]:
-    """One run per erasure: an attack run on an erase folder carries that run's sweep and
-    features; show them once when the erase run itself is in the report too."""
-    seen, unique = set(), []
-    for run in sorted(runs, key=lambda r: r.get("kind", "erase") != "erase"):
+    """One run per erasure, in the report's order: an attack run on an erase folder carries
+    that run's sweep and features; show them once when the erase run itself is there too."""
+    order = sorted(range(len(runs)), key=lambda i: runs[i].get("kind", "erase") != "erase")  # erase runs first
+    seen, kept = set(), []
+    for i in order:
+        run = runs[i]
         erase = run if run.get("kind", "erase") == "erase" else {**run, **run.get("erase_results", {})}
         key = (run.get("concept"), run.get("method"), erase.get("delta"), len(erase.get("delta_sweep") or []))
         if key not in seen:
             seen.add(key)
-            unique.append(erase)
-    return [u for r in runs for u in unique if u.get("_name") == r.get("_name")]
+            kept.append((i, erase))
+    return [erase for _, erase in sorted(kept, key=lambda item: item[0])]
 
 
 def _card(title: str, body: str) -> str:
