@@ -11,38 +11,17 @@ Modules load lazily so `obliviate --help` stays fast.
 """
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
-
 from ..errors import ObliviateError
+from ..registry import LazyRegistry
 from .common import AttackContext
 
-_REGISTRY: dict[str, str] = {}
-
-
-def register(name: str, module: str) -> None:
-    """Add an attack; names are unique, lowercase words joined by '-'."""
-    if name != name.lower() or not name.replace("-", "").isalnum():
-        raise ValueError(f"Attack name {name!r} must be lowercase letters, digits and '-'.")
-    if name in _REGISTRY:
-        raise ValueError(f"Attack {name!r} is already registered (by {_REGISTRY[name]}).")
-    _REGISTRY[name] = module
-
+_REGISTRY = LazyRegistry("attack", "-", "Valid attacks")
+register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get
 
 register("relearn", "obliviate.attacks.relearning")
 register("in-context", "obliviate.attacks.in_context")
 register("adversarial", "obliviate.attacks.adversarial")
 register("probe", "obliviate.attacks.probe")
-
-
-def available() -> list[str]:
-    return list(_REGISTRY)
-
-
-def get(name: str) -> ModuleType:
-    if name not in _REGISTRY:
-        raise ObliviateError(f"Unknown attack {name!r}. Valid attacks: {', '.join(available())}.")
-    return importlib.import_module(_REGISTRY[name])
 
 
 def parse_names(spec: str | list[str] | None) -> list[str]:

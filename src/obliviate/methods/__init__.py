@@ -2,39 +2,21 @@
 
 A method module exposes:
   ``Config``: a frozen dataclass of its settings (defaults = the reference's);
-  ``candidates(lm, data, config, seed, context) -> Iterator[(params: dict, edit)]``: the
-      grid the pipeline evaluates on TRAIN questions, each an ``Edit`` (edits.py) that the
-      pipeline applies, evaluates and reverts. ``context`` is a ``MethodContext``.
+  ``fit(lm, data, config, seed, context) -> Fitted``, whose ``candidates()`` yields
+      (params: dict, edit) for the grid the pipeline evaluates on TRAIN questions, each an
+      ``Edit`` (edits.py) that the pipeline applies, evaluates and reverts, and whose
+      ``report()`` describes the fit. ``context`` is a ``MethodContext``.
 Modules load lazily so `obliviate --help` stays fast.
 """
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass, field
-from types import ModuleType
 from typing import Any
 
-from ..errors import ObliviateError
+from ..registry import LazyRegistry
 
-_REGISTRY: dict[str, str] = {}
-
-
-def register(name: str, module: str) -> None:
-    if name != name.lower() or not name.replace("_", "").isalnum():
-        raise ValueError(f"Method names are lowercase identifiers, got {name!r}")
-    if name in _REGISTRY:
-        raise ValueError(f"Method {name!r} is already registered ({_REGISTRY[name]})")
-    _REGISTRY[name] = module
-
-
-def available() -> list[str]:
-    return sorted(_REGISTRY)
-
-
-def get(name: str) -> ModuleType:
-    if name not in _REGISTRY:
-        raise ObliviateError(f"Unknown method {name!r}. Available methods: {', '.join(available())}.")
-    return importlib.import_module(_REGISTRY[name])
+_REGISTRY = LazyRegistry("method", "_", "Available methods", sort=True)
+register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get
 
 
 @dataclass
