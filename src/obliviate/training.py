@@ -34,24 +34,6 @@ from .io import atomic_path
 BLOCK_WEIGHTS = r"\.(mlp|self_attn)\.\w+_proj\.weight$"  # every linear weight of every decoder block
 
 
-@dataclass(frozen=True)
-class TrainSettings:
-    steps: int
-    lr: float
-    batch_size: int = 4
-    grad_accum: int = 1
-    weight_decay: float = 0.0
-    max_length: int = 64
-    checkpoint_every: int = 25
-    seed: int = 42
-
-    def __post_init__(self) -> None:
-        check_positive("lr", self.lr)
-        for name in ("steps", "batch_size", "grad_accum", "max_length"):
-            if int(getattr(self, name)) < 1:
-                raise ObliviateError(f"{name} must be >= 1, got {getattr(self, name)}.")
-
-
 def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ObliviateError(f"{name} must be > 0, got {value}.")
@@ -73,11 +55,21 @@ class LoopConfig:
     def __post_init__(self) -> None:
         for lr in self.lr:
             check_positive("lr", lr)
+        for name in ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
+            if int(getattr(self, name)) < 1:
+                raise ObliviateError(f"{name} must be >= 1, got {getattr(self, name)}.")
 
-    def settings(self, lr: float, seed: int) -> TrainSettings:
-        return TrainSettings(steps=self.steps, lr=lr, batch_size=self.batch_size, grad_accum=self.grad_accum,
-                             weight_decay=self.weight_decay, max_length=self.max_length,
-                             checkpoint_every=self.checkpoint_every, seed=seed)
+    def settings(self, lr: float, seed: int) -> "TrainSettings":
+        return TrainSettings(self, lr, seed)
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """One candidate's training run: its method's loop settings with one lr of the grid."""
+
+    loop: LoopConfig
+    lr: float
+    seed: int = 42
 
 
 @dataclass
@@ -279,7 +271,7 @@ def train(
     progress: bool = True,
     desc: str = "training",
 ) -> TrainLog:
-    """Minimise ``step_loss`` over ``settings.steps`` optimizer steps of ``params``.
+    """Minimise ``step_loss`` over ``settings.loop.steps`` optimizer steps of ``params``.
 
     Each optimizer step accumulates ``grad_accum`` micro-batches of ``batch_size`` forget
     and retain texts. With ``checkpoint`` (a folder), the trained tensors, optimizer state
@@ -287,38 +279,38 @@ def train(
     """
     device = model_device(model)
     torch.manual_seed(settings.seed)
-    forget_stream = TextStream(forget, settings.batch_size, settings.seed)
-    retain_stream = TextStream(retain, settings.batch_size, settings.seed + 1)
-    optimizer = adamw(params.values(), settings.lr, settings.weight_decay)
+    forget_stream = TextStream(forget, settings.loop.batch_size, settings.seed)
+    retain_stream = TextStream(retain, settings.loop.batch_size, settings.seed + 1)
+    optimizer = adamw(params.values(), settings.lr, settings.loop.weight_decay)
     accelerator = _accelerator(device)
     optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
     log = TrainLog()
     start_step = _resume(checkpoint, params, optimizer, log)
-    forget_stream.skip(start_step * settings.grad_accum)
-    retain_stream.skip(start_step * settings.grad_accum)
+    forget_stream.skip(start_step * settings.loop.grad_accum)
+    retain_stream.skip(start_step * settings.loop.grad_accum)
     clock = time.perf_counter()
-    bar = tqdm(total=settings.steps, initial=start_step, desc=desc, unit="step", disable=None if progress else True)
+    bar = tqdm(total=settings.loop.steps, initial=start_step, desc=desc, unit="step", disable=None if progress else True)
     with trainable(model, params):
-        for step in range(start_step, settings.steps):
+        for step in range(start_step, settings.loop.steps):
             parts_sum: dict[str, float] = {}
-            for _ in range(settings.grad_accum):
-                f = tokenize(tokenizer, forget_stream.next(), settings.max_length, device)
-                r = tokenize(tokenizer, retain_stream.next(), settings.max_length, device)
+            for _ in range(settings.loop.grad_accum):
+                f = tokenize(tokenizer, forget_stream.next(), settings.loop.max_length, device)
+                r = tokenize(tokenizer, retain_stream.next(), settings.loop.max_length, device)
                 loss, parts = step_loss(f, r)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate.")
-                accelerator.backward(loss / settings.grad_accum)
+                accelerator.backward(loss / settings.loop.grad_accum)
                 for name, value in {"loss": loss, **parts}.items():
-                    parts_sum[name] = parts_sum.get(name, 0.0) + float(torch.as_tensor(value).detach()) / settings.grad_accum
+                    parts_sum[name] = parts_sum.get(name, 0.0) + float(torch.as_tensor(value).detach()) / settings.loop.grad_accum
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             log.losses.append({k: round(v, 6) for k, v in parts_sum.items()})
             bar.update(1)
             bar.set_postfix(loss=f"{parts_sum['loss']:.4g}")
-            if checkpoint is not None and (step + 1) % settings.checkpoint_every == 0 and step + 1 < settings.steps:
+            if checkpoint is not None and (step + 1) % settings.loop.checkpoint_every == 0 and step + 1 < settings.loop.steps:
                 _save(checkpoint, params, optimizer, step + 1, log)
     bar.close()
-    log.steps = settings.steps
+    log.steps = settings.loop.steps
     log.seconds = time.perf_counter() - clock
     return log
 
@@ -361,10 +353,6 @@ def cached_log(folder: Path | None) -> TrainLog | None:
     payload = json.loads((folder / "log.json").read_text(encoding="utf-8"))
     return TrainLog(losses=payload["losses"], steps=payload["steps"], seconds=payload["seconds"],
                     resumed_from=payload["resumed_from"], cached=True)
-
-
-def settings_dict(settings: TrainSettings) -> dict:
-    return asdict(settings)
 
 
 # ---- grids of trained candidates (shared by the methods whose edit is a ParameterDelta) ----

@@ -25,7 +25,7 @@ from ..data import ConceptData
 from ..errors import ObliviateError
 from ..models import LoadedModel
 from ..training import (
-    LoopConfig,     TrainSettings, TrainedGrid, TextStream, cached_log, check_positive, decoder_layers, finished, grid_points,
+    LoopConfig, TrainedGrid, TextStream, cached_log, check_positive, decoder_layers, finished, grid_points,
     model_device, model_fingerprint, resolve_layer, run_key, tokenize, train,
 )
 from ..weight_edits import LoraAdapter

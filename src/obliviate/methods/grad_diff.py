@@ -13,8 +13,8 @@ from .. import losses
 from ..data import ConceptData
 from ..models import LoadedModel
 from ..training import (
-    LoopConfig,     BLOCK_WEIGHTS, TrainSettings, TrainedGrid, check_positive, grid_points, logits, model_fingerprint, run_key,
-    select_parameters, train_delta,
+    LoopConfig, BLOCK_WEIGHTS, TrainedGrid, grid_points, logits, model_fingerprint, run_key, select_parameters,
+    train_delta,
 )
 
 @dataclass(frozen=True)

@@ -16,8 +16,8 @@ from ..data import ConceptData
 from ..errors import ObliviateError
 from ..models import LoadedModel
 from ..training import (
-    LoopConfig,     BLOCK_WEIGHTS, TrainSettings, TrainedGrid, check_positive, grid_points, logits, model_fingerprint, run_key,
-    select_parameters, snapshot, swapped, train_delta,
+    LoopConfig, BLOCK_WEIGHTS, TrainedGrid, grid_points, logits, model_fingerprint, run_key, select_parameters,
+    snapshot, swapped, train_delta,
 )
 
 

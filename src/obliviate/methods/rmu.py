@@ -17,8 +17,8 @@ from ..data import ConceptData
 from ..errors import ObliviateError
 from ..models import LoadedModel
 from ..training import (
-    LoopConfig,     TrainSettings, TrainedGrid, check_positive, decoder_layers, grid_points, layer_activations, model_fingerprint,
-    resolve_layer, run_key, select_parameters, snapshot, swapped, train_delta,
+    LoopConfig, TrainedGrid, decoder_layers, grid_points, layer_activations, model_fingerprint, resolve_layer,
+    run_key, select_parameters, snapshot, swapped, train_delta,
 )
 
 
