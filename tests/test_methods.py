@@ -17,7 +17,7 @@ from obliviate.weight_edits import ParameterDelta
 
 TINY = {"steps": 4, "batch_size": 2, "max_length": 24}
 TINY_SETTINGS = {
-    "rmu": {**TINY, "lr": (1e-2,), "steering": (10.0,), "alpha": (1.0,)},
+    "rmu": {**TINY, "lr": (1e-2,), "steering": (10.0,), "alpha": (1.0,), "steering_unit": "absolute"},
     "grad_diff": {**TINY, "lr": (1e-3,)},
     "npo": {**TINY, "lr": (1e-3,)},
     "elm": {**TINY, "lr": (1e-3,), "rank": 4, "consistency_prompts": 2, "consistency_tokens": 4},
@@ -84,6 +84,40 @@ def test_grid_order_and_size(tiny_lm, small_concept):
         (1e-3, 1.0, 1.0), (1e-3, 1.0, 5.0), (1e-2, 1.0, 1.0), (1e-2, 1.0, 5.0)]
 
 
+def test_rmu_norm_unit_scales_c_by_the_measured_activation_norm(tiny_lm, small_concept, monkeypatch):
+    """steering_unit "norm": c = steering x the mean layer-L output norm over the concept
+    sentences' content tokens (BOS and padding excluded), measured independently here."""
+    from obliviate import losses
+    from obliviate.methods import rmu
+    from obliviate.training import content_mask, tokenize
+
+    coefficients = []
+    real = losses.rmu_control_vector
+    monkeypatch.setattr(losses, "rmu_control_vector", lambda d, c, g: coefficients.append(c) or real(d, c, g))
+    fitted = fit("rmu", tiny_lm, small_concept, steering=(2.0,), steering_unit="norm", steps=1)
+    list(fitted.candidates())
+    texts = small_concept.concept_sentences[:rmu.NORM_SAMPLE]
+    batch = tokenize(tiny_lm.tokenizer, texts, TINY["max_length"], "cpu")
+    with torch.no_grad():
+        hidden = tiny_lm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                               output_hidden_states=True).hidden_states[1 + 1]  # layer L = 1's output
+    mask = content_mask(batch, set(tiny_lm.tokenizer.all_special_ids)).bool()
+    expected = float(hidden.norm(dim=-1)[mask].mean())
+    assert coefficients == [pytest.approx(2.0 * expected, rel=1e-4)]
+    assert fitted.report()["activation_norm"] == {1: pytest.approx(expected, rel=1e-4)}
+
+
+def test_content_mask_drops_bos_and_padding(tiny_lm, monkeypatch):
+    from obliviate.training import content_mask, tokenize
+
+    monkeypatch.setattr(tiny_lm.tokenizer, "padding_side", "left")
+    batch = tokenize(tiny_lm.tokenizer, ["the cat", "the cat sat on the mat today"], 24, "cpu")
+    mask = content_mask(batch, set(tiny_lm.tokenizer.all_special_ids))
+    bos = tiny_lm.tokenizer.bos_token_id
+    assert (batch.input_ids == bos).sum() == 2 and not mask[batch.input_ids == bos].any()
+    assert torch.equal(mask.sum(1), batch.attention_mask.sum(1) - 1)  # every real token but BOS
+
+
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_lm, small_concept, tmp_path, monkeypatch):
     from obliviate import training
 
@@ -123,6 +157,7 @@ def test_parameter_delta_save_load(tiny_lm, small_concept, tmp_path):
 @pytest.mark.parametrize("name, settings, message", [
     ("rmu", {"layer": (9,)}, "beyond the model's depth"),
     ("rmu", {"lr": (0.0,)}, "lr must be > 0"),
+    ("rmu", {"steering_unit": "percent"}, "steering_unit must be one of norm, absolute"),
     ("npo", {"lr": (-1e-5,)}, "lr must be > 0"),
     ("grad_diff", {"param_pattern": "no_such_module"}, "No parameter of the model matches"),
 ])
@@ -196,8 +231,7 @@ def test_elm_unknown_target_module_lists_the_models_modules(tiny_lm, small_conce
 @pytest.mark.slow
 def test_gradient_difference_lowers_qa_accuracy_on_the_embedded_model(embedded_lm, data_dir):
     """Gradient difference (10 steps, lr 1e-4) on Gambling lowers the real model's train-QA
-    accuracy. (RMU at its short CPU defaults barely moves it on this model: measured
-    0.58 -> 0.56 on Golf, inside the noise; see the closing note.)"""
+    accuracy."""
     from obliviate.config import EvalConfig
     from obliviate.data import load_benchmark_concept
     from obliviate.evaluation.evaluator import Evaluator
@@ -213,3 +247,24 @@ def test_gradient_difference_lowers_qa_accuracy_on_the_embedded_model(embedded_l
     assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.1, outcome.metrics
     after = dict(embedded_lm.model.named_parameters())
     assert all(torch.equal(before[name], after[name]) for name in before)  # evaluate reverted the edit
+
+
+@pytest.mark.slow
+def test_rmu_at_its_stronger_default_point_lowers_qa_accuracy_on_the_embedded_model(embedded_lm, data_dir):
+    """RMU's second default grid point (lr 1e-3, c = 1x the layer-5 activation norm, 30
+    steps) on Gambling: measured train QA 0.48 -> 0.30, general knowledge kept."""
+    from obliviate.config import EvalConfig
+    from obliviate.data import load_benchmark_concept
+    from obliviate.evaluation.evaluator import Evaluator
+
+    data = load_benchmark_concept("Gambling", data_dir, general_questions=20)
+    data.coherency_prompts = []
+    evaluator = Evaluator(embedded_lm, data, EvalConfig(coherence_new_tokens=0, bootstrap=50), 42)
+    method = methods.get("rmu")
+    fitted = method.fit(embedded_lm, data, method.Config(lr=(1e-3,)), 42, MethodContext(progress=False))
+    _, edit = next(fitted.candidates())
+    outcome = evaluator.evaluate("train", edit)
+    assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.1, outcome.metrics
+    assert outcome.value("general_frac") >= 0.8, outcome.metrics
+    norm = fitted.report()["activation_norm"][5]
+    assert 1_000 < norm < 20_000  # Gemma 3's residual stream: thousands, so the papers' c = 300 is tiny here

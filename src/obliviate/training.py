@@ -95,6 +95,14 @@ class TrainLog:
                 "losses": self.losses}
 
 
+def content_mask(batch: Batch, special_ids: set[int]) -> torch.Tensor:
+    """The attention mask with special tokens (BOS, EOS) zeroed. A BOS activation is the
+    same for every text and, in Gemma-style models, 10x the norm of any other (an
+    attention sink): a loss over it would pull forget and retain terms against each other."""
+    special = torch.tensor(sorted(special_ids), device=batch.input_ids.device)
+    return batch.attention_mask * ~torch.isin(batch.input_ids, special)
+
+
 def tokenize(tokenizer, texts: list[str], max_length: int, device) -> Batch:
     encoded = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length)
     return Batch(texts, encoded["input_ids"].to(device), encoded["attention_mask"].to(device))
