@@ -61,3 +61,18 @@ def test_partial_rescoring_leaves_other_rows_unscored(tiny_lm):
     prepared = prepare(tiny_lm, questions, "loglik")
     scores = option_scores(tiny_lm, prepared, np.array([1, 3]))
     assert np.isnan(scores[[0, 2]]).all() and np.isfinite(scores[[1, 3]]).all()
+
+
+def test_options_sharing_a_context_score_as_if_run_whole(tiny_lm, tiny_llama):
+    """Shared contexts run once with a cache (contexts of different lengths, options of
+    different lengths, and a lone item in the same call): same sums as one at a time."""
+    for lm in (tiny_lm, tiny_llama):
+        tok = lm.tokenizer
+        short = tok("Question: who?\nAnswer:").input_ids
+        long = tok("Question: a much longer question about the golf clubs of Scotland?\nAnswer:").input_ids
+        options = [tok(f" {o}", add_special_tokens=False).input_ids for o in ("a wizard", "iron", "the river of the north")]
+        items = [(short, o) for o in options] + [(long, o) for o in options[:2]] + [(tok("Q:").input_ids, options[2])]
+        for budget in (24, 4096):  # one context per batch, and all together
+            shared = continuation_logprobs(lm, items, Batching(budget)).numpy()
+            naive = np.array([naive_logprob(lm, c, x) for c, x in items])
+            np.testing.assert_allclose(shared, naive, rtol=1e-4, atol=1e-4)

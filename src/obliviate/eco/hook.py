@@ -135,7 +135,7 @@ class EcoHook:
     def _is_prefill(ids, kwargs) -> bool:
         if ids is None or ids.dim() != 2 or ids.shape[1] <= 1:
             return False
-        cache = kwargs.get("past_key_values")
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))  # transformers 5 renamed it "cache"
         seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         return int(seen) == 0
 

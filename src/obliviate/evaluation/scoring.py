@@ -6,6 +6,7 @@ which skips the vocabulary projection (262k x d for Gemma) at every context posi
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -75,14 +76,39 @@ def continuation_logprobs(
     items: Sequence[tuple[list[int], list[int]]],
     batching: Batching = Batching(),
 ) -> torch.Tensor:
-    """Sum of log p(continuation | context) for each (context_ids, continuation_ids) pair."""
-    if not items:
-        return torch.zeros(0, dtype=torch.float64)
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    """Sum of log p(continuation | context) for each (context_ids, continuation_ids) pair.
+
+    Items that share a context (a question's options) run the context once and score each
+    continuation on a copy of its key/value cache; the others run whole, batched.
+    """
+    totals = torch.zeros(len(items), dtype=torch.float64)
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for index, (context, _) in enumerate(items):
+        groups.setdefault(tuple(context), []).append(index)
+    shared = [group for group in groups.values() if len(group) > 1]
+    alone = [group[0] for group in groups.values() if len(group) == 1]
+    if alone:
+        totals[alone] = _whole_sequence_logprobs(lm, [items[i] for i in alone], batching)
+    if shared:
+        _shared_context_logprobs(lm, items, shared, batching, totals)
+    return totals
+
+
+def _cache_argument(model) -> str:
+    """The key/value cache's name in forward() and its output: "cache" from transformers 5
+    on ("past_key_values" is a deprecated alias there), "past_key_values" before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _vocab(lm: LoadedModel) -> int:
+    return lm.model.get_output_embeddings().weight.shape[0]
+
+
+def _whole_sequence_logprobs(lm: LoadedModel, items: Sequence[tuple[list[int], list[int]]], batching: Batching) -> torch.Tensor:
     lengths = [len(c) + len(x) for c, x in items]
     kept = [len(x) + 1 for _, x in items]
     totals = torch.zeros(len(items), dtype=torch.float64)
-    for batch in _batches(lengths, kept, vocab, batching.budget(lm)):
+    for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
         keep = max(kept[i] for i in batch)
         logits = _last_logits(lm, [items[i][0] + items[i][1] for i in batch], keep)
         logprobs = torch.log_softmax(logits, dim=-1)
@@ -95,12 +121,47 @@ def continuation_logprobs(
     return totals
 
 
+def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batching, totals: torch.Tensor) -> None:
+    """Score groups of items with one context each: the left-padded contexts run once with a
+    cache, the cache rows are repeated per continuation, and the right-padded continuations
+    run on it (right padding sits after every real token, so causality hides it)."""
+    widest = [max(len(items[i][1]) for i in group) for group in groups]
+    lengths = [len(items[group[0]][0]) + len(group) * width for group, width in zip(groups, widest)]
+    kept = [len(group) * width for group, width in zip(groups, widest)]
+    pad = lm.tokenizer.pad_token_id
+    for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
+        ids, mask, positions = _left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
+        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        cache_name = _cache_argument(lm.model)
+        members = [i for g in batch for i in groups[g]]
+        rows = torch.tensor([row for row, g in enumerate(batch) for _ in groups[g]], device=ids.device)
+        cache = getattr(out, cache_name)
+        cache.batch_select_indices(rows)
+        width = max(len(items[i][1]) for i in members)
+        cont = torch.full((len(members), width), pad, dtype=torch.long)
+        cont_mask = torch.zeros((len(members), width), dtype=torch.long)
+        for row, index in enumerate(members):
+            cont[row, : len(items[index][1])] = torch.tensor(items[index][1])
+            cont_mask[row, : len(items[index][1])] = 1
+        cont, cont_mask = cont.to(ids.device), cont_mask.to(ids.device)
+        cont_positions = positions[rows, -1:] + 1 + torch.arange(width, device=ids.device)
+        logits = lm.model(
+            input_ids=cont, attention_mask=torch.cat([mask[rows], cont_mask], dim=1), position_ids=cont_positions,
+            use_cache=True, **{cache_name: cache},
+        ).logits
+        # Token t is predicted by the context's last position (t = 0) or continuation t-1.
+        predicting = torch.cat([out.logits[rows, -1:], logits[:, :-1]], dim=1).float()
+        logprobs = torch.log_softmax(predicting, dim=-1).gather(-1, cont[..., None]).squeeze(-1)
+        sums = (logprobs * cont_mask).sum(dim=1).double().cpu()
+        totals[members] = sums
+
+
 @torch.no_grad()
 def next_token_logprobs(
     lm: LoadedModel, contexts: Sequence[list[int]], candidates: Sequence[int], batching: Batching = Batching()
 ) -> torch.Tensor:
     """log p(candidate | context) at the next position, for each context: (n, len(candidates))."""
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    vocab = _vocab(lm)
     out = torch.zeros(len(contexts), len(candidates), dtype=torch.float64)
     candidate_ids = torch.tensor(list(candidates))
     for batch in _batches([len(c) for c in contexts], [1] * len(contexts), vocab, batching.budget(lm)):
@@ -115,7 +176,7 @@ def greedy_generate(
     lm: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, batching: Batching = Batching()
 ) -> list[list[int]]:
     """Greedy continuations (new token ids only, cut at EOS) for each tokenized prompt."""
-    vocab = lm.model.get_output_embeddings().weight.shape[0]
+    vocab = _vocab(lm)
     lengths = [len(p) + max_new_tokens for p in prompts]
     results: list[list[int]] = [[] for _ in prompts]
     eos = lm.tokenizer.eos_token_id
