@@ -69,14 +69,16 @@ def naive_scoring(lm, prepared) -> None:
 
 
 def scoring_flops(lm, prepared) -> float:
-    """Forward FLOPs of the batched scorer: 2 x non-embedding params per token, plus the
-    vocabulary projection at the kept positions only."""
+    """Forward FLOPs the batched scorer needs: 2 x non-embedding params per token (each
+    question's shared context once, each option's tokens), plus the vocabulary projection
+    at the positions that predict option tokens only."""
     emb = lm.model.get_input_embeddings().weight
     head = lm.model.get_output_embeddings().weight
     body = sum(p.numel() for p in lm.model.parameters()) - emb.numel() - (0 if head is emb else head.numel())
-    tokens = sum(len(c) + len(x) for c, x in prepared.items)
-    kept = sum(len(x) + 1 for _, x in prepared.items)
-    return 2 * body * tokens + 2 * head.numel() * kept
+    contexts = {tuple(c) for c, _ in prepared.items}
+    option_tokens = sum(len(x) for _, x in prepared.items)
+    tokens = sum(len(c) for c in contexts) + option_tokens
+    return 2 * body * tokens + 2 * head.numel() * option_tokens
 
 
 def bench_scoring(lm, data, questions: int) -> list[tuple[str, str]]:

@@ -59,12 +59,14 @@ def collect_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """Model, data, evaluation and run flags shared by the commands that run models."""
+def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True) -> None:
+    """Model, data, evaluation and run flags shared by the commands that run models
+    (``one_concept=False``: a command that takes its own list of concepts)."""
     from .config import DataConfig, EvalConfig, ModelConfig
 
     parser.add_argument("--config", dest="config_file", default=None, help="YAML file of settings (flags override it)")
-    parser.add_argument("--concept", dest="run__concept", default=None, help="the concept to erase, e.g. 'Harry Potter'")
+    if one_concept:
+        parser.add_argument("--concept", dest="run__concept", default=None, help="the concept to erase, e.g. 'Harry Potter'")
     parser.add_argument("--out", dest="run__out", default=None, help="output folder")
     parser.add_argument("--seed", dest="run__seed", default=None, help="random seed (default 42)")
     parser.add_argument("--overwrite", dest="run__overwrite", action="store_true", default=None,

@@ -28,7 +28,7 @@ COLUMNS = ("concept", "method", "ember", "delta", "params", "efficacy", "specifi
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+    add_run_arguments(parser, one_concept=False)
     parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(methods.available())}")
     parser.add_argument("--concepts", required=True, help="comma-separated benchmark concepts")
     parser.add_argument("--with-and-without-ember", action="store_true",
