@@ -228,10 +228,9 @@ def test_elm_unknown_target_module_lists_the_models_modules(tiny_lm, small_conce
         fit("elm", tiny_lm, small_concept, target_modules=("qkv_proj",))
 
 
-@pytest.mark.slow
-def test_gradient_difference_lowers_qa_accuracy_on_the_embedded_model(embedded_lm, data_dir):
-    """Gradient difference (10 steps, lr 1e-4) on Gambling lowers the real model's train-QA
-    accuracy."""
+def gambling_train_outcome(embedded_lm, data_dir, name: str, **settings):
+    """Fit ``name``'s first grid point on Gambling and evaluate it on the TRAIN questions
+    (no coherence generation). Returns (outcome, fitted)."""
     from obliviate.config import EvalConfig
     from obliviate.data import load_benchmark_concept
     from obliviate.evaluation.evaluator import Evaluator
@@ -239,11 +238,18 @@ def test_gradient_difference_lowers_qa_accuracy_on_the_embedded_model(embedded_l
     data = load_benchmark_concept("Gambling", data_dir, general_questions=20)
     data.coherency_prompts = []
     evaluator = Evaluator(embedded_lm, data, EvalConfig(coherence_new_tokens=0, bootstrap=50), 42)
-    method = methods.get("grad_diff")
-    fitted = method.fit(embedded_lm, data, method.Config(lr=(1e-4,), steps=10), 42, MethodContext(progress=False))
-    before = {name: p.detach().clone() for name, p in embedded_lm.model.named_parameters() if "layers.3." in name}
+    method = methods.get(name)
+    fitted = method.fit(embedded_lm, data, method.Config(**settings), 42, MethodContext(progress=False))
     _, edit = next(fitted.candidates())
-    outcome = evaluator.evaluate("train", edit)
+    return evaluator.evaluate("train", edit), fitted
+
+
+@pytest.mark.slow
+def test_gradient_difference_lowers_qa_accuracy_on_the_embedded_model(embedded_lm, data_dir):
+    """Gradient difference (10 steps, lr 1e-4) on Gambling lowers the real model's train-QA
+    accuracy, and evaluation leaves the model as it was."""
+    before = {name: p.detach().clone() for name, p in embedded_lm.model.named_parameters() if "layers.3." in name}
+    outcome, _ = gambling_train_outcome(embedded_lm, data_dir, "grad_diff", lr=(1e-4,), steps=10)
     assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.1, outcome.metrics
     after = dict(embedded_lm.model.named_parameters())
     assert all(torch.equal(before[name], after[name]) for name in before)  # evaluate reverted the edit
@@ -253,17 +259,7 @@ def test_gradient_difference_lowers_qa_accuracy_on_the_embedded_model(embedded_l
 def test_rmu_at_its_stronger_default_point_lowers_qa_accuracy_on_the_embedded_model(embedded_lm, data_dir):
     """RMU's second default grid point (lr 1e-3, c = 1x the layer-5 activation norm, 30
     steps) on Gambling: measured train QA 0.48 -> 0.30, general knowledge kept."""
-    from obliviate.config import EvalConfig
-    from obliviate.data import load_benchmark_concept
-    from obliviate.evaluation.evaluator import Evaluator
-
-    data = load_benchmark_concept("Gambling", data_dir, general_questions=20)
-    data.coherency_prompts = []
-    evaluator = Evaluator(embedded_lm, data, EvalConfig(coherence_new_tokens=0, bootstrap=50), 42)
-    method = methods.get("rmu")
-    fitted = method.fit(embedded_lm, data, method.Config(lr=(1e-3,)), 42, MethodContext(progress=False))
-    _, edit = next(fitted.candidates())
-    outcome = evaluator.evaluate("train", edit)
+    outcome, fitted = gambling_train_outcome(embedded_lm, data_dir, "rmu", lr=(1e-3,))
     assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.1, outcome.metrics
     assert outcome.value("general_frac") >= 0.8, outcome.metrics
     norm = fitted.report()["activation_norm"][5]
