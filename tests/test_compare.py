@@ -59,3 +59,25 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
     assert float(rows[0]["relearn_regained"]) == pytest.approx((0.6 - 0.25) / (0.7 - 0.25))
     assert (tmp_path / "compare.md").read_text().count("\n") == 6
     assert "Golf" in (tmp_path / "report.html").read_text()
+
+
+def test_a_grid_that_chooses_nothing_says_so_and_why():
+    from obliviate.report import markdown_report, no_candidate_chosen
+
+    metrics = lambda coherence: {k: {"value": v, "low": v, "high": v}  # noqa: E731
+                                 for k, v in (("efficacy", 0.8), ("specificity", 0.9), ("coherence", coherence))}
+    results = {
+        "concept": "Golf", "method": "rmu+ember", "model": "m", "model_source": "s", "seed": 1,
+        "embeddings_untied": True, "general_knowledge_source": "g", "params": {},
+        "config": {"evaluation": {"general_gate": 0.9, "coherence_gate": 0.9}},
+        "method_sweep": [
+            {"params": {"lr": 1e-4}, "metrics": metrics(0.95), "score": 0.0, "rejected": "general-knowledge fraction 0.52 < 0.9"},
+            {"params": {"lr": 1e-3}, "metrics": metrics(0.74), "score": 0.0, "rejected": None},
+        ],
+    }
+    sentence = no_candidate_chosen(results)
+    assert "the EMBER-edited model" in sentence and "coherence >= 0.9" in sentence
+    report = markdown_report(results)
+    assert "| general-knowledge fraction 0.52 < 0.9 |" in report and "| coherence < 0.9: scores 0 |" in report
+    assert sentence in report
+    assert no_candidate_chosen({**results, "params": {"lr": 1e-4}}) is None

@@ -27,16 +27,30 @@ def _accuracy_rows(results: dict) -> list[str]:
     return rows if len(rows) > 2 else ["No questions were given: no accuracy is claimed."]
 
 
-def _sweep_rows(sweep: list[dict]) -> list[str]:
+def _sweep_rows(sweep: list[dict], coherence_gate: float) -> list[str]:
     rows = ["| params | efficacy | specificity | coherence | score | note |", "| --- | --- | --- | --- | --- | --- |"]
     for entry in sweep:
         m = entry["metrics"]
         value = lambda k: f"{m[k]['value']:.3f}" if k in m else "n/a"  # noqa: E731
+        note = entry["rejected"] or ""
+        if not note and m.get("coherence", {}).get("value", 1.0) < coherence_gate:
+            note = f"coherence < {coherence_gate}: scores 0"
         rows.append(
             f"| {entry['params']} | {value('efficacy')} | {value('specificity')} | {value('coherence')} | "
-            f"{entry['score']:.3f} | {entry['rejected'] or ''} |"
+            f"{entry['score']:.3f} | {note} |"
         )
     return rows
+
+
+def no_candidate_chosen(results: dict) -> str | None:
+    """A sentence saying the trained method's grid chose nothing (None when it chose)."""
+    if not results.get("method_sweep") or results.get("params"):
+        return None
+    gates = results.get("config", {}).get("evaluation", {})
+    kept = "the EMBER-edited model" if results["method"].endswith("+ember") else "the original model"
+    return (f"No grid point passed the gates (general-knowledge fraction >= {gates.get('general_gate')}, "
+            f"coherence >= {gates.get('coherence_gate')}): the result is {kept}. The grid table says why; "
+            "loosen a gate (--general-gate, --coherence-gate) or change the grid (--set).")
 
 
 def _feature_rows(features: list[dict], limit: int = 12) -> list[str]:
@@ -70,9 +84,12 @@ def markdown_report(results: dict) -> str:
         tokens = results.get("details", {}).get("ember", {}).get("edited_tokens", [])
         if tokens:
             lines += ["", "Most-changed tokens: " + ", ".join(repr(t) for t in tokens[:40])]
+    gate = results.get("config", {}).get("evaluation", {}).get("coherence_gate", 0.0)
     for key, title in (("delta_sweep", "EMBER delta grid (train questions)"), ("method_sweep", "Method grid (train questions)")):
         if results.get(key):
-            lines += ["", f"## {title}", *_sweep_rows(results[key])]
+            lines += ["", f"## {title}", *_sweep_rows(results[key], gate)]
+    if no_candidate_chosen(results):
+        lines += ["", no_candidate_chosen(results)]
     lines += ["", "## Timings (seconds)", ""]
     lines += [f"- {stage}: {seconds:.1f}" for stage, seconds in results.get("timings", {}).items()]
     return "\n".join(lines) + "\n"

@@ -35,7 +35,7 @@ def parse_method_settings(pairs: list[str], method: str) -> dict:
 def run(args: argparse.Namespace) -> int:
     from ..api import make_config
     from ..pipeline import erase
-    from ..report import print_summary
+    from ..report import no_candidate_chosen, print_summary
 
     overrides = collect_overrides(args)
     config = make_config(args.config_file, **overrides)
@@ -53,4 +53,6 @@ def run(args: argparse.Namespace) -> int:
     print_summary(r, "edited")
     if r.get("delta") is not None:
         print(f"  delta {r['delta']}, {r['edited_token_count']} tokens edited, {len(r['features'])} features")
+    if no_candidate_chosen(r):
+        print(f"  {no_candidate_chosen(r)}")
     return 0
