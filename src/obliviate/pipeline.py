@@ -103,7 +103,7 @@ def candidate_score(outcome: SplitOutcome, config) -> tuple[float, float, str | 
     """(score, its bootstrap standard error, rejection reason) for one candidate."""
     general = outcome.value("general_frac", 1.0)
     if general < config.general_gate:
-        return 0.0, 0.0, f"general-knowledge fraction {general:.2f} < {config.general_gate}"
+        return 0.0, 0.0, f"general-knowledge fraction {general:.3f} < {config.general_gate}"
     if outcome.value("coherence", 1.0) < config.coherence_gate:
         return 0.0, 0.0, None
     key = "score" if "score" in outcome.metrics else "harmonic"
