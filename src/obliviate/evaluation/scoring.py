@@ -134,7 +134,8 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         cache_name = _cache_argument(lm.model)
         members = [i for g in batch for i in groups[g]]
-        rows = torch.tensor([row for row, g in enumerate(batch) for _ in groups[g]], device=ids.device)
+        # A CPU index works on every device, also on a cache whose layers sit on several GPUs.
+        rows = torch.tensor([row for row, g in enumerate(batch) for _ in groups[g]])
         cache = getattr(out, cache_name)
         cache.batch_select_indices(rows)
         width = max(len(items[i][1]) for i in members)
