@@ -88,8 +88,9 @@ def markdown_report(results: dict) -> str:
     for key, title in (("delta_sweep", "EMBER delta grid (train questions)"), ("method_sweep", "Method grid (train questions)")):
         if results.get(key):
             lines += ["", f"## {title}", *_sweep_rows(results[key], gate)]
-    if no_candidate_chosen(results):
-        lines += ["", no_candidate_chosen(results)]
+    nothing_chosen = no_candidate_chosen(results)
+    if nothing_chosen:
+        lines += ["", nothing_chosen]
     lines += ["", "## Timings (seconds)", ""]
     lines += [f"- {stage}: {seconds:.1f}" for stage, seconds in results.get("timings", {}).items()]
     return "\n".join(lines) + "\n"

@@ -53,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
     print_summary(r, "edited")
     if r.get("delta") is not None:
         print(f"  delta {r['delta']}, {r['edited_token_count']} tokens edited, {len(r['features'])} features")
-    if no_candidate_chosen(r):
-        print(f"  {no_candidate_chosen(r)}")
+    nothing_chosen = no_candidate_chosen(r)
+    if nothing_chosen:
+        print(f"  {nothing_chosen}")
     return 0

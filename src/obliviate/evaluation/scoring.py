@@ -129,10 +129,10 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
     lengths = [len(items[group[0]][0]) + len(group) * width for group, width in zip(groups, widest)]
     kept = [len(group) * width for group, width in zip(groups, widest)]
     pad = lm.tokenizer.pad_token_id
+    cache_name = _cache_argument(lm.model)
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
         ids, mask, positions = _left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
-        cache_name = _cache_argument(lm.model)
         members = [i for g in batch for i in groups[g]]
         # A CPU index works on every device, also on a cache whose layers sit on several GPUs.
         rows = torch.tensor([row for row, g in enumerate(batch) for _ in groups[g]])
