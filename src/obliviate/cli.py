@@ -21,6 +21,7 @@ COMMANDS = {
     "attack": "run the attack battery (relearning, in-context, adversarial, probe)",
     "report": "write an HTML report and summary.csv for one or more runs",
     "compare": "run methods with and without EMBER on several concepts",
+    "summarize": "pooled, paired statistics over erase/compare runs",
     "eco": "ECO: fit a prompt classifier and corrupt flagged prompts at inference",
 }
 

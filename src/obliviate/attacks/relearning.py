@@ -192,6 +192,7 @@ def run(ctx: AttackContext, config: Config) -> dict:
             "before": accuracy_interval(curves[role][0], ctx.bootstrap, ctx.seed),
             "after": accuracy_interval(curves[role][-1], ctx.bootstrap, ctx.seed),
             "curve": [accuracy_interval(c, ctx.bootstrap, ctx.seed) for c in curves[role]],
+            "curve_correct": [c.tolist() for c in curves[role]],  # per question, for pooled statistics
             "losses": [e["loss"] for e in epochs],
             "train_seconds": [e["train_seconds"] for e in epochs],
             "seconds": time.perf_counter() - clock,

@@ -4,7 +4,9 @@ relearning, into one table (compare.csv and compare.md in --out).
 Each cell is an ordinary `erase` run in DIR/<concept>/<method>[+ember] (so an interrupted
 comparison resumes cell by cell), followed by the relearning attack on the erased model
 (obliviate.attacks.relearning): test QA accuracy after each relearning epoch and the share
-of the original model's knowledge it regains; report.html plots them all.
+of the original model's knowledge it regains; report.html plots them all. After the last
+cell, metrics pooled over concepts and paired differences (obliviate summarize's) go to
+compare.md's "Pooled" section and pooled.json.
 """
 from __future__ import annotations
 
@@ -19,9 +21,8 @@ from .. import methods
 from ..cli import add_run_arguments, collect_overrides
 from ..errors import ObliviateError
 from ..html_report import write_report
-from ..io import write_text
-
-CHANCE = 0.25  # four options
+from ..evaluation.metrics import CHANCE, knowledge_fraction
+from ..io import write_json, write_text
 
 COLUMNS = ("concept", "method", "ember", "delta", "params", "efficacy", "specificity", "coherence", "harmonic",
            "qa_test_base", "qa_test_edited")
@@ -74,14 +75,6 @@ def relearn_attack(result, config, epochs: int, paragraphs: int, progress: bool)
     return relearning.run(ctx, relearning.Config(epochs=epochs, paragraphs=paragraphs))
 
 
-def regained_fraction(base: float | None, after: float) -> float | None:
-    """Share of the original model's above-chance accuracy that relearning brings back
-    (METHOD.md section 4); None when the original is at chance (nothing to regain)."""
-    if base is None or base - CHANCE <= 0:
-        return None
-    return min(1.0, max(0.0, (after - CHANCE) / (base - CHANCE)))
-
-
 def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     value = lambda name: results.get(name, {}).get("value", "")  # noqa: E731
     base = results.get("qa_test", {}).get("base", {}).get("value")
@@ -92,12 +85,12 @@ def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
     for epoch, point in enumerate(curve[1:], start=1):
         row[f"qa_after_relearn_epoch_{epoch}"] = point["value"]
-    if curve:
-        row["relearn_regained"] = regained_fraction(base, curve[-1]["value"])
+    if curve and base is not None and base > CHANCE:  # at chance there is nothing to regain
+        row["relearn_regained"] = knowledge_fraction(curve[-1]["value"], base)
     return row
 
 
-def write_table(out: Path, rows: list[dict]) -> None:
+def write_table(out: Path, rows: list[dict], appendix: str = "") -> None:
     columns = list(COLUMNS) + sorted({k for r in rows for k in r if k not in COLUMNS})
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=columns)
@@ -107,7 +100,25 @@ def write_table(out: Path, rows: list[dict]) -> None:
     fmt = lambda v: f"{v:.3f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
     lines = ["| " + " | ".join(columns) + " |", "|" + " --- |" * len(columns)]
     lines += ["| " + " | ".join(fmt(r.get(c, "")) for c in columns) + " |" for r in rows]
-    write_text(out / "compare.md", "\n".join(lines) + "\n")
+    write_text(out / "compare.md", "\n".join(lines) + "\n" + appendix)
+
+
+def pooled_section(out: Path, runs: list[dict]) -> str:
+    """Pooled metrics and paired differences of the cells with per-question results
+    (pooled.json, and the markdown for compare.md); "" when no cell has them."""
+    from ..evaluation.pooled import arm_from_results
+    from .summarize import markdown, summarize
+
+    usable = [r for r in runs if "per_question" in r]
+    skipped = sorted(r["_name"] for r in runs if "per_question" not in r)
+    if not usable:
+        print("pooled statistics: no cell has per-question results (rerun the cells with this version).")
+        return ""
+    summary = summarize([arm_from_results(r, where=r["_name"]) for r in usable])
+    summary["cells_without_per_question"] = skipped
+    write_json(out / "pooled.json", summary)
+    note = f"\nCells left out (no per-question results, rerun them): {', '.join(skipped)}.\n" if skipped else ""
+    return "\n## Pooled\n\n" + markdown(summary) + note
 
 
 def run(args: argparse.Namespace) -> int:
@@ -135,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
         write_report(runs, out)  # report.html (plots) and summary.csv
         del result
         gc.collect()
+    write_table(out, rows, pooled_section(out, runs))
     print(f"\n{len(rows)} runs -> {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'report.html'}")
     print((out / "compare.md").read_text(encoding="utf-8"))
     return 0
