@@ -27,8 +27,9 @@ def _interval_ok(x: dict) -> bool:
 
 
 def test_registry_lists_valid_names_on_error():
-    assert attacks.available() == ["relearn", "in-context", "adversarial", "probe"]
-    with pytest.raises(ObliviateError, match="relearn, in-context, adversarial, probe"):
+    assert attacks.available() == ["relearn", "relearn-strong", "in-context", "adversarial", "probe",
+                                   "tied-restore", "embedding-repair", "repair-relearn"]
+    with pytest.raises(ObliviateError, match="relearn, relearn-strong, in-context, adversarial, probe, tied-restore"):
         attacks.parse_names("relearn,jailbreak")
     assert attacks.parse_names("probe, relearn,probe") == ["probe", "relearn"]
     with pytest.raises(ValueError):
@@ -42,7 +43,7 @@ def test_every_attack_runs_with_expected_shapes(ctx):
     settings = {"relearn": {"paragraphs": 3, "epochs": 2, "max_length": 24}, "in-context": {"k": 2},
                 "adversarial": {}, "probe": {"sentences": 12, "max_length": 16}}
     before = {role: parameter_fingerprints(lm.model) for role, lm in ctx.models.items()}
-    results = {name: attacks.run(name, ctx, settings[name]) for name in attacks.available()}
+    results = {name: attacks.run(name, ctx, settings[name]) for name in settings}  # white-box: test_white_box.py
     for role in ("original", "erased"):
         relearned = results["relearn"][role]
         assert len(relearned["curve"]) == 3 and len(relearned["losses"]) == 2

@@ -72,3 +72,59 @@ def test_a_patch_for_another_model_is_refused(tiny_tokenizer, fitted):
     other = make_tiny_lm(tiny_tokenizer, "llama", seed=1)
     with pytest.raises(ObliviateError, match="another model"):
         fitted.patch(1.0).apply(other.model)
+
+
+def test_a_saved_patch_is_forward_only_and_cannot_revert(tmp_path, tiny_lm, fitted):
+    patch = fitted.patch(4.0)
+    before = tiny_lm.model.get_input_embeddings().weight.detach().clone()
+    patch.save(tmp_path / "p.safetensors")
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "p.safetensors")
+    assert set(stored) == {"token_ids", "edited_rows"}  # no original row in the file
+    loaded = EmbeddingPatch.load(tmp_path / "p.safetensors")
+    assert loaded.metadata["revertible"] == "False" and loaded.original_sha256() == patch.original_sha256()
+    apply_verified(loaded, tiny_lm.model)  # applies: the hash of the original rows matches
+    assert not torch.equal(before, tiny_lm.model.get_input_embeddings().weight)
+    with pytest.raises(ObliviateError, match="forward-only.*cannot revert"):
+        revert_verified(loaded, tiny_lm.model)
+
+
+def test_a_revertible_patch_reverts_and_says_so(tmp_path, tiny_lm, fitted):
+    patch = fitted.patch(4.0)
+    before = tiny_lm.model.get_input_embeddings().weight.detach().clone()
+    patch.save(tmp_path / "revert.safetensors", revertible=True)
+    loaded = EmbeddingPatch.load(tmp_path / "revert.safetensors")
+    assert loaded.metadata["revertible"] == "True"
+    apply_verified(loaded, tiny_lm.model)
+    revert_verified(loaded, tiny_lm.model)
+    assert torch.equal(before, tiny_lm.model.get_input_embeddings().weight)
+
+
+def test_a_revertible_patch_is_refused_inside_the_output_folder(tmp_path):
+    from obliviate.edits import check_revertible_path
+
+    for inside in ("out/model/p.safetensors", "out/p.safetensors"):
+        with pytest.raises(ObliviateError, match="inside the output folder"):
+            check_revertible_path(tmp_path / inside, tmp_path / "out")
+    assert check_revertible_path(tmp_path / "keep" / "p.safetensors", tmp_path / "out") == tmp_path / "keep" / "p.safetensors"
+
+
+def test_a_saved_patch_for_another_model_is_refused_naming_both(tmp_path, tiny_lm, fitted):
+    from transformers import AutoModelForCausalLM
+
+    from conftest import make_tiny_lm, tiny_config
+
+    patch = fitted.patch(2.0)
+    apply_verified(patch, tiny_lm.model)  # records the model it was made for
+    patch.save(tmp_path / "p.safetensors")
+    loaded = EmbeddingPatch.load(tmp_path / "p.safetensors")
+    bigger = AutoModelForCausalLM.from_config(tiny_config("llama", 1600))
+    with pytest.raises(ObliviateError, match=r"another model \(tiny-gemma3, vocabulary 1500.*vocabulary 1600"):
+        loaded.apply(bigger)
+    same_shape = make_tiny_lm(tiny_lm.tokenizer, "llama", seed=1)  # same shape, other weights: the hash differs
+    with pytest.raises(ObliviateError, match="sha256.*another model"):
+        loaded.apply(same_shape.model)
+    bad_ids = EmbeddingPatch(torch.tensor([1500]), None, loaded.edited_rows[:1], dict(loaded.metadata))
+    with pytest.raises(ObliviateError, match="not valid ids"):
+        bad_ids.apply(tiny_lm.model)

@@ -30,7 +30,8 @@ def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir
                 "simdom_test", "general_test", "efficacy", "specificity", "coherence", "harmonic",
                 "delta_sweep", "timings", "embeddings_untied", "general_knowledge_source"):
         assert key in results, key
-    assert results["embeddings_untied"] is True
+    assert results["embeddings_untied"] is False  # default: the tied matrix is edited, nothing leaks
+    assert results["leak_check"]["passed"] and "leak_warning" not in results
     assert {"low", "high", "value"} <= set(results["qa_test"]["edited"])
     assert [c["params"]["delta"] for c in results["delta_sweep"]][0] == 1.0
     assert (out / "report.md").read_text().startswith("# Erasure of 'Golf'")
@@ -45,15 +46,15 @@ def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir
         patch = EmbeddingPatch.load(out / "embedding_patch.safetensors")
         assert set(changed.flatten().tolist()) == patch.changed_token_ids()
         assert len(load_file(out / "embedding_patch.safetensors")["token_ids"]) == results["edited_token_count"]
-        # The output layer is the original one: only the input embedding was edited.
-        assert torch.equal(reloaded.lm_head.weight, original.get_input_embeddings().weight)
+        # The output layer is the edited matrix itself: no original row survives in it.
+        assert torch.equal(reloaded.lm_head.weight, reloaded.get_input_embeddings().weight)
     else:
         assert len(changed) == 0
     assert result["concept"] == "Golf"
 
 
 def test_fixed_delta_and_patch_apply_revert_through_the_api(tiny_model_dir, data_dir, tmp_path):
-    run(tiny_model_dir, data_dir, tmp_path / "run", ember={**FAST["ember"], "delta": 7.0}, save_model=False)
+    result = run(tiny_model_dir, data_dir, tmp_path / "run", ember={**FAST["ember"], "delta": 7.0}, save_model=False)
     assert not (tmp_path / "run" / "model").exists()
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["delta"] == 7.0
@@ -61,7 +62,9 @@ def test_fixed_delta_and_patch_apply_revert_through_the_api(tiny_model_dir, data
     before = lm.model.get_input_embeddings().weight.clone()
     patch = obliviate.apply_patch(lm, tmp_path / "run" / "embedding_patch.safetensors")
     assert not torch.equal(before, lm.model.get_input_embeddings().weight)
-    obliviate.revert_patch(lm, patch)
+    with pytest.raises(ObliviateError, match="forward-only"):  # the file holds no original row
+        obliviate.revert_patch(lm, patch)
+    obliviate.revert_patch(lm, result.edit)  # the run's patch in memory still can
     assert torch.equal(before, lm.model.get_input_embeddings().weight)
 
 

@@ -39,7 +39,8 @@ def erase(concept: str, data: str | Path | None = None, out: str | Path | None =
 
 
 def apply_patch(model_or_lm, patch_path: str | Path) -> EmbeddingPatch:
-    """Apply a saved embedding patch to a model, verified; returns it for ``revert_patch``."""
+    """Apply a saved embedding patch to a model, verified (a patch for another model, by
+    shape or by the sha256 of its original rows, is refused); returns it for ``revert_patch``."""
     model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
     patch = EmbeddingPatch.load(patch_path)
     if patch.metadata.get("embeddings_untied") == "True":
@@ -49,7 +50,8 @@ def apply_patch(model_or_lm, patch_path: str | Path) -> EmbeddingPatch:
 
 
 def revert_patch(model_or_lm, patch: EmbeddingPatch) -> None:
-    """Undo ``apply_patch``; the original bits come back (verified)."""
+    """Undo ``apply_patch``; the original bits come back (verified). A forward-only patch
+    (the default file: no original rows) cannot revert and raises ObliviateError."""
     model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
     revert_verified(patch, model)
 

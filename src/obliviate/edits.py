@@ -7,6 +7,7 @@ None when the edit may change any output.
 """
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, runtime_checkable
@@ -30,26 +31,67 @@ class EditVerificationError(ObliviateError):
     pass
 
 
+FORWARD_ONLY = (
+    "This patch is forward-only: it was saved without the original rows, so that whoever receives it cannot "
+    "restore the erased concept, and it cannot revert. Reload the original model instead, or save a revertible "
+    "patch (--revertible-patch PATH, kept outside the output folder)."
+)
+
+
+def rows_sha256(rows: torch.Tensor) -> str:
+    """A hash of rows' exact bits (dtype and shape included): checks a patch is applied to
+    the model it was made for without revealing the rows."""
+    rows = rows.detach().to("cpu").contiguous()
+    digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
+    digest.update(rows.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def model_identity(model: torch.nn.Module) -> dict[str, str]:
+    """What a patch records about the model it was applied to (string safetensors metadata)."""
+    vocab, hidden = model.get_input_embeddings().weight.shape
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
+    return {"vocab_size": str(vocab), "hidden_size": str(hidden), "model_path": name}
+
+
 @dataclass
 class EmbeddingPatch:
     """New values for some rows of the input embedding matrix (stored unscaled).
 
-    The patch holds the original rows too, so revert restores the original bits exactly,
-    and a saved patch is a few kilobytes instead of a model of gigabytes.
+    In memory the patch holds the original rows too (revert restores the original bits).
+    A saved patch is forward-only by default: token ids, the NEW rows and a sha256 of the
+    original rows (to check the model it is applied to); the original rows are written only
+    with ``save(path, revertible=True)``, because whoever holds them can undo the erasure.
     """
 
     token_ids: torch.Tensor  # (m,) long
-    original_rows: torch.Tensor  # (m, d)
+    original_rows: torch.Tensor | None  # (m, d); None for a forward-only patch read from a file
     edited_rows: torch.Tensor  # (m, d)
     metadata: dict[str, str]
 
     def __post_init__(self) -> None:
-        if self.original_rows.shape != self.edited_rows.shape or self.original_rows.shape[0] != len(self.token_ids):
+        rows = self.edited_rows
+        if rows.dim() != 2 or rows.shape[0] != len(self.token_ids) or (
+                self.original_rows is not None and self.original_rows.shape != rows.shape):
             raise ValueError("token_ids, original_rows and edited_rows must describe the same rows")
 
+    @property
+    def revertible(self) -> bool:
+        return self.original_rows is not None
+
+    def _moved(self) -> torch.Tensor:
+        if self.original_rows is None:  # a saved patch keeps only the rows that change
+            return torch.ones(len(self.token_ids), dtype=torch.bool)
+        return (self.original_rows != self.edited_rows).any(dim=1)
+
     def changed_token_ids(self) -> set[int]:
-        moved = (self.original_rows != self.edited_rows).any(dim=1)
-        return set(self.token_ids[moved].tolist())
+        return set(self.token_ids[self._moved()].tolist())
+
+    def original_sha256(self) -> str:
+        """The hash of the original rows of the tokens that change."""
+        if self.original_rows is None:
+            return self.metadata["original_sha256"]
+        return rows_sha256(self.original_rows[self._moved()])
 
     def summary(self) -> dict:
         return {"kind": "embedding_patch", "rows": len(self.token_ids), "changed_rows": len(self.changed_token_ids())}
@@ -59,35 +101,94 @@ class EmbeddingPatch:
         with torch.no_grad():
             weight[self.token_ids.to(weight.device)] = rows.to(device=weight.device, dtype=weight.dtype)
 
+    def _current_rows(self, model: torch.nn.Module) -> torch.Tensor:
+        weight = model.get_input_embeddings().weight
+        return weight[self.token_ids.to(weight.device)].detach().to("cpu", self.edited_rows.dtype)
+
     def apply(self, model: torch.nn.Module) -> None:
         self._check_matches(model)
         self._write_rows(model, self.edited_rows)
+        if not torch.equal(self._current_rows(model), self.edited_rows):
+            raise EditVerificationError("After applying the patch the embedding rows differ from the patch's rows.")
+        self.metadata.update(model_identity(model))  # the model it is for, checked when it is applied again
 
     def revert(self, model: torch.nn.Module) -> None:
+        if self.original_rows is None:
+            raise ObliviateError(FORWARD_ONLY)
         self._write_rows(model, self.original_rows)
 
     def _check_matches(self, model: torch.nn.Module) -> None:
-        weight = model.get_input_embeddings().weight
-        current = weight[self.token_ids.to(weight.device)].detach().to("cpu", self.original_rows.dtype)
-        if current.shape[1] != self.original_rows.shape[1]:
+        self._check_identity(model)
+        current = self._current_rows(model)
+        if torch.equal(current, self.edited_rows):
+            return  # applied already
+        if self.original_rows is not None:
+            matches = torch.equal(current, self.original_rows)
+        else:
+            matches = rows_sha256(current) == self.metadata.get("original_sha256")
+        if not matches:
             raise ObliviateError(
-                f"This patch is for a model with hidden size {self.original_rows.shape[1]}, but the model has "
-                f"{current.shape[1]}: apply it to the model it was made for ({self.metadata.get('model', '?')})."
-            )
-        if not (torch.equal(current, self.original_rows) or torch.equal(current, self.edited_rows)):
-            raise ObliviateError(
-                "The model's embedding rows match neither this patch's original nor its edited rows: the patch "
-                f"was made for another model ({self.metadata.get('model', '?')})."
+                "The model's embedding rows match neither this patch's original (by its sha256) nor its edited "
+                f"rows: the patch was made for another model ({self._made_for()}), not {_describe(model)}."
             )
 
-    def save(self, path: str | Path) -> None:
-        tensors = {"token_ids": self.token_ids, "original_rows": self.original_rows, "edited_rows": self.edited_rows}
-        save_tensors(path, tensors, self.metadata)
+    def _check_identity(self, model: torch.nn.Module) -> None:
+        """Refuse, before touching any row, a patch whose vocabulary, width or ids do not fit."""
+        vocab, hidden = model.get_input_embeddings().weight.shape
+        want_vocab, want_hidden = self.metadata.get("vocab_size"), self.metadata.get("hidden_size")
+        if (want_vocab and int(want_vocab) != vocab) or (want_hidden and int(want_hidden) != hidden) \
+                or self.edited_rows.shape[1] != hidden:
+            raise ObliviateError(
+                f"This patch was made for another model ({self._made_for()}); it cannot be applied to "
+                f"{_describe(model)}."
+            )
+        ids = self.token_ids
+        if ids.dim() != 1 or ids.dtype != torch.long or (len(ids) and (ids.min() < 0 or ids.max() >= vocab)):
+            raise ObliviateError(f"The patch's token ids are not valid ids of a {vocab}-token vocabulary.")
+        if not self.edited_rows.is_floating_point():
+            raise ObliviateError(f"The patch's rows are {self.edited_rows.dtype}, not floating point.")
+
+    def _made_for(self) -> str:
+        m = self.metadata
+        shape = f"vocabulary {m.get('vocab_size', '?')}, hidden size {m.get('hidden_size', self.edited_rows.shape[1])}"
+        return f"{m.get('model', '?')}, {shape}"
+
+    def save(self, path: str | Path, revertible: bool = False) -> None:
+        """Forward-only unless ``revertible`` (then the original rows are in the file too)."""
+        moved = self._moved()
+        tensors = {"token_ids": self.token_ids[moved], "edited_rows": self.edited_rows[moved]}
+        if revertible:
+            if self.original_rows is None:
+                raise ObliviateError(FORWARD_ONLY)
+            tensors["original_rows"] = self.original_rows[moved]
+        metadata = {**self.metadata, "original_sha256": self.original_sha256(), "revertible": str(revertible)}
+        save_tensors(path, tensors, metadata)
 
     @classmethod
     def load(cls, path: str | Path) -> "EmbeddingPatch":
         tensors, metadata = load_tensors(path, "Patch")
-        return cls(tensors["token_ids"], tensors["original_rows"], tensors["edited_rows"], metadata)
+        if "original_rows" not in tensors and "original_sha256" not in metadata:
+            raise ObliviateError(f"Patch file {path} has neither original rows nor their sha256: it is not a patch.")
+        return cls(tensors["token_ids"], tensors.get("original_rows"), tensors["edited_rows"], metadata)
+
+
+def _describe(model: torch.nn.Module) -> str:
+    identity = model_identity(model)
+    return f"{identity['model_path'] or 'this model'}, vocabulary {identity['vocab_size']}, hidden size {identity['hidden_size']}"
+
+
+def check_revertible_path(path: str | Path, out: str | Path | None) -> Path:
+    """A revertible patch undoes the erasure: refuse to write it inside the output folder,
+    which is what gets shared (model/ and everything next to it)."""
+    target = Path(path).resolve()
+    if out is not None:
+        folder = Path(out).resolve()
+        if target == folder or folder in target.parents:
+            raise ObliviateError(
+                f"--revertible-patch {path} is inside the output folder {out}: that file restores the original "
+                "model, so keep it somewhere that is not shared with model/ (outside --out)."
+            )
+    return target
 
 
 @dataclass
@@ -131,7 +232,7 @@ def revert_verified(edit: EmbeddingPatch, model: torch.nn.Module) -> None:
     _expect_changes(model, before, parameter_fingerprints(model), edit.changed_token_ids())
     weight = model.get_input_embeddings().weight
     restored = weight[edit.token_ids.to(weight.device)].detach().to("cpu", edit.original_rows.dtype)
-    if not torch.equal(restored, edit.original_rows):
+    if not torch.equal(restored, edit.original_rows):  # revert raised already for a forward-only patch
         raise EditVerificationError("Reverting the patch did not restore the original embedding rows bit for bit.")
 
 

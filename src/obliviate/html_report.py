@@ -18,7 +18,7 @@ from pathlib import Path
 from .errors import ObliviateError
 from .io import atomic_path, read_json, write_text
 
-ATTACKS = ("relearn", "in-context", "adversarial")
+ATTACKS = ("relearn", "relearn-strong", "in-context", "adversarial", "tied-restore", "embedding-repair", "repair-relearn")
 # summary.csv columns: (column, where in results, what it means)
 COLUMNS = [
     ("qa_base", ("qa_test", "base"), "QA test accuracy of the original model"),
@@ -296,6 +296,15 @@ def _unique_erasures(runs: list[dict]) -> list[dict]:
     return [erase for _, erase in sorted(kept, key=lambda item: item[0])]
 
 
+def _leak_warning(run: dict) -> str | None:
+    """The erase run's leak warning, or a failed leak check (attack runs carry their erase run's)."""
+    erase = {**run.get("erase_results", {}), **run}
+    check = erase.get("leak_check") or {}
+    if erase.get("leak_warning"):
+        return erase["leak_warning"]
+    return None if check.get("passed", True) else f"leak check FAILED: {check.get('leak_count')} original rows in the saved files."
+
+
 def _card(title: str, body: str) -> str:
     return f"<div class='card'><h2>{html.escape(title)}</h2>{body}</div>"
 
@@ -326,6 +335,8 @@ def render_html(runs: list[dict]) -> str:
             f"<h1>{html.escape(title)}</h1><div class='sub'>{subtitle}</div>"
             + _card("Summary", summary_table(rows))
             + "".join(f"<p class='sub bad'>{html.escape(r['run'])}: {html.escape(r['note'])}</p>" for r in rows if r["note"])
+            + "".join(f"<p class='sub bad'>{html.escape(str(r.get('_name', r.get('concept'))))}: {html.escape(w)}</p>"
+                      for r in runs for w in [_leak_warning(r)] if w)
             + (f"<p class='sub'>{html.escape('; '.join(judge))}</p>" if judge else "")
             + f"<div class='grid'>{''.join(cards)}</div></body></html>")
 

@@ -309,9 +309,15 @@ def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, c
 
 def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool) -> None:
     """model/ (plain from_pretrained), the patch, and report.md; each written atomically
-    (model/ is written beside and renamed into place)."""
+    (model/ is written beside and renamed into place). Then the leak check: no saved file
+    may hold an edited token's original row (an untied output layer is expected to, and warned of)."""
+    from .edits import check_revertible_path
+    from .leak_check import UNTIED_WARNING, check_outputs
     from .report import markdown_report
 
+    revertible = results["config"].get("revertible_patch") or None
+    if revertible:
+        revertible = check_revertible_path(revertible, out)  # before writing anything
     model_dir = out / "model"
     staging = out / "model.partial"
     shutil.rmtree(staging, ignore_errors=True)
@@ -324,5 +330,19 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool
     for patch in patches:
         patch.metadata["embeddings_untied"] = str(results["embeddings_untied"])
         patch.save(out / "embedding_patch.safetensors")
+        if revertible:
+            patch.save(revertible, revertible=True)
+    results["leak_check"] = check_outputs(out, patches)
+    if results["embeddings_untied"]:
+        results["leak_warning"] = UNTIED_WARNING
     write_text(out / "report.md", markdown_report(results))
     write_html_report([{**results, "_name": out.name}], out)  # report.html and summary.csv
+    if not results["leak_check"]["passed"] and not results["embeddings_untied"]:
+        write_json(out / "results.json", results)  # the record of the failure, then fail loudly
+        leak = results["leak_check"]["leaks"][0]
+        raise ObliviateError(
+            f"Leak check failed: {results['leak_check']['leak_count']} saved row(s) still equal an edited token's "
+            f"original row (first: token {leak['token_id']} in {leak['tensor']} row {leak['row']}, cosine "
+            f"{leak['cosine']:.4f}). Whoever holds {out} could restore the original; do not share it. See "
+            "results.json leak_check."
+        )

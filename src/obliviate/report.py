@@ -63,6 +63,17 @@ def _feature_rows(features: list[dict], limit: int = 12) -> list[str]:
     return rows
 
 
+def _leak_lines(results: dict) -> list[str]:
+    """The leak check's verdict, and the untied-embeddings warning when it applies."""
+    check = results.get("leak_check")
+    lines = [] if not check else [
+        f"Leak check: {'passed' if check['passed'] else 'FAILED'} ({check['tensors_checked']} tensors checked, "
+        f"{check.get('leak_count', len(check['leaks']))} saved rows equal an edited token's original row)."]
+    if results.get("leak_warning"):
+        lines += ["", f"> **Warning:** {results['leak_warning']}"]
+    return ["", *lines] if lines else []
+
+
 def markdown_report(results: dict) -> str:
     lines = [
         f"# Erasure of {results['concept']!r} with {results['method']}",
@@ -70,6 +81,7 @@ def markdown_report(results: dict) -> str:
         f"Model: {results['model']} (`{results['model_source']}`); seed {results['seed']}; "
         f"output embeddings {'untied (only the input embedding changed)' if results['embeddings_untied'] else 'tied (the output layer changed too)'}.",
         f"General knowledge: {results['general_knowledge_source']}. Intervals are 95% bootstrap intervals over questions.",
+        *_leak_lines(results),
         "",
         "## Test questions (final numbers, measured once)",
         *_accuracy_rows(results),

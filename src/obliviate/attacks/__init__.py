@@ -16,12 +16,23 @@ from ..registry import LazyRegistry
 from .common import AttackContext
 
 _REGISTRY = LazyRegistry("attack", "-", "Valid attacks")
-register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get
+register, available = _REGISTRY.register, _REGISTRY.available
 
 register("relearn", "obliviate.attacks.relearning")
+register("relearn-strong", "obliviate.attacks.relearning")
 register("in-context", "obliviate.attacks.in_context")
 register("adversarial", "obliviate.attacks.adversarial")
 register("probe", "obliviate.attacks.probe")
+register("tied-restore", "obliviate.attacks.white_box")
+register("embedding-repair", "obliviate.attacks.white_box")
+register("repair-relearn", "obliviate.attacks.white_box")
+
+
+def get(name: str):
+    """The attack (its ``Config`` and ``run``): its module, or the entry of that module's
+    ``ATTACKS`` when one module holds several attacks."""
+    module = _REGISTRY.get(name)
+    return getattr(module, "ATTACKS", {}).get(name, module)
 
 
 def parse_names(spec: str | list[str] | None) -> list[str]:

@@ -22,6 +22,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
@@ -200,3 +201,16 @@ def run(ctx: AttackContext, config: Config) -> dict:
     if "original" in curves and "erased" in curves:
         out["recovered_frac"] = recovered_fraction(curves["original"][0], curves["erased"][-1], ctx.bootstrap, ctx.seed)
     return out
+
+
+@dataclass(frozen=True)
+class StrongConfig(Config):
+    """``relearn-strong``: on the embedded model the reference lr 1e-5 lowers even the
+    ORIGINAL model's accuracy, so it says little about what an erasure hides; ten times
+    the learning rate and one more epoch is an attacker that actually relearns."""
+
+    epochs: int = 3
+    lr: float = 1e-4
+
+
+ATTACKS = {"relearn-strong": SimpleNamespace(Config=StrongConfig, run=run)}

@@ -48,6 +48,17 @@ def erase_run_info(spec: str | None) -> tuple[str | None, dict]:
     return spec, {}
 
 
+def edited_token_ids(spec: str | None) -> list[int] | None:
+    """The token ids an erase run edited (its patch's ids), so white-box attacks can say how
+    many of the rows they flag were really edited; None for other model folders."""
+    patch_file = Path(spec) / PATCH_FILE if spec else None
+    if patch_file is None or not patch_file.is_file():
+        return None
+    from ..edits import EmbeddingPatch
+
+    return sorted(EmbeddingPatch.load(patch_file).changed_token_ids())
+
+
 def resolve_base(spec: str | None, base: str | None) -> tuple[str, str, dict]:
     """(model to load, original to load, recorded results); the original defaults to the
     one the erase run recorded, else the embedded model."""
@@ -120,7 +131,7 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
         models={"original": pair.original, "erased": pair.erased}, data=data,
         data_dir=Path(config.data.data) if config.data.data else None, scoring=config.evaluation.scoring,
         seed=config.seed, bootstrap=config.evaluation.bootstrap, batching=Batching(config.evaluation.batch_tokens),
-        out=out, progress=progress,
+        out=out, progress=progress, options={"edited_token_ids": edited_token_ids(config.model.name)},
     )
     for name in names:
         if name in state["done"]:
@@ -137,7 +148,8 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
         "attacks": names, **{name: state["done"][name] for name in names},
         "timings": {name: state["done"][name]["seconds"] for name in names},
         "device": str(pair.erased.device), "torch_threads": torch.get_num_threads(),
-        "erase_results": {k: pair.recorded[k] for k in ("qa_test", "delta", "features", "delta_sweep") if k in pair.recorded},
+        "erase_results": {k: pair.recorded[k] for k in ("qa_test", "delta", "features", "delta_sweep", "leak_check",
+                                                         "leak_warning") if k in pair.recorded},
     }
     write_json(out / "results.json", results)
     (out / CHECKPOINT).unlink(missing_ok=True)

@@ -13,6 +13,7 @@ SHORTCUTS = {
     "lr": ("relearn", "lr"),
     "k": ("in-context", "k"),
     "probe_sentences": ("probe", "sentences"),
+    "repair_z": ("embedding-repair", "z_threshold"),
 }
 
 
@@ -21,13 +22,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("attacks")
     group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
     group.add_argument("--attacks", default="relearn,in-context,adversarial,probe",
-                       help="comma-separated: relearn, in-context, adversarial, probe (default: all)")
+                       help="comma-separated: relearn, relearn-strong, in-context, adversarial, probe, and the "
+                            "white-box tied-restore, embedding-repair, repair-relearn (default: the first four)")
     group.add_argument("--relearn-paragraphs", type=int, default=None, help="relearning paragraphs (default 100)")
     group.add_argument("--epochs", type=int, default=None, help="relearning epochs (default 2)")
     group.add_argument("--max-length", type=int, default=None, help="relearning tokens per paragraph (default 256)")
     group.add_argument("--lr", type=float, default=None, help="relearning AdamW learning rate (default 1e-5)")
     group.add_argument("--k", type=int, default=None, help="in-context paragraphs before each question (default 3)")
     group.add_argument("--probe-sentences", type=int, default=None, help="probe sentences per class (default 150)")
+    group.add_argument("--repair-z", type=float, default=None,
+                       help="embedding-repair: flag rows whose robust norm/direction z exceeds this (default 6)")
     group.add_argument("--set", dest="attack_settings", action="append", default=[], metavar="ATTACK.KEY=VALUE",
                        help="any attack setting, e.g. --set relearn.weight_decay=0 (repeatable)")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

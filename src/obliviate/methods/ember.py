@@ -40,7 +40,10 @@ class Config:
     max_tokens_per_feature: int = 200  # reference cap on each feature's token list
     delta_grid: tuple[float, ...] = DELTA_GRID
     delta: float | None = None  # fixed delta: skip the grid
-    untie_embeddings: bool = True  # reference: only the input embedding changes
+    # False: a tied model's shared matrix is edited, so no original row survives in the saved
+    # model. True is the reference (output layer untied, only the input rows change), but then
+    # lm_head keeps every edited token's ORIGINAL row: whoever holds the weights can copy it back.
+    untie_embeddings: bool = False
     # Where the factorization runs: "cpu" (the reference's default) or "model" (the
     # device of the input embedding, e.g. a GPU; same seed, results equal up to float order).
     factorize_on: str = "cpu"
