@@ -1,11 +1,15 @@
 """Quality of EMBER on every benchmark concept (the embedded model, 2 CPU cores).
 
-    python bench/quality_table.py --data ../shared/data/ember-benchmark --out runs/quality
+    python bench/quality_table.py --data ../shared/data/ember-benchmark --out runs/quality \
+        [--relearn-paragraphs 100]
 
 Each concept is a full `erase` (delta chosen on TRAIN questions, numbers on TEST), written
-to OUT/<concept>/; finished concepts are skipped, so an interrupted run resumes. Prints a
-Markdown table: base and edited test accuracies with 95% intervals, efficacy,
-specificity, coherence, delta, tokens edited, and the top tokens of the first features.
+to OUT/<concept>/; with --relearn-paragraphs N the reference relearning attack (2 epochs,
+lr 1e-5) follows on the erased model. Finished concepts are skipped, so an interrupted
+run resumes. Prints Markdown tables: per concept (base and edited test accuracies with 95%
+intervals, efficacy, specificity, general coherence, fluency on concept text, the share of
+QA questions that contain an edited token, delta, tokens), then the pooled rows (stratified
+bootstrap over concepts, near-chance concepts left out and named).
 """
 from __future__ import annotations
 
@@ -16,40 +20,81 @@ import time
 from pathlib import Path
 
 import obliviate
+from obliviate.attacks import relearning
+from obliviate.attacks.common import AttackContext
 from obliviate.data import list_concepts
-from obliviate.report import fmt
+from obliviate.evaluation.pooled import arm_from_results, paired_difference, pooled_metrics
+from obliviate.io import write_json
+from obliviate.pipeline import load_concept_data
 
 
 def slug(concept: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
-def run_concept(concept: str, data: str, out: Path, extra: dict) -> dict:
-    results_file = out / slug(concept) / "results.json"
-    if results_file.exists():
-        return json.loads(results_file.read_text())
+def run_concept(concept: str, data: str, out: Path, extra: dict, paragraphs: int) -> dict:
+    folder = out / slug(concept)
+    if (folder / "results.json").exists() and (not paragraphs or (folder / "relearn.json").exists()):
+        return _with_relearn(folder)
     start = time.perf_counter()
-    result = obliviate.erase(concept, data=data, out=out / slug(concept), save_model=False, **extra)
-    print(f"[{concept}] {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    return result.results
+    result = obliviate.erase(concept, data=data, out=folder, save_model=False, **extra)
+    print(f"[{concept}] erase {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    if paragraphs:
+        start = time.perf_counter()
+        config = obliviate.api.make_config(None, concept=concept, data={"data": data}, out=str(folder))
+        ctx = AttackContext(models={"erased": result.lm}, data=load_concept_data(config), data_dir=Path(data),
+                            scoring="auto", seed=42, bootstrap=1000, out=folder, progress=True)
+        write_json(folder / "relearn.json", relearning.run(ctx, relearning.Config(paragraphs=paragraphs)))
+        print(f"[{concept}] relearning {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    return _with_relearn(folder)
 
 
-def table(rows: list[dict]) -> str:
+def _with_relearn(folder: Path) -> dict:
+    results = json.loads((folder / "results.json").read_text())
+    if (folder / "relearn.json").exists():
+        results["relearn"] = json.loads((folder / "relearn.json").read_text())
+    return results
+
+
+def _interval(entry: dict) -> str:
+    return f"{entry['value']:.2f} ({entry['low']:.2f}-{entry['high']:.2f})"
+
+
+def concept_table(rows: list[dict]) -> str:
     lines = [
-        "| concept | QA base | QA edited | SimDom base | SimDom edited | general base | general edited | efficacy | specificity | coherence | delta | tokens | features (top tokens) |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| concept | QA base | QA edited | SimDom base -> edited | general base -> edited | efficacy | specificity | "
+        "coherence (general) | fluency on concept text | QA coverage | delta | tokens | relearned QA (epochs) | "
+        "near chance |",
+        "|" + " --- |" * 14,
     ]
     for r in rows:
-        acc = lambda k, side: f"{r[k][side]['value']:.2f} ({r[k][side]['low']:.2f}-{r[k][side]['high']:.2f})"  # noqa: E731
         value = lambda k: f"{r[k]['value']:.2f}" if k in r else "n/a"  # noqa: E731
-        features = "; ".join(",".join(t.strip() for t in f["top_tokens"][:4]) for f in r["features"][:3])
+        pair = lambda k: f"{r[k]['base']['value']:.2f} -> {r[k]['edited']['value']:.2f}"  # noqa: E731
+        curve = r.get("relearn", {}).get("erased", {}).get("curve", [])
+        relearned = " / ".join(f"{c['value']:.2f}" for c in curve[1:]) or "-"
+        near = ",".join(k for k, v in r.get("near_chance", {}).items() if v) or "-"
+        coverage = r.get("coverage", {}).get("qa", {}).get("share")
         lines.append(
-            f"| {r['concept']} | {acc('qa_test', 'base')} | {acc('qa_test', 'edited')} | {acc('simdom_test', 'base')} | "
-            f"{acc('simdom_test', 'edited')} | {acc('general_test', 'base')} | {acc('general_test', 'edited')} | "
-            f"{value('efficacy')} | {value('specificity')} | {value('coherence')} | {r['delta']} | "
-            f"{r['edited_token_count']} | {features} |"
+            f"| {r['concept']} | {_interval(r['qa_test']['base'])} | {_interval(r['qa_test']['edited'])} | "
+            f"{pair('simdom_test')} | {pair('general_test')} | {value('efficacy')} | {value('specificity')} | "
+            f"{value('coherence')} | {value('concept_fluency')} | "
+            f"{'' if coverage is None else f'{coverage:.2f}'} | {r['delta']} | {r['edited_token_count']} | "
+            f"{relearned} | {near} |"
         )
     return "\n".join(lines)
+
+
+def pooled_table(rows: list[dict]) -> tuple[str, dict]:
+    arms = [arm_from_results(r, r["concept"]) for r in rows]
+    pooled = {name: p.as_dict() for name, p in pooled_metrics(arms).items()}
+    versus = {name: d.as_dict() for name, d in paired_difference(arms, None).items()}
+    lines = ["| pooled metric | value (95% CI) | concepts | left out |", "| --- | --- | --- | --- |"]
+    for name, p in pooled.items():
+        if p["value"] is None:
+            continue
+        left_out = "; ".join(f"{c}" for c in p["excluded"]) or "-"
+        lines.append(f"| {name} | {p['value']:.2f} ({p['low']:.2f}-{p['high']:.2f}) | {p['n_concepts']} | {left_out} |")
+    return "\n".join(lines), {"pooled": pooled, "ember_minus_original": versus}
 
 
 def main() -> None:
@@ -58,11 +103,16 @@ def main() -> None:
     parser.add_argument("--out", default="runs/quality")
     parser.add_argument("--concepts", default=None, help="comma-separated; default all")
     parser.add_argument("--selection", default=None, help="contrast | reference | judge")
+    parser.add_argument("--relearn-paragraphs", type=int, default=0,
+                        help="run the reference relearning attack on this many paragraphs (0: none; reference 100)")
     args = parser.parse_args()
     concepts = args.concepts.split(",") if args.concepts else list_concepts(args.data)
     extra = {"ember": {"selection": args.selection}} if args.selection else {}
-    rows = [run_concept(c, args.data, Path(args.out), extra) for c in concepts]
-    print(table(rows))
+    rows = [run_concept(c, args.data, Path(args.out), extra, args.relearn_paragraphs) for c in concepts]
+    print(concept_table(rows))
+    text, pooled = pooled_table(rows)
+    print("\n" + text)
+    write_json(Path(args.out) / "pooled.json", pooled)
 
 
 if __name__ == "__main__":

@@ -69,14 +69,17 @@ def test_a_grid_that_chooses_nothing_says_so_and_why():
     results = {
         "concept": "Golf", "method": "rmu+ember", "model": "m", "model_source": "s", "seed": 1,
         "embeddings_untied": True, "general_knowledge_source": "g", "params": {},
-        "config": {"evaluation": {"general_gate": 0.9, "coherence_gate": 0.9}},
+        "config": {"evaluation": {"general_gate": 0.9, "coherence_gate": 0.9, "method_general_gate": 0.7,
+                                  "method_max_qa_frac": 0.6, "method_coherence_gate": 0.9}},
         "method_sweep": [
             {"params": {"lr": 1e-4}, "metrics": metrics(0.95), "score": 0.0, "rejected": "general-knowledge fraction 0.52 < 0.9"},
             {"params": {"lr": 1e-3}, "metrics": metrics(0.74), "score": 0.0, "rejected": None},
         ],
     }
     sentence = no_candidate_chosen(results)
-    assert "the EMBER-edited model" in sentence and "coherence >= 0.9" in sentence
+    assert "the EMBER-edited model" in sentence and "coherence >= 0.9" in sentence and "QA fraction <= 0.6" in sentence
+    no_gate = {**results, "config": {"evaluation": {**results["config"]["evaluation"], "method_coherence_gate": None}}}
+    assert "coherence" not in no_candidate_chosen(no_gate) and "scores 0" not in markdown_report(no_gate)
     report = markdown_report(results)
     assert "| general-knowledge fraction 0.52 < 0.9 |" in report and "| coherence < 0.9: scores 0 |" in report
     assert sentence in report

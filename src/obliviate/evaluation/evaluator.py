@@ -1,9 +1,18 @@
 """Evaluate an edit against the original model on one split (train or test).
 
-The original model's answers are computed once per split and cached. For an edit that
-only changes some tokens' input embeddings (with untied output embeddings), a question
-or coherence prompt that uses none of those tokens gets exactly the original's output,
-so only the touched ones are run again; any other edit re-runs everything.
+What is measured (METHOD.md section 4): multiple-choice accuracy and the normalized
+probability of the correct option on the QA, SimDom and general-knowledge sets; coherence
+on GENERAL prompts (not about the concept); and, as a diagnostic, fluency on the concept's
+own coherency prompts (text that reuses the edited tokens: the paper's "localized" cost).
+
+The original model's answers and continuations are computed once per split and cached.
+For an edit that only changes some tokens' embedding rows, a question or prompt that uses
+none of those tokens has exactly the original's hidden states, so only the touched ones
+are run again: with untied embeddings the rest keep the original's answers; with tied
+ones their answers are corrected exactly for the changed output rows (output_rows.py).
+Any other edit re-runs everything. Coverage (the share of questions and prompts that contain an edited token,
+and accuracy on touched and untouched questions) is reported for every edit that names
+the tokens it changed.
 """
 from __future__ import annotations
 
@@ -15,18 +24,27 @@ from ..data import ConceptData, MCQuestion
 from ..edits import Edit
 from ..models import LoadedModel, embeddings_are_tied
 from . import coherence as coh
-from .metrics import Interval, accuracy_pair, erasure_metrics
-from .multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
+from .metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_chance_sets
+from .multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
+                              prepare)
+from .output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
+                          output_change, output_rows)
 from .scoring import Batching, greedy_generate
 
 SPLITS = ("train", "test")
+PROMPT_KINDS = {"general": "coherence", "concept": "concept_fluency"}  # prompt set -> metric name
+EXAMPLES_PER_KIND = 3
 
 
 @dataclass
 class SplitOutcome:
     metrics: dict[str, Interval]
-    correct: dict[str, tuple[np.ndarray, np.ndarray]]  # set -> (base, edited)
+    correct: dict[str, tuple[np.ndarray, ...]]  # set -> accuracy_pair rows (base, edited[, probs])
     rescored: dict[str, int] = field(default_factory=dict)  # how many items actually ran
+    near_chance: frozenset[str] = frozenset()
+    coverage: dict = field(default_factory=dict)
+    prompt_rows: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)  # kind -> coherence rows
+    examples: dict[str, list[dict]] = field(default_factory=dict)  # kind -> a few generations
 
     def value(self, name: str, default: float = float("nan")) -> float:
         return self.metrics[name].value if name in self.metrics else default
@@ -35,7 +53,19 @@ class SplitOutcome:
         return {
             "metrics": {name: interval.as_dict() for name, interval in self.metrics.items()},
             "rescored": self.rescored,
+            "near_chance": {name: name in self.near_chance for name in self.correct},
+            "coverage": self.coverage,
         }
+
+    def per_question(self) -> dict:
+        keys = ("base_correct", "edited_correct", "base_prob", "edited_prob")
+        return {name: {k: [round(float(v), 6) for v in rows[i]] for i, k in enumerate(keys[: len(rows)])}
+                for name, rows in self.correct.items()}
+
+    def per_prompt(self) -> dict:
+        keys = ("edited_ll", "original_ll", "edited_distinct", "original_distinct")
+        return {kind: {k: [round(float(v), 6) for v in rows[i]] for i, k in enumerate(keys)}
+                for kind, rows in self.prompt_rows.items()}
 
 
 class Evaluator:
@@ -44,7 +74,8 @@ class Evaluator:
         self.batching = Batching(config.batch_tokens)
         self._prepared: dict[tuple[str, str], PreparedQuestions] = {}
         self._base_scores: dict[tuple[str, str], np.ndarray] = {}
-        self._coherence: coh.CoherenceSet | None = None
+        self._prompt_sets: dict[tuple[str, str], coh.CoherenceSet] = {}
+        self._states: dict[tuple[str, str], list[OutputStates]] = {}  # tied models: see _before_output_edit
 
     def question_sets(self, split: str) -> dict[str, list[MCQuestion]]:
         sets = {
@@ -61,57 +92,132 @@ class Evaluator:
             self._base_scores[key] = option_scores(self.lm, self._prepared[key], batching=self.batching)
         return self._prepared[key]
 
-    def coherence_set(self) -> coh.CoherenceSet | None:
-        prompts = list(self.data.coherency_prompts)
-        prompts += [s for s in self.data.neutral_sentences[: self.config.neutral_coherence_prompts]]
-        if not prompts or self.config.coherence_new_tokens <= 0:
-            return None
-        if self._coherence is None:
-            self._coherence = coh.build_coherence_set(self.lm, prompts, self.config.coherence_new_tokens, self.batching)
-        return self._coherence
+    def prompts(self, split: str) -> dict[str, list[str]]:
+        """Prompt sets of a split: general prompts (coherence) and the concept's own (fluency)."""
+        sets = {"general": self.data.general_prompts.get(split, []), "concept": list(self.data.coherency_prompts)}
+        if self.config.coherence_new_tokens <= 0:
+            return {}
+        return {kind: prompts for kind, prompts in sets.items() if prompts}
 
-    def touched_tokens(self, edit: Edit | None) -> set[int] | None:
-        if edit is None:
-            return set()
-        if embeddings_are_tied(self.lm.model):
-            return None  # the output layer changed too: every prediction may move
-        return edit.changed_token_ids()
+    def prompt_set(self, split: str, kind: str) -> coh.CoherenceSet:
+        """The original model's continuations of one prompt set, computed once."""
+        key = self._prompt_key(split, kind)
+        if key not in self._prompt_sets:
+            self._prompt_sets[key] = coh.build_coherence_set(
+                self.lm, self.prompts(split)[kind], self.config.coherence_new_tokens, self.batching)
+        return self._prompt_sets[key]
+
+    def input_tokens(self, edit: Edit | None) -> set[int] | None:
+        """Tokens whose embedding rows the edit changed, when nothing else changed (else
+        None: every prediction may move and everything runs again)."""
+        return set() if edit is None else edit.changed_token_ids()
 
     def base_accuracy(self, split: str) -> dict[str, float]:
         return {name: float(correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)]).mean())
                 for name in self.question_sets(split)}
 
-    def evaluate(self, split: str, edit: Edit | None) -> SplitOutcome:
-        """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted)."""
-        touched = self.touched_tokens(edit)
+    def evaluate(self, split: str, edit: Edit | None, coherence: bool = True) -> SplitOutcome:
+        """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted).
+        ``coherence=False`` skips the prompt sets (the base methods' grids rank without it)."""
+        token_ids = self.input_tokens(edit)
         sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)}
-        reference = self.coherence_set()
-        correct, rescored, continuations, generated_for = {}, {}, None, np.array([], dtype=int)
+        references = {kind: self.prompt_set(split, kind) for kind in self.prompts(split)} if coherence else {}
+        old_rows = self._before_output_edit(split, sets, references, token_ids)
+        correct, rescored, generated = {}, {}, {}
         if edit is not None:
             edit.apply(self.lm.model)
         try:
+            change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
             for name, prepared in sets.items():
-                which = prepared.touching(touched)
-                scores = self._base_scores[(split, name)].copy()
-                if len(which):
-                    scores[which] = option_scores(self.lm, prepared, which, self.batching)[which]
-                base = correct_from_scores(prepared, self._base_scores[(split, name)])
-                correct[name] = accuracy_pair(base, correct_from_scores(prepared, scores))
-                rescored[name] = int(len(which))
-            if reference is not None:
-                generated_for = reference.touching(touched)
-                continuations = greedy_generate(
-                    self.lm, [reference.prompt_ids[i] for i in generated_for], reference.max_new_tokens, self.batching
-                )
+                correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change)
+            for kind, reference in references.items():
+                which = self._prompts_to_rerun(self._prompt_key(split, kind), reference, token_ids, change)
+                generated[kind] = (which, greedy_generate(
+                    self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens, self.batching))
         finally:
             if edit is not None:
                 edit.revert(self.lm.model)
-        samples = dict(correct)
-        if reference is not None:
-            samples["coherence"] = self._coherence_rows(reference, generated_for, continuations)
-            rescored["coherence"] = int(len(generated_for))
-        metrics = erasure_metrics(samples, self.config.bootstrap, self.seed)
-        return SplitOutcome(metrics=metrics, correct=correct, rescored=rescored)
+        prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
+        rescored.update({f"{kind}_prompts": int(len(generated[kind][0])) for kind in references})
+        samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
+        near_chance = near_chance_sets(correct)
+        metrics = erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance)
+        return SplitOutcome(
+            metrics=metrics, correct=correct, rescored=rescored, near_chance=near_chance,
+            coverage=self._coverage(token_ids, sets, correct, references), prompt_rows=prompt_rows,
+            examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
+        )
+
+    def _before_output_edit(self, split: str, sets: dict, references: dict, token_ids: set[int] | None):
+        """For an embedding edit of a TIED model (the edited tokens' output rows change too):
+        the original output rows of those tokens, with the original's output states of
+        every input captured (once), so untouched inputs are corrected exactly instead of
+        run again (evaluation/output_rows.py). None when there is nothing to correct."""
+        if not token_ids or not embeddings_are_tied(self.lm.model):
+            return None
+        for name, prepared in sets.items():
+            if (split, name) not in self._states:
+                pairs = [(c + x[:-1], len(x)) if x else (c, 1) for c, x in prepared.items]
+                self._states[(split, name)] = capture_output_states(
+                    self.lm, [p for p, _ in pairs], [n for _, n in pairs], self.batching)
+        for kind, reference in references.items():
+            key = self._prompt_key(split, kind)
+            if key not in self._states:
+                sequences = [p + c for p, c in zip(reference.prompt_ids, reference.original_continuations)]
+                lasts = [len(c) + 1 for c in reference.original_continuations]
+                self._states[key] = capture_output_states(self.lm, sequences, lasts, self.batching)
+        return output_rows(self.lm, token_ids)
+
+    def _score_set(self, split: str, name: str, prepared: PreparedQuestions, token_ids, change) -> tuple[tuple, int]:
+        base_scores = self._base_scores[(split, name)]
+        which = set(prepared.touching(token_ids).tolist())
+        scores = base_scores.copy()
+        if change is not None:
+            which |= self._shift_untouched(self._states[(split, name)], prepared, which, change, scores)
+        which = np.array(sorted(which), dtype=int)
+        if len(which):
+            scores[which] = option_scores(self.lm, prepared, which, self.batching)[which]
+        rows = accuracy_pair(correct_from_scores(prepared, base_scores), correct_from_scores(prepared, scores),
+                             correct_probability(prepared, base_scores), correct_probability(prepared, scores))
+        return rows, int(len(which))
+
+    def _shift_untouched(self, states: list[OutputStates], prepared: PreparedQuestions, touched: set[int],
+                         change: OutputChange, scores: np.ndarray) -> set[int]:
+        """Move untouched questions' option scores by the exact normalizer shift; return the
+        questions where that is not safe (they run again)."""
+        unsafe: set[int] = set()
+        letters_edited = prepared.mode == "letter" and bool(set(prepared.letter_ids) & set(change.token_ids.tolist()))
+        slot = np.zeros(len(prepared), dtype=int)
+        for item, question in enumerate(prepared.item_question):
+            if question in touched or question in unsafe:
+                continue
+            shift = None if letters_edited else option_shift(change, states[item])
+            if shift is None:
+                unsafe.add(int(question))
+            elif prepared.mode == "loglik":
+                scores[question, slot[question]] += shift / prepared.char_lengths[item]
+                slot[question] += 1
+            else:
+                scores[question] += shift  # every letter's log-probability moves by -(Z' - Z)
+        return unsafe
+
+    def _prompts_to_rerun(self, key: tuple[str, str], reference: coh.CoherenceSet, token_ids, change) -> np.ndarray:
+        """Prompts whose greedy continuation may differ: those using an edited token, and
+        (tied models) those where an edited token's new logit overtakes the original's choice."""
+        which = set(reference.touching(token_ids).tolist())
+        if change is not None:
+            states = self._states[key]
+            weight = self.lm.model.get_output_embeddings().weight
+            eos = self.lm.tokenizer.eos_token_id
+            for i, continuation in enumerate(reference.original_continuations):
+                chosen = continuation + ([eos] if len(continuation) < reference.max_new_tokens else [])
+                if i not in which and not greedy_path_holds(change, states[i], chosen, weight):
+                    which.add(i)
+        return np.array(sorted(which), dtype=int)
+
+    @staticmethod
+    def _prompt_key(split: str, kind: str) -> tuple[str, str]:
+        return (split if kind == "general" else "any", kind)  # the concept's prompts serve every split
 
     def _coherence_rows(self, reference: coh.CoherenceSet, which: np.ndarray, continuations) -> tuple[np.ndarray, ...]:
         """Score the edited continuations with the ORIGINAL model (the edit is reverted)."""
@@ -121,3 +227,39 @@ class Evaluator:
             edited_ll[which] = coh.mean_loglik(self.lm, prompt_ids, continuations, self.batching)
             edited_distinct[which] = [coh.distinct_bigrams(c) for c in continuations]
         return coh.coherence_rows(edited_ll, edited_distinct, reference)
+
+    def _examples(self, reference: coh.CoherenceSet, which: np.ndarray, continuations) -> list[dict]:
+        """A few prompts with the original's and the edited model's continuations, side by side
+        (prompts the edit touched first: those are the ones that can differ)."""
+        edited = {int(i): c for i, c in zip(which, continuations)}
+        order = list(edited) + [i for i in range(len(reference.prompts)) if i not in edited]
+        decode = lambda ids: self.lm.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+        return [{"prompt": reference.prompts[i], "original": decode(reference.original_continuations[i]),
+                 "edited": decode(edited.get(i, reference.original_continuations[i]))}
+                for i in order[:EXAMPLES_PER_KIND]]
+
+    def _coverage(self, token_ids: set[int] | None, sets: dict[str, PreparedQuestions], correct: dict,
+                  references: dict[str, coh.CoherenceSet]) -> dict:
+        """Share of questions and prompts that contain an edited token, and accuracy on the
+        touched and untouched questions (with intervals), for edits that name their tokens."""
+        if not token_ids:
+            return {}
+        out: dict = {}
+        for name, prepared in sets.items():
+            mask = np.zeros(len(prepared), dtype=bool)
+            mask[prepared.touching(token_ids)] = True
+            out[name] = {"share": float(mask.mean()), "touched": int(mask.sum()), "total": int(len(mask)),
+                         "touched_accuracy": self._subset_accuracy(correct[name], mask),
+                         "untouched_accuracy": self._subset_accuracy(correct[name], ~mask)}
+        for kind, reference in references.items():
+            touched = len(reference.touching(token_ids))
+            out[f"{kind}_prompts"] = {"share": touched / len(reference.prompts), "touched": touched,
+                                      "total": len(reference.prompts)}
+        return out
+
+    def _subset_accuracy(self, rows: tuple[np.ndarray, ...], mask: np.ndarray) -> dict:
+        if not mask.any():
+            return {}
+        statistic = lambda s: {"base": float(s["q"][0].mean()), "edited": float(s["q"][1].mean())}  # noqa: E731
+        intervals = bootstrap(statistic, {"q": (rows[0][mask], rows[1][mask])}, self.config.bootstrap, self.seed)
+        return {name: interval.as_dict() for name, interval in intervals.items()}

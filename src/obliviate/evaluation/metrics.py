@@ -69,35 +69,75 @@ def bootstrap(statistic: Statistic, samples: Samples, n_resamples: int = 1000, s
     return out
 
 
-def accuracy_pair(base_correct: np.ndarray, edited_correct: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return (np.asarray(base_correct, dtype=float), np.asarray(edited_correct, dtype=float))
+QUESTION_SETS = ("qa", "simdom", "general")
 
 
-def erasure_statistic(samples: Samples) -> dict[str, float]:
-    """Accuracies and derived metrics from paired correctness arrays (and coherence rows).
+def accuracy_pair(base_correct: np.ndarray, edited_correct: np.ndarray,
+                  base_prob: np.ndarray | None = None, edited_prob: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """One question set's paired rows: correctness, and (optionally) the normalized
+    probability of the correct option, for the original and the edited model."""
+    rows = (np.asarray(base_correct, dtype=float), np.asarray(edited_correct, dtype=float))
+    if base_prob is not None and edited_prob is not None:
+        rows += (np.asarray(base_prob, dtype=float), np.asarray(edited_prob, dtype=float))
+    return rows
 
-    Expected samples: "qa", "simdom", "general" -> (base_correct, edited_correct);
-    optional "coherence" -> rows for ``coherence_statistic``. Sets that are absent give
-    no metrics rather than invented ones.
+
+def wilson_low(correct: np.ndarray, z: float = 1.96) -> float:
+    """Lower end of the Wilson 95% interval of an accuracy (closed form, stable at small n)."""
+    n = len(correct)
+    if n == 0:
+        return float("nan")
+    p = float(np.mean(correct))
+    centre = p + z * z / (2 * n)
+    spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return float((centre - spread) / (1 + z * z / n))
+
+
+def near_chance_sets(samples: Samples, chance: float = CHANCE) -> frozenset[str]:
+    """Question sets whose ORIGINAL accuracy is within noise of chance (its 95% interval
+    reaches chance): their fraction's denominator is noise, so it may not veto or win."""
+    return frozenset(name for name in QUESTION_SETS
+                     if name in samples and len(samples[name][0]) and wilson_low(samples[name][0]) <= chance)
+
+
+def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset()) -> dict[str, float]:
+    """Accuracies and derived metrics from paired question rows (and prompt rows).
+
+    Expected samples: "qa", "simdom", "general" -> ``accuracy_pair`` rows; optional
+    "coherence" (general prompts) and "concept_fluency" (the concept's own prompts) ->
+    rows for ``coherence_statistic``. Sets that are absent give no metrics rather than
+    invented ones. Specificity leaves out the sets in ``near_chance`` (unless all are).
     """
     out: dict[str, float] = {}
     fracs = {}
-    for name in ("qa", "simdom", "general"):
+    for name in QUESTION_SETS:
         if name in samples and len(samples[name][0]):
-            base, edited = samples[name]
-            out[f"{name}_base"], out[f"{name}_edited"] = float(base.mean()), float(edited.mean())
-            fracs[name] = knowledge_fraction(edited.mean(), base.mean())
-            out[f"{name}_frac"] = fracs[name]
+            out.update(_set_statistic(name, samples[name]))
+            fracs[name] = out[f"{name}_frac"]
     if "qa" in fracs:
         out["efficacy"] = 1.0 - fracs["qa"]
-    if "simdom" in fracs or "general" in fracs:
-        out["specificity"] = harmonic(*[fracs[k] for k in ("simdom", "general") if k in fracs])
+    specific = [k for k in ("simdom", "general") if k in fracs]
+    informative = [k for k in specific if k not in near_chance] or specific
+    if informative:
+        out["specificity"] = harmonic(*[fracs[k] for k in informative])
     if "efficacy" in out and "specificity" in out:
         out["harmonic"] = harmonic(out["efficacy"], out["specificity"])
     if "coherence" in samples:
         out.update(coherence_statistic(samples["coherence"]))
         if "harmonic" in out:
             out["score"] = harmonic(out["efficacy"], out["specificity"], out["coherence"])
+    if "concept_fluency" in samples:
+        out["concept_fluency"] = coherence_statistic(samples["concept_fluency"])["coherence"]
+    return out
+
+
+def _set_statistic(name: str, rows: tuple[np.ndarray, ...]) -> dict[str, float]:
+    base, edited = rows[0].mean(), rows[1].mean()
+    out = {f"{name}_base": float(base), f"{name}_edited": float(edited), f"{name}_drop": float(base - edited),
+           f"{name}_frac": knowledge_fraction(edited, base)}
+    if len(rows) == 4:
+        out[f"{name}_prob_base"], out[f"{name}_prob_edited"] = float(rows[2].mean()), float(rows[3].mean())
+        out[f"{name}_prob_drop"] = float(rows[2].mean() - rows[3].mean())
     return out
 
 
@@ -108,9 +148,9 @@ def coherence_statistic(rows: tuple[np.ndarray, ...]) -> dict[str, float]:
     return {"fluency": fluency, "repetition": repetition, "coherence": harmonic(fluency, repetition)}
 
 
-
-def erasure_metrics(samples: Samples, n_resamples: int = 1000, seed: int = 0) -> dict[str, Interval]:
-    return bootstrap(erasure_statistic, samples, n_resamples, seed)
+def erasure_metrics(samples: Samples, n_resamples: int = 1000, seed: int = 0,
+                    near_chance: frozenset[str] = frozenset()) -> dict[str, Interval]:
+    return bootstrap(lambda s: erasure_statistic(s, near_chance), samples, n_resamples, seed)
 
 
 def drop_is_significant(base_correct: np.ndarray, edited_correct: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> bool:

@@ -148,3 +148,26 @@ def option_scores(
 def correct_from_scores(prepared: PreparedQuestions, scores: np.ndarray) -> np.ndarray:
     """Boolean per question: did the highest-scoring option match the answer."""
     return np.argmax(scores, axis=1) == prepared.answers
+
+
+def correct_probability(prepared: PreparedQuestions, scores: np.ndarray) -> np.ndarray:
+    """Per question: the normalized probability of the correct option, P(correct) / sum of
+    P(option) — a continuous knowledge measure beside accuracy (chance = 1 / options).
+    ``loglik`` scores are per character, so they are turned back into whole-option
+    log-probabilities first; ``letter`` scores are the letters' log-probabilities."""
+    logp = scores * _option_char_lengths(prepared) if prepared.mode == "loglik" else scores.copy()
+    logp = np.where(np.isfinite(logp), logp, -np.inf)
+    logp = logp - logp.max(axis=1, keepdims=True)
+    probs = np.exp(logp)
+    probs /= probs.sum(axis=1, keepdims=True)
+    return probs[np.arange(len(prepared)), prepared.answers]
+
+
+def _option_char_lengths(prepared: PreparedQuestions) -> np.ndarray:
+    n_options = max(len(q.options) for q in prepared.questions)
+    lengths = np.ones((len(prepared), n_options))
+    slot = np.zeros(len(prepared), dtype=int)
+    for question, chars in zip(prepared.item_question, prepared.char_lengths):
+        lengths[question, slot[question]] = chars
+        slot[question] += 1
+    return lengths

@@ -1,0 +1,198 @@
+"""Issue-12 evaluation: coherence on GENERAL prompts gates the grid, concept fluency is a
+diagnostic, near-chance sets cannot veto, base methods use the reference's gates, coverage
+and the continuous knowledge measure are right."""
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate.cli import main
+from obliviate.config import EvalConfig
+from obliviate.data import load_prompt_file, neutral_openings, sample_general_prompts
+from obliviate.edits import EmbeddingPatch
+from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
+from obliviate.evaluation.metrics import Interval, erasure_statistic, harmonic, near_chance_sets, wilson_low
+from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_probability
+from obliviate.pipeline import NOTHING_TO_ERASE, ember_score, method_score
+
+
+def outcome(near=frozenset(), **values) -> SplitOutcome:
+    return SplitOutcome(metrics={k: Interval(v, v - 0.05, v + 0.05) for k, v in values.items()}, correct={},
+                        near_chance=frozenset(near))
+
+
+GOOD = dict(general_frac=1.0, qa_frac=0.2, efficacy=0.8, specificity=1.0, harmonic=0.89, score=0.92)
+
+
+def test_the_gate_uses_general_coherence_not_the_concept_prompts():
+    garbled_concept_text = outcome(coherence=0.97, concept_fluency=0.10, **GOOD)
+    score, _, rejected = ember_score(garbled_concept_text, EvalConfig())
+    assert (score, rejected) == (0.92, None)  # the concept set alone would have scored it 0
+    score, _, _ = ember_score(garbled_concept_text, EvalConfig(gate_concept_fluency=True))
+    assert score == 0.0
+    assert ember_score(outcome(coherence=0.85, concept_fluency=1.0, **GOOD), EvalConfig())[0] == 0.0
+
+
+def test_ember_gate_rejects_lost_general_knowledge_unless_that_set_is_at_chance():
+    lost = {**GOOD, "general_frac": 0.8}
+    assert "general-knowledge fraction 0.800 < 0.9" in ember_score(outcome(coherence=1.0, **lost), EvalConfig())[2]
+    score, _, rejected = ember_score(outcome({"general"}, coherence=1.0, **lost), EvalConfig())
+    assert rejected is None and score == 0.92
+
+
+def test_a_qa_set_at_chance_cannot_win():
+    assert ember_score(outcome({"qa"}, coherence=1.0, **GOOD), EvalConfig())[2] == NOTHING_TO_ERASE
+    assert method_score(outcome({"qa"}, **GOOD), EvalConfig())[2] == NOTHING_TO_ERASE
+
+
+def test_base_method_gates_are_the_reference_grid_eval_kwargs():
+    config = EvalConfig()
+    assert method_score(outcome(**{**GOOD, "general_frac": 0.75}), config)[:2] == (0.89, pytest.approx(0.1 / 3.92))
+    assert "0.650 < 0.7" in method_score(outcome(**{**GOOD, "general_frac": 0.65}), config)[2]
+    assert "QA fraction 0.700 > 0.6" in method_score(outcome(**{**GOOD, "qa_frac": 0.7}), config)[2]
+
+
+def test_wilson_interval_and_near_chance_flags():
+    # p = 0.5, n = 50: Wilson low = 0.3664 (closed form, checked by hand).
+    assert wilson_low(np.r_[np.ones(25), np.zeros(25)]) == pytest.approx(0.3664, abs=1e-3)
+    base_at_chance = np.r_[np.ones(15), np.zeros(35)]  # 0.30: interval reaches 0.25
+    base_known = np.r_[np.ones(30), np.zeros(20)]  # 0.60
+    samples = {"qa": (base_known, base_known), "simdom": (base_at_chance, base_at_chance),
+               "general": (base_known, base_known)}
+    assert near_chance_sets(samples) == frozenset({"simdom"})
+
+
+def test_specificity_leaves_out_a_near_chance_set():
+    known, edited = np.r_[np.ones(6), np.zeros(4)], np.r_[np.ones(4), np.zeros(6)]  # 0.6 -> 0.4
+    at_chance, dropped = np.r_[np.ones(3), np.zeros(7)], np.zeros(10)  # 0.3 -> 0.0: frac 0
+    samples = {"qa": (known, edited), "simdom": (at_chance, dropped), "general": (known, known)}
+    assert erasure_statistic(samples)["specificity"] == 0.0
+    robust = erasure_statistic(samples, frozenset({"simdom"}))
+    assert robust["specificity"] == 1.0 and robust["simdom_frac"] == 0.0
+    assert robust["qa_drop"] == pytest.approx(0.2)
+
+
+def test_probability_drop_and_concept_fluency_are_reported():
+    ones = np.ones(4)
+    samples = {"qa": (ones, ones, np.full(4, 0.8), np.full(4, 0.3)),
+               "concept_fluency": (np.full(4, -3.0), np.full(4, -1.0), ones, ones)}
+    out = erasure_statistic(samples)
+    assert out["qa_prob_drop"] == pytest.approx(0.5)
+    assert out["concept_fluency"] == pytest.approx(harmonic(np.exp(-2.0), 1.0))
+    assert "coherence" not in out
+
+
+def test_correct_probability_is_the_normalized_option_probability():
+    # loglik scores are per character: 2 options of 2 and 4 characters.
+    prepared = PreparedQuestions(questions=[type("Q", (), {"options": ("a", "b")})()], mode="loglik",
+                                 answers=np.array([1]), items=[([], []), ([], [])], item_question=np.array([0, 0]),
+                                 char_lengths=np.array([2.0, 4.0]), letter_ids=[], token_sets=[])
+    per_char = np.array([[np.log(0.2) / 2, np.log(0.6) / 4]])
+    assert correct_probability(prepared, per_char)[0] == pytest.approx(0.6 / 0.8)
+
+
+def test_general_prompts_are_other_concepts_open_questions(data_dir):
+    prompts = sample_general_prompts(data_dir, "Gambling", 100, 42)
+    assert len(prompts["train"]) == len(prompts["test"]) == 100
+    assert len(set(prompts["train"])) == 100 and not set(prompts["train"]) & set(prompts["test"])
+    gambling = json.loads((data_dir / "open_questions.json").read_text())["Gambling"]["QA_train"]
+    assert not {f"Question: {q['q']}\nAnswer:" for q in gambling} & set(prompts["train"])
+    assert all(p.startswith("Question: ") and p.endswith("\nAnswer:") for p in prompts["train"])
+    openings = neutral_openings(["one two three four five six", "a b c d"], 1)
+    assert openings == {"train": ["one two three"], "test": ["a b c"]}
+
+
+def test_prompt_files_alpaca_json_and_lines(tmp_path):
+    alpaca = tmp_path / "alpaca.json"
+    alpaca.write_text(json.dumps([{"instruction": "Name a fruit.", "input": ""},
+                                  {"instruction": "Translate", "input": "bonjour"}]))
+    prompts = load_prompt_file(alpaca, 0)
+    assert sorted(prompts["train"] + prompts["test"]) == [
+        "Instruction: Name a fruit.\nResponse:", "Instruction: Translate\nInput: bonjour\nResponse:"]
+    lines = tmp_path / "p.txt"
+    lines.write_text("first\n\nsecond\nthird\n")
+    assert sorted(sum(load_prompt_file(lines, 0).values(), [])) == ["first", "second", "third"]
+
+
+@pytest.mark.parametrize("content, message", [
+    ("", "holds 0 prompt(s)"),
+    ("[{\"instruction\": 3}]", "item 0 needs a non-empty 'instruction'"),
+    ("[1, 2", "is not valid JSON"),
+    ("{\"a\": 1}", "must hold a list"),
+])
+def test_a_bad_prompts_file_exits_2_naming_it(tmp_path, tiny_model_dir, data_dir, capsys, content, message):
+    bad = tmp_path / "prompts.json"
+    bad.write_text(content)
+    out = tmp_path / "out"
+    code = main(["erase", "--concept", "Golf", "--data", str(data_dir), "--model", str(tiny_model_dir),
+                 "--coherence-prompts", str(bad), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and str(bad) in err and message in err
+    assert not (out / "results.json").exists() and not (out / "model").exists()
+
+
+def test_coverage_counts_questions_with_an_edited_token(tiny_lm, small_concept):
+    small_concept.general_prompts = {"train": ["Question: What is golf?\nAnswer:", "The weather"], "test": []}
+    config = EvalConfig(scoring="loglik", coherence_new_tokens=3, bootstrap=20)
+    evaluator = Evaluator(tiny_lm, small_concept, config)
+    qa = small_concept.questions["qa_train"]
+    token = tiny_lm.tokenizer(f"Question: {qa[0].question}\nAnswer:").input_ids[-3]
+    weight = tiny_lm.model.get_input_embeddings().weight
+    patch = EmbeddingPatch(token_ids=torch.tensor([token]), original_rows=weight[[token]].detach().clone(),
+                           edited_rows=weight[[token]].detach() + 1.0, metadata={})
+    result = evaluator.evaluate("train", patch)
+    expected = [token in set(tiny_lm.tokenizer(f"Question: {q.question}\nAnswer:").input_ids)
+                or any(token in tiny_lm.tokenizer(f" {o}", add_special_tokens=False).input_ids for o in q.options)
+                for q in qa]
+    cover = result.coverage["qa"]
+    assert cover["touched"] == sum(expected) >= 1 and cover["total"] == len(qa)
+    assert cover["share"] == pytest.approx(sum(expected) / len(qa))
+    touched = np.array(expected)
+    assert cover["touched_accuracy"]["edited"]["value"] == pytest.approx(result.correct["qa"][1][touched].mean())
+    assert result.coverage["general_prompts"]["total"] == 2
+    assert {"prompt", "original", "edited"} <= set(result.examples["general"][0])
+    assert "coherence" in result.metrics and "concept_fluency" in result.metrics
+
+
+class EverythingChanged:
+    """The same edit, but claiming it may have changed anything: forces a full re-run."""
+
+    def __init__(self, edit):
+        self.edit = edit
+
+    def apply(self, model):
+        self.edit.apply(model)
+
+    def revert(self, model):
+        self.edit.revert(model)
+
+    def changed_token_ids(self):
+        return None
+
+
+@pytest.mark.parametrize("scale", [0.5, 30.0])
+def test_tied_edit_shortcut_matches_a_full_rerun(tiny_lm, small_concept, scale):
+    """Editing a tied matrix changes the edited tokens' output rows: untouched inputs are
+    corrected in closed form; the answers must equal running everything again."""
+    from obliviate.models import embeddings_are_tied
+
+    assert embeddings_are_tied(tiny_lm.model)
+    small_concept.general_prompts = {"train": ["The weather today", "Question: Who won?\nAnswer:", "In 1990 the"],
+                                     "test": []}
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(scoring="loglik", coherence_new_tokens=6, bootstrap=20))
+    weight = tiny_lm.model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(0)
+    tokens = torch.randint(5, weight.shape[0], (12,), generator=generator)
+    rows = weight[tokens].detach().clone()
+    patch = EmbeddingPatch(token_ids=tokens, original_rows=rows,
+                           edited_rows=rows + scale * torch.randn(rows.shape, generator=generator), metadata={})
+    fast = evaluator.evaluate("train", patch)
+    full = evaluator.evaluate("train", EverythingChanged(patch))
+    assert sum(fast.rescored.values()) < sum(full.rescored.values())  # the shortcut skipped work
+    for name in full.correct:
+        np.testing.assert_array_equal(fast.correct[name][1], full.correct[name][1])
+        np.testing.assert_allclose(fast.correct[name][3], full.correct[name][3], atol=1e-4)
+    for kind in full.prompt_rows:
+        np.testing.assert_allclose(fast.prompt_rows[kind][0], full.prompt_rows[kind][0], atol=1e-4)
+    assert torch.equal(weight[tokens], rows)  # reverted
