@@ -196,3 +196,15 @@ def test_tied_edit_shortcut_matches_a_full_rerun(tiny_lm, small_concept, scale):
     for kind in full.prompt_rows:
         np.testing.assert_allclose(fast.prompt_rows[kind][0], full.prompt_rows[kind][0], atol=1e-4)
     assert torch.equal(weight[tokens], rows)  # reverted
+
+
+def test_original_continuations_are_scored_from_their_generation_pass(tiny_lm):
+    """The original's own continuations get their log-likelihood from the generation pass
+    (the chosen token's log-probability); it must equal scoring them in a second pass."""
+    from obliviate.evaluation import coherence as coh
+
+    prompts = ["The weather today", "Question: Who won the cup?\nAnswer:", "In 1990 the", "A"]
+    reference = coh.build_coherence_set(tiny_lm, prompts, 7)
+    assert [len(s.top_logit) for s in reference.steps] == [min(len(c) + 1, 7) for c in reference.original_continuations]
+    second_pass = coh.mean_loglik(tiny_lm, reference.prompt_ids, reference.original_continuations, coh.Batching())
+    np.testing.assert_allclose(reference.original_ll, second_pass, atol=1e-4)

@@ -23,7 +23,8 @@ def erase_results() -> dict:
             "features": [{"index": 41, "ratio": 42.7, "concept_share": 0.9, "top_tokens": [" Wizard", " Hermione"]}],
             "qa_test": {"base": iv(0.6), "edited": iv(0.3)}, "simdom_test": {"base": iv(0.5), "edited": iv(0.5)},
             "general_test": {"base": iv(0.4), "edited": iv(0.4)}, "efficacy": iv(0.9), "specificity": iv(1.0),
-            "coherence": iv(0.95), "harmonic": iv(0.94)}
+            "coherence": iv(0.95), "concept_fluency": iv(0.5), "harmonic": iv(0.94),
+            "coverage": {"qa": {"share": 0.86, "touched": 43, "total": 50}}}
 
 
 def attack_results() -> dict:
@@ -86,6 +87,7 @@ def test_report_parses_names_every_metric_and_embeds_pngs():
 def test_summary_rows_and_csv(tmp_path):
     rows = summary_rows([{**erase_results(), "_name": "a"}, {**attack_results(), "_name": "b"}])
     assert rows[0]["efficacy"] == 0.9 and rows[0]["relearn_after"] is None
+    assert rows[0]["qa_coverage"] == 0.86 and rows[0]["concept_fluency"] == 0.5
     assert rows[1]["relearn_recovered"] == 0.7 and rows[1]["qa_erased"] == 0.3 and rows[1]["probe_erased"] == 0.9
     for name, payload in (("a", erase_results()), ("b", attack_results())):
         write_json(tmp_path / name / "results.json", payload)

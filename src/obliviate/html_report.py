@@ -27,7 +27,9 @@ COLUMNS = [
     ("general_erased", ("general_test", "edited"), "general-knowledge accuracy after erasure (should stay)"),
     ("efficacy", ("efficacy",), "1 - share of the concept knowledge left"),
     ("specificity", ("specificity",), "share of unrelated knowledge kept"),
-    ("coherence", ("coherence",), "fluency of generations relative to the original"),
+    ("coherence", ("coherence",), "coherence of generations for GENERAL prompts, relative to the original"),
+    ("concept_fluency", ("concept_fluency",), "fluency on the concept's own prompts (diagnostic: the localized cost)"),
+    ("qa_coverage", ("coverage", "qa", "share"), "share of QA test questions containing an edited token"),
     ("harmonic", ("harmonic",), "harmonic mean of efficacy and specificity"),
     ("relearn_after", ("relearn", "erased", "after"), "QA accuracy of the erased model after relearning"),
     ("relearn_recovered", ("relearn", "recovered_frac"), "share of the original knowledge relearning brings back"),
@@ -53,6 +55,8 @@ def _get(results: dict, path: tuple[str, ...]):
 
 def _value(results: dict, path: tuple[str, ...]) -> float | None:
     found = _get(results, path)
+    if isinstance(found, (int, float)) and not isinstance(found, bool):
+        return float(found)  # a plain number (e.g. a coverage share)
     return found.get("value") if isinstance(found, dict) else None
 
 
@@ -248,7 +252,7 @@ def _cell(name: str, value) -> str:
     if not isinstance(value, float):
         return f"<td class='l'>{html.escape(str(value))}</td>"
     css = ""
-    if name in ("efficacy", "specificity", "coherence", "harmonic"):
+    if name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
         css = "good" if value >= 0.8 else "bad" if value < 0.5 else ""
     if name == "relearn_recovered":
         css = "bad" if value >= 0.5 else "good" if value <= 0.2 else ""

@@ -1,12 +1,19 @@
 """Erase a concept end to end: grid on TRAIN questions, final numbers once on TEST.
 
-Selection (METHOD.md section 1 step 5, section 2): candidates are evaluated in grid order;
-one whose general-knowledge fraction falls below the gate is rejected (and, for EMBER's
-monotone delta grid, the grid stops there); one whose coherence falls below its gate
-scores 0; otherwise score = harmonic(efficacy, specificity, coherence). With 50 questions
-a split that score is noisy, so the choice follows the one-standard-error rule: the
-FIRST candidate in grid order (for EMBER the smallest delta) whose score is within one
-bootstrap standard error of the best. If every score is 0, no edit is applied.
+Selection follows the reference code's two rules (METHOD.md sections 1 and 4):
+- EMBER's delta grid: a candidate whose general-knowledge fraction is below 0.9 is
+  rejected (the monotone grid stops there); one whose coherence on GENERAL prompts is
+  below 0.9 scores 0; otherwise score = harmonic(efficacy, specificity, coherence).
+- A base method's grid (RMU, ELM, ...): a cell whose general-knowledge fraction is below
+  0.7 or whose QA fraction stays above 0.6 is discarded; cells rank by harmonic(efficacy,
+  specificity); coherence is then measured on the top few only (and gates them only if
+  the user asks).
+A question set whose original accuracy is within noise of chance cannot veto a candidate
+(its fraction's denominator is noise); a concept whose QA set is at chance has nothing
+measurable to erase, so no candidate can win on it. With 50 questions a split the score
+is noisy, so the choice follows the one-standard-error rule: the FIRST candidate in grid
+order (for EMBER the smallest delta) whose score is within one bootstrap standard error
+of the best. If every score is 0, no edit is applied.
 """
 from __future__ import annotations
 
@@ -23,7 +30,7 @@ from tqdm.auto import tqdm
 
 from . import methods
 from .config import RunConfig
-from .data import ConceptData, load_benchmark_concept, load_user_concept
+from .data import ConceptData, attach_general_prompts, load_benchmark_concept, load_user_concept
 from .edits import CompositeEdit, EmbeddingPatch, apply_verified, revert_verified
 from .errors import ObliviateError
 from .evaluation.evaluator import Evaluator, SplitOutcome
@@ -90,27 +97,88 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> dict:
 def load_concept_data(config: RunConfig) -> ConceptData:
     d = config.data
     if d.concept_sentences:
-        return load_user_concept(
+        data = load_user_concept(
             config.concept, d.concept_sentences, d.neutral_sentences, d.data, d.questions,
             d.coherency_prompts, d.general_questions_file, d.general_questions, config.seed,
         )
-    if not d.data:
+    elif not d.data:
         raise ObliviateError("Pass --data with the EMBER benchmark folder, or --concept-sentences for your own concept.")
-    return load_benchmark_concept(config.concept, d.data, d.general_questions, d.general_questions_file, config.seed)
+    else:
+        data = load_benchmark_concept(config.concept, d.data, d.general_questions, d.general_questions_file, config.seed)
+    ev = config.evaluation
+    attach_general_prompts(data, d.coherence_prompts, ev.general_prompts, ev.neutral_coherence_prompts, config.seed)
+    return data
 
 
-def candidate_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
-    """(score, its bootstrap standard error, rejection reason) for one candidate."""
+def selection_rules(config: RunConfig) -> dict:
+    """The gates and ranking the grids used, as results.json records them."""
+    ev = config.evaluation
+    return {
+        "ember": {"reject_general_frac_below": ev.general_gate, "zero_coherence_below": ev.coherence_gate,
+                  "rank_by": "harmonic(efficacy, specificity, coherence)"},
+        "base_method": {"reject_general_frac_below": ev.method_general_gate,
+                        "reject_qa_frac_above": ev.method_max_qa_frac, "rank_by": "harmonic(efficacy, specificity)",
+                        "coherence_measured_on_top": ev.method_coherence_top,
+                        "zero_coherence_below": ev.method_coherence_gate},
+        "concept_fluency_gated": ev.gate_concept_fluency,
+        "near_chance": "a set whose original accuracy's 95% Wilson interval reaches chance (0.25) does not veto a "
+                       "candidate and is left out of specificity; a QA set at chance means nothing measurable to "
+                       "erase (no candidate wins)",
+        "choice": "one-standard-error rule in grid order",
+    }
+
+
+NOTHING_TO_ERASE = "QA accuracy of the original is within noise of chance: no measurable knowledge to erase"
+
+
+def ember_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
+    """(score, its bootstrap standard error, rejection reason) under EMBER's own gates."""
     general = outcome.value("general_frac", 1.0)
-    if general < config.general_gate:
+    if "general" not in outcome.near_chance and general < config.general_gate:
         return 0.0, 0.0, f"general-knowledge fraction {general:.3f} < {config.general_gate}"
-    if outcome.value("coherence", 1.0) < config.coherence_gate:
+    if "qa" in outcome.near_chance:
+        return 0.0, 0.0, NOTHING_TO_ERASE
+    if _fails_coherence(outcome.metrics, config, config.coherence_gate):
         return 0.0, 0.0, None
     key = "score" if "score" in outcome.metrics else "harmonic"
     if key not in outcome.metrics:
         return 0.0, 0.0, "no questions to score"
-    interval = outcome.metrics[key]
+    return _with_se(outcome.metrics[key])
+
+
+def method_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
+    """(score, standard error, rejection reason) under the base methods' gates
+    (reference grid_eval_kwargs: min_mmlu, max_qa_acc); coherence is measured later."""
+    general = outcome.value("general_frac", 1.0)
+    if "general" not in outcome.near_chance and general < config.method_general_gate:
+        return 0.0, 0.0, f"general-knowledge fraction {general:.3f} < {config.method_general_gate}"
+    if "qa" in outcome.near_chance:
+        return 0.0, 0.0, NOTHING_TO_ERASE
+    qa_frac = outcome.value("qa_frac", 1.0)
+    if qa_frac > config.method_max_qa_frac:
+        return 0.0, 0.0, f"QA fraction {qa_frac:.3f} > {config.method_max_qa_frac} (too little erased)"
+    if "harmonic" not in outcome.metrics:
+        return 0.0, 0.0, "no questions to score"
+    return _with_se(outcome.metrics["harmonic"])
+
+
+def _with_se(interval) -> tuple[float, float, None]:
     return interval.value, (interval.high - interval.low) / 3.92, None
+
+
+def _fails_coherence(metrics: dict, config, gate: float | None) -> bool:
+    """Coherence on general prompts below ``gate`` (and, when opted in, fluency on concept text).
+    ``metrics`` maps names to Intervals or to their dict form (saved sweeps)."""
+    if gate is None:
+        return False
+
+    def value(name: str) -> float:
+        entry = metrics.get(name)
+        if entry is None:
+            return 1.0
+        return entry["value"] if isinstance(entry, dict) else entry.value
+
+    return value("coherence") < gate or (config.gate_concept_fluency and value("concept_fluency") < gate)
 
 
 def choose(results: list[CandidateResult]) -> int | None:
@@ -149,13 +217,15 @@ def _under(base_edit, model, candidates: Iterator) -> Iterator:
 
 def sweep(
     name: str, fitted, evaluator: Evaluator, config: RunConfig, state: dict, out: Path | None,
-    base_edit=None, stop_on_reject: bool = False,
+    base_edit=None, ember_rule: bool = False, stop_on_reject: bool = False,
 ) -> tuple[list[CandidateResult], list]:
-    """Evaluate every candidate on TRAIN questions (resuming from ``state``)."""
+    """Evaluate every candidate on TRAIN questions (resuming from ``state``). EMBER's rule
+    measures coherence on every candidate; a base method's grid ranks without it."""
     done = state["sweeps"].setdefault(name, [])
     results, edits = [], []
     bar = tqdm(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
     incoherent = 0
+    rule = ember_score if ember_rule else method_score
     for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
         edits.append(edit)
         if index < len(done):
@@ -163,33 +233,52 @@ def sweep(
         else:
             outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
             if evaluator.data.has_questions:
-                outcome = evaluator.evaluate("train", edit)
+                outcome = evaluator.evaluate("train", edit, coherence=ember_rule)
                 outcome_metrics = outcome.as_dict()["metrics"]
-                score, se, rejected = candidate_score(outcome, config.evaluation)
+                score, se, rejected = rule(outcome, config.evaluation)
             results.append(CandidateResult(params, outcome_metrics, score, se, rejected))
             done.append(results[-1].__dict__)
-            if out is not None:
-                write_json(out / CHECKPOINT, state)
+            _save_state(out, state)
         bar.update(1)
         bar.set_postfix(params=params, score=round(results[-1].score, 3))
         if not stop_on_reject:
             continue
-        incoherent = incoherent + 1 if _fails_coherence(results[-1], config.evaluation) else 0
+        fails = _fails_coherence(results[-1].metrics, config.evaluation, config.evaluation.coherence_gate)
+        incoherent = incoherent + 1 if fails else 0
         if results[-1].rejected or 0 < config.evaluation.stop_after_incoherent <= incoherent:
             break
     bar.close()
     return results, edits
 
 
-def _fails_coherence(result: CandidateResult, config) -> bool:
-    return result.value("coherence") < config.coherence_gate
+def measure_top_coherence(results: list[CandidateResult], edits: list, evaluator: Evaluator, config: RunConfig,
+                          state: dict, out: Path | None) -> None:
+    """Coherence on general prompts (and concept fluency) for the best few candidates of a
+    base method's grid, as the reference does; they score 0 only under an explicit gate."""
+    ev = config.evaluation
+    ranked = sorted((i for i, r in enumerate(results) if r.rejected is None and r.score > 0),
+                    key=lambda i: -results[i].score)[: ev.method_coherence_top]
+    for index in ranked:
+        result = results[index]
+        if "coherence" not in result.metrics:
+            outcome = evaluator.evaluate("train", edits[index], coherence=True)
+            result.metrics.update({k: v.as_dict() for k, v in outcome.metrics.items()
+                                   if k in ("coherence", "fluency", "repetition", "concept_fluency")})
+            _save_state(out, state)
+        if _fails_coherence(result.metrics, ev, ev.method_coherence_gate):
+            result.score, result.score_se = 0.0, 0.0
 
 
-def _split_summary(outcome: SplitOutcome | None, base: dict[str, float]) -> dict:
+def _save_state(out: Path | None, state: dict) -> None:
+    if out is not None:
+        write_json(out / CHECKPOINT, state)
+
+
+def _split_summary(outcome: SplitOutcome | None) -> dict:
     if outcome is None:
         return {}
-    m = {name: interval.as_dict() for name, interval in outcome.metrics.items()}
-    summary = {"metrics": m, "rescored": outcome.rescored}
+    summary = outcome.as_dict()
+    m = summary["metrics"]
     for name in ("qa", "simdom", "general"):
         if f"{name}_base" in m:
             summary[f"{name}_test"] = {"base": m[f"{name}_base"], "edited": m[f"{name}_edited"]}
@@ -229,7 +318,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         ember_info = ember_fit.report()
         clock = time.perf_counter()
         ember_sweep, ember_edits = sweep("ember", ember_fit, evaluator, config, state, out,
-                                         stop_on_reject=config.ember.delta is None)
+                                         ember_rule=True, stop_on_reject=config.ember.delta is None)
         timings["ember_grid"] = time.perf_counter() - clock
         pick = 0 if config.ember.delta is not None else choose(ember_sweep)
         base_edit = ember_edits[pick] if pick is not None else None
@@ -245,6 +334,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         with applied(base_edit, lm.model):
             fitted = method.fit(lm, data, method_config, config.seed, context)
         method_sweep, method_edits = sweep(config.method, fitted, evaluator, config, state, out, base_edit=base_edit)
+        measure_top_coherence(method_sweep, method_edits, evaluator, config, state, out)
         timings["method_grid"] = time.perf_counter() - clock
         pick = choose(method_sweep)
         chosen_edit = method_edits[pick] if pick is not None else base_edit
@@ -252,7 +342,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         report[config.method] = fitted.report() if hasattr(fitted, "report") else {}
 
     clock = time.perf_counter()
-    test = evaluator.evaluate("test", chosen_edit) if data.has_questions or evaluator.coherence_set() else None
+    test = evaluator.evaluate("test", chosen_edit) if data.has_questions or evaluator.prompts("test") else None
     timings["test_evaluation"] = time.perf_counter() - clock
     if chosen_edit is not None:
         if isinstance(chosen_edit, EmbeddingPatch):
@@ -272,7 +362,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
 
 def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, chosen_params, test, evaluator, timings) -> dict:
     delta = report.get("ember", {}).get("delta")
-    test_summary = _split_summary(test, {})
+    test_summary = _split_summary(test)
     metrics = test_summary.get("metrics", {})
     results = {
         "concept": data.concept,
@@ -288,6 +378,8 @@ def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, c
         "embeddings_untied": report["embeddings_untied"],
         "scoring": evaluator.config.scoring,
         "general_knowledge_source": data.general_source,
+        "coherence_prompt_source": data.general_prompt_source,
+        "selection": selection_rules(config),
         "questions_available": data.has_questions,
         "test": test_summary,
         "timings": timings,
@@ -297,9 +389,12 @@ def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, c
     for name in ("qa_test", "simdom_test", "general_test"):
         if name in test_summary:
             results[name] = test_summary[name]
-    for name in ("efficacy", "specificity", "coherence", "harmonic", "score"):
+    for name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic", "score"):
         if name in metrics:
             results[name] = metrics[name]
+    if test is not None:
+        results.update(near_chance=test_summary["near_chance"], coverage=test.coverage, examples=test.examples,
+                       per_question=test.per_question(), per_prompt=test.per_prompt())
     if ember_sweep is not None:
         results["delta_sweep"] = [r.__dict__ for r in ember_sweep]
     if method_sweep is not None:

@@ -14,9 +14,12 @@ def print_summary(results: dict, model_label: str = "edited") -> None:
     for name in ("qa_test", "simdom_test", "general_test"):
         if name in results:
             print(f"  {name:13s} original {fmt(results[name]['base'])}  {model_label} {fmt(results[name]['edited'])}")
-    for name in ("efficacy", "specificity", "coherence", "harmonic"):
+    for name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
         if name in results:
-            print(f"  {name:13s} {fmt(results[name])}")
+            print(f"  {name:15s} {fmt(results[name])}")
+    flagged = [name for name, near in results.get("near_chance", {}).items() if near]
+    if flagged:
+        print(f"  near chance (original accuracy within noise of 0.25): {', '.join(flagged)}")
 
 
 def _accuracy_rows(results: dict) -> list[str]:
@@ -27,17 +30,18 @@ def _accuracy_rows(results: dict) -> list[str]:
     return rows if len(rows) > 2 else ["No questions were given: no accuracy is claimed."]
 
 
-def _sweep_rows(sweep: list[dict], coherence_gate: float) -> list[str]:
-    rows = ["| params | efficacy | specificity | coherence | score | note |", "| --- | --- | --- | --- | --- | --- |"]
+def _sweep_rows(sweep: list[dict], coherence_gate: float | None) -> list[str]:
+    rows = ["| params | efficacy | specificity | coherence | concept fluency | score | note |",
+            "| --- | --- | --- | --- | --- | --- | --- |"]
     for entry in sweep:
         m = entry["metrics"]
         value = lambda k: f"{m[k]['value']:.3f}" if k in m else "n/a"  # noqa: E731
         note = entry["rejected"] or ""
-        if not note and m.get("coherence", {}).get("value", 1.0) < coherence_gate:
+        if not note and coherence_gate is not None and m.get("coherence", {}).get("value", 1.0) < coherence_gate:
             note = f"coherence < {coherence_gate}: scores 0"
         rows.append(
             f"| {entry['params']} | {value('efficacy')} | {value('specificity')} | {value('coherence')} | "
-            f"{entry['score']:.3f} | {note} |"
+            f"{value('concept_fluency')} | {entry['score']:.3f} | {note} |"
         )
     return rows
 
@@ -48,9 +52,60 @@ def no_candidate_chosen(results: dict) -> str | None:
         return None
     gates = results.get("config", {}).get("evaluation", {})
     kept = "the EMBER-edited model" if results["method"].endswith("+ember") else "the original model"
-    return (f"No grid point passed the gates (general-knowledge fraction >= {gates.get('general_gate')}, "
-            f"coherence >= {gates.get('coherence_gate')}): the result is {kept}. The grid table says why; "
-            "loosen a gate (--general-gate, --coherence-gate) or change the grid (--set).")
+    coherence = gates.get("method_coherence_gate")
+    return (f"No grid point passed the gates (general-knowledge fraction >= {gates.get('method_general_gate')}, "
+            f"QA fraction <= {gates.get('method_max_qa_frac')}"
+            + (f", coherence >= {coherence}" if coherence is not None else "") + f"): the result is {kept}. "
+            "The grid table says why; loosen a gate (--method-general-gate, --method-max-qa-frac"
+            + (", --method-coherence-gate" if coherence is not None else "") + ") or change the grid (--set).")
+
+
+METRIC_LABELS = {"coherence": "coherence (general prompts)", "concept_fluency": "fluency on concept text (diagnostic)"}
+
+
+def _noise_lines(results: dict) -> list[str]:
+    """Absolute drops with paired intervals, the continuous measure, and near-chance flags."""
+    metrics = results.get("test", {}).get("metrics", {})
+    lines = []
+    for name in ("qa", "simdom", "general"):
+        if f"{name}_drop" in metrics:
+            prob = f"; probability of the correct option {fmt(metrics.get(f'{name}_prob_base'))} -> " \
+                   f"{fmt(metrics.get(f'{name}_prob_edited'))}" if f"{name}_prob_base" in metrics else ""
+            lines.append(f"- {name}: accuracy drop {fmt(metrics[f'{name}_drop'])}{prob}")
+    flagged = [name for name, near in results.get("near_chance", {}).items() if near]
+    if flagged:
+        lines.append(f"- near chance (the original's 95% interval reaches 0.25; its fraction is noise and is left "
+                     f"out of specificity and pooled efficacy): {', '.join(flagged)}")
+    return ["", *lines] if lines else []
+
+
+def _coverage_rows(coverage: dict) -> list[str]:
+    """Which questions contain an edited token, and accuracy on each part."""
+    sets = [name for name in ("qa", "simdom", "general") if name in coverage]
+    if not sets:
+        return []
+    rows = ["", "## Coverage: questions that contain an edited token", "",
+            "| set | touched | touched: original -> edited | untouched: original -> edited |", "| --- | --- | --- | --- |"]
+    for name in sets:
+        c = coverage[name]
+        part = lambda k: (f"{fmt(c[k].get('base'))} -> {fmt(c[k].get('edited'))}" if c[k] else "-")  # noqa: E731
+        rows.append(f"| {name} | {c['touched']}/{c['total']} ({c['share']:.0%}) | {part('touched_accuracy')} | "
+                    f"{part('untouched_accuracy')} |")
+    for kind in ("general_prompts", "concept_prompts"):
+        if kind in coverage:
+            rows.append(f"\n{kind.replace('_', ' ')}: {coverage[kind]['touched']}/{coverage[kind]['total']} contain an edited token.")
+    return rows
+
+
+def _example_rows(examples: dict) -> list[str]:
+    titles = {"general": "general prompts (coherence)", "concept": "concept text (fluency diagnostic)"}
+    rows = []
+    for kind, items in examples.items():
+        rows += ["", f"## Generations on {titles.get(kind, kind)}: original vs edited", "",
+                 "| prompt | original | edited |", "| --- | --- | --- |"]
+        clean = lambda t: t.replace("|", "\\|").replace("\n", " ").strip()  # noqa: E731
+        rows += [f"| {clean(e['prompt'])} | {clean(e['original'])} | {clean(e['edited'])} |" for e in items]
+    return rows
 
 
 def _feature_rows(features: list[dict], limit: int = 12) -> list[str]:
@@ -87,17 +142,19 @@ def markdown_report(results: dict) -> str:
         *_accuracy_rows(results),
         "",
     ]
-    for name in ("efficacy", "specificity", "coherence", "harmonic"):
+    for name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
         if name in results:
-            lines.append(f"- {name}: {fmt(results[name])}")
+            lines.append(f"- {METRIC_LABELS.get(name, name)}: {fmt(results[name])}")
+    lines += _noise_lines(results) + _coverage_rows(results.get("coverage", {})) + _example_rows(results.get("examples", {}))
     if results.get("delta") is not None:
         lines += ["", f"## EMBER: delta = {results['delta']}, {results['edited_token_count']} tokens edited", ""]
         lines += _feature_rows(results.get("features", []))
         tokens = results.get("details", {}).get("ember", {}).get("edited_tokens", [])
         if tokens:
             lines += ["", "Most-changed tokens: " + ", ".join(repr(t) for t in tokens[:40])]
-    gate = results.get("config", {}).get("evaluation", {}).get("coherence_gate", 0.0)
-    for key, title in (("delta_sweep", "EMBER delta grid (train questions)"), ("method_sweep", "Method grid (train questions)")):
+    gates = results.get("config", {}).get("evaluation", {})
+    for key, title, gate in (("delta_sweep", "EMBER delta grid (train questions)", gates.get("coherence_gate")),
+                             ("method_sweep", "Method grid (train questions)", gates.get("method_coherence_gate"))):
         if results.get(key):
             lines += ["", f"## {title}", *_sweep_rows(results[key], gate)]
     nothing_chosen = no_candidate_chosen(results)

@@ -105,10 +105,10 @@ def compare_models(original: LoadedModel, candidate: LoadedModel, data: ConceptD
     sets_by_split = {split: {"qa": data.questions.get(f"qa_{split}", []),
                              "simdom": data.questions.get(f"simdom_{split}", []),
                              "general": data.general.get(split, [])} for split in splits}
-    reference = None
-    prompts = list(data.coherency_prompts) + list(data.neutral_sentences[: config.neutral_coherence_prompts])
-    if prompts and config.coherence_new_tokens > 0:
-        reference = coh.build_coherence_set(original, prompts, config.coherence_new_tokens, batching)
+    # Coherence on general prompts; fluency on the concept's own prompts (a diagnostic).
+    prompt_sets = {"coherence": data.general_prompts.get("test", []), "concept_fluency": list(data.coherency_prompts)}
+    references = {name: coh.build_coherence_set(original, prompts, config.coherence_new_tokens, batching)
+                  for name, prompts in prompt_sets.items() if prompts and config.coherence_new_tokens > 0}
     out = {}
     for split, sets in sets_by_split.items():
         samples = {}
@@ -117,8 +117,9 @@ def compare_models(original: LoadedModel, candidate: LoadedModel, data: ConceptD
                 base = correct_on(original, prepare(original, questions, config.scoring, seed), batching)
                 edited = correct_on(candidate, prepare(candidate, questions, config.scoring, seed), batching)
                 samples[name] = accuracy_pair(base, edited)
-        if reference is not None and split == "test":
-            samples["coherence"] = _coherence_rows(original, candidate, reference, batching, greedy_generate, coh)
+        if split == "test":
+            for name, reference in references.items():
+                samples[name] = _coherence_rows(original, candidate, reference, batching, greedy_generate, coh)
         out[split] = {name: interval.as_dict() for name, interval in erasure_metrics(samples, config.bootstrap, seed).items()}
     return out
 

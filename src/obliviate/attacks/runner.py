@@ -157,12 +157,12 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
 
 
 def run_eval(config, base: str | None = None, eco: str | None = None, judge: str | None = None,
-             judge_model: str = "default", general_prompts: str | None = None, open_new_tokens: int = 24,
+             judge_model: str = "default", open_new_tokens: int = 24,
              progress: bool = True) -> dict:
     """Full evaluation of any model against the original; results.json in config.out."""
     from dataclasses import asdict, replace
 
-    from ..data import load_open_questions, load_sentence_file
+    from ..data import load_open_questions
     from ..evaluation import open_ended
     from ..evaluation.scoring import Batching
     from ..pipeline import load_concept_data
@@ -173,13 +173,11 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
         raise ObliviateError("Name the concept with --concept (e.g. --concept 'Harry Potter').")
     config = replace(config, concept=concept)
     data = load_concept_data(config)
-    if general_prompts:
-        data.coherency_prompts = list(data.coherency_prompts) + load_sentence_file(general_prompts)
     wrap = _eco_wrapper(eco)
     out = Path(config.out)
     print_ = fingerprint({"kind": "eval", "model": config.model.name, "base": base, "eco": eco, "concept": concept,
                           "data": asdict(config.data), "evaluation": asdict(config.evaluation), "seed": config.seed,
-                          "judge": judge, "general_prompts": general_prompts, "open_new_tokens": open_new_tokens})
+                          "judge": judge, "open_new_tokens": open_new_tokens})
     open_out(out, print_, config.overwrite)
     timings, clock = {}, time.perf_counter()
     pair = load_pair(config, base)

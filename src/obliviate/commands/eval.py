@@ -15,8 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="optional open-ended judge: a local model path/hub id or an OpenAI-compatible URL "
                             "(default: normalised answer match only)")
     group.add_argument("--judge-model", default="default", help="model name sent to a judge endpoint")
-    group.add_argument("--general-prompts", default=None, metavar="FILE",
-                       help="extra coherence prompts, one a line or a JSON list")
     group.add_argument("--open-new-tokens", type=int, default=24, help="greedy tokens per open-ended answer")
 
 
@@ -31,7 +29,7 @@ def run(args: argparse.Namespace) -> int:
     config = make_config(args.config_file, **overrides)
     guard_out(config.out, config.model.name)
     r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
-                 general_prompts=args.general_prompts, open_new_tokens=args.open_new_tokens)
+                 open_new_tokens=args.open_new_tokens)
     print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
     print_summary(r, "model")
     for split, entry in r.get("open_ended", {}).items():

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..models import LoadedModel
-from .scoring import Batching, continuation_logprobs, greedy_generate
+from .scoring import Batching, GenerationSteps, continuation_logprobs, greedy_generate
 
 EMPTY_CONTINUATION_LL = -20.0  # per token: an empty answer counts as worse than any real text
 
@@ -35,6 +35,7 @@ class CoherenceSet:
     original_ll: np.ndarray
     original_distinct: np.ndarray
     max_new_tokens: int
+    steps: list[GenerationSteps] | None = None  # what the output layer saw at each original step
 
     def token_sets(self) -> list[frozenset[int]]:
         return [frozenset(p) | frozenset(c) for p, c in zip(self.prompt_ids, self.original_continuations)]
@@ -63,15 +64,19 @@ def mean_loglik(original: LoadedModel, prompt_ids: list[list[int]], continuation
 
 
 def build_coherence_set(original: LoadedModel, prompts: list[str], max_new_tokens: int, batching: Batching = Batching()) -> CoherenceSet:
+    """The original's continuations, scored from the generation pass itself (greedy: the
+    chosen token's log-probability is the top one), with its output-layer inputs kept."""
     prompt_ids = [original.tokenizer(p).input_ids for p in prompts]
-    continuations = greedy_generate(original, prompt_ids, max_new_tokens, batching)
+    continuations, steps = greedy_generate(original, prompt_ids, max_new_tokens, batching, record=True)
+    scored = [record.mean_loglik(len(c)) for record, c in zip(steps, continuations)]
     return CoherenceSet(
         prompts=list(prompts),
         prompt_ids=prompt_ids,
         original_continuations=continuations,
-        original_ll=mean_loglik(original, prompt_ids, continuations, batching),
+        original_ll=np.array([EMPTY_CONTINUATION_LL if ll is None else ll for ll in scored]),
         original_distinct=np.array([distinct_bigrams(c) for c in continuations]),
         max_new_tokens=max_new_tokens,
+        steps=steps,
     )
 
 

@@ -75,7 +75,7 @@ class Evaluator:
         self._prepared: dict[tuple[str, str], PreparedQuestions] = {}
         self._base_scores: dict[tuple[str, str], np.ndarray] = {}
         self._prompt_sets: dict[tuple[str, str], coh.CoherenceSet] = {}
-        self._states: dict[tuple[str, str], list[OutputStates]] = {}  # tied models: see _before_output_edit
+        self._states: dict[tuple[str, str], dict[int, OutputStates]] = {}  # tied models: _before_output_edit
 
     def question_sets(self, split: str) -> dict[str, list[MCQuestion]]:
         sets = {
@@ -131,7 +131,7 @@ class Evaluator:
             for name, prepared in sets.items():
                 correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change)
             for kind, reference in references.items():
-                which = self._prompts_to_rerun(self._prompt_key(split, kind), reference, token_ids, change)
+                which = self._prompts_to_rerun(reference, token_ids, change)
                 generated[kind] = (which, greedy_generate(
                     self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens, self.batching))
         finally:
@@ -150,23 +150,20 @@ class Evaluator:
 
     def _before_output_edit(self, split: str, sets: dict, references: dict, token_ids: set[int] | None):
         """For an embedding edit of a TIED model (the edited tokens' output rows change too):
-        the original output rows of those tokens, with the original's output states of
-        every input captured (once), so untouched inputs are corrected exactly instead of
+        the original output rows of those tokens, with the original's output states of the
+        untouched questions captured (once each), so they are corrected exactly instead of
         run again (evaluation/output_rows.py). None when there is nothing to correct."""
         if not token_ids or not embeddings_are_tied(self.lm.model):
             return None
         for name, prepared in sets.items():
-            if (split, name) not in self._states:
-                pairs = [(c + x[:-1], len(x)) if x else (c, 1) for c, x in prepared.items]
-                self._states[(split, name)] = capture_output_states(
-                    self.lm, [p for p, _ in pairs], [n for _, n in pairs], self.batching)
-        for kind, reference in references.items():
-            key = self._prompt_key(split, kind)
-            if key not in self._states:
-                sequences = [p + c for p, c in zip(reference.prompt_ids, reference.original_continuations)]
-                lasts = [len(c) + 1 for c in reference.original_continuations]
-                self._states[key] = capture_output_states(self.lm, sequences, lasts, self.batching)
-        return output_rows(self.lm, token_ids)
+            states = self._states.setdefault((split, name), {})
+            untouched = set(range(len(prepared))) - set(prepared.touching(token_ids).tolist())
+            missing = [i for i, q in enumerate(prepared.item_question) if q in untouched and i not in states]
+            # an option's positions: the context's last and all but the last continuation token
+            pairs = [(c + x[:-1], len(x)) if x else (c, 1) for c, x in (prepared.items[i] for i in missing)]
+            captured = capture_output_states(self.lm, [p for p, _ in pairs], [n for _, n in pairs], self.batching)
+            states.update(zip(missing, captured))
+        return output_rows(self.lm, token_ids)  # prompts: their generation pass kept what is needed
 
     def _score_set(self, split: str, name: str, prepared: PreparedQuestions, token_ids, change) -> tuple[tuple, int]:
         base_scores = self._base_scores[(split, name)]
@@ -181,7 +178,7 @@ class Evaluator:
                              correct_probability(prepared, base_scores), correct_probability(prepared, scores))
         return rows, int(len(which))
 
-    def _shift_untouched(self, states: list[OutputStates], prepared: PreparedQuestions, touched: set[int],
+    def _shift_untouched(self, states: dict[int, OutputStates], prepared: PreparedQuestions, touched: set[int],
                          change: OutputChange, scores: np.ndarray) -> set[int]:
         """Move untouched questions' option scores by the exact normalizer shift; return the
         questions where that is not safe (they run again)."""
@@ -201,17 +198,15 @@ class Evaluator:
                 scores[question] += shift  # every letter's log-probability moves by -(Z' - Z)
         return unsafe
 
-    def _prompts_to_rerun(self, key: tuple[str, str], reference: coh.CoherenceSet, token_ids, change) -> np.ndarray:
+    def _prompts_to_rerun(self, reference: coh.CoherenceSet, token_ids, change) -> np.ndarray:
         """Prompts whose greedy continuation may differ: those using an edited token, and
         (tied models) those where an edited token's new logit overtakes the original's choice."""
         which = set(reference.touching(token_ids).tolist())
         if change is not None:
-            states = self._states[key]
-            weight = self.lm.model.get_output_embeddings().weight
-            eos = self.lm.tokenizer.eos_token_id
-            for i, continuation in enumerate(reference.original_continuations):
-                chosen = continuation + ([eos] if len(continuation) < reference.max_new_tokens else [])
-                if i not in which and not greedy_path_holds(change, states[i], chosen, weight):
+            for i, (steps, continuation) in enumerate(zip(reference.steps, reference.original_continuations)):
+                # the continuation's steps, and the one that ended it early (EOS) if any
+                length = min(len(continuation) + 1, len(steps.top_logit))
+                if i not in which and not greedy_path_holds(change, steps, length):
                     which.add(i)
         return np.array(sorted(which), dtype=int)
 

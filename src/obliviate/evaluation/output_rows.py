@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from ..models import LoadedModel
-from .scoring import Batching, _batches, _left_pad, _vocab
+from .scoring import Batching, GenerationSteps, _batches, _left_pad, _vocab
 
 # A greedy step is called unchanged only if the best edited token stays this far (in
 # logits) below the token the original chose: hidden states captured in one batched pass
@@ -93,10 +93,6 @@ class OutputChange:
         shifted = torch.logaddexp(rest_log, torch.logsumexp(new, dim=1))
         return shifted - z, safe
 
-    def chosen_logits(self, states: OutputStates, chosen: Sequence[int], weight: torch.Tensor) -> torch.Tensor:
-        rows = weight[torch.as_tensor(list(chosen), dtype=torch.long)].detach().cpu()
-        return (_logits(states.hidden[: len(chosen)], rows, self.softcap)).diagonal()
-
 
 def output_change(lm: LoadedModel, token_ids: set[int], old_rows: torch.Tensor) -> OutputChange | None:
     """The change to the output rows of ``token_ids`` (model currently edited), or None
@@ -120,11 +116,10 @@ def option_shift(change: OutputChange, states: OutputStates) -> float | None:
     return None if not bool(safe.all()) else float(-shift.sum())
 
 
-def greedy_path_holds(change: OutputChange, states: OutputStates, chosen: Sequence[int],
-                      weight: torch.Tensor) -> bool:
-    """True when no edited token overtakes the original's choice at any step of its greedy
-    path (argmax does not depend on the normalizer, so only the logits are compared)."""
-    if not chosen:
+def greedy_path_holds(change: OutputChange, steps: GenerationSteps, length: int) -> bool:
+    """True when no edited token overtakes the original's choice at any of the first
+    ``length`` greedy steps (argmax does not depend on the normalizer: only logits count)."""
+    if length == 0:
         return True
-    best_edited = _logits(states.hidden[: len(chosen)], change.new_rows, change.softcap).max(dim=1).values
-    return bool((best_edited < change.chosen_logits(states, chosen, weight) - ARGMAX_MARGIN).all())
+    best_edited = _logits(steps.hidden[:length], change.new_rows, change.softcap).max(dim=1).values
+    return bool((best_edited < steps.top_logit[:length] - ARGMAX_MARGIN).all())

@@ -172,27 +172,66 @@ def next_token_logprobs(
     return out
 
 
+@dataclass
+class GenerationSteps:
+    """What the output layer saw at each greedy step of one continuation: its input (the
+    final hidden state), the log-normalizer of the logits and the top logit (the chosen
+    token's, under greedy decoding), after the model's final soft-cap if it has one."""
+
+    hidden: torch.Tensor  # (steps, d)
+    log_norm: torch.Tensor  # (steps,) float64
+    top_logit: torch.Tensor  # (steps,) float64
+
+    def mean_loglik(self, length: int) -> float | None:
+        """Mean log-probability of the first ``length`` chosen tokens (None when empty)."""
+        return float((self.top_logit[:length] - self.log_norm[:length]).mean()) if length else None
+
+
 @torch.no_grad()
 def greedy_generate(
-    lm: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, batching: Batching = Batching()
-) -> list[list[int]]:
-    """Greedy continuations (new token ids only, cut at EOS) for each tokenized prompt."""
+    lm: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, batching: Batching = Batching(),
+    record: bool = False,
+) -> list[list[int]] | tuple[list[list[int]], list[GenerationSteps]]:
+    """Greedy continuations (new token ids only, cut at EOS) for each tokenized prompt.
+
+    ``record=True`` also returns, per prompt, what the output layer saw at each step (the
+    steps of its continuation, plus the one that chose EOS): from the same pass, so the
+    original's own continuations need no second pass to be scored."""
     vocab = _vocab(lm)
     lengths = [len(p) + max_new_tokens for p in prompts]
     results: list[list[int]] = [[] for _ in prompts]
-    eos = lm.tokenizer.eos_token_id
-    for batch in _batches(lengths, [1] * len(prompts), vocab, batching.budget(lm)):
-        ids, mask, _ = _left_pad([list(prompts[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
-        generated = lm.model.generate(
-            input_ids=ids,
-            attention_mask=mask,
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=lm.tokenizer.pad_token_id,
-        )[:, ids.shape[1]:]
-        for row, index in enumerate(batch):
-            tokens = generated[row].tolist()
-            if eos in tokens:
-                tokens = tokens[: tokens.index(eos)]
-            results[index] = [t for t in tokens if t != lm.tokenizer.pad_token_id]
-    return results
+    records: list[GenerationSteps | None] = [None] * len(prompts)
+    steps: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    softcap = getattr(lm.model.config, "final_logit_softcapping", None)
+
+    def keep_step(module, args, output) -> None:
+        logits = output[:, -1].double()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        steps.append((args[0][:, -1].float().cpu(), torch.logsumexp(logits, -1).cpu(), logits.max(-1).values.cpu()))
+
+    hook = lm.model.get_output_embeddings().register_forward_hook(keep_step) if record else None
+    stops = {lm.tokenizer.eos_token_id, lm.tokenizer.pad_token_id}
+    try:
+        for batch in _batches(lengths, [1] * len(prompts), vocab, batching.budget(lm)):
+            steps.clear()
+            ids, mask, _ = _left_pad([list(prompts[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
+            generated = lm.model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=lm.tokenizer.pad_token_id,
+            )[:, ids.shape[1]:]
+            for row, index in enumerate(batch):
+                tokens = generated[row].tolist()
+                cut = next((t for t, token in enumerate(tokens) if token in stops), len(tokens))
+                results[index] = tokens[:cut]
+                if record:
+                    taken = min(cut + 1, len(steps))  # the continuation's steps and the one that ended it
+                    records[index] = GenerationSteps(*(torch.stack([s[part][row] for s in steps[:taken]])
+                                                       for part in range(3)))
+    finally:
+        if hook is not None:
+            hook.remove()
+    return (results, records) if record else results  # type: ignore[return-value]
