@@ -75,12 +75,12 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(tiny_model_dir, data_
     calls = {"n": 0}
     real = pipeline.Evaluator.evaluate
 
-    def dies_on_second_train(self, split, edit):
+    def dies_on_second_train(self, split, edit, **options):
         if split == "train":
             calls["n"] += 1
             if calls["n"] == 2:
                 raise KeyboardInterrupt
-        return real(self, split, edit)
+        return real(self, split, edit, **options)
 
     monkeypatch.setattr(pipeline.Evaluator, "evaluate", dies_on_second_train)
     with pytest.raises(KeyboardInterrupt):
