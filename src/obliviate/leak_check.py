@@ -73,7 +73,8 @@ def check_outputs(out: Path, patches: list, patch_is_revertible: bool = False) -
         files.append(patch_file)
     report = {"passed": True, "tensors_checked": 0, "leak_count": 0, "leaks": []}
     for patch in patches:
-        moved = torch.tensor([i in patch.changed_token_ids() for i in patch.token_ids.tolist()], dtype=torch.bool)
+        changed = patch.changed_token_ids()
+        moved = torch.tensor([i in changed for i in patch.token_ids.tolist()], dtype=torch.bool)
         if not moved.any():
             continue
         found = find_leaks(patch.token_ids[moved], patch.original_rows[moved], patch.edited_rows[moved],
