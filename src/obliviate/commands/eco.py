@@ -17,6 +17,8 @@ def _model_arguments(parser: argparse.ArgumentParser, default_help: str) -> None
     parser.add_argument("--model", default=None, help=f"model name, folder, hub id or .gguf ({default_help})")
     parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
     parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="also load pickle weights (.bin/.pt/.pth), which can run code: trusted folders only")
 
 
 def _data_arguments(parser: argparse.ArgumentParser, general: int) -> None:
@@ -75,7 +77,7 @@ def _load_data(args: argparse.Namespace, concept: str | None):
 def _load_lm(args: argparse.Namespace, fallback: str | None = None):
     from ..models import load_model
 
-    return load_model(args.model or fallback, args.device, args.dtype)
+    return load_model(args.model or fallback, args.device, args.dtype, allow_pickle=args.allow_pickle)
 
 
 def run_fit(args: argparse.Namespace) -> int:
@@ -83,14 +85,16 @@ def run_fit(args: argparse.Namespace) -> int:
     from ..eco import fit
     from ..eco.config import EcoConfig
     from ..errors import ObliviateError
+    from ..io import exclusive_output
 
     config = build_section(EcoConfig, collect_overrides(args).get("eco", {}), "eco")
     out = Path(args.out)
-    if (out / "config.json").exists() and not args.overwrite:
-        raise ObliviateError(f"{out} already holds an ECO artifact: pass --overwrite to replace it, or another --out.")
-    data = _load_data(args, args.concept)
-    lm = _load_lm(args)
-    artifact = fit(lm, data, config, out, progress=lambda m: print(m, flush=True))
+    with exclusive_output(out):
+        if (out / "config.json").exists() and not args.overwrite:
+            raise ObliviateError(f"{out} already holds an ECO artifact: pass --overwrite to replace it, or another --out.")
+        data = _load_data(args, args.concept)
+        lm = _load_lm(args)
+        artifact = fit(lm, data, config, out, progress=lambda m: print(m, flush=True))
     report = artifact.info["classifier_report"]
     print(f"\nECO for {data.concept!r} -> {out}")
     print(f"  classifier layer {report['layer']}, threshold {report['threshold']:.4f} ({report['calibration']})")
@@ -137,14 +141,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
     from .. import eco
     from ..config import EvalConfig, build_section
     from ..eco.evaluate import evaluate
-    from ..io import write_json
+    from ..io import exclusive_output, write_json
 
     artifact = eco.load(args.eco)
     eval_config = build_section(EvalConfig, collect_overrides(args).get("evaluation", {}), "evaluation")
-    data = _load_data(args, args.concept or artifact.info.get("concept"))
-    lm = _load_lm(args, artifact.model_name)
-    results = evaluate(lm, data, artifact, eval_config, args.ember, args.seed, progress=lambda m: print(m, flush=True))
-    write_json(Path(args.out) / "results.json", results)
+    with exclusive_output(args.out):
+        data = _load_data(args, args.concept or artifact.info.get("concept"))
+        lm = _load_lm(args, artifact.model_name)
+        results = evaluate(lm, data, artifact, eval_config, args.ember, args.seed,
+                           progress=lambda m: print(m, flush=True))
+        write_json(Path(args.out) / "results.json", results)
     print(f"\n{data.concept}: test split -> {Path(args.out) / 'results.json'}")
     for name in ("eco", "ember", "ember+eco"):
         if name in results:

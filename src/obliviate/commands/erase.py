@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 
 from .. import methods
 from ..cli import add_dataclass_arguments, add_run_arguments, collect_overrides
@@ -34,6 +35,7 @@ def parse_method_settings(pairs: list[str], method: str) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     from ..api import make_config
+    from ..io import exclusive_output
     from ..pipeline import erase
     from ..report import no_candidate_chosen, print_summary
 
@@ -47,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
         from ..errors import ObliviateError
 
         raise ObliviateError("Name the concept to erase with --concept (e.g. --concept 'Harry Potter').")
-    result = erase(config)
+    with exclusive_output(config.out) if config.out else nullcontext():
+        result = erase(config)
     r = result.results
     print(f"\n{r['concept']} erased with {r['method']} -> {config.out}")
     print_summary(r, "edited")

@@ -16,11 +16,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..errors import ObliviateError
-from ..io import atomic_path, read_json, write_json
+from ..io import load_tensors, read_json, save_tensors, write_json
 from .classifier import PromptClassifier
 from .corruption import Corruption
 
@@ -52,6 +51,23 @@ def probe_rows(model: nn.Module) -> torch.Tensor:
     return weight[ids].detach().float().cpu()
 
 
+def check_tensors(tensors: dict[str, torch.Tensor], hidden: int, vocab: int) -> None:
+    """The classifier's tensors have the shapes and float dtypes of a model with ``hidden``
+    dimensions and ``vocab`` tokens, and finite values (a damaged file fails here, not mid-run)."""
+    expected = {"weight": (hidden,), "bias": (1,), "mean": (hidden,), "std": (hidden,),
+                "probe_rows": (len(probe_ids(vocab)), hidden)}
+    for name, shape in expected.items():
+        tensor = tensors.get(name)
+        if tensor is None:
+            raise ValueError(f"classifier.safetensors has no tensor {name!r}")
+        if tuple(tensor.shape) != shape or not tensor.is_floating_point():
+            raise ValueError(f"tensor {name!r} is {tensor.dtype} {tuple(tensor.shape)}, expected float {shape}")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"tensor {name!r} holds NaN or infinite values")
+    if not (tensors["std"] > 0).all():
+        raise ValueError("tensor 'std' has values <= 0")
+
+
 @dataclass
 class EcoArtifact:
     classifier: PromptClassifier
@@ -81,8 +97,7 @@ class EcoArtifact:
         folder.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.contiguous() for k, v in self.classifier.tensors().items()}
         tensors["probe_rows"] = self.probe.contiguous()
-        with atomic_path(folder / "classifier.safetensors") as tmp:
-            save_file(tensors, str(tmp), metadata={"format": FORMAT})
+        save_tensors(folder / "classifier.safetensors", tensors, {"format": FORMAT})
         write_json(folder / "config.json", self.config())
         return folder
 
@@ -94,18 +109,33 @@ class EcoArtifact:
                 f"{folder} is not an ECO artifact (config.json and classifier.safetensors are needed): "
                 "make one with `obliviate eco fit`."
             )
-        config = read_json(folder / "config.json")
-        if config.get("format") != FORMAT:
-            raise ObliviateError(f"{folder}/config.json has format {config.get('format')!r}; expected {FORMAT}.")
-        tensors = load_file(str(folder / "classifier.safetensors"))
-        classifier = PromptClassifier(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"],
-                                      layer=int(config["classifier"]["layer"]),
-                                      threshold=float(config["classifier"]["threshold"]))
+        try:
+            config = read_json(folder / "config.json")
+        except (ValueError, OSError) as err:
+            raise ObliviateError(f"{folder}/config.json is not readable JSON ({err}).") from err
+        if not isinstance(config, dict) or config.get("format") != FORMAT:
+            found = config.get("format") if isinstance(config, dict) else type(config).__name__
+            raise ObliviateError(f"{folder}/config.json has format {found!r}; expected {FORMAT}.")
+        tensors, _ = load_tensors(folder / "classifier.safetensors", "ECO classifier")
+        try:
+            return cls._from_parts(config, tensors)
+        except (KeyError, TypeError, ValueError) as err:  # a field missing or of the wrong type
+            raise ObliviateError(f"{folder} is a damaged ECO artifact ({type(err).__name__}: {err}): fit it again "
+                                 "with `obliviate eco fit`.") from err
+
+    @classmethod
+    def _from_parts(cls, config: dict, tensors: dict) -> "EcoArtifact":
         model = dict(config["model"])
         name, source = model.pop("name"), model.pop("source")
+        check_tensors(tensors, int(model["hidden_size"]), int(model["vocab_size"]))
+        layer = int(config["classifier"]["layer"])
+        if not 0 <= layer <= int(model["num_hidden_layers"]):
+            raise ValueError(f"classifier layer {layer} is outside 0..{model['num_hidden_layers']}")
+        classifier = PromptClassifier(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"],
+                                      layer=layer, threshold=float(config["classifier"]["threshold"]))
         known = {"format", "model", "classifier", "corruption", "marker_ids", "pad_token_id"}
         return cls(classifier, Corruption(**config["corruption"]), name, source, model, tensors["probe_rows"],
-                   tuple(config.get("marker_ids", ())), config.get("pad_token_id"),
+                   tuple(int(i) for i in config.get("marker_ids", ())), config.get("pad_token_id"),
                    {k: v for k, v in config.items() if k not in known})
 
     def check_model(self, model: nn.Module, model_name: str) -> None:
