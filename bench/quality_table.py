@@ -22,9 +22,11 @@ from pathlib import Path
 import obliviate
 from obliviate.attacks import relearning
 from obliviate.attacks.common import AttackContext
+from obliviate.attacks.runner import load_erased
 from obliviate.data import list_concepts
 from obliviate.evaluation.pooled import arm_from_results, paired_difference, pooled_metrics
 from obliviate.io import write_json
+from obliviate.models import load_model
 from obliviate.pipeline import load_concept_data
 
 
@@ -34,15 +36,19 @@ def slug(concept: str) -> str:
 
 def run_concept(concept: str, data: str, out: Path, extra: dict, paragraphs: int) -> dict:
     folder = out / slug(concept)
-    if (folder / "results.json").exists() and (not paragraphs or (folder / "relearn.json").exists()):
-        return _with_relearn(folder)
-    start = time.perf_counter()
-    result = obliviate.erase(concept, data=data, out=folder, save_model=False, **extra)
-    print(f"[{concept}] erase {time.perf_counter() - start:.0f}s", file=sys.stderr)
-    if paragraphs:
+    lm = None
+    if not (folder / "results.json").exists():
         start = time.perf_counter()
+        lm = obliviate.erase(concept, data=data, out=folder, save_model=False, **extra).lm
+        print(f"[{concept}] erase {time.perf_counter() - start:.0f}s", file=sys.stderr)
+    if paragraphs and not (folder / "relearn.json").exists():
+        start = time.perf_counter()
+        results = json.loads((folder / "results.json").read_text())
+        # the original with the run's patch applied (no patch: nothing was edited)
+        lm = lm or (load_erased(str(folder), results) if results.get("edited_token_count") and results.get("delta")
+                    else load_model(results["model"]))
         config = obliviate.api.make_config(None, concept=concept, data={"data": data}, out=str(folder))
-        ctx = AttackContext(models={"erased": result.lm}, data=load_concept_data(config), data_dir=Path(data),
+        ctx = AttackContext(models={"erased": lm}, data=load_concept_data(config), data_dir=Path(data),
                             scoring="auto", seed=42, bootstrap=1000, out=folder, progress=True)
         write_json(folder / "relearn.json", relearning.run(ctx, relearning.Config(paragraphs=paragraphs)))
         print(f"[{concept}] relearning {time.perf_counter() - start:.0f}s", file=sys.stderr)

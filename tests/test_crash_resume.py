@@ -142,10 +142,6 @@ def test_erase_killed_at_ten_random_points_resumes_to_the_same_bytes(tiny_model_
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="a kill during the first attack leaves checkpoints/ without .checkpoint.json "
-                   "(refused as 'a different run'), and one between relearning's epoch rename and its state.json "
-                   "makes the rerun's rename fail: fixed by the lead's lines in pipeline.prepare_out_dir, "
-                   "attacks/relearning._save_weights and commands/attack.run (then remove this mark)")
 def test_relearning_killed_at_ten_random_points_resumes_to_the_same_results(tiny_model_dir, tiny_benchmark, tmp_path):
     code, _, err = run_child(erase_argv(tiny_model_dir, tiny_benchmark), tmp_path / "erase")
     assert code == 0, err

@@ -88,6 +88,13 @@ def test_a_saved_patch_is_forward_only_and_cannot_revert(tmp_path, tiny_lm, fitt
     assert not torch.equal(before, tiny_lm.model.get_input_embeddings().weight)
     with pytest.raises(ObliviateError, match="forward-only.*cannot revert"):
         revert_verified(loaded, tiny_lm.model)
+    with pytest.raises(ObliviateError, match="not this patch's original"):
+        loaded.bound_to(tiny_lm.model)  # an edited model cannot lend its rows as the original
+    tiny_lm.model.get_input_embeddings().weight.data.copy_(before)
+    bound = loaded.bound_to(tiny_lm.model)  # the original model lends its rows, in memory only
+    apply_verified(bound, tiny_lm.model)
+    revert_verified(bound, tiny_lm.model)
+    assert torch.equal(before, tiny_lm.model.get_input_embeddings().weight)
 
 
 def test_a_revertible_patch_reverts_and_says_so(tmp_path, tiny_lm, fitted):

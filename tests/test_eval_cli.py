@@ -48,7 +48,7 @@ def test_eval_same_model_as_base_is_identical(common, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--attacks", "relearn,jailbreak"], "Valid attacks: relearn, in-context, adversarial, probe"),
+    (["--attacks", "relearn,jailbreak"], "Valid attacks: relearn, relearn-strong, in-context, adversarial, probe, tied-restore"),
     (["--concept", "Knitting"], "Available:"),
     (["--set", "relearn.epochs=0"], "epochs must be >= 1"),
 ])

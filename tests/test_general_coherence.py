@@ -208,3 +208,29 @@ def test_original_continuations_are_scored_from_their_generation_pass(tiny_lm):
     assert [len(s.top_logit) for s in reference.steps] == [min(len(c) + 1, 7) for c in reference.original_continuations]
     second_pass = coh.mean_loglik(tiny_lm, reference.prompt_ids, reference.original_continuations, coh.Batching())
     np.testing.assert_allclose(reference.original_ll, second_pass, atol=1e-4)
+
+
+def test_base_method_grid_measures_coherence_on_its_top_cells_only():
+    from obliviate.config import RunConfig
+    from obliviate.pipeline import CandidateResult, choose, measure_top_coherence
+
+    class CoherenceByEdit:
+        calls: list = []
+
+        def evaluate(self, split, edit, coherence=True):
+            self.calls.append((split, edit, coherence))
+            return outcome(coherence={"a": 0.95, "b": 0.60, "c": 0.99}[edit], concept_fluency=0.4)
+
+    results = [CandidateResult({"lr": lr}, {"harmonic": {"value": s, "low": s, "high": s}}, s, 0.0, rejected)
+               for lr, s, rejected in ((1, 0.5, None), (2, 0.8, None), (3, 0.9, "QA fraction 0.7 > 0.6"), (4, 0.7, None))]
+    edits = ["d", "b", "x", "a"]
+    evaluator = CoherenceByEdit()
+    measure_top_coherence(results, edits, evaluator, RunConfig(evaluation=EvalConfig(method_coherence_top=2)), {}, None)
+    assert [c[1] for c in evaluator.calls] == ["b", "a"]  # the two best unrejected cells, best first
+    assert results[1].metrics["coherence"]["value"] == 0.60 and "coherence" not in results[0].metrics
+    assert results[1].score == 0.8 and choose(results) == 1  # no coherence gate by default (reference)
+    evaluator.calls.clear()
+    gated = RunConfig(evaluation=EvalConfig(method_coherence_top=2, method_coherence_gate=0.9))
+    measure_top_coherence(results, edits, evaluator, gated, {}, None)
+    assert evaluator.calls == []  # already measured: not run again
+    assert results[1].score == 0.0 and choose(results) == 3

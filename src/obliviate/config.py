@@ -39,6 +39,10 @@ class DataConfig:
     coherency_prompts: str | None = None
     general_questions_file: str | None = None  # an MMLU-style file, if the user has one
     general_questions: int = 100  # per split, from the other concepts when no file is given
+    # General prompts for coherence (METHOD.md section 4: Alpaca in the reference, not
+    # available offline): Alpaca-style JSON, a JSON list or one prompt a line. Default: the
+    # other concepts' open questions ("Question: {q}\nAnswer:") plus neutral openings.
+    coherence_prompts: str | None = None
 
 
 @dataclass(frozen=True)
@@ -46,12 +50,27 @@ class EvalConfig:
     scoring: str = "auto"  # auto | loglik | letter (auto: letter when a chat template exists)
     batch_tokens: int | None = None  # None: sized to the device
     coherence_new_tokens: int = 32  # greedy tokens per coherence prompt (reference: 200 on GPUs)
-    neutral_coherence_prompts: int = 10  # neutral sentence openings added to the concept's prompts
-    general_gate: float = 0.9  # reject a candidate whose general-knowledge fraction is below
-    coherence_gate: float = 0.9  # score 0 for a candidate whose coherence is below
+    # Coherence is judged on GENERAL prompts (METHOD.md section 4): this many of the other
+    # concepts' open questions per split (100 = the reference's Alpaca sample size) ...
+    general_prompts: int = 100
+    neutral_coherence_prompts: int = 10  # ... plus this many neutral sentence openings per split
+    # The concept's coherency prompts are reported as "fluency on concept text" (the paper's
+    # localized cost); gating on them (at coherence_gate) is an opt-in, never the default.
+    gate_concept_fluency: bool = False
+    # EMBER's own grid (reference): reject general-knowledge fraction < 0.9, score 0 below
+    # coherence 0.9, rank by harmonic(efficacy, specificity, coherence).
+    general_gate: float = 0.9
+    coherence_gate: float = 0.9
     # EMBER's delta grid is monotone: stop after this many candidates in a row fail the
     # coherence gate (they score 0 and cannot be chosen). 0 = run the whole grid (reference).
     stop_after_incoherent: int = 2
+    # Base methods' grids (reference grid_eval_kwargs): discard a cell whose general-knowledge
+    # fraction is < min_mmlu = 0.7 or whose QA fraction stays > max_qa_acc = 0.6, rank by
+    # harmonic(efficacy, specificity), then measure coherence on the top candidates only.
+    method_general_gate: float = 0.7
+    method_max_qa_frac: float = 0.6
+    method_coherence_top: int = 3
+    method_coherence_gate: float | None = None  # off, as in the reference
     bootstrap: int = 1000  # resamples for 95% intervals
 
     def __post_init__(self) -> None:
@@ -59,9 +78,14 @@ class EvalConfig:
             raise ObliviateError(f"scoring must be auto, loglik or letter, got {self.scoring!r}.")
         if self.batch_tokens is not None and self.batch_tokens < 16:
             raise ObliviateError(f"batch_tokens must be >= 16, got {self.batch_tokens}.")
-        for name in ("general_gate", "coherence_gate"):
+        for name in ("general_gate", "coherence_gate", "method_general_gate", "method_max_qa_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ObliviateError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.method_coherence_gate is not None and not 0 <= self.method_coherence_gate <= 1:
+            raise ObliviateError(f"method_coherence_gate must be in [0, 1] or empty, got {self.method_coherence_gate}.")
+        for name in ("general_prompts", "neutral_coherence_prompts", "method_coherence_top"):
+            if getattr(self, name) < 0:
+                raise ObliviateError(f"{name} must be >= 0, got {getattr(self, name)}.")
 
 
 @dataclass(frozen=True)
@@ -73,6 +97,9 @@ class RunConfig:
     seed: int = 42
     overwrite: bool = False
     save_model: bool = True  # write model/ (a full copy); the patch and results are always written
+    # A patch WITH the original rows (it can undo the erasure), written only when asked and
+    # never inside --out: whoever receives it with the model could restore the concept.
+    revertible_patch: str | None = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)

@@ -50,6 +50,9 @@ class ConceptData:
     general_source: str = "none"
     coherency_prompts: list[str] = field(default_factory=list)
     data_dir: Path | None = None
+    # Prompts NOT about the concept, for coherence (METHOD.md section 4): "train" / "test".
+    general_prompts: dict[str, list[str]] = field(default_factory=dict)
+    general_prompt_source: str = "none"
 
     @property
     def has_questions(self) -> bool:
@@ -216,18 +219,20 @@ def sample_general_questions(
     """
     others = sorted(name for name in mc_by_concept if name != exclude)
     rng = random.Random(seed)
-    general = {}
-    for split in ("train", "test"):
-        pools = [list(mc_by_concept[name].get(f"qa_{split}", [])) for name in others]
-        for pool in pools:
-            rng.shuffle(pool)
-        picked: list[MCQuestion] = []
-        depth = 0
-        while len(picked) < per_split and any(depth < len(pool) for pool in pools):
-            picked.extend(pool[depth] for pool in pools if depth < len(pool))
-            depth += 1
-        general[split] = picked[:per_split]
-    return general
+    return {split: _round_robin([list(mc_by_concept[name].get(f"qa_{split}", [])) for name in others], per_split, rng)
+            for split in ("train", "test")}
+
+
+def _round_robin(pools: list[list], count: int, rng: random.Random) -> list:
+    """Up to ``count`` items taken evenly from shuffled pools (one from each in turn)."""
+    for pool in pools:
+        rng.shuffle(pool)
+    picked: list = []
+    depth = 0
+    while len(picked) < count and any(depth < len(pool) for pool in pools):
+        picked.extend(pool[depth] for pool in pools if depth < len(pool))
+        depth += 1
+    return picked[:count]
 
 
 def load_general_file(path: str | Path, seed: int) -> dict[str, list[MCQuestion]]:
@@ -346,3 +351,95 @@ def load_relearn_paragraphs(data_dir: str | Path, concept: str, limit: int = 100
         raise _unknown_concept(concept, list(payload))
     paragraphs = payload[concept].get("RelearnParagraphs")
     return _clean_sentences(paragraphs, path, f"{concept}.RelearnParagraphs")[:limit]
+
+
+# General prompts for coherence: the OTHER concepts' open questions in the benchmark's
+# open-ended format, plus openings of neutral sentences (Alpaca is not available offline).
+GENERAL_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
+MAX_PROMPT_CHARS = 4000
+
+
+def sample_general_prompts(data_dir: str | Path, exclude: str, per_split: int, seed: int) -> dict[str, list[str]]:
+    """Other concepts' open questions as prompts, sampled evenly across concepts per split."""
+    path = Path(data_dir) / "open_questions.json"
+    payload = _read_json(path)
+    _require(isinstance(payload, dict), path, "the top level must map concept names to splits")
+    rng = random.Random(seed)
+    prompts = {}
+    for split in ("train", "test"):
+        pools = [[GENERAL_PROMPT_TEMPLATE.format(question=q.question)
+                  for q in parse_open_questions(payload[name].get(f"QA_{split}", []), path, f"{name}.QA_{split}")]
+                 for name in sorted(payload) if name != exclude]
+        prompts[split] = _round_robin(pools, per_split, rng)
+    return prompts
+
+
+def neutral_openings(sentences: list[str], count: int) -> dict[str, list[str]]:
+    """The first half (by words) of ``count`` neutral sentences per split, as prompts to continue."""
+    def opening(sentence: str) -> str:
+        words = sentence.split()
+        return " ".join(words[: max(3, len(words) // 2)])
+    return {"train": [opening(s) for s in sentences[:count]],
+            "test": [opening(s) for s in sentences[count: 2 * count]]}
+
+
+def load_prompt_file(path: str | Path, seed: int) -> dict[str, list[str]]:
+    """A user's general prompts: Alpaca-style JSON ([{instruction, input}...]), a JSON list
+    of strings, or one prompt a line; shuffled with the seed and split in half (train, test)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ObliviateError(f"Prompts file {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ObliviateError(f"Prompts file {path} is not UTF-8 text ({err.reason} at byte {err.start}).") from err
+    prompts = _parse_prompts(text, path)
+    if len(prompts) < 2:
+        raise ObliviateError(f"Prompts file {path} holds {len(prompts)} prompt(s): give at least 2 (half for the "
+                             "grid on train questions, half for the final test numbers).")
+    random.Random(seed).shuffle(prompts)
+    half = len(prompts) // 2
+    return {"train": prompts[:half], "test": prompts[half:]}
+
+
+def _parse_prompts(text: str, path: Path) -> list[str]:
+    stripped = text.lstrip()
+    if not stripped.startswith(("[", "{")):
+        return [line.strip() for line in text.splitlines() if line.strip()]
+    try:
+        payload = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ObliviateError(f"Prompts file {path} is not valid JSON (line {err.lineno}: {err.msg}).") from err
+    _require(isinstance(payload, list), path, "a JSON prompts file must hold a list")
+    return [_prompt_item(item, path, index) for index, item in enumerate(payload)]
+
+
+def _prompt_item(item: Any, path: Path, index: int) -> str:
+    if isinstance(item, dict):
+        _require(isinstance(item.get("instruction"), str) and item["instruction"].strip(), path,
+                 f"item {index} needs a non-empty 'instruction' string")
+        extra = item.get("input") or ""
+        _require(isinstance(extra, str), path, f"item {index}: 'input' must be a string")
+        prompt = f"Instruction: {item['instruction'].strip()}\n" + (f"Input: {extra.strip()}\n" if extra.strip() else "") + "Response:"
+    else:
+        _require(isinstance(item, str) and item.strip(), path, f"item {index} must be a non-empty string or an "
+                 "object with 'instruction' (and optional 'input')")
+        prompt = item.strip()
+    _require(len(prompt) <= MAX_PROMPT_CHARS, path, f"item {index} is longer than {MAX_PROMPT_CHARS} characters")
+    return prompt
+
+
+def attach_general_prompts(data: ConceptData, prompts_file: str | Path | None, per_split: int,
+                           neutral_count: int, seed: int) -> None:
+    """Fill ``data.general_prompts``: the user's file, else other concepts' open questions
+    (when the benchmark folder has them) plus neutral openings."""
+    if prompts_file:
+        data.general_prompts, data.general_prompt_source = load_prompt_file(prompts_file, seed), f"file:{prompts_file}"
+        return
+    openings = neutral_openings(data.neutral_sentences, neutral_count)
+    questions: dict[str, list[str]] = {"train": [], "test": []}
+    if data.data_dir is not None and (Path(data.data_dir) / "open_questions.json").is_file() and per_split > 0:
+        questions = sample_general_prompts(data.data_dir, data.concept, per_split, seed)
+    data.general_prompts = {split: questions[split] + openings[split] for split in ("train", "test")}
+    data.general_prompt_source = (f"other concepts' open questions ({len(questions['train'])} train / "
+                                  f"{len(questions['test'])} test) + {neutral_count} neutral sentence openings per split")

@@ -112,6 +112,18 @@ class EmbeddingPatch:
             raise EditVerificationError("After applying the patch the embedding rows differ from the patch's rows.")
         self.metadata.update(model_identity(model))  # the model it is for, checked when it is applied again
 
+    def bound_to(self, model: torch.nn.Module) -> "EmbeddingPatch":
+        """This patch with the original rows read from ``model`` (which must be the original:
+        checked against the stored sha256), so it can be applied and reverted in memory, e.g.
+        by an evaluation; the file itself still carries no original row."""
+        self._check_identity(model)
+        current = self._current_rows(model)
+        if self.original_rows is None and rows_sha256(current) != self.metadata.get("original_sha256"):
+            raise ObliviateError(f"The model's embedding rows are not this patch's original: it was made for "
+                                 f"{self._made_for()}, not {_describe(model)} (or the model is already edited).")
+        original = current if self.original_rows is None else self.original_rows
+        return EmbeddingPatch(self.token_ids, original, self.edited_rows, dict(self.metadata))
+
     def revert(self, model: torch.nn.Module) -> None:
         if self.original_rows is None:
             raise ObliviateError(FORWARD_ONLY)

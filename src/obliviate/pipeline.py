@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from . import methods
 from .config import RunConfig
 from .data import ConceptData, attach_general_prompts, load_benchmark_concept, load_user_concept
-from .edits import CompositeEdit, EmbeddingPatch, apply_verified, revert_verified
+from .edits import CompositeEdit, EmbeddingPatch, apply_verified, check_revertible_path, revert_verified
 from .errors import ObliviateError
 from .evaluation.evaluator import Evaluator, SplitOutcome
 from .html_report import write_report as write_html_report
@@ -90,8 +90,14 @@ def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> dict:
             shutil.rmtree(out)
         elif checkpoint.exists() and not overwrite:
             return read_json(checkpoint)
-    out.mkdir(parents=True, exist_ok=True)
     return {"fingerprint": fingerprint, "sweeps": {}}
+
+
+def mark_out_dir(out: Path, state: dict) -> None:
+    """Create the folder with our checkpoint as its first file: a run killed before its first
+    result then resumes instead of finding a folder that looks like someone else's."""
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / CHECKPOINT, state)
 
 
 def load_concept_data(config: RunConfig) -> ConceptData:
@@ -291,6 +297,8 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     clock = time.perf_counter()
     method = methods.get(config.method)  # fail fast on an unknown method
     out = Path(config.out) if config.out else None
+    if config.revertible_patch:
+        check_revertible_path(config.revertible_patch, out)  # before any work: never inside --out
     fingerprint = config_fingerprint(config)
     state = prepare_out_dir(out, fingerprint, config.overwrite) if out else {"fingerprint": fingerprint, "sweeps": {}}
 
@@ -300,8 +308,11 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
             f"Concept {config.concept!r} has no questions to choose delta on: pass --questions FILE, "
             "or fix the strength with --delta (you get the edit and its token report, no accuracy claims)."
         )
-    lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map)
+    lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map,
+                    allow_pickle=config.model.allow_pickle)
     timings["load"] = time.perf_counter() - clock
+    if out is not None:
+        mark_out_dir(out, state)  # only now: bad input above leaves nothing behind
 
     untied = untie_output_embeddings(lm.model) if config.ember.untie_embeddings else False
     evaluator = Evaluator(lm, data, config.evaluation, config.seed)

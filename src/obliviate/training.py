@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import ObliviateError
-from .io import atomic_path
+from .io import atomic_path, save_tensors
 
 
 BLOCK_WEIGHTS = r"\.(mlp|self_attn)\.\w+_proj\.weight$"  # every linear weight of every decoder block
@@ -390,7 +390,7 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
     """Train ``params`` from their current values, capture the result as a ParameterDelta
     and restore the originals (the model leaves as it came). A finished candidate in
     ``folder`` is loaded instead of trained again."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     from .weight_edits import ParameterDelta
 
@@ -403,8 +403,7 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
         delta = ParameterDelta.capture(model, originals, metadata)
     if folder is not None:
         folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "trained.safetensors") as tmp:
-            save_file({n: t.contiguous() for n, t in delta.new.items()}, str(tmp))
+        save_tensors(folder / "trained.safetensors", {n: t.contiguous() for n, t in delta.new.items()})
         finished(folder, log)
     return delta, log
 

@@ -99,6 +99,7 @@ def _save_weights(folder: Path, epoch: int, model: torch.nn.Module, optimizer) -
     staging.mkdir(parents=True)
     save_model(model, str(staging / "model.safetensors"))
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    shutil.rmtree(final, ignore_errors=True)  # a run killed after this rename but before its state.json
     staging.rename(final)
 
 

@@ -68,13 +68,14 @@ def resolve_base(spec: str | None, base: str | None) -> tuple[str, str, dict]:
     return model_spec, base or recorded.get("model") or EMBEDDED_MODEL, recorded
 
 
-def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device_map=None) -> LoadedModel:
+def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device_map=None,
+                allow_pickle: bool = False) -> LoadedModel:
     """The model to evaluate: a model folder / hub id, or the recorded original with the
     erase run's embedding patch applied (folders written with --no-save-model)."""
     patch_file = Path(model_spec) / PATCH_FILE
     if not recorded or not patch_file.is_file() or (Path(model_spec) / "config.json").is_file():
-        return load_model(model_spec, device, dtype, device_map)
-    erased = load_model(recorded["model"], device, dtype, device_map)
+        return load_model(model_spec, device, dtype, device_map, allow_pickle)
+    erased = load_model(recorded["model"], device, dtype, device_map, allow_pickle)
     apply_patch(erased, patch_file)
     erased.name = f"{recorded['model']}+{patch_file}"
     return erased
@@ -83,8 +84,8 @@ def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device
 def load_pair(config, base: str | None) -> ModelPair:
     model_spec, base_spec, recorded = resolve_base(config.model.name, base)
     m = config.model
-    erased = load_erased(model_spec, recorded, m.device, m.dtype, m.device_map)  # first: a bad folder fails fast
-    original = load_model(base_spec, m.device, m.dtype, m.device_map)
+    erased = load_erased(model_spec, recorded, m.device, m.dtype, m.device_map, m.allow_pickle)  # a bad folder fails fast
+    original = load_model(base_spec, m.device, m.dtype, m.device_map, m.allow_pickle)
     if original.model.get_input_embeddings().weight.shape[0] != erased.model.get_input_embeddings().weight.shape[0]:
         raise ObliviateError(
             f"--model {config.model.name} and --base {base_spec} have different vocabularies: compare a model "
@@ -99,10 +100,11 @@ def fingerprint(payload: dict) -> str:
 
 def open_out(out: Path, print_: str, overwrite: bool) -> dict:
     """Refuse a folder holding a different run (unless overwrite); our checkpoint otherwise."""
-    from ..pipeline import prepare_out_dir
+    from ..pipeline import mark_out_dir, prepare_out_dir
 
     state = prepare_out_dir(out, print_, overwrite)
     state.setdefault("done", {})
+    mark_out_dir(out, state)
     return state
 
 

@@ -58,6 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from ..api import make_config
     from ..attacks.runner import run_attacks
     from ..errors import ObliviateError
+    from ..io import exclusive_output
 
     names = attacks.parse_names(args.attacks)
     settings = attack_settings(args)
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     overrides.setdefault("out", "runs/attack")
     config = make_config(args.config_file, **overrides)
     guard_out(config.out, config.model.name)
-    results = run_attacks(config, names, settings, base=args.base, progress=args.progress)
+    with exclusive_output(config.out):
+        results = run_attacks(config, names, settings, base=args.base, progress=args.progress)
     print(f"\nattacks on {results['concept']!r}: {results['model']} vs {results['base']} -> {config.out}")
     for name in names:
         r = results[name]

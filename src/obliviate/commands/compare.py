@@ -22,7 +22,7 @@ from ..cli import add_run_arguments, collect_overrides
 from ..errors import ObliviateError
 from ..html_report import write_report
 from ..evaluation.metrics import CHANCE, knowledge_fraction
-from ..io import write_json, write_text
+from ..io import exclusive_output, write_json, write_text
 
 COLUMNS = ("concept", "method", "ember", "delta", "params", "efficacy", "specificity", "coherence", "harmonic",
            "qa_test_base", "qa_test_edited")
@@ -131,22 +131,23 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_settings(args.method_settings)
     overrides = collect_overrides(args)
     out = Path(overrides.pop("out", None) or "runs/compare")
-    rows, runs = [], []
-    for concept, method, ember in cells:
-        cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
-        config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
-                                                  "with_ember": ember, "out": str(cell), "methods": settings})
-        result = erase(config)
-        results = dict(result.results)
-        if args.relearn_epochs:
-            results["relearn"] = relearn_attack(result, config, args.relearn_epochs, args.relearn_paragraphs, True)
-        rows.append(cell_row(concept, method, ember, results))
-        runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})
-        write_table(out, rows)  # after every cell, so a partial comparison is readable
-        write_report(runs, out)  # report.html (plots) and summary.csv
-        del result
-        gc.collect()
-    write_table(out, rows, pooled_section(out, runs))
+    with exclusive_output(out):  # one writer per comparison folder
+        rows, runs = [], []
+        for concept, method, ember in cells:
+            cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
+            config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
+                                                      "with_ember": ember, "out": str(cell), "methods": settings})
+            result = erase(config)
+            results = dict(result.results)
+            if args.relearn_epochs:
+                results["relearn"] = relearn_attack(result, config, args.relearn_epochs, args.relearn_paragraphs, True)
+            rows.append(cell_row(concept, method, ember, results))
+            runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})
+            write_table(out, rows)  # after every cell, so a partial comparison is readable
+            write_report(runs, out)  # report.html (plots) and summary.csv
+            del result
+            gc.collect()
+        write_table(out, rows, pooled_section(out, runs))
     print(f"\n{len(rows)} runs -> {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'report.html'}")
     print((out / "compare.md").read_text(encoding="utf-8"))
     return 0

@@ -18,6 +18,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="apply the EMBER edit first, then the base method")
     parser.add_argument("--set", dest="method_settings", action="append", default=[], metavar="KEY=VALUE",
                         help="a setting of the chosen trained method, e.g. --set lr=1e-4 (repeatable)")
+    parser.add_argument("--revertible-patch", dest="run__revertible_patch", default=None, metavar="PATH",
+                        help="also write a patch that can undo the erasure (it holds the original rows) to PATH, "
+                             "which must be outside --out: never ship it with the model")
     add_dataclass_arguments(parser, EmberConfig, "ember", title="EMBER")
 
 

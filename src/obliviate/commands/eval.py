@@ -22,14 +22,16 @@ def run(args: argparse.Namespace) -> int:
     from ..api import make_config
     from ..attacks.runner import run_eval
     from ..report import fmt, print_summary
+    from ..io import exclusive_output
     from .attack import guard_out
 
     overrides = collect_overrides(args)
     overrides.setdefault("out", "runs/eval")
     config = make_config(args.config_file, **overrides)
     guard_out(config.out, config.model.name)
-    r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
-                 open_new_tokens=args.open_new_tokens)
+    with exclusive_output(config.out):
+        r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
+                     open_new_tokens=args.open_new_tokens)
     print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
     print_summary(r, "model")
     for split, entry in r.get("open_ended", {}).items():

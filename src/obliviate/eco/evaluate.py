@@ -104,7 +104,7 @@ def evaluate(lm: LoadedModel, data: ConceptData, artifact: EcoArtifact, eval_con
     artifact.check_model(lm.model, f"{lm.name} ({lm.source})")
     patch = None
     if ember_patch is not None:
-        patch = EmbeddingPatch.load(resolve_patch(ember_patch))
+        patch = EmbeddingPatch.load(resolve_patch(ember_patch)).bound_to(lm.model)  # evaluated in memory
         if patch.metadata.get("embeddings_untied") == "True":
             untie_output_embeddings(lm.model)
     evaluator = Evaluator(lm, data, eval_config, seed)
