@@ -18,7 +18,7 @@ def test_defaults_match_the_reference():
     assert config.ember.k == 100 and config.ember.sparsity == 0.01 and config.seed == 42
     assert config.ember.patience == 500 and config.ember.max_iterations == 20000 and config.ember.reg == 1e-4
     assert config.ember.delta_grid == (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)
-    assert config.ember.untie_embeddings is False  # differs from the reference on purpose: it leaks (README)
+    assert config.ember.untie_embeddings is False and config.ember.tied_output == "neutral"  # differs on purpose: the reference leaks (README)
     assert config.ember.ratio_threshold == 2.0 and config.ember.selection == "contrast"
 
 

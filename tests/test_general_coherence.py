@@ -234,3 +234,28 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     measure_top_coherence(results, edits, evaluator, gated, {}, None)
     assert evaluator.calls == []  # already measured: not run again
     assert results[1].score == 0.0 and choose(results) == 3
+
+
+def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concept):
+    """An untied model whose patch also sets the edited tokens' output rows (to the mean
+    row): untouched inputs are corrected exactly, as for a tied edit."""
+    from obliviate.models import untie_output_embeddings
+
+    untie_output_embeddings(tiny_lm.model)
+    small_concept.general_prompts = {"train": ["The weather today", "In 1990 the"], "test": []}
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(scoring="loglik", coherence_new_tokens=6, bootstrap=20))
+    weight = tiny_lm.model.get_input_embeddings().weight
+    head = tiny_lm.model.get_output_embeddings().weight
+    tokens = torch.randint(5, weight.shape[0], (12,), generator=torch.Generator().manual_seed(1))
+    rows = weight[tokens].detach().clone()
+    mean = head.detach().mean(dim=0).expand_as(rows).clone()
+    patch = EmbeddingPatch(tokens, rows, rows * -5.0, {}, output_rows=mean)
+    head_before = head.detach().clone()
+    fast = evaluator.evaluate("train", patch)
+    full = evaluator.evaluate("train", EverythingChanged(patch))
+    assert sum(fast.rescored.values()) < sum(full.rescored.values())
+    for name in full.correct:
+        np.testing.assert_array_equal(fast.correct[name][1], full.correct[name][1])
+        np.testing.assert_allclose(fast.correct[name][3], full.correct[name][3], atol=1e-4)
+    np.testing.assert_allclose(fast.prompt_rows["general"][0], full.prompt_rows["general"][0], atol=1e-4)
+    assert torch.equal(head, head_before) and torch.equal(weight[tokens], rows)  # both reverted

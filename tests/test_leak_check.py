@@ -62,9 +62,22 @@ def test_default_erase_of_a_tied_model_writes_no_original_row(tiny_model_dir, da
     moved = torch.tensor([i in patch.changed_token_ids() for i in patch.token_ids.tolist()])
     assert moved.any(), "the fixed delta must edit rows for this test to mean anything"
     assert _original_rows_anywhere(tmp_path / "run", patch.token_ids[moved], patch.original_rows[moved]) == []
-    assert results["embeddings_untied"] is False and "leak_warning" not in results
+    assert results["output_rows"] == "neutral" and "leak_warning" not in results
     check = results["leak_check"]
     assert check["passed"] and check["tensors_checked"] >= 2 and "embedding_patch.safetensors" in check["files"]
+    head = result.lm.model.get_output_embeddings().weight
+    mean = patch.output_rows[0]
+    assert torch.equal(head[patch.token_ids[moved]], mean.expand(int(moved.sum()), -1))  # nothing of the original
+    assert not torch.equal(head, result.lm.model.get_input_embeddings().weight)
+
+
+def test_shared_tied_output_edits_the_tied_matrix(tiny_model_dir, data_dir, tmp_path):
+    result = run(tiny_model_dir, data_dir, tmp_path / "run", ember={**FAST["ember"], "tied_output": "shared"})
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["output_rows"] == "shared" and results["embeddings_untied"] is False
+    assert results["leak_check"]["passed"] and result.edit.output_rows is None
+    model = result.lm.model
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
 
 
 def test_untied_erase_keeps_the_originals_in_lm_head_and_warns(tiny_model_dir, data_dir, tmp_path):
@@ -79,14 +92,14 @@ def test_untied_erase_keeps_the_originals_in_lm_head_and_warns(tiny_model_dir, d
 
 
 def test_an_unexpected_leak_fails_loudly_after_writing_results(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    from obliviate import models, pipeline
+    from obliviate import pipeline
 
-    def untie_but_say_tied(model):  # an output layer that keeps the originals without the run knowing
-        models.untie_output_embeddings(model)
-        return False
+    class KeepsOriginalOutputRows:  # untied, but the edited tokens' output rows are never replaced
+        def __init__(self, fitted, mean_row):
+            self.candidates = fitted.candidates
 
-    monkeypatch.setattr(pipeline, "untie_output_embeddings", untie_but_say_tied)
+    monkeypatch.setattr(pipeline, "NeutralOutput", KeepsOriginalOutputRows)
     with pytest.raises(ObliviateError, match="Leak check failed"):
-        run(tiny_model_dir, data_dir, tmp_path / "run", ember={**FAST["ember"], "untie_embeddings": True})
+        run(tiny_model_dir, data_dir, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["leak_check"]["passed"] is False and results["leak_check"]["leak_count"] > 0

@@ -30,7 +30,7 @@ def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir
                 "simdom_test", "general_test", "efficacy", "specificity", "coherence", "harmonic",
                 "delta_sweep", "timings", "embeddings_untied", "general_knowledge_source"):
         assert key in results, key
-    assert results["embeddings_untied"] is False  # default: the tied matrix is edited, nothing leaks
+    assert results["output_rows"] == "neutral"  # default: untied, edited tokens get the mean output row
     assert results["leak_check"]["passed"] and "leak_warning" not in results
     assert {"low", "high", "value"} <= set(results["qa_test"]["edited"])
     assert [c["params"]["delta"] for c in results["delta_sweep"]][0] == 1.0

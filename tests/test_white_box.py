@@ -114,7 +114,10 @@ def test_attacks_run_on_a_patch_only_erase_run(tiny_model_dir, data_dir, tmp_pat
                  "--attacks", "tied-restore,embedding-repair", "--out", str(tmp_path / "attack"), "--no-progress"])
     assert code == 0
     results = json.loads((tmp_path / "attack" / "results.json").read_text())
-    assert results["tied-restore"]["erased"]["rows_restored"] == 0  # the default edits the tied matrix
+    # the default gives the edited tokens the mean output row: tied-restore finds exactly those rows
+    # and copies that row back (not the original, which is nowhere in the files)
+    erased = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert results["tied-restore"]["erased"]["rows_restored"] == erased["edited_token_count"] > 0
     repair = results["embedding-repair"]["erased"]
     assert repair["edited_rows"] > 0 and {"before", "after", "flagged", "precision", "recall"} <= set(repair)
     assert results["erase_results"]["leak_check"]["passed"]

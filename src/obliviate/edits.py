@@ -16,7 +16,8 @@ import torch
 
 from .errors import ObliviateError
 from .io import load_tensors, save_tensors
-from .models import changed_rows, embeddings_are_tied, input_embedding_name, parameter_fingerprints
+from .models import (changed_rows, embeddings_are_tied, input_embedding_name, output_embedding_name,
+                     parameter_fingerprints)
 
 
 @runtime_checkable
@@ -62,18 +63,24 @@ class EmbeddingPatch:
     A saved patch is forward-only by default: token ids, the NEW rows and a sha256 of the
     original rows (to check the model it is applied to); the original rows are written only
     with ``save(path, revertible=True)``, because whoever holds them can undo the erasure.
+    ``output_rows`` (optional) are new values for the same tokens' rows of a separate output
+    matrix: an untied model's edited tokens get rows that carry nothing of the original.
     """
 
     token_ids: torch.Tensor  # (m,) long
     original_rows: torch.Tensor | None  # (m, d); None for a forward-only patch read from a file
     edited_rows: torch.Tensor  # (m, d)
     metadata: dict[str, str]
+    output_rows: torch.Tensor | None = None  # (m, d) new output-matrix rows, or None: untouched
+    original_output_rows: torch.Tensor | None = None  # in memory (revert), or in a revertible file
 
     def __post_init__(self) -> None:
         rows = self.edited_rows
         if rows.dim() != 2 or rows.shape[0] != len(self.token_ids) or (
                 self.original_rows is not None and self.original_rows.shape != rows.shape):
             raise ValueError("token_ids, original_rows and edited_rows must describe the same rows")
+        if self.output_rows is not None and self.output_rows.shape != rows.shape:
+            raise ValueError("output_rows must have the shape of edited_rows")
 
     @property
     def revertible(self) -> bool:
@@ -96,10 +103,21 @@ class EmbeddingPatch:
     def summary(self) -> dict:
         return {"kind": "embedding_patch", "rows": len(self.token_ids), "changed_rows": len(self.changed_token_ids())}
 
-    def _write_rows(self, model: torch.nn.Module, rows: torch.Tensor) -> None:
-        weight = model.get_input_embeddings().weight
+    def _write_rows(self, model: torch.nn.Module, rows: torch.Tensor, output: torch.Tensor | None = None) -> None:
+        weights = [(model.get_input_embeddings().weight, rows)]
+        if output is not None:
+            head = model.get_output_embeddings().weight
+            if head is weights[0][0]:
+                raise ObliviateError("This patch sets output rows, but the model's output layer is tied to its input "
+                                     "embedding: untie it first (obliviate.models.untie_output_embeddings).")
+            weights.append((head, output))
         with torch.no_grad():
-            weight[self.token_ids.to(weight.device)] = rows.to(device=weight.device, dtype=weight.dtype)
+            for weight, values in weights:
+                weight[self.token_ids.to(weight.device)] = values.to(device=weight.device, dtype=weight.dtype)
+
+    def _current_output_rows(self, model: torch.nn.Module) -> torch.Tensor:
+        weight = model.get_output_embeddings().weight
+        return weight[self.token_ids.to(weight.device)].detach().to("cpu", self.edited_rows.dtype)
 
     def _current_rows(self, model: torch.nn.Module) -> torch.Tensor:
         weight = model.get_input_embeddings().weight
@@ -107,8 +125,12 @@ class EmbeddingPatch:
 
     def apply(self, model: torch.nn.Module) -> None:
         self._check_matches(model)
-        self._write_rows(model, self.edited_rows)
-        if not torch.equal(self._current_rows(model), self.edited_rows):
+        if self.output_rows is not None and self.original_output_rows is None \
+                and not torch.equal(self._current_rows(model), self.edited_rows):
+            self.original_output_rows = self._current_output_rows(model).clone()  # memory only: for revert
+        self._write_rows(model, self.edited_rows, self.output_rows)
+        if not torch.equal(self._current_rows(model), self.edited_rows) or (
+                self.output_rows is not None and not torch.equal(self._current_output_rows(model), self.output_rows)):
             raise EditVerificationError("After applying the patch the embedding rows differ from the patch's rows.")
         self.metadata.update(model_identity(model))  # the model it is for, checked when it is applied again
 
@@ -122,12 +144,14 @@ class EmbeddingPatch:
             raise ObliviateError(f"The model's embedding rows are not this patch's original: it was made for "
                                  f"{self._made_for()}, not {_describe(model)} (or the model is already edited).")
         original = current if self.original_rows is None else self.original_rows
-        return EmbeddingPatch(self.token_ids, original, self.edited_rows, dict(self.metadata))
+        original_output = None if self.output_rows is None else self._current_output_rows(model)
+        return EmbeddingPatch(self.token_ids, original, self.edited_rows, dict(self.metadata), self.output_rows,
+                              original_output)
 
     def revert(self, model: torch.nn.Module) -> None:
-        if self.original_rows is None:
+        if self.original_rows is None or (self.output_rows is not None and self.original_output_rows is None):
             raise ObliviateError(FORWARD_ONLY)
-        self._write_rows(model, self.original_rows)
+        self._write_rows(model, self.original_rows, self.original_output_rows)
 
     def _check_matches(self, model: torch.nn.Module) -> None:
         self._check_identity(model)
@@ -169,10 +193,14 @@ class EmbeddingPatch:
         """Forward-only unless ``revertible`` (then the original rows are in the file too)."""
         moved = self._moved()
         tensors = {"token_ids": self.token_ids[moved], "edited_rows": self.edited_rows[moved]}
+        if self.output_rows is not None:
+            tensors["output_rows"] = self.output_rows[moved]
         if revertible:
-            if self.original_rows is None:
+            if self.original_rows is None or (self.output_rows is not None and self.original_output_rows is None):
                 raise ObliviateError(FORWARD_ONLY)
             tensors["original_rows"] = self.original_rows[moved]
+            if self.original_output_rows is not None:
+                tensors["original_output_rows"] = self.original_output_rows[moved]
         metadata = {**self.metadata, "original_sha256": self.original_sha256(), "revertible": str(revertible)}
         save_tensors(path, tensors, metadata)
 
@@ -181,7 +209,8 @@ class EmbeddingPatch:
         tensors, metadata = load_tensors(path, "Patch")
         if "original_rows" not in tensors and "original_sha256" not in metadata:
             raise ObliviateError(f"Patch file {path} has neither original rows nor their sha256: it is not a patch.")
-        return cls(tensors["token_ids"], tensors.get("original_rows"), tensors["edited_rows"], metadata)
+        return cls(tensors["token_ids"], tensors.get("original_rows"), tensors["edited_rows"], metadata,
+                   tensors.get("output_rows"), tensors.get("original_output_rows"))
 
 
 def _describe(model: torch.nn.Module) -> str:
@@ -234,22 +263,25 @@ def apply_verified(edit: EmbeddingPatch, model: torch.nn.Module) -> None:
     """Apply a patch and check that exactly its changed rows moved and nothing else did."""
     before = parameter_fingerprints(model)
     edit.apply(model)
-    _expect_changes(model, before, parameter_fingerprints(model), edit.changed_token_ids())
+    _expect_changes(model, before, parameter_fingerprints(model), edit)
 
 
 def revert_verified(edit: EmbeddingPatch, model: torch.nn.Module) -> None:
     """Revert a patch and check that the original bits are back."""
     before = parameter_fingerprints(model)
     edit.revert(model)
-    _expect_changes(model, before, parameter_fingerprints(model), edit.changed_token_ids())
+    _expect_changes(model, before, parameter_fingerprints(model), edit)
     weight = model.get_input_embeddings().weight
     restored = weight[edit.token_ids.to(weight.device)].detach().to("cpu", edit.original_rows.dtype)
     if not torch.equal(restored, edit.original_rows):  # revert raised already for a forward-only patch
         raise EditVerificationError("Reverting the patch did not restore the original embedding rows bit for bit.")
 
 
-def _expect_changes(model: torch.nn.Module, before: dict, after: dict, token_ids: set[int]) -> None:
+def _expect_changes(model: torch.nn.Module, before: dict, after: dict, edit: EmbeddingPatch) -> None:
+    token_ids = edit.changed_token_ids()
     expected = {input_embedding_name(model): sorted(token_ids)} if token_ids else {}
+    if token_ids and edit.output_rows is not None:
+        expected[output_embedding_name(model)] = sorted(token_ids)
     actual = changed_rows(before, after)
     if actual != expected:
         tied = " (the output layer is tied to the input embedding)" if embeddings_are_tied(model) else ""

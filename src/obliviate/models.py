@@ -265,8 +265,16 @@ def changed_rows(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]
 
 def input_embedding_name(model: nn.Module) -> str:
     """The parameter name of the input embedding matrix (e.g. model.embed_tokens.weight)."""
-    weight = model.get_input_embeddings().weight
+    return _parameter_name(model, model.get_input_embeddings().weight, "input embedding")
+
+
+def output_embedding_name(model: nn.Module) -> str:
+    """The parameter name of the output matrix (e.g. lm_head.weight; the input's when tied)."""
+    return _parameter_name(model, model.get_output_embeddings().weight, "output layer")
+
+
+def _parameter_name(model: nn.Module, weight: torch.Tensor, what: str) -> str:
     for name, param in model.named_parameters(remove_duplicate=True):
         if param is weight:
             return name
-    raise ObliviateError("The model's input embedding is not one of its parameters; it cannot be edited.")
+    raise ObliviateError(f"The model's {what} is not one of its parameters; it cannot be edited.")

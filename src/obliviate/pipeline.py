@@ -22,10 +22,11 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from tqdm.auto import tqdm
 
 from . import methods
@@ -36,7 +37,7 @@ from .errors import ObliviateError
 from .evaluation.evaluator import Evaluator, SplitOutcome
 from .html_report import write_report as write_html_report
 from .io import read_json, write_json, write_text
-from .models import LoadedModel, load_model, untie_output_embeddings
+from .models import LoadedModel, embeddings_are_tied, load_model, untie_output_embeddings
 
 CHECKPOINT = ".checkpoint.json"
 
@@ -114,6 +115,35 @@ def load_concept_data(config: RunConfig) -> ConceptData:
     ev = config.evaluation
     attach_general_prompts(data, d.coherence_prompts, ev.general_prompts, ev.neutral_coherence_prompts, config.seed)
     return data
+
+
+def tied_output_mode(lm: LoadedModel, config: RunConfig, uses_ember: bool) -> str:
+    """What EMBER's edited tokens get as OUTPUT rows: "separate" (an untied model: untouched),
+    "original" (the reference's untying: they keep the original rows, which leaks),
+    "neutral" (the mean output row) or "shared" (the tied matrix gets the edit)."""
+    if not embeddings_are_tied(lm.model):
+        return "separate"
+    if config.ember.untie_embeddings:
+        return "original"
+    return config.ember.tied_output if uses_ember else "shared"
+
+
+def mean_output_row(lm: LoadedModel) -> torch.Tensor:
+    return lm.model.get_output_embeddings().weight.detach().float().mean(dim=0).cpu()
+
+
+@dataclass
+class NeutralOutput:
+    """EMBER's candidates, with the edited tokens' output rows set to the mean output row:
+    an untied output layer that carries nothing of their original rows."""
+
+    fitted: object
+    mean_row: torch.Tensor
+
+    def candidates(self) -> Iterator:
+        for params, patch in self.fitted.candidates():
+            rows = self.mean_row.to(patch.edited_rows.dtype).expand_as(patch.edited_rows).clone()
+            yield params, replace(patch, output_rows=rows, original_output_rows=None)
 
 
 def selection_rules(config: RunConfig) -> dict:
@@ -314,13 +344,14 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     if out is not None:
         mark_out_dir(out, state)  # only now: bad input above leaves nothing behind
 
-    untied = untie_output_embeddings(lm.model) if config.ember.untie_embeddings else False
+    uses_ember = config.method == "ember" or config.with_ember
+    output_rows = tied_output_mode(lm, config, uses_ember)
+    untied = untie_output_embeddings(lm.model) if output_rows in ("original", "neutral") else False
     evaluator = Evaluator(lm, data, config.evaluation, config.seed)
     context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None)
-    report: dict = {"embeddings_untied": untied}
+    report: dict = {"embeddings_untied": untied, "output_rows": output_rows}
     base_edit, ember_info, ember_sweep = None, None, None
 
-    uses_ember = config.method == "ember" or config.with_ember
     if uses_ember:
         ember = methods.get("ember")
         clock = time.perf_counter()
@@ -328,7 +359,8 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         timings.update({f"ember_{k}": v for k, v in ember_fit.timings.items()})
         ember_info = ember_fit.report()
         clock = time.perf_counter()
-        ember_sweep, ember_edits = sweep("ember", ember_fit, evaluator, config, state, out,
+        candidates = NeutralOutput(ember_fit, mean_output_row(lm)) if output_rows == "neutral" else ember_fit
+        ember_sweep, ember_edits = sweep("ember", candidates, evaluator, config, state, out,
                                          ember_rule=True, stop_on_reject=config.ember.delta is None)
         timings["ember_grid"] = time.perf_counter() - clock
         pick = 0 if config.ember.delta is not None else choose(ember_sweep)
@@ -387,6 +419,7 @@ def _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, c
         "features": report.get("ember", {}).get("features", []),
         "edited_token_count": report.get("ember", {}).get("edited_token_count", 0),
         "embeddings_untied": report["embeddings_untied"],
+        "output_rows": report["output_rows"],
         "scoring": evaluator.config.scoring,
         "general_knowledge_source": data.general_source,
         "coherence_prompt_source": data.general_prompt_source,
@@ -439,11 +472,12 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool
         if revertible:
             patch.save(revertible, revertible=True)
     results["leak_check"] = check_outputs(out, patches)
-    if results["embeddings_untied"]:
+    leaks_by_design = results["output_rows"] == "original"  # --untie-embeddings: the reference, warned of
+    if leaks_by_design:
         results["leak_warning"] = UNTIED_WARNING
     write_text(out / "report.md", markdown_report(results))
     write_html_report([{**results, "_name": out.name}], out)  # report.html and summary.csv
-    if not results["leak_check"]["passed"] and not results["embeddings_untied"]:
+    if not results["leak_check"]["passed"] and not leaks_by_design:
         write_json(out / "results.json", results)  # the record of the failure, then fail loudly
         leak = results["leak_check"]["leaks"][0]
         raise ObliviateError(

@@ -122,7 +122,7 @@ class Evaluator:
         token_ids = self.input_tokens(edit)
         sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)}
         references = {kind: self.prompt_set(split, kind) for kind in self.prompts(split)} if coherence else {}
-        old_rows = self._before_output_edit(split, sets, references, token_ids)
+        old_rows = self._before_output_edit(split, sets, token_ids, edit)
         correct, rescored, generated = {}, {}, {}
         if edit is not None:
             edit.apply(self.lm.model)
@@ -148,12 +148,14 @@ class Evaluator:
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
 
-    def _before_output_edit(self, split: str, sets: dict, references: dict, token_ids: set[int] | None):
-        """For an embedding edit of a TIED model (the edited tokens' output rows change too):
+    def _before_output_edit(self, split: str, sets: dict, token_ids: set[int] | None, edit: Edit | None):
+        """For an embedding edit that changes the edited tokens' OUTPUT rows too (a tied model,
+        or a patch that sets them):
         the original output rows of those tokens, with the original's output states of the
         untouched questions captured (once each), so they are corrected exactly instead of
         run again (evaluation/output_rows.py). None when there is nothing to correct."""
-        if not token_ids or not embeddings_are_tied(self.lm.model):
+        sets_output_rows = getattr(edit, "output_rows", None) is not None
+        if not token_ids or not (embeddings_are_tied(self.lm.model) or sets_output_rows):
             return None
         for name, prepared in sets.items():
             states = self._states.setdefault((split, name), {})

@@ -40,10 +40,17 @@ class Config:
     max_tokens_per_feature: int = 200  # reference cap on each feature's token list
     delta_grid: tuple[float, ...] = DELTA_GRID
     delta: float | None = None  # fixed delta: skip the grid
-    # False: a tied model's shared matrix is edited, so no original row survives in the saved
-    # model. True is the reference (output layer untied, only the input rows change), but then
-    # lm_head keeps every edited token's ORIGINAL row: whoever holds the weights can copy it back.
+    # Tied input/output embeddings (Gemma). True is the reference: untie, edit only the input
+    # rows; but then lm_head keeps every edited token's ORIGINAL row, and whoever holds the
+    # weights copies it back (leaks: results.json warns). False (ours): ``tied_output`` says
+    # what the edited tokens' output rows become, so that no original row survives:
     untie_embeddings: bool = False
+    # "neutral": untie, and give the edited tokens the MEAN output row (it carries nothing of
+    #   the original; the model just stops favouring them). Measured on Gambling (train, 45
+    #   general prompts): delta 10 keeps coherence 0.91, where "shared" drops to 0.11 at delta 5.
+    # "shared": edit the tied matrix, so output rows get the same edit as the input rows
+    #   (large deltas then make the edited tokens win in unrelated text).
+    tied_output: str = "neutral"
     # Where the factorization runs: "cpu" (the reference's default) or "model" (the
     # device of the input embedding, e.g. a GPU; same seed, results equal up to float order).
     factorize_on: str = "cpu"
@@ -57,6 +64,8 @@ class Config:
             raise ObliviateError(f"delta must be >= 0, got {self.delta}.")
         if self.max_tokens_per_feature < 1:
             raise ObliviateError("max_tokens_per_feature must be >= 1.")
+        if self.tied_output not in ("neutral", "shared"):
+            raise ObliviateError(f"tied_output must be neutral or shared, got {self.tied_output!r}.")
         if self.factorize_on not in ("cpu", "model"):
             raise ObliviateError(f"factorize_on must be cpu or model, got {self.factorize_on!r}.")
 
