@@ -104,11 +104,13 @@ def test_an_out_folder_with_another_run_is_refused(tiny_model_dir, data_dir, tmp
         run(tiny_model_dir, data_dir, tmp_path / "run", save_model=False, seed=1)
 
 
-def test_choice_follows_the_one_standard_error_rule():
+def test_choice_is_the_best_score_or_the_one_standard_error_rule():
     def cand(delta, score, se, rejected=None):
         return CandidateResult({"delta": delta}, {}, score, se, rejected)
 
     noisy = [cand(0.5, 0.60, 0.05), cand(1, 0.64, 0.05), cand(2, 0.70, 0.08)]
-    assert choose(noisy) == 1  # 0.64 >= 0.70 - 0.08; 0.60 is not
+    assert choose(noisy, "one-se") == 1  # 0.64 >= 0.70 - 0.08; 0.60 is not
+    assert choose(noisy) == 2  # the reference: the best score
+    assert choose([cand(1, 0.7, 0.0), cand(2, 0.7, 0.0)]) == 0  # ties go to the smaller delta
     assert choose([cand(1, 0.0, 0.0), cand(2, 0.0, 0.0)]) is None
     assert choose([cand(1, 0.9, 0.0, rejected="general"), cand(2, 0.5, 0.0)]) == 1

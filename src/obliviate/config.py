@@ -71,6 +71,10 @@ class EvalConfig:
     method_max_qa_frac: float = 0.6
     method_coherence_top: int = 3
     method_coherence_gate: float | None = None  # off, as in the reference
+    # Which candidate wins: "best" (the reference: the highest score, ties to the smaller
+    # delta / earlier cell) or "one-se" (the first within one bootstrap standard error of the
+    # best: more conservative with 50 noisy questions, at the cost of weaker edits).
+    choice: str = "best"
     bootstrap: int = 1000  # resamples for 95% intervals
 
     def __post_init__(self) -> None:
@@ -81,6 +85,8 @@ class EvalConfig:
         for name in ("general_gate", "coherence_gate", "method_general_gate", "method_max_qa_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ObliviateError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.choice not in ("best", "one-se"):
+            raise ObliviateError(f"choice must be best or one-se, got {self.choice!r}.")
         if self.method_coherence_gate is not None and not 0 <= self.method_coherence_gate <= 1:
             raise ObliviateError(f"method_coherence_gate must be in [0, 1] or empty, got {self.method_coherence_gate}.")
         for name in ("general_prompts", "neutral_coherence_prompts", "method_coherence_top"):

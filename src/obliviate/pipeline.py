@@ -160,7 +160,8 @@ def selection_rules(config: RunConfig) -> dict:
         "near_chance": "a set whose original accuracy's 95% Wilson interval reaches chance (0.25) does not veto a "
                        "candidate and is left out of specificity; a QA set at chance means nothing measurable to "
                        "erase (no candidate wins)",
-        "choice": "one-standard-error rule in grid order",
+        "choice": {"best": "the highest score, ties to the earlier candidate (reference)",
+                   "one-se": "the first candidate within one bootstrap standard error of the best"}[ev.choice],
     }
 
 
@@ -217,13 +218,15 @@ def _fails_coherence(metrics: dict, config, gate: float | None) -> bool:
     return value("coherence") < gate or (config.gate_concept_fluency and value("concept_fluency") < gate)
 
 
-def choose(results: list[CandidateResult]) -> int | None:
-    """One-standard-error rule over grid order; None when nothing scores above 0."""
+def choose(results: list[CandidateResult], rule: str = "best") -> int | None:
+    """The chosen candidate; None when nothing scores above 0. ``best`` (the reference): the
+    highest score, ties to the earlier one in grid order (the smaller delta). ``one-se``: the
+    first in grid order whose score is within one bootstrap standard error of the best."""
     scored = [i for i, r in enumerate(results) if r.rejected is None and r.score > 0]
     if not scored:
         return None
-    best = max(scored, key=lambda i: results[i].score)
-    floor = results[best].score - results[best].score_se
+    best = max(scored, key=lambda i: (results[i].score, -i))
+    floor = results[best].score - (results[best].score_se if rule == "one-se" else 0.0)
     return next(i for i in scored if results[i].score >= floor)
 
 
@@ -363,7 +366,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         ember_sweep, ember_edits = sweep("ember", candidates, evaluator, config, state, out,
                                          ember_rule=True, stop_on_reject=config.ember.delta is None)
         timings["ember_grid"] = time.perf_counter() - clock
-        pick = 0 if config.ember.delta is not None else choose(ember_sweep)
+        pick = 0 if config.ember.delta is not None else choose(ember_sweep, config.evaluation.choice)
         base_edit = ember_edits[pick] if pick is not None else None
         report["ember"] = {**ember_info, "delta": ember_sweep[pick].params["delta"] if pick is not None else 0.0}
 
@@ -379,7 +382,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         method_sweep, method_edits = sweep(config.method, fitted, evaluator, config, state, out, base_edit=base_edit)
         measure_top_coherence(method_sweep, method_edits, evaluator, config, state, out)
         timings["method_grid"] = time.perf_counter() - clock
-        pick = choose(method_sweep)
+        pick = choose(method_sweep, config.evaluation.choice)
         chosen_edit = method_edits[pick] if pick is not None else base_edit
         chosen_params = method_sweep[pick].params if pick is not None else {}
         report[config.method] = fitted.report() if hasattr(fitted, "report") else {}
