@@ -259,3 +259,12 @@ def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concep
         np.testing.assert_allclose(fast.correct[name][3], full.correct[name][3], atol=1e-4)
     np.testing.assert_allclose(fast.prompt_rows["general"][0], full.prompt_rows["general"][0], atol=1e-4)
     assert torch.equal(head, head_before) and torch.equal(weight[tokens], rows)  # both reverted
+
+
+def test_an_ember_grid_that_applies_nothing_says_why():
+    from obliviate.report import no_candidate_chosen
+
+    sweep = [{"params": {"delta": 0.5}, "metrics": {}, "score": 0.0, "rejected": NOTHING_TO_ERASE}]
+    sentence = no_candidate_chosen({"delta": 0.0, "delta_sweep": sweep, "method": "ember"})
+    assert sentence.startswith("No delta was applied: QA accuracy of the original is within noise of chance")
+    assert no_candidate_chosen({"delta": 5.0, "delta_sweep": sweep, "method": "ember"}) is None

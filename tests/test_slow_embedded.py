@@ -55,3 +55,17 @@ def test_erase_api_end_to_end_with_a_fixed_delta(data_dir, tmp_path):
     assert r["delta"] == 5.0 and r["edited_token_count"] > 0 and r["embeddings_untied"]
     assert r["qa_test"]["edited"]["value"] < r["qa_test"]["base"]["value"]
     assert (tmp_path / "run" / "embedding_patch.safetensors").stat().st_size < 2_000_000
+
+
+def test_default_leak_free_edit_erases_and_keeps_general_coherence(data_dir, tmp_path):
+    """Gambling at delta 10 with the default output rows (the mean row, nothing original
+    saved): measured train QA 0.48 -> 0.36 at general coherence 0.91 (45 prompts), the same
+    as the reference's untied edit; concept text is where the cost shows."""
+    result = obliviate.erase(CONCEPT, data=data_dir, out=tmp_path / "run", save_model=False, ember={"delta": 10.0},
+                             evaluation={"general_prompts": 40, "bootstrap": 200},
+                             data_options={"general_questions": 40})
+    r = result.results
+    assert r["output_rows"] == "neutral" and r["leak_check"]["passed"]
+    assert r["qa_test"]["edited"]["value"] <= r["qa_test"]["base"]["value"] - 0.1, r["qa_test"]
+    assert r["coherence"]["value"] >= 0.85 and r["concept_fluency"]["value"] < r["coherence"]["value"]
+    assert r["coverage"]["qa"]["share"] > 0.5  # most Gambling questions contain an edited token

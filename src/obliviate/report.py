@@ -47,7 +47,12 @@ def _sweep_rows(sweep: list[dict], coherence_gate: float | None) -> list[str]:
 
 
 def no_candidate_chosen(results: dict) -> str | None:
-    """A sentence saying the trained method's grid chose nothing (None when it chose)."""
+    """A sentence saying a grid chose nothing, and why (None when it chose)."""
+    if results.get("delta_sweep") and not results.get("delta") and "method_sweep" not in results:
+        reasons = sorted({r["rejected"] for r in results["delta_sweep"] if r.get("rejected")})
+        why = "; ".join(reasons) if reasons else "every delta scored 0 (coherence on general prompts below the gate)"
+        return (f"No delta was applied: {why}. The result is the original model; --delta applies a fixed "
+                "strength anyway (the grid table in report.md shows every candidate).")
     if not results.get("method_sweep") or results.get("params"):
         return None
     gates = results.get("config", {}).get("evaluation", {})
