@@ -397,7 +397,12 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
     originals = snapshot(params)
     done = cached_log(folder)
     if done is not None and (folder / "trained.safetensors").is_file():
-        return ParameterDelta(original=originals, new=load_file(str(folder / "trained.safetensors")), metadata=metadata or {}), done
+        saved = load_file(str(folder / "trained.safetensors"))
+        # The parameters' order, not the file's (safetensors sorts its keys): the delta's
+        # summary sums over this order, and a resumed run must report the same delta_norm
+        # to the last bit as the run that trained the candidate.
+        new = {name: saved[name] for name in originals}
+        return ParameterDelta(original=originals, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()}), done
     with restored(params, originals):
         log = train(model, tokenizer, params, step_loss, forget, retain, settings, folder, progress, desc)
         delta = ParameterDelta.capture(model, originals, metadata)
