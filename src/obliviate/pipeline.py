@@ -22,7 +22,7 @@ import json
 import shutil
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from . import methods
 from .config import RunConfig
 from .data import ConceptData, attach_general_prompts, load_benchmark_concept, load_user_concept
-from .edits import CompositeEdit, EmbeddingPatch, apply_verified, check_revertible_path, revert_verified
+from .edits import CompositeEdit, EmbeddingPatch, apply_verified, check_revertible_path
 from .errors import ObliviateError
 from .evaluation.evaluator import Evaluator, SplitOutcome
 from .html_report import write_report as write_html_report

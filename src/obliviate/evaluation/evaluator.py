@@ -28,7 +28,7 @@ from .metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_c
 from .multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
                               prepare)
 from .output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
-                          output_change, output_rows)
+                          current_output_rows, output_change)
 from .scoring import Batching, greedy_generate
 
 SPLITS = ("train", "test")
@@ -165,7 +165,7 @@ class Evaluator:
             pairs = [(c + x[:-1], len(x)) if x else (c, 1) for c, x in (prepared.items[i] for i in missing)]
             captured = capture_output_states(self.lm, [p for p, _ in pairs], [n for _, n in pairs], self.batching)
             states.update(zip(missing, captured))
-        return output_rows(self.lm, token_ids)  # prompts: their generation pass kept what is needed
+        return current_output_rows(self.lm, token_ids)  # prompts: their generation pass kept what is needed
 
     def _score_set(self, split: str, name: str, prepared: PreparedQuestions, token_ids, change) -> tuple[tuple, int]:
         base_scores = self._base_scores[(split, name)]

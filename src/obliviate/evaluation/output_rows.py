@@ -105,7 +105,8 @@ def output_change(lm: LoadedModel, token_ids: set[int], old_rows: torch.Tensor) 
     return OutputChange(ids, old_rows, new_rows, softcap)
 
 
-def output_rows(lm: LoadedModel, token_ids: set[int]) -> torch.Tensor:
+def current_output_rows(lm: LoadedModel, token_ids: set[int]) -> torch.Tensor:
+    """The output-matrix rows of ``token_ids`` as they are now (float32, on the CPU)."""
     ids = torch.tensor(sorted(token_ids), dtype=torch.long)
     return lm.model.get_output_embeddings().weight[ids.to(lm.device)].detach().float().cpu().clone()
 
