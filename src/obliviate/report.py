@@ -65,6 +65,12 @@ def no_candidate_chosen(results: dict) -> str | None:
             + (", --method-coherence-gate" if coherence is not None else "") + ") or change the grid (--set).")
 
 
+OUTPUT_ROWS = {
+    "neutral": "tied embeddings untied; the edited tokens' output rows set to the mean output row (nothing original saved)",
+    "original": "tied embeddings untied as the reference does: only the input rows changed, lm_head keeps the originals",
+    "shared": "tied embeddings edited together: the output rows got the same edit",
+    "separate": "a separate output layer, untouched",
+}
 METRIC_LABELS = {"coherence": "coherence (general prompts)", "concept_fluency": "fluency on concept text (diagnostic)"}
 
 
@@ -139,7 +145,7 @@ def markdown_report(results: dict) -> str:
         f"# Erasure of {results['concept']!r} with {results['method']}",
         "",
         f"Model: {results['model']} (`{results['model_source']}`); seed {results['seed']}; "
-        f"output embeddings {'untied (only the input embedding changed)' if results['embeddings_untied'] else 'tied (the output layer changed too)'}.",
+        f"{OUTPUT_ROWS.get(results.get('output_rows'), 'output embeddings ' + ('untied' if results['embeddings_untied'] else 'tied'))}.",
         f"General knowledge: {results['general_knowledge_source']}. Intervals are 95% bootstrap intervals over questions.",
         *_leak_lines(results),
         "",
