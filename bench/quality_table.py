@@ -70,8 +70,8 @@ def concept_table(rows: list[dict]) -> str:
     lines = [
         "| concept | QA base | QA edited | SimDom base -> edited | general base -> edited | efficacy | specificity | "
         "coherence (general) | fluency on concept text | QA coverage | delta | tokens | relearned QA (epochs) | "
-        "near chance |",
-        "|" + " --- |" * 14,
+        "near chance | features (top tokens) |",
+        "|" + " --- |" * 15,
     ]
     for r in rows:
         value = lambda k: f"{r[k]['value']:.2f}" if k in r else "n/a"  # noqa: E731
@@ -80,12 +80,13 @@ def concept_table(rows: list[dict]) -> str:
         relearned = " / ".join(f"{c['value']:.2f}" for c in curve[1:]) or "-"
         near = ",".join(k for k, v in r.get("near_chance", {}).items() if v) or "-"
         coverage = r.get("coverage", {}).get("qa", {}).get("share")
+        features = "; ".join(",".join(t.strip() for t in f["top_tokens"][:4]) for f in r["features"][:2])
         lines.append(
             f"| {r['concept']} | {_interval(r['qa_test']['base'])} | {_interval(r['qa_test']['edited'])} | "
             f"{pair('simdom_test')} | {pair('general_test')} | {value('efficacy')} | {value('specificity')} | "
             f"{value('coherence')} | {value('concept_fluency')} | "
             f"{'' if coverage is None else f'{coverage:.2f}'} | {r['delta']} | {r['edited_token_count']} | "
-            f"{relearned} | {near} |"
+            f"{relearned} | {near} | {features} |"
         )
     return "\n".join(lines)
 
