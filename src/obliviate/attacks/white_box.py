@@ -70,26 +70,20 @@ def mirror_rows(model: torch.nn.Module, min_same_fraction: float = 0.5) -> dict 
 
 
 def run_tied_restore(ctx: AttackContext, config: TiedRestoreConfig) -> dict:
-    out: dict = {"settings": asdict(config)}
-    corrects = {}
-    for role, lm in ctx.models.items():
-        prepared = prepared_test(ctx, lm)
-        before = correct_on(lm, prepared, ctx.batching)
+    def measure(role, lm, prepared, before):
         mirror = mirror_rows(lm.model, config.min_same_fraction)
         after = before
         if mirror is not None and len(mirror["token_ids"]):
             with rows_replaced(lm.model, mirror["token_ids"], mirror["rows"]):
                 after = correct_on(lm, prepared, ctx.batching)
-        corrects[role] = (before, after)
-        out[role] = {
-            "before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
-            "after": accuracy_interval(after, ctx.bootstrap, ctx.seed),
+        return after, {
             "mirror_tensor": mirror["tensor"] if mirror else None,
             "mirror_same_fraction": mirror["same_fraction"] if mirror else None,
             "rows_restored": len(mirror["token_ids"]) if mirror else 0,
             **_against_edits(ctx, role, mirror["token_ids"] if mirror else torch.empty(0, dtype=torch.long)),
         }
-    return _with_recovered(out, corrects, ctx)
+
+    return _each_role(ctx, {"settings": asdict(config)}, measure)
 
 
 # ---- embedding-repair ---------------------------------------------------------------
@@ -165,11 +159,7 @@ def repaired_variants(model: torch.nn.Module, config: RepairConfig) -> tuple[dic
 
 def run_embedding_repair(ctx: AttackContext, config: RepairConfig) -> dict:
     """The attacker keeps the reconstruction that brings back the most (reported per variant)."""
-    out: dict = {"settings": asdict(config)}
-    corrects = {}
-    for role, lm in ctx.models.items():
-        prepared = prepared_test(ctx, lm)
-        before = correct_on(lm, prepared, ctx.batching)
+    def measure(role, lm, prepared, before):
         flags, variants = repaired_variants(lm.model, config)
         ids = torch.nonzero(flags["any"]).flatten()
         per_variant = {}
@@ -177,18 +167,15 @@ def run_embedding_repair(ctx: AttackContext, config: RepairConfig) -> dict:
             with rows_replaced(lm.model, ids, rows):
                 per_variant[how] = correct_on(lm, prepared, ctx.batching)
         best = max(per_variant, key=lambda h: per_variant[h].mean(), default=None)
-        after = per_variant[best] if best else before
-        corrects[role] = (before, after)
-        out[role] = {
-            "before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
-            "after": accuracy_interval(after, ctx.bootstrap, ctx.seed),
+        return (per_variant[best] if best else before), {
             "best_reconstruction": best,
             "per_reconstruction": {h: accuracy_interval(c, ctx.bootstrap, ctx.seed) for h, c in per_variant.items()},
             "flagged": int(flags["any"].sum()), "flagged_by_norm": int(flags["norm"].sum()),
             "flagged_by_direction": int(flags["direction"].sum()),
             **_against_edits(ctx, role, ids),
         }
-    return _with_recovered(out, corrects, ctx)
+
+    return _each_role(ctx, {"settings": asdict(config)}, measure)
 
 
 # ---- repair-relearn -----------------------------------------------------------------
@@ -227,11 +214,8 @@ def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
         raise ObliviateError("repair-relearn reads relearn_paragraphs.json: pass --data with the benchmark folder.")
     paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
     repair = RepairConfig(config.z_threshold, tuple(dict.fromkeys((config.reconstruction, "mean"))), config.ridge)
-    out: dict = {"settings": {**asdict(config), "paragraphs_used": len(paragraphs)}}
-    corrects = {}
-    for role, lm in ctx.models.items():
-        prepared = prepared_test(ctx, lm)
-        before = correct_on(lm, prepared, ctx.batching)
+
+    def measure(role, lm, prepared, before):
         flags, variants = repaired_variants(lm.model, repair)
         how = next(iter(variants), None)  # the asked reconstruction when possible, else the mean
         ids = torch.nonzero(flags["any"]).flatten()
@@ -241,16 +225,14 @@ def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
             epochs = relearn(lm, paragraphs, config.relearn(), lambda m: correct_on(m, prepared, ctx.batching),
                              ctx.seed, ctx.checkpoint_dir("repair-relearn", role), ctx.progress, role)
         curve = [before, repaired] + [np.asarray(e["correct"]) for e in epochs]
-        corrects[role] = (before, curve[-1])
-        out[role] = {
-            "before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
+        return curve[-1], {
             "repaired": accuracy_interval(repaired, ctx.bootstrap, ctx.seed),
-            "after": accuracy_interval(curve[-1], ctx.bootstrap, ctx.seed),
             "curve": [accuracy_interval(c, ctx.bootstrap, ctx.seed) for c in curve],  # before, repaired, epochs
             "losses": [e["loss"] for e in epochs],
             "reconstruction": how, "flagged": len(ids),
         }
-    return _with_recovered(out, corrects, ctx)
+
+    return _each_role(ctx, {"settings": {**asdict(config), "paragraphs_used": len(paragraphs)}}, measure)
 
 
 # ---- shared -------------------------------------------------------------------------
@@ -282,7 +264,18 @@ def _against_edits(ctx: AttackContext, role: str, ids: torch.Tensor) -> dict:
             "precision": hits / len(touched) if touched else None, "recall": hits / len(edited) if edited else None}
 
 
-def _with_recovered(out: dict, corrects: dict, ctx: AttackContext) -> dict:
+def _each_role(ctx: AttackContext, out: dict, measure) -> dict:
+    """Run ``measure(role, lm, prepared, before) -> (after, details)`` on each model: test
+    accuracy before and after the attack, and the share of the original's knowledge the
+    erased model gets back."""
+    corrects = {}
+    for role, lm in ctx.models.items():
+        prepared = prepared_test(ctx, lm)
+        before = correct_on(lm, prepared, ctx.batching)
+        after, details = measure(role, lm, prepared, before)
+        corrects[role] = (before, after)
+        out[role] = {"before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
+                     "after": accuracy_interval(after, ctx.bootstrap, ctx.seed), **details}
     if "original" in corrects and "erased" in corrects:
         out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed)
     return out
