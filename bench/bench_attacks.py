@@ -23,9 +23,9 @@ import torch
 
 from obliviate import attacks
 from obliviate.attacks.common import AttackContext
-from obliviate.attacks.runner import erase_run_info, load_erased
-from obliviate.data import load_benchmark_concept
-from obliviate.models import load_model
+from obliviate.pipeline.runs import erase_run_info, load_erased
+from obliviate.data.concepts import load_benchmark_concept
+from obliviate.models.loading import load_model
 
 
 def machine() -> str:

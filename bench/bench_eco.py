@@ -15,11 +15,12 @@ import time
 
 import torch
 
-from obliviate import eco
-from obliviate.data import load_benchmark_concept
-from obliviate.eco.fitting import encode, scoring_prompt
-from obliviate.eco.hook import prompt_length
-from obliviate.models import load_model
+from obliviate.methods import eco
+from obliviate.data.concepts import load_benchmark_concept
+from obliviate.methods.eco.fitting import encode
+from obliviate.methods.eco.fitting import scoring_prompt
+from obliviate.methods.eco.hook import prompt_length
+from obliviate.models.loading import load_model
 
 
 def timed(fn, repeats: int) -> float:

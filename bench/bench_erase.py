@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 
 import obliviate
-from obliviate.data import load_benchmark_concept
+from obliviate.data.concepts import load_benchmark_concept
 from obliviate.evaluation.multiple_choice import option_scores, prepare
-from obliviate.factorization import FactorizationConfig, factorize, reference_factorize
-from obliviate.features import build_token_set
+from obliviate.methods.factorization import FactorizationConfig, factorize, reference_factorize
+from obliviate.methods.features import build_token_set
 from obliviate.methods.ember import embedding_matrix
 
 

@@ -17,9 +17,9 @@ import torch
 
 from obliviate import methods
 from obliviate.config import build_section
-from obliviate.data import load_benchmark_concept
+from obliviate.data.concepts import load_benchmark_concept
 from obliviate.methods import MethodContext
-from obliviate.models import load_model, untie_output_embeddings
+from obliviate.models.loading import load_model, untie_output_embeddings
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "ember-benchmark"
 

@@ -28,11 +28,11 @@ from types import SimpleNamespace
 
 import torch
 
-from obliviate import scale
-from obliviate.edits import EmbeddingPatch
+from obliviate.models import memory as scale
+from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
-from obliviate.factorization import FactorizationConfig, factorize
-from obliviate.models import LoadedModel
+from obliviate.methods.factorization import FactorizationConfig, factorize
+from obliviate.models.loading import LoadedModel
 
 GiB = 2**30
 # From the models' published config.json files (google/gemma-2-2b-it, meta-llama/Llama-3.1-8B-Instruct).
@@ -206,8 +206,8 @@ def _step(params: list, loss_fn, steps: int = 2, lr: float = 1e-5, weight_decay:
 def training_steps(name: str, lm: LoadedModel, method_config) -> dict:
     """One step's loss closure and parameters per method, composed from the methods' own
     loss functions and parameter patterns (``None`` where the method is not available)."""
-    from obliviate import losses
-    from obliviate.training import layer_activations, logits, select_parameters
+    from obliviate.training import losses
+    from obliviate.training.loop import layer_activations, logits, select_parameters
 
     model, device = lm.model, lm.device
     generator = torch.Generator().manual_seed(2)
@@ -268,8 +268,8 @@ def _elm_step(model, elm, generator, vocab, device):
     neutral text), three passes with it on (erase, retain, consistency)."""
     from peft import LoraConfig, get_peft_model
 
-    from obliviate import losses
-    from obliviate.training import logits
+    from obliviate.training import losses
+    from obliviate.training.loop import logits
 
     lora = LoraConfig(r=elm.rank, lora_alpha=elm.lora_alpha, lora_dropout=elm.lora_dropout,
                       target_modules=list(elm.target_modules), bias="none")

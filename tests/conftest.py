@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from obliviate.data import ConceptData, load_benchmark_concept
-from obliviate.models import LoadedModel
+from obliviate.data.concepts import ConceptData, load_benchmark_concept
+from obliviate.models.loading import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = Path(os.environ.get("OBLIVIATE_DATA", REPO.parent / "shared" / "data" / "ember-benchmark"))
@@ -104,7 +104,7 @@ def small_concept(data_dir) -> ConceptData:
 @pytest.fixture(scope="session")
 def embedded_lm():
     """The real embedded Gemma 3 270M (slow tests only)."""
-    from obliviate.models import load_model
+    from obliviate.models.loading import load_model
 
     return load_model()
 

@@ -11,7 +11,7 @@ from obliviate.attacks.common import AttackContext, splice_prefix
 from obliviate.attacks.relearning import Config as RelearnConfig, epoch_order, relearn
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.multiple_choice import prepare
-from obliviate.models import parameter_fingerprints
+from obliviate.models.loading import parameter_fingerprints
 
 from conftest import make_tiny_lm
 
@@ -127,7 +127,7 @@ def test_splice_prefix_keeps_questions_and_order(ctx):
 def test_relearning_on_embedded_model_trains_a_copy(embedded_lm, data_dir):
     """Five paragraphs, one epoch: a real LM's loss on the concept's text (far below the
     uniform ln(262144) = 12.5) and the embedded model itself left untouched."""
-    from obliviate.data import load_benchmark_concept
+    from obliviate.data.concepts import load_benchmark_concept
 
     data = load_benchmark_concept("Harry Potter", data_dir, general_questions=8)
     data.questions["qa_test"] = data.questions["qa_test"][:10]
@@ -142,7 +142,7 @@ def test_relearning_on_embedded_model_trains_a_copy(embedded_lm, data_dir):
 @pytest.mark.slow
 def test_probe_on_embedded_model_reads_the_concept(embedded_lm, data_dir):
     """A real LM separates Harry Potter sentences from Wikipedia ones far above chance."""
-    from obliviate.data import load_benchmark_concept
+    from obliviate.data.concepts import load_benchmark_concept
 
     data = load_benchmark_concept("Harry Potter", data_dir, general_questions=8)
     ctx = AttackContext(models={"original": embedded_lm}, data=data, data_dir=data_dir, bootstrap=50, progress=False)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from obliviate.data import load_benchmark_concept
+from obliviate.data.concepts import load_benchmark_concept
 from obliviate.evaluation.multiple_choice import (
     LETTERS, chat_prompt_ids, correct_from_scores, option_scores, prepare, resolve_mode, shuffled_order,
 )
-from obliviate.models import LoadedModel
+from obliviate.models.loading import LoadedModel
 
 from conftest import make_tiny_lm
 

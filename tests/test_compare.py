@@ -29,7 +29,7 @@ def test_bad_set_syntax():
 
 
 def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
-    import obliviate.pipeline as pipeline
+    import obliviate.pipeline.erase as pipeline
 
     calls = []
 
@@ -62,7 +62,7 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
 
 
 def test_a_grid_that_chooses_nothing_says_so_and_why():
-    from obliviate.report import markdown_report, no_candidate_chosen
+    from obliviate.reports.markdown import markdown_report, no_candidate_chosen
 
     metrics = lambda coherence: {k: {"value": v, "low": v, "high": v}  # noqa: E731
                                  for k, v in (("efficacy", 0.8), ("specificity", 0.9), ("coherence", coherence))}

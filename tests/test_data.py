@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from obliviate.data import (
+from obliviate.data.concepts import (
     list_concepts, load_benchmark_concept, load_general_file, load_sentence_file, load_user_concept,
 )
 from obliviate.errors import ObliviateError

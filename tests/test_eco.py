@@ -7,13 +7,26 @@ import pytest
 import torch
 
 from obliviate.cli import main
-from obliviate.eco import EcoArtifact, unwrap, wrap
-from obliviate.eco.artifact import model_identity, probe_rows
-from obliviate.eco.classifier import PromptClassifier, calibrate_threshold, pooled_hidden, rates, train_logistic
-from obliviate.eco.corruption import Corruption, zero_out_top
-from obliviate.eco.fitting import MIN_POSITIVES, build_examples
-from obliviate.eco.hook import EcoEdit, EcoHook, prompt_length
-from obliviate.eco.sigma import ZerothOrderConfig, learn_sigma, zeroth_order_step
+from obliviate.methods.eco import EcoArtifact
+from obliviate.methods.eco import unwrap
+from obliviate.methods.eco import wrap
+from obliviate.methods.eco.artifact import model_identity
+from obliviate.methods.eco.artifact import probe_rows
+from obliviate.methods.eco.classifier import PromptClassifier
+from obliviate.methods.eco.classifier import calibrate_threshold
+from obliviate.methods.eco.classifier import pooled_hidden
+from obliviate.methods.eco.classifier import rates
+from obliviate.methods.eco.classifier import train_logistic
+from obliviate.methods.eco.corruption import Corruption
+from obliviate.methods.eco.corruption import zero_out_top
+from obliviate.methods.eco.fitting import MIN_POSITIVES
+from obliviate.methods.eco.fitting import build_examples
+from obliviate.methods.eco.hook import EcoEdit
+from obliviate.methods.eco.hook import EcoHook
+from obliviate.methods.eco.hook import prompt_length
+from obliviate.methods.eco.sigma import ZerothOrderConfig
+from obliviate.methods.eco.sigma import learn_sigma
+from obliviate.methods.eco.sigma import zeroth_order_step
 from obliviate.errors import ObliviateError
 
 from conftest import make_tiny_lm
@@ -258,7 +271,7 @@ def test_too_few_sentences_is_a_clear_error(small_concept):
 
 
 def test_examples_split_without_leaking_question_formats(data_dir):
-    from obliviate.data import load_benchmark_concept
+    from obliviate.data.concepts import load_benchmark_concept
 
     data = load_benchmark_concept("Golf", data_dir, general_questions=20)
     examples = build_examples(data)
@@ -301,9 +314,10 @@ def test_cli_fit_and_generate_on_a_tiny_model_folder(tiny_lm, data_dir, tmp_path
 def test_eco_on_the_embedded_model(embedded_lm, data_dir, tmp_path):
     """Real model: the classifier separates held-out concept prompts, and corrupting the
     train questions at the learned sigma brings accuracy near chance."""
-    from obliviate.data import load_benchmark_concept
-    from obliviate.eco import EcoConfig, fit
-    from obliviate.eco.evaluate import side_effects
+    from obliviate.data.concepts import load_benchmark_concept
+    from obliviate.methods.eco import EcoConfig
+    from obliviate.methods.eco import fit
+    from obliviate.pipeline.eco import side_effects
 
     data = load_benchmark_concept("Gambling", data_dir, general_questions=100)
     artifact = fit(embedded_lm, data, EcoConfig(zo_steps=4), out=tmp_path / "eco")
@@ -319,8 +333,8 @@ def test_eco_on_the_embedded_model(embedded_lm, data_dir, tmp_path):
 
 def test_evaluate_reports_eco_ember_and_exact_side_effects(tiny_lm, small_concept, tmp_path):
     from obliviate.config import EvalConfig
-    from obliviate.edits import EmbeddingPatch
-    from obliviate.eco.evaluate import evaluate
+    from obliviate.edits.embedding import EmbeddingPatch
+    from obliviate.pipeline.eco import evaluate
 
     weight = tiny_lm.model.get_input_embeddings().weight.detach()
     ids = torch.tensor([10, 11, 12])

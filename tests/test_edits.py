@@ -1,10 +1,10 @@
 import pytest
 import torch
 
-from obliviate.edits import EditVerificationError, EmbeddingPatch, apply_verified, revert_verified
+from obliviate.edits.embedding import EditVerificationError, EmbeddingPatch, apply_verified, revert_verified
 from obliviate.errors import ObliviateError
 from obliviate.methods import ember
-from obliviate.models import embedding_scale, untie_output_embeddings
+from obliviate.models.loading import embedding_scale, untie_output_embeddings
 
 
 @pytest.fixture
@@ -109,7 +109,7 @@ def test_a_revertible_patch_reverts_and_says_so(tmp_path, tiny_lm, fitted):
 
 
 def test_a_revertible_patch_is_refused_inside_the_output_folder(tmp_path):
-    from obliviate.edits import check_revertible_path
+    from obliviate.edits.embedding import check_revertible_path
 
     for inside in ("out/model/p.safetensors", "out/p.safetensors"):
         with pytest.raises(ObliviateError, match="inside the output folder"):

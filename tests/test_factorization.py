@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.factorization import (
+from obliviate.methods.factorization import (
     FactorizationConfig, balance, factorize, keep_per_column, polish_on_support,
     reference_factorize, ridge_right_solve, winner_take_all,
 )

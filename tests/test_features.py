@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from obliviate.features import BOTH, CONCEPT, NEUTRAL, build_token_set, feature_ratios, select_features
+from obliviate.methods.features import BOTH, CONCEPT, NEUTRAL, build_token_set, feature_ratios, select_features
 from obliviate.methods import ember
 
 

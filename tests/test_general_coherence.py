@@ -9,12 +9,12 @@ import torch
 
 from obliviate.cli import main
 from obliviate.config import EvalConfig
-from obliviate.data import load_prompt_file, neutral_openings, sample_general_prompts
-from obliviate.edits import EmbeddingPatch
+from obliviate.data.concepts import load_prompt_file, neutral_openings, sample_general_prompts
+from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
 from obliviate.evaluation.metrics import Interval, erasure_statistic, harmonic, near_chance_sets, wilson_low
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_probability
-from obliviate.pipeline import NOTHING_TO_ERASE, ember_score, method_score
+from obliviate.pipeline.erase import NOTHING_TO_ERASE, ember_score, method_score
 
 
 def outcome(near=frozenset(), **values) -> SplitOutcome:
@@ -175,7 +175,7 @@ class EverythingChanged:
 def test_tied_edit_shortcut_matches_a_full_rerun(tiny_lm, small_concept, scale):
     """Editing a tied matrix changes the edited tokens' output rows: untouched inputs are
     corrected in closed form; the answers must equal running everything again."""
-    from obliviate.models import embeddings_are_tied
+    from obliviate.models.loading import embeddings_are_tied
 
     assert embeddings_are_tied(tiny_lm.model)
     small_concept.general_prompts = {"train": ["The weather today", "Question: Who won?\nAnswer:", "In 1990 the"],
@@ -212,7 +212,7 @@ def test_original_continuations_are_scored_from_their_generation_pass(tiny_lm):
 
 def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     from obliviate.config import RunConfig
-    from obliviate.pipeline import CandidateResult, choose, measure_top_coherence
+    from obliviate.pipeline.erase import CandidateResult, choose, measure_top_coherence
 
     class CoherenceByEdit:
         calls: list = []
@@ -239,7 +239,7 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
 def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concept):
     """An untied model whose patch also sets the edited tokens' output rows (to the mean
     row): untouched inputs are corrected exactly, as for a tied edit."""
-    from obliviate.models import untie_output_embeddings
+    from obliviate.models.loading import untie_output_embeddings
 
     untie_output_embeddings(tiny_lm.model)
     small_concept.general_prompts = {"train": ["The weather today", "In 1990 the"], "test": []}
@@ -262,7 +262,7 @@ def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concep
 
 
 def test_an_ember_grid_that_applies_nothing_says_why():
-    from obliviate.report import no_candidate_chosen
+    from obliviate.reports.markdown import no_candidate_chosen
 
     sweep = [{"params": {"delta": 0.5}, "metrics": {}, "score": 0.0, "rejected": NOTHING_TO_ERASE}]
     sentence = no_candidate_chosen({"delta": 0.0, "delta_sweep": sweep, "method": "ember"})

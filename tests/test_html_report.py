@@ -7,7 +7,7 @@ from html.parser import HTMLParser
 
 import pytest
 
-from obliviate.html_report import METRICS, render_html, report_from_dirs, summary_rows, write_report
+from obliviate.reports.html import METRICS, render_html, report_from_dirs, summary_rows, write_report
 from obliviate.errors import ObliviateError
 from obliviate.io import write_json
 

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from obliviate import losses
+from obliviate.training import losses
 
 
 def test_causal_lm_loss_masks_padding_exactly():

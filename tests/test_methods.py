@@ -13,7 +13,7 @@ from obliviate import methods
 from obliviate.config import build_section
 from obliviate.errors import ObliviateError
 from obliviate.methods import MethodContext
-from obliviate.weight_edits import ParameterDelta
+from obliviate.edits.weights import ParameterDelta
 
 TINY = {"steps": 4, "batch_size": 2, "max_length": 24}
 TINY_SETTINGS = {
@@ -87,9 +87,9 @@ def test_grid_order_and_size(tiny_lm, small_concept):
 def test_rmu_norm_unit_scales_c_by_the_measured_activation_norm(tiny_lm, small_concept, monkeypatch):
     """steering_unit "norm": c = steering x the mean layer-L output norm over the concept
     sentences' content tokens (BOS and padding excluded), measured independently here."""
-    from obliviate import losses
+    from obliviate.training import losses
     from obliviate.methods import rmu
-    from obliviate.training import content_mask, tokenize
+    from obliviate.training.loop import content_mask, tokenize
 
     coefficients = []
     real = losses.rmu_control_vector
@@ -108,7 +108,7 @@ def test_rmu_norm_unit_scales_c_by_the_measured_activation_norm(tiny_lm, small_c
 
 
 def test_content_mask_drops_bos_and_padding(tiny_lm, monkeypatch):
-    from obliviate.training import content_mask, tokenize
+    from obliviate.training.loop import content_mask, tokenize
 
     monkeypatch.setattr(tiny_lm.tokenizer, "padding_side", "left")
     batch = tokenize(tiny_lm.tokenizer, ["the cat", "the cat sat on the mat today"], 24, "cpu")
@@ -119,7 +119,7 @@ def test_content_mask_drops_bos_and_padding(tiny_lm, monkeypatch):
 
 
 def test_resume_from_checkpoint_matches_uninterrupted(tiny_lm, small_concept, tmp_path, monkeypatch):
-    from obliviate import training
+    from obliviate.training import loop as training
 
     full = next(fit("grad_diff", tiny_lm, small_concept, steps=6).candidates())[1]
     context = MethodContext(progress=False, checkpoint_dir=tmp_path)
@@ -174,9 +174,9 @@ def test_unknown_method_lists_methods():
 def test_ember_patch_is_applied_while_training(tiny_lm, small_concept, monkeypatch):
     """--ember: the base method trains on the EMBER-edited model (pipeline._under), and
     the candidate it yields is the EMBER patch followed by the trained change."""
-    from obliviate import training
-    from obliviate.edits import CompositeEdit, EmbeddingPatch
-    from obliviate.pipeline import _under, applied
+    from obliviate.training import loop as training
+    from obliviate.edits.embedding import CompositeEdit, EmbeddingPatch
+    from obliviate.pipeline.erase import _under, applied
 
     weight = tiny_lm.model.get_input_embeddings().weight
     rows = torch.tensor([5, 9, 11])
@@ -201,7 +201,7 @@ def test_ember_patch_is_applied_while_training(tiny_lm, small_concept, monkeypat
 def test_elm_trains_only_lora_layers_and_saves_a_peft_adapter(tiny_lm, small_concept, tmp_path):
     from peft import PeftModel
 
-    from obliviate.weight_edits import LoraAdapter
+    from obliviate.edits.weights import LoraAdapter
 
     before = state(tiny_lm.model)
     fitted = fit("elm", tiny_lm, small_concept, MethodContext(progress=False, checkpoint_dir=tmp_path), layers=(1, 2))
@@ -232,7 +232,7 @@ def gambling_train_outcome(embedded_lm, data_dir, name: str, **settings):
     """Fit ``name``'s first grid point on Gambling and evaluate it on the TRAIN questions
     (no coherence generation). Returns (outcome, fitted)."""
     from obliviate.config import EvalConfig
-    from obliviate.data import load_benchmark_concept
+    from obliviate.data.concepts import load_benchmark_concept
     from obliviate.evaluation.evaluator import Evaluator
 
     data = load_benchmark_concept("Gambling", data_dir, general_questions=20)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.models import (
+from obliviate.models.loading import (
     changed_rows, embedding_scale, embeddings_are_tied, input_embedding_name, load_model,
     parameter_fingerprints, resolve_dtype, resolve_model_source, untie_output_embeddings,
 )

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 import numpy as np
 import pytest
 
-from obliviate.data import OpenQuestion
+from obliviate.data.concepts import OpenQuestion
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.open_ended import Judge, answer_matches, endpoint_judge, evaluate_open, make_judge, normalise
 

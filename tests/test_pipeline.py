@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 import obliviate
-from obliviate.edits import EmbeddingPatch
+from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
-from obliviate.pipeline import CandidateResult, choose
+from obliviate.pipeline.erase import CandidateResult, choose
 
 FAST = dict(
     ember={"k": 20, "ratio_threshold": 1.0, "delta_grid": (1.0, 50.0)},
@@ -69,7 +69,7 @@ def test_fixed_delta_and_patch_apply_revert_through_the_api(tiny_model_dir, data
 
 
 def test_an_interrupted_grid_resumes_with_the_same_numbers(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    from obliviate import pipeline
+    from obliviate.pipeline import erase as pipeline
 
     # A random tiny model answers at chance, which stops the grid at its first point (nothing
     # measurable to erase); this plumbing test needs the grid to go on.

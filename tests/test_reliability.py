@@ -18,10 +18,11 @@ import torch
 
 from obliviate import io
 from obliviate.cli import main
-from obliviate.eco import EcoArtifact
-from obliviate.eco.artifact import model_identity, probe_rows
-from obliviate.eco.classifier import PromptClassifier
-from obliviate.eco.corruption import Corruption
+from obliviate.methods.eco import EcoArtifact
+from obliviate.methods.eco.artifact import model_identity
+from obliviate.methods.eco.artifact import probe_rows
+from obliviate.methods.eco.classifier import PromptClassifier
+from obliviate.methods.eco.corruption import Corruption
 from obliviate.errors import ObliviateError
 
 from conftest import make_tiny_lm
@@ -204,7 +205,7 @@ def test_bad_model_folders_exit_2_naming_the_folder(case, tiny_data, tiny_model_
 
 
 def test_pickle_weights_load_only_when_allowed(tiny_model_dir, tmp_path):
-    from obliviate.models import load_model
+    from obliviate.models.loading import load_model
 
     model = model_copy(tiny_model_dir, tmp_path, to_pickle)
     with pytest.raises(ObliviateError, match="--allow-pickle"):
@@ -219,7 +220,7 @@ def test_remote_code_is_never_trusted(tiny_model_dir, tmp_path):
     model = model_copy(tiny_model_dir, tmp_path, lambda f: edit_json(
         f, "config.json", lambda c: c.update(auto_map={"AutoModelForCausalLM": "evil.Model"})))
     (model / "evil.py").write_text(f"open({str(tmp_path / 'ran')!r}, 'w').write('ran')\n")
-    from obliviate.models import load_model
+    from obliviate.models.loading import load_model
 
     try:
         load_model(str(model))

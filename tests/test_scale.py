@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from obliviate import scale
+from obliviate.models import memory as scale
 from obliviate.config import load_yaml, run_config_from_dict
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.scoring import CPU_BATCH_TOKENS, Batching, continuation_logprobs
 from obliviate.methods import ember
-from obliviate.models import LoadedModel, load_model, placement
+from obliviate.models.loading import LoadedModel, load_model, placement
 
 from conftest import REPO, make_tiny_lm
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from obliviate.data import MCQuestion
+from obliviate.data.concepts import MCQuestion
 from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare, shuffled_order
 from obliviate.evaluation.scoring import Batching, continuation_logprobs, greedy_generate
 

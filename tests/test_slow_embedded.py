@@ -5,12 +5,12 @@ import pytest
 import torch
 
 import obliviate
-from obliviate.data import load_benchmark_concept
+from obliviate.data.concepts import load_benchmark_concept
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.config import EvalConfig
-from obliviate.factorization import FactorizationConfig, factorize, reference_factorize
+from obliviate.methods.factorization import FactorizationConfig, factorize, reference_factorize
 from obliviate.methods import ember
-from obliviate.models import embedding_scale, embeddings_are_tied, untie_output_embeddings
+from obliviate.models.loading import embedding_scale, embeddings_are_tied, untie_output_embeddings
 
 pytestmark = pytest.mark.slow
 CONCEPT = "Gambling"

@@ -111,7 +111,7 @@ def test_old_results_without_per_question_exit_2(tmp_path, capsys):
 
 
 def test_compare_writes_a_pooled_section(tmp_path, monkeypatch, data_dir):
-    import obliviate.pipeline as pipeline
+    import obliviate.pipeline.erase as pipeline
     from obliviate.commands import compare
 
     class Fake:

@@ -12,7 +12,7 @@ import torch
 from obliviate import attacks
 from obliviate.attacks import relearning, white_box
 from obliviate.attacks.common import AttackContext
-from obliviate.models import LoadedModel, parameter_fingerprints, untie_output_embeddings
+from obliviate.models.loading import LoadedModel, parameter_fingerprints, untie_output_embeddings
 
 from conftest import make_tiny_lm
 

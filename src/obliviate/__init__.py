@@ -15,7 +15,7 @@ _LAZY = {
     "make_config": "obliviate.api",
     "apply_patch": "obliviate.api",
     "revert_patch": "obliviate.api",
-    "load_model": "obliviate.models",
+    "load_model": "obliviate.models.loading",
     "RunConfig": "obliviate.config",
     "ObliviateError": "obliviate.errors",
 }
@@ -24,8 +24,6 @@ _LAZY = {
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
-    if name in ("eco",):
-        return importlib.import_module(f"obliviate.{name}")
     raise AttributeError(f"module 'obliviate' has no attribute {name!r}")
 
 

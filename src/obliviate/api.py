@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RunConfig, load_yaml, merge, run_config_from_dict
-from .edits import EmbeddingPatch, apply_verified, revert_verified
-from .models import LoadedModel, load_model, untie_output_embeddings
-from .pipeline import ErasureResult, erase as run_erase
+from obliviate.config import RunConfig, load_yaml, merge, run_config_from_dict
+from obliviate.edits.embedding import EmbeddingPatch, apply_verified, revert_verified
+from obliviate.models.loading import LoadedModel, load_model, untie_output_embeddings
+from obliviate.pipeline.erase import ErasureResult, erase as run_erase
 
 
 def make_config(config_file: str | Path | None = None, **overrides) -> RunConfig:

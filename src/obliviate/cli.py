@@ -13,7 +13,7 @@ import sys
 import typing
 from typing import Sequence
 
-from .errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 COMMANDS = {
     "erase": "erase a concept from a model (EMBER by default; --method for the others)",
@@ -63,7 +63,7 @@ def collect_overrides(args: argparse.Namespace) -> dict:
 def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True) -> None:
     """Model, data, evaluation and run flags shared by the commands that run models
     (``one_concept=False``: a command that takes its own list of concepts)."""
-    from .config import DataConfig, EvalConfig, ModelConfig
+    from obliviate.config import DataConfig, EvalConfig, ModelConfig
 
     parser.add_argument("--config", dest="config_file", default=None, help="YAML file of settings (flags override it)")
     if one_concept:

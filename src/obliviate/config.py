@@ -16,8 +16,8 @@ from typing import Any
 
 import yaml
 
-from .errors import ObliviateError
-from .methods.ember import Config as EmberConfig
+from obliviate.errors import ObliviateError
+from obliviate.methods.ember import Config as EmberConfig
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from .errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 # safetensors keeps metadata in a hash map, so several keys come out in a different
 # order in every process; one key holding sorted JSON makes the bytes reproducible.

@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-from .errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 
 class LazyRegistry:

@@ -11,9 +11,9 @@ Modules load lazily so `obliviate --help` stays fast.
 """
 from __future__ import annotations
 
-from ..errors import ObliviateError
-from ..registry import LazyRegistry
-from .common import AttackContext
+from obliviate.errors import ObliviateError
+from obliviate.registry import LazyRegistry
+from obliviate.attacks.common import AttackContext
 
 _REGISTRY = LazyRegistry("attack", "-", "Valid attacks")
 register, available = _REGISTRY.register, _REGISTRY.available
@@ -49,7 +49,7 @@ def parse_names(spec: str | list[str] | None) -> list[str]:
 
 def make_config(name: str, settings: dict | None = None):
     """The attack's Config from {field: value} (strings from the CLI are converted)."""
-    from ..config import build_section
+    from obliviate.config import build_section
 
     return build_section(get(name).Config, dict(settings or {}), f"attacks.{name}")
 

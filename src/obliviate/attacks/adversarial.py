@@ -8,8 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import ObliviateError
-from .common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction, splice_prefix
+from obliviate.errors import ObliviateError
+from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction, splice_prefix
 
 NAME = "adversarial"
 

@@ -12,11 +12,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import ConceptData, MCQuestion
-from ..evaluation.metrics import bootstrap, erasure_metrics
-from ..evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
-from ..evaluation.scoring import Batching
-from ..models import LoadedModel
+from obliviate.data.concepts import ConceptData, MCQuestion
+from obliviate.evaluation.metrics import bootstrap, erasure_metrics
+from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
+from obliviate.evaluation.scoring import Batching
+from obliviate.models.loading import LoadedModel
 
 ROLES = ("original", "erased")  # every attack runs on both, side by side
 
@@ -85,7 +85,7 @@ def correct_on(lm: LoadedModel, prepared: PreparedQuestions, batching: Batching)
 
 
 def prepared_test(ctx: AttackContext, lm: LoadedModel) -> PreparedQuestions:
-    from ..errors import ObliviateError
+    from obliviate.errors import ObliviateError
 
     questions = ctx.test_questions()
     if not questions:
@@ -97,9 +97,9 @@ def compare_models(original: LoadedModel, candidate: LoadedModel, data: ConceptD
                    splits=("train", "test")) -> dict:
     """Multiple choice (QA, SimDom, general) and coherence of ``candidate`` against
     ``original``: the Evaluator's metrics, for a model that is not an edit of the original."""
-    from ..evaluation import coherence as coh
-    from ..evaluation.metrics import accuracy_pair
-    from ..evaluation.scoring import greedy_generate
+    from obliviate.evaluation import coherence as coh
+    from obliviate.evaluation.metrics import accuracy_pair
+    from obliviate.evaluation.scoring import greedy_generate
 
     batching = Batching(config.batch_tokens)
     sets_by_split = {split: {"qa": data.questions.get(f"qa_{split}", []),

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from ..errors import ObliviateError
-from .common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction, splice_prefix
+from obliviate.errors import ObliviateError
+from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction, splice_prefix
 
 NAME = "in-context"
 
@@ -34,7 +34,7 @@ def context_text(lm, paragraphs: list[str], config: Config) -> str:
 
 
 def run(ctx: AttackContext, config: Config) -> dict:
-    from ..data import load_relearn_paragraphs
+    from obliviate.data.concepts import load_relearn_paragraphs
 
     if ctx.data_dir is None:
         raise ObliviateError("The in-context attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")

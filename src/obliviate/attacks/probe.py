@@ -14,9 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from .common import AttackContext, accuracy_interval
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.attacks.common import AttackContext, accuracy_interval
 
 NAME = "probe"
 

@@ -29,11 +29,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import ObliviateError
-from ..io import read_json, write_json
-from ..models import LoadedModel
-from ..training import adamw
-from .common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
+from obliviate.errors import ObliviateError
+from obliviate.io import read_json, write_json
+from obliviate.models.loading import LoadedModel
+from obliviate.training.loop import adamw
+from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
 
 NAME = "relearn"
 
@@ -176,7 +176,7 @@ def relearn(
 def run(ctx: AttackContext, config: Config) -> dict:
     """Relearn on both models; accuracy before and after each epoch, and how much of the
     original model's knowledge the erased model gets back (``recovered_frac``)."""
-    from ..data import load_relearn_paragraphs
+    from obliviate.data.concepts import load_relearn_paragraphs
 
     if ctx.data_dir is None:
         raise ObliviateError("The relearning attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")

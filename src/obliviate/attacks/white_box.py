@@ -24,9 +24,9 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..errors import ObliviateError
-from .common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
-from .relearning import Config as RelearnConfig
+from obliviate.errors import ObliviateError
+from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
+from obliviate.attacks.relearning import Config as RelearnConfig
 
 MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation for normal data
 SAME_ROW_COSINE = 0.999  # a mirrored row (bf16-rounded copies included)
@@ -207,8 +207,8 @@ class RepairRelearnConfig:
 
 
 def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
-    from ..data import load_relearn_paragraphs
-    from .relearning import relearn
+    from obliviate.data.concepts import load_relearn_paragraphs
+    from obliviate.attacks.relearning import relearn
 
     if ctx.data_dir is None:
         raise ObliviateError("repair-relearn reads relearn_paragraphs.json: pass --data with the benchmark folder.")

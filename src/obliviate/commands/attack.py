@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_run_arguments, collect_overrides
+from obliviate.cli import add_run_arguments, collect_overrides
 
 # Shortcut flags -> (attack, setting). Everything else: --set ATTACK.KEY=VALUE.
 SHORTCUTS = {
@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def attack_settings(args: argparse.Namespace) -> dict[str, dict]:
-    from ..errors import ObliviateError
+    from obliviate.errors import ObliviateError
 
     settings: dict[str, dict] = {}
     for flag, (attack, key) in SHORTCUTS.items():
@@ -54,11 +54,11 @@ def attack_settings(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .. import attacks
-    from ..api import make_config
-    from ..attacks.runner import run_attacks
-    from ..errors import ObliviateError
-    from ..io import exclusive_output
+    from obliviate import attacks
+    from obliviate.api import make_config
+    from obliviate.pipeline.runs import run_attacks
+    from obliviate.errors import ObliviateError
+    from obliviate.io import exclusive_output
 
     names = attacks.parse_names(args.attacks)
     settings = attack_settings(args)
@@ -84,7 +84,7 @@ def guard_out(out: str, model: str | None) -> None:
     """Never let --overwrite delete the model being evaluated."""
     from pathlib import Path
 
-    from ..errors import ObliviateError
+    from obliviate.errors import ObliviateError
 
     if model and Path(model).exists():
         out_path, model_path = Path(out).resolve(), Path(model).resolve()

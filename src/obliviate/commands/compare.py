@@ -17,12 +17,12 @@ import io
 import re
 from pathlib import Path
 
-from .. import methods
-from ..cli import add_run_arguments, collect_overrides
-from ..errors import ObliviateError
-from ..html_report import write_report
-from ..evaluation.metrics import CHANCE, knowledge_fraction
-from ..io import exclusive_output, write_json, write_text
+from obliviate import methods
+from obliviate.cli import add_run_arguments, collect_overrides
+from obliviate.errors import ObliviateError
+from obliviate.reports.html import write_report
+from obliviate.evaluation.metrics import CHANCE, knowledge_fraction
+from obliviate.io import exclusive_output, write_json, write_text
 
 COLUMNS = ("concept", "method", "ember", "delta", "params", "efficacy", "specificity", "coherence", "harmonic",
            "qa_test_base", "qa_test_edited")
@@ -64,9 +64,9 @@ def plan(method_list: str, concept_list: str, both: bool) -> list[tuple[str, str
 def relearn_attack(result, config, epochs: int, paragraphs: int, progress: bool) -> dict:
     """The relearning attack on the cell's erased model (the attack suite's own code):
     test QA accuracy before and after each epoch, as in `obliviate attack` results."""
-    from ..attacks import relearning
-    from ..attacks.common import AttackContext
-    from ..pipeline import load_concept_data
+    from obliviate.attacks import relearning
+    from obliviate.attacks.common import AttackContext
+    from obliviate.pipeline.erase import load_concept_data
 
     data = load_concept_data(config)
     ctx = AttackContext(models={"erased": result.lm}, data=data, data_dir=data.data_dir,
@@ -106,8 +106,8 @@ def write_table(out: Path, rows: list[dict], appendix: str = "") -> None:
 def pooled_section(out: Path, runs: list[dict]) -> str:
     """Pooled metrics and paired differences of the cells with per-question results
     (pooled.json, and the markdown for compare.md); "" when no cell has them."""
-    from ..evaluation.pooled import arm_from_results
-    from .summarize import markdown, summarize
+    from obliviate.evaluation.pooled import arm_from_results
+    from obliviate.commands.summarize import markdown, summarize
 
     usable = [r for r in runs if "per_question" in r]
     skipped = sorted(r["_name"] for r in runs if "per_question" not in r)
@@ -122,8 +122,8 @@ def pooled_section(out: Path, runs: list[dict]) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import make_config
-    from ..pipeline import erase
+    from obliviate.api import make_config
+    from obliviate.pipeline.erase import erase
 
     if args.relearn_epochs < 0 or args.relearn_paragraphs < 1:
         raise ObliviateError("--relearn-epochs must be >= 0 and --relearn-paragraphs >= 1.")

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..cli import add_dataclass_arguments, collect_overrides
+from obliviate.cli import add_dataclass_arguments, collect_overrides
 
 
 def _model_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
@@ -31,8 +31,8 @@ def _data_arguments(parser: argparse.ArgumentParser, general: int) -> None:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..config import EvalConfig
-    from ..eco.config import EcoConfig
+    from obliviate.config import EvalConfig
+    from obliviate.methods.eco.config import EcoConfig
 
     sub = parser.add_subparsers(dest="eco_command", metavar="ACTION", required=True)
     fit = sub.add_parser("fit", help="train the classifier, calibrate the threshold, learn sigma")
@@ -61,8 +61,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _load_data(args: argparse.Namespace, concept: str | None):
-    from ..data import load_benchmark_concept, load_user_concept
-    from ..errors import ObliviateError
+    from obliviate.data.concepts import load_benchmark_concept, load_user_concept
+    from obliviate.errors import ObliviateError
 
     if not concept:
         raise ObliviateError("Name the concept with --concept (e.g. --concept 'Harry Potter').")
@@ -75,17 +75,17 @@ def _load_data(args: argparse.Namespace, concept: str | None):
 
 
 def _load_lm(args: argparse.Namespace, fallback: str | None = None):
-    from ..models import load_model
+    from obliviate.models.loading import load_model
 
     return load_model(args.model or fallback, args.device, args.dtype, allow_pickle=args.allow_pickle)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from ..config import build_section
-    from ..eco import fit
-    from ..eco.config import EcoConfig
-    from ..errors import ObliviateError
-    from ..io import exclusive_output
+    from obliviate.config import build_section
+    from obliviate.methods.eco import fit
+    from obliviate.methods.eco.config import EcoConfig
+    from obliviate.errors import ObliviateError
+    from obliviate.io import exclusive_output
 
     config = build_section(EcoConfig, collect_overrides(args).get("eco", {}), "eco")
     out = Path(args.out)
@@ -106,10 +106,10 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
-    from .. import eco
-    from ..api import apply_patch
-    from ..eco.evaluate import resolve_patch
-    from ..eco.hook import prompt_length
+    from obliviate.methods import eco
+    from obliviate.api import apply_patch
+    from obliviate.pipeline.eco import resolve_patch
+    from obliviate.methods.eco.hook import prompt_length
 
     artifact = eco.load(args.eco)
     lm = _load_lm(args, artifact.model_name)
@@ -138,10 +138,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from .. import eco
-    from ..config import EvalConfig, build_section
-    from ..eco.evaluate import evaluate
-    from ..io import exclusive_output, write_json
+    from obliviate.methods import eco
+    from obliviate.config import EvalConfig, build_section
+    from obliviate.pipeline.eco import evaluate
+    from obliviate.io import exclusive_output, write_json
 
     artifact = eco.load(args.eco)
     eval_config = build_section(EvalConfig, collect_overrides(args).get("evaluation", {}), "evaluation")

@@ -4,12 +4,12 @@ from __future__ import annotations
 import argparse
 from contextlib import nullcontext
 
-from .. import methods
-from ..cli import add_dataclass_arguments, add_run_arguments, collect_overrides
+from obliviate import methods
+from obliviate.cli import add_dataclass_arguments, add_run_arguments, collect_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from ..methods.ember import Config as EmberConfig
+    from obliviate.methods.ember import Config as EmberConfig
 
     add_run_arguments(parser)
     parser.add_argument("--method", dest="run__method", default=None,
@@ -25,7 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def parse_method_settings(pairs: list[str], method: str) -> dict:
-    from ..errors import ObliviateError
+    from obliviate.errors import ObliviateError
 
     settings = {}
     for pair in pairs:
@@ -37,19 +37,19 @@ def parse_method_settings(pairs: list[str], method: str) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import make_config
-    from ..io import exclusive_output
-    from ..pipeline import erase
-    from ..report import no_candidate_chosen, print_summary
+    from obliviate.api import make_config
+    from obliviate.io import exclusive_output
+    from obliviate.pipeline.erase import erase
+    from obliviate.reports.markdown import no_candidate_chosen, print_summary
 
     overrides = collect_overrides(args)
     config = make_config(args.config_file, **overrides)
     if args.method_settings:
-        from ..config import merge
+        from obliviate.config import merge
 
         config = merge(config, {"methods": parse_method_settings(args.method_settings, config.method)})
     if not config.concept:
-        from ..errors import ObliviateError
+        from obliviate.errors import ObliviateError
 
         raise ObliviateError("Name the concept to erase with --concept (e.g. --concept 'Harry Potter').")
     with exclusive_output(config.out) if config.out else nullcontext():

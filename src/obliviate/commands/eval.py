@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..cli import add_run_arguments, collect_overrides
+from obliviate.cli import add_run_arguments, collect_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -19,11 +19,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..api import make_config
-    from ..attacks.runner import run_eval
-    from ..report import fmt, print_summary
-    from ..io import exclusive_output
-    from .attack import guard_out
+    from obliviate.api import make_config
+    from obliviate.pipeline.runs import run_eval
+    from obliviate.reports.markdown import fmt, print_summary
+    from obliviate.io import exclusive_output
+    from obliviate.commands.attack import guard_out
 
     overrides = collect_overrides(args)
     overrides.setdefault("out", "runs/eval")

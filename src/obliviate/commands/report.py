@@ -11,7 +11,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..html_report import report_from_dirs
+    from obliviate.reports.html import report_from_dirs
 
     path = report_from_dirs(args.runs, args.out)
     print(f"report: {path} (and {path.parent / 'summary.csv'})")

@@ -12,10 +12,10 @@ import os
 from pathlib import Path
 from typing import Mapping, Sequence
 
-from ..errors import ObliviateError
-from ..evaluation.metrics import CHANCE
-from ..evaluation.pooled import ORIGINAL, Arm, arm_from_results, paired_difference, pooled_metrics
-from ..io import read_json, write_json, write_text
+from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import CHANCE
+from obliviate.evaluation.pooled import ORIGINAL, Arm, arm_from_results, paired_difference, pooled_metrics
+from obliviate.io import read_json, write_json, write_text
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",

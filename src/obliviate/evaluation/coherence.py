@@ -19,8 +19,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..models import LoadedModel
-from .scoring import Batching, GenerationSteps, continuation_logprobs, greedy_generate
+from obliviate.models.loading import LoadedModel
+from obliviate.evaluation.scoring import Batching, GenerationSteps, continuation_logprobs, greedy_generate
 
 EMPTY_CONTINUATION_LL = -20.0  # per token: an empty answer counts as worse than any real text
 

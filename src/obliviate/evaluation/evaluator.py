@@ -20,16 +20,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..data import ConceptData, MCQuestion
-from ..edits import Edit
-from ..models import LoadedModel, embeddings_are_tied
-from . import coherence as coh
-from .metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_chance_sets
-from .multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
+from obliviate.data.concepts import ConceptData, MCQuestion
+from obliviate.edits.embedding import Edit
+from obliviate.models.loading import LoadedModel, embeddings_are_tied
+from obliviate.evaluation import coherence as coh
+from obliviate.evaluation.metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_chance_sets
+from obliviate.evaluation.multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
                               prepare)
-from .output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
+from obliviate.evaluation.output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
                           current_output_rows, output_change)
-from .scoring import Batching, greedy_generate
+from obliviate.evaluation.scoring import Batching, greedy_generate
 
 SPLITS = ("train", "test")
 PROMPT_KINDS = {"general": "coherence", "concept": "concept_fluency"}  # prompt set -> metric name

@@ -20,10 +20,10 @@ from typing import Sequence
 
 import numpy as np
 
-from ..data import MCQuestion
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from .scoring import Batching, continuation_logprobs, next_token_logprobs
+from obliviate.data.concepts import MCQuestion
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.evaluation.scoring import Batching, continuation_logprobs, next_token_logprobs
 
 SCORING_MODES = ("auto", "loglik", "letter")
 LETTERS = "ABCDEFGHIJ"

@@ -19,10 +19,10 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from ..data import OpenQuestion
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from .scoring import Batching, greedy_generate, next_token_logprobs
+from obliviate.data.concepts import OpenQuestion
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
 
 PROMPT = "Question: {q}\nAnswer:"
 ARTICLES = {"a", "an", "the"}
@@ -78,12 +78,12 @@ class Judge:
 
 
 def local_model_judge(spec: str, device: str = "cpu") -> Judge:
-    from ..models import load_model
+    from obliviate.models.loading import load_model
 
     judge = load_model(spec, device)
 
     def fn(questions, golds, answers):
-        from .multiple_choice import chat_prompt_ids
+        from obliviate.evaluation.multiple_choice import chat_prompt_ids
 
         contexts = [chat_prompt_ids(judge, JUDGE_PROMPT.format(q=q, gold=g, answer=a))
                     if getattr(judge.tokenizer, "chat_template", None)

@@ -21,8 +21,8 @@ from typing import Sequence
 
 import torch
 
-from ..models import LoadedModel
-from .scoring import Batching, GenerationSteps, _batches, _left_pad, _vocab
+from obliviate.models.loading import LoadedModel
+from obliviate.evaluation.scoring import Batching, GenerationSteps, _batches, _left_pad, _vocab
 
 # A greedy step is called unchanged only if the best edited token stays this far (in
 # logits) below the token the original chose: hidden states captured in one batched pass

@@ -20,8 +20,8 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..errors import ObliviateError
-from .metrics import QUESTION_SETS, Interval, coherence_statistic, harmonic, knowledge_fraction
+from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import QUESTION_SETS, Interval, coherence_statistic, harmonic, knowledge_fraction
 
 QUESTION_KEYS = ("base_correct", "edited_correct", "base_prob", "edited_prob")
 PROMPT_KEYS = ("edited_ll", "original_ll", "edited_distinct", "original_distinct")

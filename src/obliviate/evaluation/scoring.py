@@ -12,7 +12,7 @@ from typing import Sequence
 
 import torch
 
-from ..models import LoadedModel
+from obliviate.models.loading import LoadedModel
 
 CPU_BATCH_TOKENS = 2048
 LOGITS_BUDGET_BYTES = 256 * 2**20
@@ -27,7 +27,7 @@ class Batching:
     def budget(self, lm: LoadedModel) -> int:
         if self.tokens is not None:
             return self.tokens
-        from ..scale import auto_batch_tokens
+        from obliviate.models.memory import auto_batch_tokens
 
         # Sized to the tightest GPU holding the model (device maps span several); the
         # fixed CPU budget when no GPU holds it.

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..registry import LazyRegistry
+from obliviate.registry import LazyRegistry
 
 _REGISTRY = LazyRegistry("method", "_", "Available methods", sort=True)
 register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get

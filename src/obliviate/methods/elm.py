@@ -20,15 +20,15 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import losses
-from ..data import ConceptData
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from ..training import (
+from obliviate.training import losses
+from obliviate.data.concepts import ConceptData
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.training.loop import (
     LoopConfig, TrainedGrid, TextStream, cached_log, check_positive, decoder_layers, finished, grid_points,
     model_device, model_fingerprint, resolve_layer, run_key, tokenize, train,
 )
-from ..weight_edits import LoraAdapter
+from obliviate.edits.weights import LoraAdapter
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
     "As an expert in {c}:", "Written by a leading authority on {c}:", "From an encyclopedia entry on {c}:",

@@ -15,12 +15,12 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from ..data import ConceptData
-from ..edits import EmbeddingPatch
-from ..errors import ObliviateError
-from ..factorization import Factorization, FactorizationConfig, factorize
-from ..features import CONCEPT, FeatureInfo, TokenSet, build_token_set, select_features
-from ..models import LoadedModel, embedding_scale, load_model
+from obliviate.data.concepts import ConceptData
+from obliviate.edits.embedding import EmbeddingPatch
+from obliviate.errors import ObliviateError
+from obliviate.methods.factorization import Factorization, FactorizationConfig, factorize
+from obliviate.methods.features import CONCEPT, FeatureInfo, TokenSet, build_token_set, select_features
+from obliviate.models.loading import LoadedModel, embedding_scale, load_model
 
 DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
 

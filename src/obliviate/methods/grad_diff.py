@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .. import losses
-from ..data import ConceptData
-from ..models import LoadedModel
-from ..training import (
+from obliviate.training import losses
+from obliviate.data.concepts import ConceptData
+from obliviate.models.loading import LoadedModel
+from obliviate.training.loop import (
     LoopConfig, BLOCK_WEIGHTS, TrainedGrid, grid_points, logits, model_fingerprint, run_key, select_parameters,
     train_delta,
 )

@@ -11,11 +11,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import losses
-from ..data import ConceptData
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from ..training import (
+from obliviate.training import losses
+from obliviate.data.concepts import ConceptData
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.training.loop import (
     LoopConfig, BLOCK_WEIGHTS, TrainedGrid, grid_points, logits, model_fingerprint, run_key, select_parameters,
     snapshot, swapped, train_delta,
 )

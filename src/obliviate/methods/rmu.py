@@ -12,11 +12,11 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import losses
-from ..data import ConceptData
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from ..training import (
+from obliviate.training import losses
+from obliviate.data.concepts import ConceptData
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.training.loop import (
     LoopConfig, TrainedGrid, content_mask, decoder_layers, grid_points, layer_activations, model_device, model_fingerprint,
     resolve_layer, run_key, select_parameters, snapshot, swapped, tokenize, train_delta,
 )

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 
 class _StopForward(Exception):

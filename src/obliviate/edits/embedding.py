@@ -14,9 +14,9 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
-from .errors import ObliviateError
-from .io import load_tensors, save_tensors
-from .models import (changed_rows, embeddings_are_tied, input_embedding_name, output_embedding_name,
+from obliviate.errors import ObliviateError
+from obliviate.io import load_tensors, save_tensors
+from obliviate.models.loading import (changed_rows, embeddings_are_tied, input_embedding_name, output_embedding_name,
                      parameter_fingerprints)
 
 
@@ -109,7 +109,7 @@ class EmbeddingPatch:
             head = model.get_output_embeddings().weight
             if head is weights[0][0]:
                 raise ObliviateError("This patch sets output rows, but the model's output layer is tied to its input "
-                                     "embedding: untie it first (obliviate.models.untie_output_embeddings).")
+                                     "embedding: untie it first (obliviate.models.loading.untie_output_embeddings).")
             weights.append((head, output))
         with torch.no_grad():
             for weight, values in weights:

@@ -1,6 +1,6 @@
 """ECO: inference-time erasure behind a prompt classifier (METHOD.md section 3).
 
-    import obliviate.eco as eco
+    import obliviate.methods.eco as eco
     artifact = eco.fit(lm, data, eco.EcoConfig(), out="runs/eco-hp")   # offline
     wrapped = eco.wrap(lm, "runs/eco-hp")      # same LoadedModel, hook installed
     wrapped.model.generate(...)                # flagged prompts corrupted at prefill
@@ -17,11 +17,12 @@ from pathlib import Path
 
 from torch import nn
 
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from .artifact import EcoArtifact
-from .config import EcoConfig
-from .hook import EcoEdit, EcoHook
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.methods.eco.artifact import EcoArtifact
+from obliviate.methods.eco.config import EcoConfig
+from obliviate.methods.eco.hook import EcoEdit
+from obliviate.methods.eco.hook import EcoHook
 
 
 def load(eco_dir: str | Path) -> EcoArtifact:
@@ -51,7 +52,7 @@ def wrap(model_or_lm: LoadedModel | nn.Module, eco_dir: str | Path | EcoArtifact
     else:
         raise ObliviateError(f"eco.wrap needs a LoadedModel or a torch model, got {type(model_or_lm).__name__}.")
     if getattr(lm.model, "_obliviate_eco", None) is not None:
-        raise ObliviateError("This model already has an ECO hook: call obliviate.eco.unwrap first.")
+        raise ObliviateError("This model already has an ECO hook: call obliviate.methods.eco.unwrap first.")
     artifact.check_model(lm.model, f"{lm.name} ({lm.source})")
     make_hook(artifact).install(lm.model)
     return lm
@@ -72,7 +73,7 @@ def hook_of(model_or_lm: LoadedModel | nn.Module) -> EcoHook | None:
 
 def fit(lm: LoadedModel, data, config: EcoConfig = EcoConfig(), out: str | Path | None = None, progress=None) -> EcoArtifact:
     """Train the classifier, calibrate its threshold and learn sigma (see fitting.py)."""
-    from .fitting import fit as _fit
+    from obliviate.methods.eco.fitting import fit as _fit
 
     return _fit(lm, data, config, out, progress)
 

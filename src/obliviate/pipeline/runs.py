@@ -14,10 +14,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import ObliviateError
-from ..io import read_json, write_json
-from ..api import apply_patch
-from ..models import EMBEDDED_MODEL, LoadedModel, load_model
+from obliviate.errors import ObliviateError
+from obliviate.io import read_json, write_json
+from obliviate.api import apply_patch
+from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
 
 CHECKPOINT = ".checkpoint.json"
 
@@ -54,7 +54,7 @@ def edited_token_ids(spec: str | None) -> list[int] | None:
     patch_file = Path(spec) / PATCH_FILE if spec else None
     if patch_file is None or not patch_file.is_file():
         return None
-    from ..edits import EmbeddingPatch
+    from obliviate.edits.embedding import EmbeddingPatch
 
     return sorted(EmbeddingPatch.load(patch_file).changed_token_ids())
 
@@ -100,7 +100,7 @@ def fingerprint(payload: dict) -> str:
 
 def open_out(out: Path, print_: str, overwrite: bool) -> dict:
     """Refuse a folder holding a different run (unless overwrite); our checkpoint otherwise."""
-    from ..pipeline import mark_out_dir, prepare_out_dir
+    from obliviate.pipeline.erase import mark_out_dir, prepare_out_dir
 
     state = prepare_out_dir(out, print_, overwrite)
     state.setdefault("done", {})
@@ -111,9 +111,9 @@ def open_out(out: Path, print_: str, overwrite: bool) -> dict:
 def run_attacks(config, names: list[str], settings: dict[str, dict], base: str | None = None,
                 progress: bool = True) -> dict:
     """The attack battery on the original and the erased model; results.json in config.out."""
-    from . import AttackContext, get, make_config
-    from ..evaluation.scoring import Batching
-    from ..pipeline import load_concept_data
+    from obliviate.attacks import AttackContext, get, make_config
+    from obliviate.evaluation.scoring import Batching
+    from obliviate.pipeline.erase import load_concept_data
 
     attack_configs = {name: make_config(name, settings.get(name)) for name in names}  # fail before loading
     concept = config.concept or erase_run_info(config.model.name)[1].get("concept")
@@ -164,11 +164,11 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     """Full evaluation of any model against the original; results.json in config.out."""
     from dataclasses import asdict, replace
 
-    from ..data import load_open_questions
-    from ..evaluation import open_ended
-    from ..evaluation.scoring import Batching
-    from ..pipeline import load_concept_data
-    from .common import accuracy_interval, compare_models
+    from obliviate.data.concepts import load_open_questions
+    from obliviate.evaluation import open_ended
+    from obliviate.evaluation.scoring import Batching
+    from obliviate.pipeline.erase import load_concept_data
+    from obliviate.attacks.common import accuracy_interval, compare_models
 
     concept = config.concept or erase_run_info(config.model.name)[1].get("concept")
     if not concept:
@@ -230,9 +230,9 @@ def _eco_wrapper(eco: str | None):
     if not eco:
         return None
     try:
-        from ..eco import wrap
+        from obliviate.methods.eco import wrap
     except ImportError as err:
-        raise ObliviateError(f"--eco needs obliviate.eco.wrap, which is not available in this install ({err}).") from err
+        raise ObliviateError(f"--eco needs obliviate.methods.eco.wrap, which is not available in this install ({err}).") from err
     if not Path(eco).is_dir():
         raise ObliviateError(f"--eco {eco}: no such folder (pass a folder written by `obliviate eco`).")
     return wrap

@@ -30,8 +30,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .classifier import PromptClassifier
-from .corruption import Corruption
+from obliviate.methods.eco.classifier import PromptClassifier
+from obliviate.methods.eco.corruption import Corruption
 
 CACHE_LIMIT = 8192
 

@@ -33,8 +33,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .data import MCQuestion
-from .errors import ObliviateError
+from obliviate.data.concepts import MCQuestion
+from obliviate.errors import ObliviateError
 
 SELECTION_MODES = ("contrast", "reference", "judge")
 CONCEPT, NEUTRAL, BOTH = "concept", "neutral", "both"
@@ -159,7 +159,7 @@ def judge_confidences(judge, concept: str, features: list[FeatureInfo]) -> list[
     Scored like any multiple-choice item (option log-likelihood), so any local causal LM
     can serve as the judge; no external API.
     """
-    from .evaluation.multiple_choice import option_scores, prepare
+    from obliviate.evaluation.multiple_choice import option_scores, prepare
 
     questions = [
         MCQuestion(

@@ -17,15 +17,23 @@ from typing import Callable
 
 import numpy as np
 
-from ..data import ConceptData, MCQuestion
-from ..errors import ObliviateError
-from ..models import LoadedModel
-from .artifact import EcoArtifact, model_identity, probe_rows
-from .classifier import calibrate_threshold, candidate_layers, pooled_hidden_layers, rates, train_logistic
-from .config import EcoConfig
-from .corruption import Corruption
-from .hook import EcoHook
-from .sigma import SigmaTrace, ZerothOrderConfig, learn_sigma
+from obliviate.data.concepts import ConceptData, MCQuestion
+from obliviate.errors import ObliviateError
+from obliviate.models.loading import LoadedModel
+from obliviate.methods.eco.artifact import EcoArtifact
+from obliviate.methods.eco.artifact import model_identity
+from obliviate.methods.eco.artifact import probe_rows
+from obliviate.methods.eco.classifier import calibrate_threshold
+from obliviate.methods.eco.classifier import candidate_layers
+from obliviate.methods.eco.classifier import pooled_hidden_layers
+from obliviate.methods.eco.classifier import rates
+from obliviate.methods.eco.classifier import train_logistic
+from obliviate.methods.eco.config import EcoConfig
+from obliviate.methods.eco.corruption import Corruption
+from obliviate.methods.eco.hook import EcoHook
+from obliviate.methods.eco.sigma import SigmaTrace
+from obliviate.methods.eco.sigma import ZerothOrderConfig
+from obliviate.methods.eco.sigma import learn_sigma
 
 MIN_POSITIVES = 30  # sentences + train questions: about 6 held out and 6 to calibrate on
 CONTRAST_SENTENCES = 300
@@ -162,7 +170,7 @@ def fit_classifier(lm: LoadedModel, data: ConceptData, config: EcoConfig):
 
 def forget_accuracy(lm: LoadedModel, hook: EcoHook, questions: list[MCQuestion], scoring: str, seed: int) -> Callable[[float], float]:
     """S(sigma): accuracy on ``questions`` with every prompt corrupted at strength sigma."""
-    from ..evaluation.multiple_choice import correct_from_scores, option_scores, prepare
+    from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare
 
     prepared = prepare(lm, questions, scoring, seed)
 
@@ -220,7 +228,8 @@ def fit(lm: LoadedModel, data: ConceptData, config: EcoConfig = EcoConfig(), out
               "sigma_search": trace.as_dict(), "fit_config": config.__dict__},
     )
     if out is not None:
-        from .figures import calibration_figure, sigma_figure
+        from obliviate.reports.eco_figures import calibration_figure
+        from obliviate.reports.eco_figures import sigma_figure
 
         Path(out).mkdir(parents=True, exist_ok=True)
         calibration_figure(Path(out) / "calibration.png", *heldout, classifier.threshold, data.concept)

@@ -15,8 +15,8 @@ import io
 import math
 from pathlib import Path
 
-from .errors import ObliviateError
-from .io import atomic_path, read_json, write_text
+from obliviate.errors import ObliviateError
+from obliviate.io import atomic_path, read_json, write_text
 
 ATTACKS = ("relearn", "relearn-strong", "in-context", "adversarial", "tied-restore", "embedding-repair", "repair-relearn")
 # summary.csv columns: (column, where in results, what it means)

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ObliviateError
-from ..io import load_tensors, read_json, save_tensors, write_json
-from .classifier import PromptClassifier
-from .corruption import Corruption
+from obliviate.errors import ObliviateError
+from obliviate.io import load_tensors, read_json, save_tensors, write_json
+from obliviate.methods.eco.classifier import PromptClassifier
+from obliviate.methods.eco.corruption import Corruption
 
 FORMAT = "obliviate-eco/1"
 PROBE_ROWS = 16

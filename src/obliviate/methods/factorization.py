@@ -23,7 +23,7 @@ from typing import Callable
 
 import torch
 
-from .errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 MC_SPLITS = {"qa_train": "QA_train", "qa_test": "QA_test", "simdom_train": "SimdomQA_train", "simdom_test": "SimdomQA_test"}
 MIN_SENTENCES = 5

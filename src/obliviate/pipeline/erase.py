@@ -29,15 +29,15 @@ from typing import Iterator
 import torch
 from tqdm.auto import tqdm
 
-from . import methods
-from .config import RunConfig
-from .data import ConceptData, attach_general_prompts, load_benchmark_concept, load_user_concept
-from .edits import CompositeEdit, EmbeddingPatch, apply_verified, check_revertible_path
-from .errors import ObliviateError
-from .evaluation.evaluator import Evaluator, SplitOutcome
-from .html_report import write_report as write_html_report
-from .io import read_json, write_json, write_text
-from .models import LoadedModel, embeddings_are_tied, load_model, untie_output_embeddings
+from obliviate import methods
+from obliviate.config import RunConfig
+from obliviate.data.concepts import ConceptData, attach_general_prompts, load_benchmark_concept, load_user_concept
+from obliviate.edits.embedding import CompositeEdit, EmbeddingPatch, apply_verified, check_revertible_path
+from obliviate.errors import ObliviateError
+from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
+from obliviate.reports.html import write_report as write_html_report
+from obliviate.io import read_json, write_json, write_text
+from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_model, untie_output_embeddings
 
 CHECKPOINT = ".checkpoint.json"
 
@@ -374,7 +374,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     if config.method != "ember":
         clock = time.perf_counter()
         settings = config.methods.get(config.method, {})
-        from .config import build_section
+        from obliviate.config import build_section
 
         method_config = build_section(method.Config, settings, f"methods.{config.method}")
         with applied(base_edit, lm.model):
@@ -453,9 +453,9 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict, progress: bool
     """model/ (plain from_pretrained), the patch, and report.md; each written atomically
     (model/ is written beside and renamed into place). Then the leak check: no saved file
     may hold an edited token's original row (an untied output layer is expected to, and warned of)."""
-    from .edits import check_revertible_path
-    from .leak_check import UNTIED_WARNING, check_outputs
-    from .report import markdown_report
+    from obliviate.edits.embedding import check_revertible_path
+    from obliviate.edits.leak_check import UNTIED_WARNING, check_outputs
+    from obliviate.reports.markdown import markdown_report
 
     revertible = results["config"].get("revertible_patch") or None
     if revertible:

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import ObliviateError
-from .corruption import KINDS
+from obliviate.errors import ObliviateError
+from obliviate.methods.eco.corruption import KINDS
 
 
 @dataclass(frozen=True)

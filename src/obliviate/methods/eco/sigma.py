@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Callable
 
-from ..errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 KINDS = ("gaussian", "zero_out", "sign_flip")
 

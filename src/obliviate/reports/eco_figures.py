@@ -5,8 +5,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..io import atomic_path
-from .sigma import SigmaTrace
+from obliviate.io import atomic_path
+from obliviate.methods.eco.sigma import SigmaTrace
 
 
 def _save(fig, path: Path) -> None:

