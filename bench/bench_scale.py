@@ -207,7 +207,8 @@ def training_steps(name: str, lm: LoadedModel, method_config) -> dict:
     """One step's loss closure and parameters per method, composed from the methods' own
     loss functions and parameter patterns (``None`` where the method is not available)."""
     from obliviate.training import losses
-    from obliviate.training.loop import layer_activations, logits, select_parameters
+    from obliviate.training.loop import layer_activations, logits
+    from obliviate.models.layers import select_parameters
 
     model, device = lm.model, lm.device
     generator = torch.Generator().manual_seed(2)

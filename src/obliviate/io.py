@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import fcntl
 import json
 import os
@@ -17,6 +18,12 @@ from typing import Any, Iterator
 import numpy as np
 
 from obliviate.errors import ObliviateError
+
+def fingerprint(payload: Any) -> str:
+    """16 hex digits of the sha256 of ``payload`` as sorted JSON: the key of a run, a cache
+    entry or a checkpoint (equal settings give equal keys in every process)."""
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
 
 # safetensors keeps metadata in a hash map, so several keys come out in a different
 # order in every process; one key holding sorted JSON makes the bytes reproducible.

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import gc
-import hashlib
-import json
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -30,7 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from obliviate.errors import ObliviateError
-from obliviate.io import read_json, write_json
+from obliviate.io import fingerprint as run_fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import adamw
 from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
@@ -54,11 +52,6 @@ class Config:
                 raise ObliviateError(f"relearn {name} must be >= 1, got {getattr(self, name)}.")
         if not self.lr > 0 or self.weight_decay < 0:
             raise ObliviateError(f"relearn lr must be > 0 and weight_decay >= 0, got {self.lr}, {self.weight_decay}.")
-
-
-def _fingerprint(config: Config, paragraphs: list[str], seed: int, role: str) -> str:
-    payload = json.dumps([asdict(config), paragraphs, seed, role], sort_keys=True)
-    return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
 def _batches(encoded: list[list[int]], order: list[int], size: int, pad_id: int):
@@ -117,7 +110,7 @@ def relearn(
 
     Returns one record per epoch: {epoch, correct (per question), loss, seconds}.
     """
-    fingerprint = _fingerprint(config, paragraphs, seed, role)
+    fingerprint = run_fingerprint([asdict(config), paragraphs, seed, role])
     weights, state = _latest_checkpoint(checkpoint_dir, fingerprint)
     if len(state["epochs"]) >= config.epochs:
         return state["epochs"]

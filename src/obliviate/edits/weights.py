@@ -129,3 +129,86 @@ class LoraAdapter:
         rank = next(iter(self.weights.values()))[0].shape[0] if self.weights else 0
         return {"kind": "lora_adapter", "modules": len(self.weights), "rank": int(rank), "scaling": self.scaling,
                 "folder": str(self.folder) if self.folder else None}
+
+
+@dataclass
+class LowRankDelta:
+    """New values W + L R for some weight matrices, stored as the low-rank factors.
+
+    The training-free MLP methods (SNMF, PISCES) change a few directions of many large
+    matrices: storing ``L`` (out x r) and ``R`` (r x in) instead of every new tensor keeps a
+    grid of candidates in memory (the pipeline holds them all) at a few kilobytes each.
+    ``original`` may be one dict shared by every candidate of a grid; ``revert`` writes it
+    back, so the original bits return exactly (W + LR - LR would not). The new values are
+    computed in float64 and cast once, so applying twice gives the same bits.
+    """
+
+    original: dict[str, torch.Tensor]
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name, (left, right) in self.factors.items():
+            if name not in self.original:
+                raise ValueError(f"factors name a parameter without an original value: {name}")
+            rows, cols = self.original[name].shape
+            if left.shape[0] != rows or right.shape[1] != cols or left.shape[1] != right.shape[0]:
+                raise ValueError(f"factor shapes {tuple(left.shape)} x {tuple(right.shape)} do not fit {name} {(rows, cols)}")
+
+    def new_value(self, name: str) -> torch.Tensor:
+        left, right = self.factors[name]
+        base = self.original[name]
+        return (base.double() + left.double() @ right.double()).to(base.dtype)
+
+    def apply(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name, param in _parameters(model, self.factors).items():
+                param.copy_(self.new_value(name).to(param.device))
+
+    def revert(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            for name, param in _parameters(model, self.factors).items():
+                param.copy_(self.original[name].to(device=param.device, dtype=param.dtype))
+
+    def changed_token_ids(self) -> None:
+        return None  # transformer weights: any prediction may move
+
+    def changed_parameters(self) -> list[str]:
+        return sorted(name for name in self.factors if not torch.equal(self.new_value(name), self.original[name]))
+
+    def as_parameter_delta(self) -> ParameterDelta:
+        """The same edit with every new tensor materialized (to save or to compare)."""
+        return ParameterDelta(original={n: self.original[n] for n in self.factors},
+                              new={n: self.new_value(n) for n in self.factors}, metadata=dict(self.metadata))
+
+    def summary(self) -> dict:
+        moved = sum(float((self.new_value(n).double() - self.original[n].double()).norm() ** 2) for n in self.factors) ** 0.5
+        return {
+            "kind": "low_rank_delta", "parameters": len(self.factors),
+            "rank": int(sum(left.shape[1] for left, _ in self.factors.values())), "delta_norm": moved,
+        }
+
+    def save(self, path: str | Path) -> None:
+        self.as_parameter_delta().save(path)
+
+
+def apply_verified_weights(edit, model: torch.nn.Module) -> None:
+    """Apply a weight edit and check that only the parameters it names changed."""
+    from obliviate.models.loading import changed_rows, parameter_fingerprints
+
+    names = set(edit.factors if isinstance(edit, LowRankDelta) else edit.new)
+    before = parameter_fingerprints(model)
+    edit.apply(model)
+    moved = set(changed_rows(before, parameter_fingerprints(model)))
+    if not moved <= names:
+        raise ObliviateError(f"Edit verification failed: parameters outside the edit changed: {sorted(moved - names)[:5]}.")
+
+
+def revert_verified_weights(edit, model: torch.nn.Module) -> None:
+    """Revert a weight edit and check that every parameter it names holds its original bits."""
+    edit.revert(model)
+    params = _parameters(model, edit.original)
+    for name, original in edit.original.items():
+        if name in (edit.factors if isinstance(edit, LowRankDelta) else edit.new):
+            if not torch.equal(params[name].detach().to("cpu", original.dtype), original):
+                raise ObliviateError(f"Reverting the edit did not restore {name} bit for bit.")

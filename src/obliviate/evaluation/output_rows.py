@@ -22,7 +22,8 @@ from typing import Sequence
 import torch
 
 from obliviate.models.loading import LoadedModel
-from obliviate.evaluation.scoring import Batching, GenerationSteps, _batches, _left_pad, _vocab
+from obliviate.evaluation.scoring import Batching, GenerationSteps, _batches, _vocab
+from obliviate.models.layers import left_pad
 
 # A greedy step is called unchanged only if the best edited token stays this far (in
 # logits) below the token the original chose: hidden states captured in one batched pass
@@ -54,7 +55,7 @@ def capture_output_states(lm: LoadedModel, sequences: Sequence[list[int]], last:
     try:
         for batch in _batches([len(s) for s in sequences], list(last), _vocab(lm), batching.budget(lm)):
             keep = max(last[i] for i in batch)
-            ids, mask, positions = _left_pad([list(sequences[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
+            ids, mask, positions = left_pad([list(sequences[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
             captured.clear()
             logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
                               use_cache=False).logits

@@ -13,9 +13,10 @@ from typing import Sequence
 import torch
 
 from obliviate.models.loading import LoadedModel
+from obliviate.models.layers import left_pad
+from obliviate.models.memory import LOGITS_BUDGET_BYTES, auto_batch_tokens
 
 CPU_BATCH_TOKENS = 2048
-LOGITS_BUDGET_BYTES = 256 * 2**20
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,6 @@ class Batching:
     def budget(self, lm: LoadedModel) -> int:
         if self.tokens is not None:
             return self.tokens
-        from obliviate.models.memory import auto_batch_tokens
-
         # Sized to the tightest GPU holding the model (device maps span several); the
         # fixed CPU budget when no GPU holds it.
         tokens = auto_batch_tokens(lm.model)
@@ -53,19 +52,8 @@ def _batches(lengths: Sequence[int], kept: Sequence[int], vocab: int, budget: in
     return batches
 
 
-def _left_pad(sequences: list[list[int]], pad_id: int, device: torch.device):
-    width = max(len(s) for s in sequences)
-    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    return ids.to(device), mask.to(device), positions.to(device)
-
-
 def _last_logits(lm: LoadedModel, sequences: list[list[int]], keep: int) -> torch.Tensor:
-    ids, mask, positions = _left_pad(sequences, lm.tokenizer.pad_token_id, lm.device)
+    ids, mask, positions = left_pad(sequences, lm.tokenizer.pad_token_id, lm.device)
     out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep, use_cache=False)
     return out.logits.float()
 
@@ -131,7 +119,7 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
     pad = lm.tokenizer.pad_token_id
     cache_name = _cache_argument(lm.model)
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
-        ids, mask, positions = _left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
+        ids, mask, positions = left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         members = [i for g in batch for i in groups[g]]
         # A CPU index works on every device, also on a cache whose layers sit on several GPUs.
@@ -215,7 +203,7 @@ def greedy_generate(
     try:
         for batch in _batches(lengths, [1] * len(prompts), vocab, batching.budget(lm)):
             steps.clear()
-            ids, mask, _ = _left_pad([list(prompts[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
+            ids, mask, _ = left_pad([list(prompts[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
             generated = lm.model.generate(
                 input_ids=ids,
                 attention_mask=mask,

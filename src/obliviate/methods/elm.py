@@ -23,11 +23,12 @@ import torch
 from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
+from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, TrainedGrid, TextStream, cached_log, check_positive, decoder_layers, finished, grid_points,
-    model_device, model_fingerprint, resolve_layer, run_key, tokenize, train,
+    LoopConfig, TrainedGrid, TextStream, cached_log, check_positive, finished, grid_points, model_fingerprint, tokenize, train,
 )
+from obliviate.models.layers import decoder_layers, model_device, resolve_layer
 from obliviate.edits.weights import LoraAdapter
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
@@ -192,7 +193,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
         resolve_layer(layer, 0, depth)
     check_target_modules(lm.model, config.target_modules, layers)
     folder = getattr(context, "checkpoint_dir", None)
-    base_folder = folder / "elm" / run_key("elm", config.__dict__, seed, model_fingerprint(lm.model)) if folder else None
+    base_folder = folder / "elm" / fingerprint(["elm", config.__dict__, seed, model_fingerprint(lm.model)]) if folder else None
     examples = consistency_examples(lm, data, config, seed, base_folder)
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), layers_to_transform=layers, bias="none")

@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
+from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, BLOCK_WEIGHTS, TrainedGrid, grid_points, logits, model_fingerprint, run_key, select_parameters,
-    train_delta,
+    LoopConfig, TrainedGrid, grid_points, logits, model_fingerprint, train_delta,
 )
+from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 
 @dataclass(frozen=True)
 class Config(LoopConfig):
@@ -39,7 +40,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
             loss = losses.gradient_difference_loss(forget_nll, retain_nll, point["retain_weight"])
             return loss, {"forget_nll": forget_nll.detach(), "retain_nll": retain_nll.detach()}
 
-        key = run_key("grad_diff", point, config.__dict__, seed, model_fingerprint(lm.model))
+        key = fingerprint(["grad_diff", point, config.__dict__, seed, model_fingerprint(lm.model)])
         return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "grad_diff" / key if folder else None,
                            getattr(context, "progress", True), f"grad_diff {point}", {"method": "grad_diff", **point})

@@ -14,11 +14,12 @@ import torch
 from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
+from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, BLOCK_WEIGHTS, TrainedGrid, grid_points, logits, model_fingerprint, run_key, select_parameters,
-    snapshot, swapped, train_delta,
+    LoopConfig, TrainedGrid, grid_points, logits, model_fingerprint, snapshot, swapped, train_delta,
 )
+from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
                 "npo": forget_term.detach(), "retain_nll": retain_nll.detach(),
                 "log_ratio": (policy - reference).mean().detach()}
 
-        key = run_key("npo", point, config.__dict__, seed, model_fingerprint(lm.model))
+        key = fingerprint(["npo", point, config.__dict__, seed, model_fingerprint(lm.model)])
         return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "npo" / key if folder else None,
                            getattr(context, "progress", True), f"npo {point}", {"method": "npo", **point})

@@ -15,11 +15,12 @@ import torch
 from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
+from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, TrainedGrid, content_mask, decoder_layers, grid_points, layer_activations, model_device, model_fingerprint,
-    resolve_layer, run_key, select_parameters, snapshot, swapped, tokenize, train_delta,
+    LoopConfig, TrainedGrid, content_mask, grid_points, layer_activations, model_fingerprint, snapshot, swapped, tokenize, train_delta,
 )
+from obliviate.models.layers import decoder_layers, model_device, resolve_layer, select_parameters
 
 
 STEERING_UNITS = ("norm", "absolute")
@@ -103,7 +104,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
             return forget_term + retain_term, {"forget": forget_term.detach(), "retain": retain_term.detach()}
 
         settings = config.settings(point["lr"], seed)
-        key = run_key("rmu", point, config.__dict__, seed, model_fingerprint(lm.model))
+        key = fingerprint(["rmu", point, config.__dict__, seed, model_fingerprint(lm.model)])
         where = folder / "rmu" / key if folder is not None else None
         return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
                            settings, where, progress, f"rmu {point}", {"method": "rmu", **point})

@@ -19,6 +19,7 @@ from torch import nn
 
 # Evaluation batch limits (tokens per forward pass). The upper cap keeps one batch's MLP
 # activations (tokens x intermediate x 3 x 2 bytes) to a few GB on an 8B model.
+LOGITS_BUDGET_BYTES = 256 * 2**20  # float32 logits kept at once by the scorer
 MIN_BATCH_TOKENS = 512
 MAX_BATCH_TOKENS = 65536
 FREE_MEMORY_FRACTION = 0.5  # headroom for the allocator, logits and attention buffers
@@ -118,7 +119,7 @@ class EraseMemoryEstimate:
     weights: int
     untied_output: int  # the copy of a tied output matrix (0 when untied already)
     evaluation: int  # one evaluation batch at the auto-sized budget
-    logits: int  # kept logits, bounded by scoring.LOGITS_BUDGET_BYTES
+    logits: int  # kept logits, bounded by LOGITS_BUDGET_BYTES
     fingerprints: int  # float64 copy of the largest parameter while verifying the edit
 
     @property
@@ -132,7 +133,6 @@ def erase_memory_estimate(model: nn.Module, free_bytes: int, dtype: torch.dtype 
 
     ``model`` may live on "meta": only shapes are read. Parameters are counted in ``dtype``.
     """
-    from obliviate.evaluation.scoring import LOGITS_BUDGET_BYTES
 
     element = torch.empty(0, dtype=dtype).element_size()
     params = list(model.parameters())

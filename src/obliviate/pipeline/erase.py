@@ -17,8 +17,6 @@ of the best. If every score is 0, no edit is applied.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import shutil
 import time
 from contextlib import contextmanager
@@ -36,7 +34,7 @@ from obliviate.edits.embedding import CompositeEdit, EmbeddingPatch, apply_verif
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
 from obliviate.reports.html import write_report as write_html_report
-from obliviate.io import read_json, write_json, write_text
+from obliviate.io import fingerprint, read_json, write_json, write_text
 from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_model, untie_output_embeddings
 
 CHECKPOINT = ".checkpoint.json"
@@ -69,7 +67,7 @@ def config_fingerprint(config: RunConfig) -> str:
     payload = config.to_dict()
     payload.pop("overwrite", None)
     payload.pop("out", None)
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return fingerprint(payload)
 
 
 def prepare_out_dir(out: Path, fingerprint: str, overwrite: bool) -> dict:
@@ -332,8 +330,8 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     out = Path(config.out) if config.out else None
     if config.revertible_patch:
         check_revertible_path(config.revertible_patch, out)  # before any work: never inside --out
-    fingerprint = config_fingerprint(config)
-    state = prepare_out_dir(out, fingerprint, config.overwrite) if out else {"fingerprint": fingerprint, "sweeps": {}}
+    run_fingerprint = config_fingerprint(config)
+    state = prepare_out_dir(out, run_fingerprint, config.overwrite) if out else {"fingerprint": run_fingerprint, "sweeps": {}}
 
     data = load_concept_data(config)
     if not data.has_questions and config.ember.delta is None and config.method == "ember":
@@ -396,7 +394,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         else:
             chosen_edit.apply(lm.model)
 
-    results = _results(config, fingerprint, lm, data, report, ember_sweep, method_sweep, chosen_params, test, evaluator, timings)
+    results = _results(config, run_fingerprint, lm, data, report, ember_sweep, method_sweep, chosen_params, test, evaluator, timings)
     if out is not None:
         clock = time.perf_counter()
         save_outputs(out, lm, chosen_edit, results, progress)

@@ -6,8 +6,6 @@ output folder, run the pieces (resuming finished ones) and write results.json.
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,7 +13,7 @@ from pathlib import Path
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.io import read_json, write_json
+from obliviate.io import fingerprint, read_json, write_json
 from obliviate.api import apply_patch
 from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
 
@@ -92,10 +90,6 @@ def load_pair(config, base: str | None) -> ModelPair:
             "with the original it was made from (pass --base)."
         )
     return ModelPair(original, erased, recorded)
-
-
-def fingerprint(payload: dict) -> str:
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def open_out(out: Path, print_: str, overwrite: bool) -> dict:

@@ -8,15 +8,13 @@ so the same seed gives the same weights. Device placement goes through ``acceler
 (batches are put where the model's input embedding lives, so CPU, one GPU and a model
 spread with ``device_map="auto"`` run the same code).
 
-Also here, because every method needs them: finding the decoder layers and parameters by
-name pattern, reading a layer's activations (stopping the forward pass there), and
-running the frozen original model by swapping the trained tensors back for a moment.
+Also here, because every trained method needs them: reading a layer's activations on a
+batch, and running the frozen original model by swapping the trained tensors back for a
+moment. Finding layers and parameters is models/layers.py's job.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -29,9 +27,7 @@ from tqdm.auto import tqdm
 
 from obliviate.errors import ObliviateError
 from obliviate.io import atomic_path, save_tensors
-
-
-BLOCK_WEIGHTS = r"\.(mlp|self_attn)\.\w+_proj\.weight$"  # every linear weight of every decoder block
+from obliviate.models.layers import block_outputs, model_device
 
 
 def check_positive(name: str, value: float) -> None:
@@ -131,47 +127,6 @@ class TextStream:
             self.next()
 
 
-def model_device(model: nn.Module) -> torch.device:
-    return model.get_input_embeddings().weight.device
-
-
-def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The model's stack of decoder layers: its longest ``nn.ModuleList`` (no per-family code)."""
-    lists = [(name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 0]
-    if not lists:
-        raise ObliviateError("Could not find the model's decoder layers (no nn.ModuleList of layers).")
-    return max(lists, key=lambda item: len(item[1]))
-
-
-def resolve_layer(layer: int | None, fraction: float, depth: int, what: str = "layer") -> int:
-    """An absolute layer index, from ``layer`` when given, else round(fraction * depth)."""
-    index = int(round(fraction * depth)) if layer is None else int(layer)
-    if not 0 <= index < depth:
-        raise ObliviateError(f"{what} {index} is beyond the model's depth: it has {depth} layers (0..{depth - 1}).")
-    return index
-
-
-def select_parameters(model: nn.Module, pattern: str, layers: list[int] | None = None) -> dict[str, nn.Parameter]:
-    """Parameters whose name matches ``pattern`` (a regex), restricted to ``layers`` if given."""
-    prefix, stack = decoder_layers(model)
-    regex = re.compile(pattern)
-    chosen = {}
-    for name, param in model.named_parameters():
-        if not regex.search(name):
-            continue
-        if layers is not None:
-            match = re.match(re.escape(prefix) + r"\.(\d+)\.", name)
-            if not match or int(match.group(1)) not in layers:
-                continue
-        chosen[name] = param
-    if not chosen:
-        raise ObliviateError(
-            f"No parameter of the model matches {pattern!r}" + (f" in layers {layers}" if layers else "")
-            + f". Example parameter names: {', '.join(n for n, _ in list(model.named_parameters())[1:6])}."
-        )
-    return chosen
-
-
 def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
     return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
 
@@ -202,28 +157,10 @@ def restored(params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor]
                 p.copy_(originals[name].to(p.device, p.dtype))
 
 
-class _Stop(Exception):
-    pass
-
-
 def layer_activations(model: nn.Module, layer: int, batch: Batch) -> torch.Tensor:
-    """The output hidden states of decoder layer ``layer`` (B, T, D); the forward pass
-    stops there, so the layers above and the (large) vocabulary head are never run."""
-    _, stack = decoder_layers(model)
-    captured = {}
-
-    def hook(_module, _inputs, output):
-        captured["h"] = output[0] if isinstance(output, tuple) else output
-        raise _Stop
-
-    handle = stack[layer].register_forward_hook(hook)
-    try:
-        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
-    except _Stop:
-        pass
-    finally:
-        handle.remove()
-    return captured["h"]
+    """The output hidden states (B, T, D) of decoder block ``layer`` (0-based); the forward
+    pass stops there."""
+    return block_outputs(model, [layer], input_ids=batch.input_ids, attention_mask=batch.attention_mask)[layer]
 
 
 def logits(model: nn.Module, batch: Batch) -> torch.Tensor:
@@ -255,10 +192,6 @@ def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     params = list(params)
     fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
-
-
-def run_key(*parts) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def _accelerator(device: torch.device):

@@ -17,71 +17,31 @@ import torch
 from torch import nn
 
 from obliviate.errors import ObliviateError
-
-
-class _StopForward(Exception):
-    """Raised by the early-exit hook once the chosen layer has run."""
-
-
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers: the ModuleList with num_hidden_layers blocks."""
-    config = getattr(model, "config", None)
-    count = getattr(config, "num_hidden_layers", None)
-    if count is None and hasattr(config, "get_text_config"):
-        count = config.get_text_config().num_hidden_layers
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) == count:
-            return module
-    raise ObliviateError("Could not find the model's decoder layers (a ModuleList of num_hidden_layers blocks).")
-
-
-def _left_pad(sequences: Sequence[Sequence[int]], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(s) for s in sequences)
-    ids = torch.zeros((len(sequences), width), dtype=torch.long)
-    mask = torch.zeros((len(sequences), width), dtype=torch.long)
-    for row, seq in enumerate(sequences):
-        ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
-        mask[row, width - len(seq):] = 1
-    return ids.to(device), mask.to(device)
+from obliviate.models.layers import block_outputs, depth, left_pad, model_device
 
 
 @torch.no_grad()
 def pooled_hidden_layers(model: nn.Module, sequences: Sequence[Sequence[int]], layers: Sequence[int],
                          batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Mean over real tokens of each decoder layer's output (1-based), float32, (n, d).
+    """Mean over real tokens of each hidden state ``layer`` (hidden-state numbering, see
+    models/layers.py: layer L is block L-1's output), float32, (n, d).
 
     One pass per batch, stopped right after the deepest requested layer.
     """
-    stack = decoder_layers(model)
+    count = depth(model)
     for layer in layers:
-        if not 1 <= layer <= len(stack):
-            raise ObliviateError(f"Classifier layer must be in [1, {len(stack)}], got {layer}.")
-    device = model.get_input_embeddings().weight.device
-    deepest = max(layers)
-    captured: dict[int, torch.Tensor] = {}
-
-    def keep(layer: int):
-        def hook(_module, _inputs, output):
-            captured[layer] = output[0] if isinstance(output, tuple) else output
-            if layer == deepest:
-                raise _StopForward
-        return hook
-
+        if not 1 <= layer <= count:
+            raise ObliviateError(f"Classifier layer must be in [1, {count}], got {layer}.")
+    device = model_device(model)
+    blocks = {layer: layer - 1 for layer in layers}
     pooled: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
     for start in range(0, len(sequences), batch_size):
-        ids, mask = _left_pad(sequences[start:start + batch_size], device)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        handles = [stack[layer - 1].register_forward_hook(keep(layer)) for layer in set(layers)]
-        try:
-            model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
-        except _StopForward:
-            pass
-        finally:
-            for handle in handles:
-                handle.remove()
+        ids, mask, positions = left_pad(sequences[start:start + batch_size], 0, device)
+        outputs = block_outputs(model, sorted(set(blocks.values())), input_ids=ids, attention_mask=mask,
+                                position_ids=positions)
         weights = mask.unsqueeze(-1).float()
-        for layer in layers:
-            pooled[layer].append(((captured[layer].float() * weights).sum(1) / weights.sum(1)).cpu())
+        for layer, block in blocks.items():
+            pooled[layer].append(((outputs[block].float() * weights).sum(1) / weights.sum(1)).cpu())
     return {layer: torch.cat(chunks) for layer, chunks in pooled.items()}
 
 
@@ -94,7 +54,7 @@ def candidate_layers(model: nn.Module) -> list[int]:
     """Early layers to choose from: a sixth, a quarter and a third of the way up (on the
     embedded model the earliest separated held-out concept questions best; deeper layers
     cost more and did worse)."""
-    count = len(decoder_layers(model))
+    count = depth(model)
     return sorted({max(1, round(count * f)) for f in (1 / 6, 1 / 4, 1 / 3)})
 
 
