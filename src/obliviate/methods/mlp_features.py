@@ -87,6 +87,7 @@ class MlpActivations:
     inputs: dict[int, torch.Tensor]
     hidden: dict[int, torch.Tensor]
     source: torch.Tensor  # (n,) group index of each token
+    token_ids: torch.Tensor  # (n,) the token at each row (to describe features)
 
 
 def collect_mlp_activations(model: nn.Module, tokenizer, groups: list[list[str]], layers: list[int],
@@ -102,18 +103,19 @@ def collect_mlp_activations(model: nn.Module, tokenizer, groups: list[list[str]]
     special = torch.tensor(sorted(set(tokenizer.all_special_ids)), dtype=torch.long)
     inputs: dict[int, list] = {layer: [] for layer in layers}
     hidden: dict[int, list] = {layer: [] for layer in layers}
-    sources = []
+    sources, token_ids = [], []
     generator = torch.Generator().manual_seed(seed)
     for group_index, texts in enumerate(groups):
-        group_in, group_hidden = _group_activations(model, tokenizer, texts, projections, special, max_length, batch_size)
+        group_in, group_hidden, group_ids = _group_activations(model, tokenizer, texts, projections, special, max_length, batch_size)
         count = next(iter(group_in.values())).shape[0] if group_in else 0
         keep = torch.randperm(count, generator=generator)[:max_tokens].sort().values
         for layer in layers:
             inputs[layer].append(group_in[layer][keep])
             hidden[layer].append(group_hidden[layer][keep])
         sources.append(torch.full((len(keep),), group_index, dtype=torch.long))
+        token_ids.append(group_ids[keep])
     return MlpActivations({l: torch.cat(v) for l, v in inputs.items()}, {l: torch.cat(v) for l, v in hidden.items()},
-                          torch.cat(sources))
+                          torch.cat(sources), torch.cat(token_ids))
 
 
 def _group_activations(model, tokenizer, texts, projections, special, max_length, batch_size):
@@ -122,6 +124,7 @@ def _group_activations(model, tokenizer, texts, projections, special, max_length
     inputs = {layer: [] for layer in projections}
     hidden = {layer: [] for layer in projections}
     captured: dict = {}
+    ids_kept = []
 
     def keep(layer: int, kind: str):
         def hook(_module, args):
@@ -145,13 +148,15 @@ def _group_activations(model, tokenizer, texts, projections, special, max_length
                 except _Stop:
                     pass
             content = (mask.bool() & ~torch.isin(ids, special.to(device))).cpu()
+            ids_kept.append(ids.cpu()[content])
             for layer in projections:
                 inputs[layer].append(captured[(layer, "input")].float().cpu()[content])
                 hidden[layer].append(captured[(layer, "hidden")].float().cpu()[content])
     finally:
         for handle in handles:
             handle.remove()
-    return {l: torch.cat(v) for l, v in inputs.items()}, {l: torch.cat(v) for l, v in hidden.items()}
+    return ({l: torch.cat(v) for l, v in inputs.items()}, {l: torch.cat(v) for l, v in hidden.items()},
+            torch.cat(ids_kept))
 
 
 def down_vectors(model: nn.Module, layers: list[int], down_module: str = "mlp.down_proj") -> dict[int, torch.Tensor]:
@@ -159,3 +164,19 @@ def down_vectors(model: nn.Module, layers: list[int], down_module: str = "mlp.do
     hidden neuron, as rows (d_ff x d_model, float32 on the CPU)."""
     return {layer: mlp_projections(model, layer, down_module=down_module).down.weight.detach().float().cpu().T.contiguous()
             for layer in layers}
+
+
+def sample_texts(texts: list[str], limit: int, seed: int) -> list[str]:
+    """At most ``limit`` of ``texts``, a seeded sample in their original order (the other
+    concepts' sentences number thousands; a few hundred are enough as negatives)."""
+    if len(texts) <= limit:
+        return list(texts)
+    keep = torch.randperm(len(texts), generator=torch.Generator().manual_seed(seed))[:limit].sort().values
+    return [texts[int(i)] for i in keep]
+
+
+def orthonormal_basis(vectors: torch.Tensor, tolerance: float = 1e-8) -> torch.Tensor:
+    """An orthonormal basis (columns) of the span of ``vectors``' columns, float64;
+    directions with a negligible singular value are dropped (two features may share one)."""
+    u, s, _ = torch.linalg.svd(vectors.double(), full_matrices=False)
+    return u[:, s > tolerance * max(float(s.max()), 1e-300)] if s.numel() else u
