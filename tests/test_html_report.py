@@ -116,3 +116,79 @@ def test_an_erasure_and_its_attack_show_one_sweep_even_with_the_same_folder_name
     html_text = render_html([{**erase_results(), "_name": "hp"}, attack, other])
     assert html_text.count("Delta sweep (Harry Potter)") == 1 and html_text.count("Delta sweep (Golf)") == 1
     assert html_text.count("Hermione") == 1 and html_text.count("putt") == 1  # each erasure's features once
+
+
+# ---- intervals, relearning curves, generations, lm-eval (issue 19) ---------------------
+
+def test_every_number_with_an_interval_shows_it_in_the_tables():
+    single = render_html([{**erase_results(), "_name": "hp"}])
+    # one run: a metric per line, value then [low, high]
+    assert "0.900</span> <span class='ci'>[0.80, 1.00]</span>" in single  # efficacy 0.9 +/- 0.1
+    assert "0.300</span> <span class='ci'>[0.20, 0.40]</span>" in single  # qa_erased
+    several = render_html([{**erase_results(), "_name": "hp"}, {**attack_results(), "_name": "hp-attack"}])
+    assert "0.500</span> <span class='ci'>[0.40, 0.60]</span>" in several  # relearn_after of the attack run
+    rows = summary_rows([{**erase_results(), "_name": "a"}])
+    assert (rows[0]["qa_erased_low"], rows[0]["qa_erased_high"]) == pytest.approx((0.2, 0.4))
+    assert rows[0]["qa_coverage_low"] is None  # a plain share has no interval
+
+
+def test_bars_carry_error_bars(monkeypatch):
+    from matplotlib.axes import Axes
+
+    from obliviate.reports import html as report
+
+    calls = []
+    original_bar = Axes.bar
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("yerr"))
+        return original_bar(self, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, "bar", spy)
+    runs = [{**erase_results(), "_name": "hp"}, {**attack_results(), "_name": "hp-attack"}]
+    assert report.plot_concept_bars(runs) and report.plot_attacks(runs)
+    assert calls and all(yerr is not None for yerr in calls)  # every bar series has error bars
+    below, above = calls[0]  # the originals: 0.6 +/- 0.1 in both runs
+    assert below == pytest.approx([0.1, 0.1]) and above == pytest.approx([0.1, 0.1])
+
+
+def test_relearning_curves_are_drawn_per_epoch_with_a_table_only_when_present():
+    with_attack = render_html([{**attack_results(), "_name": "hp-attack"}])
+    assert "Relearning curve per epoch" in with_attack and "alt='relearning curve'" in with_attack
+    text = " ".join(parse(with_attack).text)
+    assert "epoch (relearn)" in text and "original [95% CI]" in text
+    # epoch 2 of the erased model: 0.5 [0.4, 0.6]
+    assert "<tr><td>2</td><td class='num'><span class=''>0.620</span>" in with_attack
+    assert "0.500</span> <span class='ci'>[0.40, 0.60]</span></td></tr>" in with_attack
+    without = render_html([{**erase_results(), "_name": "hp"}])
+    assert "Relearning curve" not in without and "relearning curve" not in without
+
+
+def test_generations_original_vs_erased_for_general_prompts_and_concept_text():
+    examples = {"general": [{"prompt": "Question: Who painted the Mona Lisa?\nAnswer:", "original": " Leonardo",
+                             "edited": " Leonardo da Vinci"}],
+                "concept": [{"prompt": "Harry raised his wand", "original": " and cast <Expelliarmus>",
+                             "edited": " and the crowd"}]}
+    page = render_html([{**erase_results(), "examples": examples, "_name": "hp"}])
+    parsed = parse(page)
+    text = " ".join(parsed.text)
+    assert "general prompts (should be unchanged)" in text and "concept text (the erased words)" in text
+    assert "Leonardo da Vinci" in text and "&lt;Expelliarmus&gt;" in page  # escaped, not markup
+    assert "Generations" not in render_html([{**erase_results(), "_name": "hp"}])
+
+
+def test_lm_eval_results_side_by_side():
+    block = {"results": {"ember_qa_golf": {"acc_norm,none": {
+        "original": {"value": 0.62, "stderr": 0.07, "low": 0.48, "high": 0.76},
+        "erased": {"value": 0.30, "stderr": 0.065, "low": 0.17, "high": 0.43},
+        "difference": {"value": -0.32, "stderr": 0.08, "low": -0.48, "high": -0.16}}}}}
+    page = render_html([{**erase_results(), "lm_eval": block, "_name": "hp"}])
+    text = " ".join(parse(page).text)
+    assert "lm-evaluation-harness, original vs erased" in text and "ember_qa_golf" in text
+    assert "0.620</span> <span class='ci'>[0.48, 0.76]</span>" in page
+    assert "-0.320</span> <span class='ci'>[-0.48, -0.16]</span>" in page
+
+
+def test_page_is_made_for_phones_too():
+    page = render_html([{**erase_results(), "_name": "hp"}])
+    assert "name='viewport'" in page and "minmax(min(440px,100%),1fr)" in page and "@media (max-width:600px)" in page

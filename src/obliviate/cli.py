@@ -23,6 +23,7 @@ COMMANDS = {
     "compare": "run methods with and without EMBER on several concepts",
     "summarize": "pooled, paired statistics over erase/compare runs",
     "eco": "ECO: fit a prompt classifier and corrupt flagged prompts at inference",
+    "lm-eval-tasks": "write the EMBER benchmark as an lm-evaluation-harness task folder (--include_path)",
 }
 
 

@@ -1,10 +1,14 @@
 """The report people look at: one self-contained HTML file (plots embedded as PNG) and
 summary.csv, for one run or several side by side (methods, concepts, models).
 
-Reads the results.json of `erase`, `eval` and `attack` runs. Plots: the delta sweep
-(efficacy, specificity, coherence over delta), per-concept bars of original vs erased vs
-after-relearning accuracy, the relearning curve per epoch, probe accuracy per layer, and
-the table of erased features with their top tokens.
+Reads the results.json of `erase`, `eval` and `attack` runs. Every number that has a 95%
+interval shows it: error bars on every bar, bands on the curves, "value [low, high]" in
+the tables. Plots: the delta sweep (efficacy, specificity, coherence over delta),
+per-concept bars of original vs erased vs after-relearning accuracy, the relearning curve
+per epoch (with its table), probe accuracy per layer; tables: the summary, lm-evaluation-
+harness tasks side by side, the erased features with their top tokens, and a few
+generations of the original and the erased model (general prompts and concept text).
+The page reflows to one column on a phone; wide tables scroll sideways.
 """
 from __future__ import annotations
 
@@ -60,6 +64,21 @@ def _value(results: dict, path: tuple[str, ...]) -> float | None:
     return found.get("value") if isinstance(found, dict) else None
 
 
+def _bounds(results: dict, path: tuple[str, ...]) -> tuple[float | None, float | None]:
+    """The 95% interval (low, high) of an entry {value, low, high}; (None, None) without one."""
+    found = _get(results, path)
+    if isinstance(found, dict) and isinstance(found.get("low"), (int, float)) and isinstance(found.get("high"), (int, float)):
+        return float(found["low"]), float(found["high"])
+    return None, None
+
+
+def _err(entries: list[tuple[float | None, float | None, float | None]]) -> list[list[float]]:
+    """matplotlib's yerr (below, above) from (value, low, high); 0 where there is no interval."""
+    below = [max(0.0, v - lo) if None not in (v, lo) else 0.0 for v, lo, _ in entries]
+    above = [max(0.0, hi - v) if None not in (v, hi) else 0.0 for v, _, hi in entries]
+    return [below, above]
+
+
 def load_runs(run_dirs: list[str | Path]) -> list[dict]:
     runs = []
     for folder in run_dirs:
@@ -81,14 +100,16 @@ def summary_rows(runs: list[dict]) -> list[dict]:
         row = {"run": run.get("_name", ""), "kind": run.get("kind", "erase"), "concept": run.get("concept"),
                "method": run.get("method"), "model": run.get("model")}
         for name, path, _ in COLUMNS:
-            value = _value(run, path)
-            if value is None and path[0] == "qa_test":  # attack runs carry their erase run's numbers
-                value = _value(run.get("erase_results", {}), path)
-            row[name] = value
+            source = run
+            if _value(run, path) is None and path[0] == "qa_test":  # attack runs carry their erase run's numbers
+                source = run.get("erase_results", {})
+            row[name] = _value(source, path)
+            row[f"{name}_low"], row[f"{name}_high"] = _bounds(source, path)
         base = row["qa_base"] if row["qa_base"] is not None else _value(run, ("relearn", "original", "before"))
         row["note"] = ""
         if base is not None and base - 0.25 < NEAR_CHANCE:
-            row["relearn_recovered"] = None  # a share of ~no knowledge is noise, not a finding
+            # a share of ~no knowledge is noise, not a finding
+            row["relearn_recovered"] = row["relearn_recovered_low"] = row["relearn_recovered_high"] = None
             row["note"] = f"original QA accuracy {base:.2f} is near chance: recovered fractions are undefined"
         rows.append(row)
     return rows
@@ -128,11 +149,15 @@ def plot_delta_sweep(run: dict) -> str | None:
     fig, ax = _figure()
     deltas = [e["params"]["delta"] for e in sweep]
     for name in ("efficacy", "specificity", "coherence"):
-        values = [e["metrics"].get(name, {}).get("value", math.nan) for e in sweep]
+        entries = [e["metrics"].get(name) or {} for e in sweep]
+        values = [m.get("value", math.nan) for m in entries]
         ax.plot(deltas, values, marker="o", label=name, color=COLORS[name])
+        lows = [m.get("low", v) for m, v in zip(entries, values)]
+        highs = [m.get("high", v) for m, v in zip(entries, values)]
+        ax.fill_between(deltas, lows, highs, color=COLORS[name], alpha=0.12, linewidth=0)
     if run.get("delta") is not None:
         ax.axvline(run["delta"], color="grey", linestyle=":", label=f"chosen {run['delta']}")
-    ax.set(xscale="log", xlabel="delta", ylabel="train-question metric", ylim=(-0.05, 1.05),
+    ax.set(xscale="log", xlabel="delta", ylabel="train-question metric (95% band)", ylim=(-0.05, 1.05),
            title=f"Delta sweep: {run.get('concept')}")
     ax.set_xticks(deltas, [f"{d:g}" for d in deltas], fontsize=7)
     ax.minorticks_off()
@@ -140,52 +165,86 @@ def plot_delta_sweep(run: dict) -> str | None:
     return _png(fig)
 
 
+def _accuracy(run: dict, path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
+    """(value, low, high) of an accuracy, from the run or the erase run an attack carries."""
+    for source in (run, run.get("erase_results", {})):
+        if _value(source, path) is not None:
+            return (_value(source, path), *_bounds(source, path))
+    return None, None, None
+
+
+def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: float) -> None:
+    """Side-by-side bars with 95% error bars: groups are (label, (v, lo, hi), ...) tuples."""
+    for offset, (label, color) in enumerate(series):
+        entries = [g[offset + 1] for g in groups]
+        if all(e[0] is None for e in entries):
+            continue
+        xs = [i + (offset - (len(series) - 1) / 2) * width for i in range(len(groups))]
+        heights = [e[0] if e[0] is not None else 0 for e in entries]
+        bars = ax.bar(xs, heights, width, label=label, color=color, yerr=_err(entries), capsize=3,
+                      error_kw={"elinewidth": 1, "ecolor": "#333"})
+        # inside the bar: above it the label would sit under the error bar
+        ax.bar_label(bars, labels=[f"{e[0]:.2f}" if e[0] is not None and e[0] >= 0.08 else "" for e in entries],
+                     fontsize=6, label_type="center", color="white")
+    ax.set_xlim(-0.6, len(groups) - 0.4)
+    ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
+    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+
+
 def plot_concept_bars(runs: list[dict]) -> str | None:
     groups = []
     for run in runs:
-        base = _value(run, ("qa_test", "base")) or _value(run.get("erase_results", {}), ("qa_test", "base"))
-        erased = _value(run, ("qa_test", "edited")) or _value(run.get("erase_results", {}), ("qa_test", "edited"))
-        relearned = _value(run, ("relearn", "erased", "after"))
-        if base is None and _value(run, ("relearn", "original", "before")) is not None:
-            base, erased = _value(run, ("relearn", "original", "before")), _value(run, ("relearn", "erased", "before"))
-        if base is not None:
+        base, erased = _accuracy(run, ("qa_test", "base")), _accuracy(run, ("qa_test", "edited"))
+        relearned = (_value(run, ("relearn", "erased", "after")), *_bounds(run, ("relearn", "erased", "after")))
+        if base[0] is None and _value(run, ("relearn", "original", "before")) is not None:
+            base = (_value(run, ("relearn", "original", "before")), *_bounds(run, ("relearn", "original", "before")))
+            erased = (_value(run, ("relearn", "erased", "before")), *_bounds(run, ("relearn", "erased", "before")))
+        if base[0] is not None:
             groups.append((f"{run.get('concept')}\n{run.get('method')}", base, erased, relearned))
     if not groups:
         return None
     fig, ax = _figure(max(4.6, 1.4 * len(groups)))
-    width = 0.25
-    for offset, (label, index) in enumerate((("original", 1), ("erased", 2), ("relearned", 3))):
-        if all(g[index] is None for g in groups):
-            continue
-        xs = [i + (offset - 1) * width for i in range(len(groups))]
-        heights = [g[index] if g[index] is not None else 0 for g in groups]
-        bars = ax.bar(xs, heights, width, label=label if label != "relearned" else "erased + relearning",
-                      color=COLORS[label])
-        ax.bar_label(bars, labels=[f"{h:.2f}" if g[index] is not None else "" for h, g in zip(heights, groups)], fontsize=7)
-    ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="chance")
-    ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
-    ax.set(ylabel="QA test accuracy", ylim=(0, 1.2), title="Original vs erased vs after relearning")
-    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
+    _bar_groups(ax, groups, [("original", COLORS["original"]), ("erased", COLORS["erased"]),
+                             ("erased + relearning", COLORS["relearned"])], 0.25)
+    ax.set(ylabel="QA test accuracy (95% CI)", ylim=(0, 1.25), title="Original vs erased vs after relearning")
     ax.legend(fontsize=6, loc="upper center", ncol=4, frameon=False)
     return _png(fig)
 
 
+RELEARN_ATTACKS = ("relearn", "relearn-strong", "repair-relearn")  # attacks that record a curve per epoch
+
+
+def relearn_curves(runs: list[dict]) -> list[tuple[dict, str, dict[str, list[dict]]]]:
+    """(run, attack, {role: curve}) for every attack with a per-epoch curve (epoch 0 = before)."""
+    found = []
+    for run in runs:
+        for attack in RELEARN_ATTACKS:
+            curves = {role: _get(run, (attack, role, "curve")) for role in ("original", "erased")}
+            curves = {role: c for role, c in curves.items() if c}
+            if curves:
+                found.append((run, attack, curves))
+    return found
+
+
 def plot_relearn_curves(runs: list[dict]) -> str | None:
-    with_relearn = [r for r in runs if isinstance(r.get("relearn"), dict)]
-    if not with_relearn:
+    found = relearn_curves(runs)
+    if not found:
         return None
     fig, ax = _figure()
-    for run in with_relearn:
-        for role, style in (("original", "--"), ("erased", "-")):
-            curve = _get(run, ("relearn", role, "curve"))
-            if curve:
-                epochs = list(range(len(curve)))
-                ax.plot(epochs, [c["value"] for c in curve], style, marker="o", color=COLORS[role],
-                        label=f"{role} ({run.get('concept')})" if len(with_relearn) > 1 else role)
-                ax.fill_between(epochs, [c["low"] for c in curve], [c["high"] for c in curve], color=COLORS[role], alpha=0.12)
-    ax.axhline(0.25, color="grey", linestyle=":", linewidth=1)
-    ax.set(xlabel="relearning epoch", ylabel="QA test accuracy", ylim=(0, 1), title="Relearning attack")
+    for run, attack, curves in found:
+        for role, curve in curves.items():
+            epochs = list(range(len(curve)))
+            values = [c["value"] for c in curve]
+            entries = [(c["value"], c.get("low"), c.get("high")) for c in curve]
+            label = role if len(found) == 1 else f"{role} ({run.get('concept')}, {attack})"
+            ax.errorbar(epochs, values, yerr=_err(entries), fmt="--o" if role == "original" else "-o", capsize=3,
+                        color=COLORS[role], label=label, markersize=4, linewidth=1.2)
+            ax.fill_between(epochs, [e[1] if e[1] is not None else e[0] for e in entries],
+                            [e[2] if e[2] is not None else e[0] for e in entries], color=COLORS[role], alpha=0.10)
+    ax.axhline(0.25, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set(xlabel="relearning epoch (0 = before)", ylabel="QA test accuracy (95% CI)", ylim=(0, 1),
+           title="Relearning attack, per epoch")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     return _png(fig)
@@ -211,63 +270,155 @@ def plot_probe(runs: list[dict]) -> str | None:
 
 
 def plot_attacks(runs: list[dict]) -> str | None:
-    rows = [(f"{a}\n{r.get('concept')}", _value(r, (a, "original", "after")), _value(r, (a, "erased", "before")),
-             _value(r, (a, "erased", "after"))) for r in runs for a in ATTACKS if isinstance(r.get(a), dict)]
+    def entry(run: dict, path: tuple[str, ...]):
+        return (_value(run, path), *_bounds(run, path))
+
+    rows = [(f"{a}\n{r.get('concept')}", entry(r, (a, "original", "after")), entry(r, (a, "erased", "before")),
+             entry(r, (a, "erased", "after"))) for r in runs for a in ATTACKS if isinstance(r.get(a), dict)]
     if not rows:
         return None
     fig, ax = _figure(max(4.6, 1.3 * len(rows)))
-    width = 0.27
-    for offset, (label, color) in enumerate((("original, attacked", COLORS["original"]),
-                                             ("erased, no attack", COLORS["erased"]),
-                                             ("erased, attacked", COLORS["relearned"]))):
-        bars = ax.bar([i + (offset - 1) * width for i in range(len(rows))], [r[offset + 1] or 0 for r in rows], width,
-                      label=label, color=color)
-        ax.bar_label(bars, fmt="%.2f", fontsize=6)
-    ax.set_xlim(-0.6, len(rows) - 0.4)
-    ax.axhline(0.25, color="grey", linestyle="--", linewidth=1)
-    ax.set_xticks(range(len(rows)), [r[0] for r in rows], fontsize=7)
-    ax.set(ylabel="QA test accuracy", ylim=(0, 1.2), title="Attacks: accuracy the attacker gets back")
-    ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
-    ax.legend(fontsize=6, loc="upper center", ncol=3, frameon=False)
+    _bar_groups(ax, rows, [("original, attacked", COLORS["original"]), ("erased, no attack", COLORS["erased"]),
+                           ("erased, attacked", COLORS["relearned"])], 0.27)
+    ax.set(ylabel="QA test accuracy (95% CI)", ylim=(0, 1.25), title="Attacks: accuracy the attacker gets back")
+    ax.legend(fontsize=6, loc="upper center", ncol=4, frameon=False)
     return _png(fig)
 
 
 # ---- HTML --------------------------------------------------------------------------
 
 CSS = """
+*{box-sizing:border-box}
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:14px 20px;color:#222;font-size:13px}
 h1{font-size:20px;margin:0 0 4px} h2{font-size:14px;margin:10px 0 4px}
-.sub{color:#666;margin-bottom:8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:8px}
-.card{border:1px solid #ddd;border-radius:6px;padding:4px 8px;background:#fff} img{max-width:100%;height:auto}
+.sub{color:#666;margin-bottom:8px} .grid{display:grid;grid-template-columns:repeat(auto-fit,minmax(min(440px,100%),1fr));gap:8px}
+.card{border:1px solid #ddd;border-radius:6px;padding:4px 8px;background:#fff;min-width:0} img{max-width:100%;height:auto}
+.full{grid-column:1/-1}
 .wide{overflow-x:auto} details{margin:4px 0} summary{cursor:pointer}
-table{border-collapse:collapse;font-size:12px;width:100%} th,td{border-bottom:1px solid #eee;padding:2px 6px;text-align:right}
+table{border-collapse:collapse;font-size:12px;width:100%} th,td{border-bottom:1px solid #eee;padding:2px 6px;text-align:right;vertical-align:top}
 th{background:#f5f5f5;cursor:help} td.l,th.l{text-align:left}
+.ci{color:#777;font-size:11px;white-space:nowrap} .num{white-space:nowrap}
 .good{color:#2a7a2a;font-weight:600} .bad{color:#b02a2a;font-weight:600} .tok{font-family:monospace;color:#444}
+.gen td{text-align:left;white-space:pre-wrap;word-break:break-word;font-size:12px} .gen td.p{color:#555;font-style:italic}
+@media (max-width:600px){body{margin:8px;font-size:14px} table{font-size:12px} h1{font-size:18px}}
 """
 
 
-def _cell(name: str, value) -> str:
+def _css_class(name: str, value: float) -> str:
+    if name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
+        return "good" if value >= 0.8 else "bad" if value < 0.5 else ""
+    if name == "relearn_recovered":
+        return "bad" if value >= 0.5 else "good" if value <= 0.2 else ""
+    return ""
+
+
+def _ci(low: float | None, high: float | None) -> str:
+    return "" if low is None or high is None else f" <span class='ci'>[{low:.2f}, {high:.2f}]</span>"
+
+
+def _cell(name: str, value, low: float | None = None, high: float | None = None) -> str:
+    """A table cell: text as it is; a number with its 95% interval when it has one."""
     if value is None:
         return "<td>–</td>"
     if not isinstance(value, float):
         return f"<td class='l'>{html.escape(str(value))}</td>"
-    css = ""
-    if name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
-        css = "good" if value >= 0.8 else "bad" if value < 0.5 else ""
-    if name == "relearn_recovered":
-        css = "bad" if value >= 0.5 else "good" if value <= 0.2 else ""
-    return f"<td class='{css}'>{value:.3f}</td>"
+    return f"<td class='num'><span class='{_css_class(name, value)}'>{value:.3f}</span>{_ci(low, high)}</td>"
+
+
+def _row_cell(row: dict, name: str) -> str:
+    return _cell(name, row[name], row.get(f"{name}_low"), row.get(f"{name}_high"))
 
 
 def summary_table(rows: list[dict]) -> str:
+    """One run: a metric per line (reads on a phone). Several: a run per line, scrolling sideways."""
     present = [(n, d) for n, _, d in COLUMNS if any(r[n] is not None for r in rows)]
+    note = ("<p class='sub'>Accuracies on TEST questions (chance 0.25); <span class='ci'>[low, high]</span> is the "
+            "95% bootstrap interval.</p>")
+    if len(rows) == 1:
+        row = rows[0]
+        body = "".join(f"<tr><th class='l' title='{html.escape(d)}'>{n}</th>{_row_cell(row, n)}"
+                       f"<td class='l sub'>{html.escape(d)}</td></tr>" for n, d in present)
+        return (note + f"<div class='wide'><table><tr><th class='l'>metric</th><th>value [95% CI]</th>"
+                f"<th class='l'>meaning</th></tr>{body}</table></div>")
     head = "".join(f"<th title='{html.escape(d)}'>{n.replace('_', '_<wbr>')}</th>" for n, d in present)
     body = "".join("<tr>" + _cell("run", f"{r['run']} ({r['kind']})") + _cell("concept", r["concept"])
-                   + _cell("method", r["method"]) + "".join(_cell(n, r[n]) for n, _ in present) + "</tr>" for r in rows)
+                   + _cell("method", r["method"]) + "".join(_row_cell(r, n) for n, _ in present) + "</tr>" for r in rows)
     legend = "; ".join(f"<b>{n}</b>: {html.escape(d)}" for n, d in present)
-    return (f"<div class='wide'><table><tr><th class='l'>run</th><th class='l'>concept</th><th class='l'>method</th>"
-            f"{head}</tr>{body}</table></div><details class='sub'><summary>What the columns mean (accuracies on TEST "
-            f"questions; chance 0.25)</summary>{legend}.</details>")
+    return (note + f"<div class='wide'><table><tr><th class='l'>run</th><th class='l'>concept</th><th class='l'>method</th>"
+            f"{head}</tr>{body}</table></div><details class='sub'><summary>What the columns mean</summary>{legend}.</details>")
+
+
+def relearn_table(runs: list[dict]) -> str:
+    """The relearning curves as numbers: accuracy per epoch with its interval, per role."""
+    parts = []
+    for run, attack, curves in relearn_curves(runs):
+        epochs = max(len(c) for c in curves.values())
+        roles = list(curves)
+        rows = "".join(
+            f"<tr><td>{epoch}</td>" + "".join(
+                _cell(role, curves[role][epoch]["value"], curves[role][epoch].get("low"), curves[role][epoch].get("high"))
+                if epoch < len(curves[role]) else "<td>–</td>" for role in roles) + "</tr>"
+            for epoch in range(epochs))
+        title = f"{html.escape(str(run.get('concept')))}, {html.escape(attack)}" if len(runs) > 1 else html.escape(attack)
+        parts.append(f"<div class='wide'><table><tr><th>epoch ({title})</th>"
+                     + "".join(f"<th>{role} [95% CI]</th>" for role in roles) + f"</tr>{rows}</table></div>")
+    return "".join(parts)
+
+
+def lm_eval_table(runs: list[dict]) -> str:
+    """lm-evaluation-harness tasks (results.json "lm_eval", from evaluation.harness.run_harness):
+    original and erased side by side with the harness's standard errors as 95% intervals, and
+    the paired difference."""
+    rows = []
+    for run in runs:
+        block = run.get("lm_eval")
+        if not isinstance(block, dict):
+            continue
+        for task, metrics in (block.get("results") or {}).items():
+            for key, entry in metrics.items():
+                cells = []
+                for role in ("original", "erased", "difference"):
+                    e = entry.get(role) or {}
+                    cells.append(_cell(key, e.get("value"), e.get("low"), e.get("high")) if "value" in e else "<td>–</td>")
+                prefix = f"{run.get('_name', '')}: " if len(runs) > 1 else ""
+                rows.append(f"<tr><td class='l'>{html.escape(prefix + task)}</td><td class='l'>{html.escape(key)}</td>"
+                            + "".join(cells) + "</tr>")
+    if not rows:
+        return ""
+    return ("<p class='sub'>Intervals: value ± 1.96 × the harness's standard error; the difference is erased − original "
+            "on the same documents (paired).</p><div class='wide'><table><tr><th class='l'>task</th><th class='l'>metric"
+            "</th><th>original</th><th>erased</th><th>difference</th></tr>" + "".join(rows) + "</table></div>")
+
+
+EXAMPLE_TITLES = {"general": "general prompts (should be unchanged)", "concept": "concept text (the erased words)"}
+
+
+def generations_table(runs: list[dict], per_kind: int = 3) -> str:
+    """A few prompts with the original's and the erased model's continuations (results.json
+    "examples"), and open-ended answers of `eval` runs."""
+    parts = []
+    for run in runs:
+        prefix = f"{html.escape(str(run.get('_name', '')))}: " if len(runs) > 1 else ""
+        for kind, examples in (run.get("examples") or {}).items():
+            rows = "".join(f"<tr><td class='p'>{html.escape(str(e.get('prompt', '')))}</td>"
+                           f"<td>{html.escape(str(e.get('original', '')).strip())}</td>"
+                           f"<td>{html.escape(str(e.get('edited', '')).strip())}</td></tr>" for e in (examples or [])[:per_kind])
+            if rows:
+                parts.append(f"<h2>{prefix}{html.escape(EXAMPLE_TITLES.get(kind, kind))}</h2><div class='wide'>"
+                             f"<table class='gen'><tr><th class='l'>prompt</th><th class='l'>original</th>"
+                             f"<th class='l'>erased</th></tr>{rows}</table></div>")
+        for split, entry in (run.get("open_ended") or {}).items():
+            if not isinstance(entry, dict) or "base" not in entry:
+                continue
+            pairs = zip((entry["base"] or {}).get("examples", []), (entry.get("edited") or {}).get("examples", []))
+            rows = "".join(f"<tr><td class='p'>{html.escape(str(b.get('q', '')))}<br>gold: {html.escape(str(b.get('gold', '')))}"
+                           f"</td><td>{html.escape(str(b.get('answer', '')))}</td><td>{html.escape(str(e.get('answer', '')))}"
+                           f"</td></tr>" for b, e in list(pairs)[:per_kind])
+            if rows:
+                parts.append(f"<h2>{prefix}open-ended answers ({html.escape(split)})</h2><div class='wide'><table class='gen'>"
+                             f"<tr><th class='l'>question</th><th class='l'>original</th><th class='l'>erased</th></tr>"
+                             f"{rows}</table></div>")
+    return "".join(parts)
 
 
 def feature_table(runs: list[dict], limit: int = 8) -> str:
@@ -281,8 +432,8 @@ def feature_table(runs: list[dict], limit: int = 8) -> str:
                         f"<td class='l tok'>{tokens}</td></tr>")
     if not rows:
         return ""
-    return ("<table><tr><th class='l'>concept</th><th>feature</th><th>ratio</th><th>concept share</th><th class='l'>top tokens</th></tr>"
-            + "".join(rows) + "</table>")
+    return ("<div class='wide'><table><tr><th class='l'>concept</th><th>feature</th><th>ratio</th><th>concept share</th>"
+            "<th class='l'>top tokens</th></tr>" + "".join(rows) + "</table></div>")
 
 
 def _unique_erasures(runs: list[dict]) -> list[dict]:
@@ -309,8 +460,8 @@ def _leak_warning(run: dict) -> str | None:
     return None if check.get("passed", True) else f"leak check FAILED: {check.get('leak_count')} original rows in the saved files."
 
 
-def _card(title: str, body: str) -> str:
-    return f"<div class='card'><h2>{html.escape(title)}</h2>{body}</div>"
+def _card(title: str, body: str, full: bool = False) -> str:
+    return f"<div class='card{' full' if full else ''}'><h2>{html.escape(title)}</h2>{body}</div>"
 
 
 def _img(data: str | None, alt: str) -> str | None:
@@ -320,21 +471,25 @@ def _img(data: str | None, alt: str) -> str | None:
 def render_html(runs: list[dict]) -> str:
     rows = summary_rows(runs)
     first = runs[0] if runs else {}
-    plots = [("Relearning curve per epoch", _img(plot_relearn_curves(runs), "relearning curve")),
+    curve = _img(plot_relearn_curves(runs), "relearning curve")
+    plots = [("Relearning curve per epoch", curve and curve + relearn_table(runs)),
              ("Original vs erased vs after relearning", _img(plot_concept_bars(runs), "per-concept accuracy")),
              ("Attacks side by side", _img(plot_attacks(runs), "attack accuracies")),
              ("Probe accuracy per layer", _img(plot_probe(runs), "probe per layer"))]
     plots += [(f"Delta sweep ({r.get('concept')})", _img(plot_delta_sweep(r), "delta sweep")) for r in _unique_erasures(runs)]
     cards = [_card(title, body) for title, body in plots if body]
-    features = feature_table(_unique_erasures(runs))
-    if features:
-        cards.append(_card("Features erased (top tokens)", features))
+    for title, body in (("lm-evaluation-harness, original vs erased", lm_eval_table(runs)),
+                        ("Generations, original vs erased", generations_table(runs)),
+                        ("Features erased (top tokens)", feature_table(_unique_erasures(runs)))):
+        if body:
+            cards.append(_card(title, body, full=True))
     judge = [f"{r['_name']}: open-ended judged by {r['open_ended'].get('judge') or 'normalised answer match only (no judge ran)'}"
              for r in runs if isinstance(r.get("open_ended"), dict)]
     title = (f"Concept erasure: {first.get('concept')} ({first.get('method')})" if len(runs) == 1
              else f"Concept erasure: {len(runs)} runs")
     subtitle = "; ".join(f"{html.escape(_label(r))} on {html.escape(str(r.get('model')))}" for r in runs)
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+            "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><div class='sub'>{subtitle}</div>"
             + _card("Summary", summary_table(rows))
