@@ -184,7 +184,7 @@ def test_lm_eval_results_side_by_side():
         "difference": {"value": -0.32, "stderr": 0.08, "low": -0.48, "high": -0.16}}}}}
     page = render_html([{**erase_results(), "lm_eval": block, "_name": "hp"}])
     text = " ".join(parse(page).text)
-    assert "lm-evaluation-harness, original vs erased" in text and "ember_qa_golf" in text
+    assert "lm-evaluation-harness, original vs erased" in text and "ember_<wbr>qa_<wbr>golf" in page
     assert "0.620</span> <span class='ci'>[0.48, 0.76]</span>" in page
     assert "-0.320</span> <span class='ci'>[-0.48, -0.16]</span>" in page
 
@@ -192,3 +192,44 @@ def test_lm_eval_results_side_by_side():
 def test_page_is_made_for_phones_too():
     page = render_html([{**erase_results(), "_name": "hp"}])
     assert "name='viewport'" in page and "minmax(min(440px,100%),1fr)" in page and "@media (max-width:600px)" in page
+
+
+def _browser_probe(page, width: int, tmp_path) -> dict:
+    """Load ``page`` in headless Chromium inside a ``width``-pixel frame; what the frame's
+    document measures (scroll width vs visible width) and how many images decoded."""
+    import json
+    import re
+    import shutil
+    import subprocess
+
+    host = tmp_path / f"host-{width}.html"
+    host.write_text(
+        f"<!DOCTYPE html><html><body><iframe id=f src='{page.name}' width={width} height=900></iframe><script>"
+        "document.getElementById('f').addEventListener('load',()=>{const d=document.getElementById('f').contentDocument;"
+        "document.body.setAttribute('data-probe',JSON.stringify({sw:d.documentElement.scrollWidth,"
+        "cw:d.documentElement.clientWidth,imgs:[...d.images].filter(i=>i.naturalWidth>0).length}))});</script>"
+        "</body></html>")
+    profile = tmp_path / f"profile-{width}"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--allow-file-access-from-files", f"--user-data-dir={profile}", "--window-size=1400,1000",
+             "--virtual-time-budget=5000", "--dump-dom", host.as_uri()]
+    dom = subprocess.run([shutil.which("chromium") or shutil.which("chromium-browser"), *flags],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, "the page did not load in Chromium"
+    return json.loads(found.group(1).replace("&quot;", '"'))
+
+
+@pytest.mark.skipif(not (__import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")),
+                    reason="no Chromium (Debian: apt-get install chromium)")
+def test_in_a_real_browser_nothing_overflows_a_phone_and_the_plots_decode(tmp_path):
+    runs = [{**erase_results(), "_name": "hp", "lm_eval": {"results": {"ember_qa_harry_potter": {"acc_norm,none": {
+        "original": iv(0.6), "erased": iv(0.3), "difference": iv(-0.3)}}}},
+             "examples": {"general": [{"prompt": "Question: " + "why " * 40, "original": "x " * 60, "edited": "y"}]}},
+            {**attack_results(), "_name": "hp-attack"}]
+    page = write_report(runs, tmp_path)
+    for width in (360, 1280):  # a phone, a desktop
+        probe = _browser_probe(page, width, tmp_path)
+        assert probe["sw"] <= probe["cw"], f"{width}px: the page is {probe['sw']}px wide, {probe['cw']}px visible"
+        assert probe["imgs"] == 5  # every plot decoded

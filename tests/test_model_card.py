@@ -48,7 +48,7 @@ def test_card_metadata_and_sections():
         assert heading in card
     assert "| concept questions (lower = more erased) | 0.64 [0.54, 0.74] | 0.31 [0.21, 0.41] |" in card
     assert "| efficacy (1 - share of the above-chance concept knowledge left) | 0.83 [0.73, 0.93] |" in card
-    assert "No attacks were run" in card and "Leak check: passed" in card and "`casino`" in card
+    assert "No attacks were run" in card and "Leak check: passed" in card and "`' casino'`" in card
     assert "--concept \"Gambling\"" in card and "--tasks ember_qa_gambling" in card
     assert "--base embedded" in card and "load_model('embedded')" in card  # the base exactly as erased
     assert "pretrained=THIS_FOLDER" in card and "pretrained=me/x" in mc.model_card(results(), repo_id="me/x")
@@ -74,6 +74,12 @@ def test_several_concepts_a_local_base_and_an_adapter():
     assert meta["library_name"] == "peft" and {"erased-gambling", "erased-golf"} <= set(meta["tags"])
     assert "“Gambling” and “Golf”" in card and "ember_qa_gambling,ember_qa_golf" in card
     assert mc.base_model_id({"model": "Qwen/Qwen2.5-0.5B"}) == "Qwen/Qwen2.5-0.5B"
+
+
+def test_a_run_that_applied_nothing_says_so():
+    card = mc.model_card(results(delta=0.0))
+    assert card.count("No edit was applied") == 2 and "Expected:" not in card and "rows of the embedding" not in card
+    assert "No edit was applied" not in mc.model_card(results())
 
 
 def test_a_bare_result_still_makes_a_card():

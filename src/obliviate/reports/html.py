@@ -159,6 +159,8 @@ def plot_delta_sweep(run: dict) -> str | None:
         ax.axvline(run["delta"], color="grey", linestyle=":", label=f"chosen {run['delta']}")
     ax.set(xscale="log", xlabel="delta", ylabel="train-question metric (95% band)", ylim=(-0.05, 1.05),
            title=f"Delta sweep: {run.get('concept')}")
+    if len(set(deltas)) == 1:  # a fixed --delta: one point, centred instead of squeezed against an edge
+        ax.set_xlim(deltas[0] / 3, deltas[0] * 3)
     ax.set_xticks(deltas, [f"{d:g}" for d in deltas], fontsize=7)
     ax.minorticks_off()
     ax.legend(fontsize=7)
@@ -183,9 +185,10 @@ def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: f
         heights = [e[0] if e[0] is not None else 0 for e in entries]
         bars = ax.bar(xs, heights, width, label=label, color=color, yerr=_err(entries), capsize=3,
                       error_kw={"elinewidth": 1, "ecolor": "#333"})
-        # inside the bar: above it the label would sit under the error bar
-        ax.bar_label(bars, labels=[f"{e[0]:.2f}" if e[0] is not None and e[0] >= 0.08 else "" for e in entries],
-                     fontsize=6, label_type="center", color="white")
+        for x, e in zip(xs, entries):  # at the foot of the bar: higher up the error bar crosses it
+            if e[0] is not None and e[0] >= 0.06:
+                ax.text(x, 0.015, f"{e[0]:.2f}", ha="center", va="bottom", fontsize=6, color="white")
+        del bars
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
@@ -300,7 +303,8 @@ th{background:#f5f5f5;cursor:help} td.l,th.l{text-align:left}
 .ci{color:#777;font-size:11px;white-space:nowrap} .num{white-space:nowrap}
 .good{color:#2a7a2a;font-weight:600} .bad{color:#b02a2a;font-weight:600} .tok{font-family:monospace;color:#444}
 .gen td{text-align:left;white-space:pre-wrap;word-break:break-word;font-size:12px} .gen td.p{color:#555;font-style:italic}
-@media (max-width:600px){body{margin:8px;font-size:14px} table{font-size:12px} h1{font-size:18px}}
+@media (max-width:600px){body{margin:8px;font-size:14px} table{font-size:12px} h1{font-size:18px}
+ .num .ci{display:block}}
 """
 
 
@@ -381,13 +385,16 @@ def lm_eval_table(runs: list[dict]) -> str:
                     e = entry.get(role) or {}
                     cells.append(_cell(key, e.get("value"), e.get("low"), e.get("high")) if "value" in e else "<td>–</td>")
                 prefix = f"{run.get('_name', '')}: " if len(runs) > 1 else ""
-                rows.append(f"<tr><td class='l'>{html.escape(prefix + task)}</td><td class='l'>{html.escape(key)}</td>"
-                            + "".join(cells) + "</tr>")
+                metric = key[:-len(",none")] if key.endswith(",none") else key  # the harness's "no filter"
+                name = html.escape(prefix + task).replace("_", "_<wbr>")  # long task names wrap on a phone
+                rows.append(f"<tr><td class='l'>{name}<br><span class='ci'>{html.escape(metric)}"
+                            "</span></td>" + "".join(cells) + "</tr>")
     if not rows:
         return ""
     return ("<p class='sub'>Intervals: value ± 1.96 × the harness's standard error; the difference is erased − original "
-            "on the same documents (paired).</p><div class='wide'><table><tr><th class='l'>task</th><th class='l'>metric"
-            "</th><th>original</th><th>erased</th><th>difference</th></tr>" + "".join(rows) + "</table></div>")
+            "on the same documents (paired). acc_norm on the EMBER tasks is obliviate's accuracy.</p><div class='wide'>"
+            "<table><tr><th class='l'>task / metric</th><th>original</th><th>erased</th><th>difference</th></tr>"
+            + "".join(rows) + "</table></div>")
 
 
 EXAMPLE_TITLES = {"general": "general prompts (should be unchanged)", "concept": "concept text (the erased words)"}

@@ -153,7 +153,19 @@ def _attack_rows(results: Mapping[str, Any], attacks: Mapping[str, Any] | None) 
     return lines
 
 
+def nothing_applied(results: Mapping[str, Any]) -> bool:
+    """EMBER alone chose delta 0 (no candidate passed the gates, or the concept is at chance):
+    the saved model equals its base."""
+    return results.get("delta") == 0 and not results.get("params")
+
+
+NOTHING_APPLIED = ("**No edit was applied**: no candidate passed the selection gates (or the concept's questions are at "
+                   "chance on the base model), so this model equals its base.")
+
+
 def _edited_rows(results: Mapping[str, Any]) -> list[str]:
+    if nothing_applied(results):
+        return [f"- {NOTHING_APPLIED}"]
     lines = []
     count = results.get("edited_token_count")
     if count:
@@ -161,11 +173,11 @@ def _edited_rows(results: Mapping[str, Any]) -> list[str]:
                      f"(output rows: {results.get('output_rows', 'unknown')}).")
         tokens = ((results.get("details") or {}).get("ember") or {}).get("edited_tokens") or []
         if tokens:
-            lines.append("- Most-changed tokens: " + ", ".join(f"`{t.strip() or repr(t)}`" for t in tokens[:30]))
+            lines.append("- Most-changed tokens: " + ", ".join(f"`{t!r}`" for t in tokens[:30]))  # spaces kept
     features = results.get("features") or []
     if features:
         lines.append(f"- {len(features)} concept feature(s) of the sparse factorization were removed; their top tokens:")
-        lines += [f"  - feature {f.get('index')}: " + ", ".join(f"`{t.strip()}`" for t in f.get("top_tokens", [])[:10])
+        lines += [f"  - feature {f.get('index')}: " + ", ".join(f"`{t!r}`" for t in f.get("top_tokens", [])[:10])
                   for f in features[:8]]
     saved = results.get("saved") or {}
     if saved:
@@ -192,7 +204,7 @@ def _verify(results: Mapping[str, Any], concepts: list[str], here: str) -> list[
                      "base = load_model('embedded').model.state_dict()  # the base exactly as erased"]
     else:
         load_base = [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(model)}).state_dict()"]
-    expected = results.get("edited_token_count")
+    expected = None if nothing_applied(results) else results.get("edited_token_count")
     return [
         "The same test questions, original against this model (the numbers above, within their intervals), with "
         "obliviate installed and the EMBER benchmark folder at hand:", "",
@@ -237,17 +249,20 @@ def model_card(results: Mapping[str, Any], attacks: Mapping[str, Any] | None = N
     concepts = concepts_of(results)
     named = " and ".join(f"“{c}”" for c in concepts) or "a concept"
     base = results.get("base") or results.get("model") or "the base model"
+    about = f"`{base}`"
     if base == "embedded":
-        base = f"{EMBEDDED_BASE} (obliviate's embedded default, Q4_K_M dequantized)"
+        base, about = "Gemma 3 270M", (f"`{EMBEDDED_BASE}` as obliviate embeds it (its Q4_K_M GGUF, dequantized to "
+                                      "float32)")
     method = results.get("method") or "unknown"
     lines = [
         _metadata(results), "",
         f"# {base} with {named} erased ({method})", "",
-        f"This model is `{base}` with the concept{'s' if len(concepts) > 1 else ''} {named} erased by "
+        f"This model is {about} with the concept{'s' if len(concepts) > 1 else ''} {named} erased by "
         f"obliviate using `{method}`"
         + (" (EMBER: concept features removed from the token embeddings)" if "ember" in str(method) else "") + ".",
         "It should answer questions about the concept at chance while keeping similar-domain and general knowledge "
         "and fluent generations. Check the intervals and the attacks below before relying on it.", "",
+        *([NOTHING_APPLIED, ""] if nothing_applied(results) else []),
         "## Settings", "", "| setting | value |", "| --- | --- |", *_settings(results), "",
         "## Test results", "", *_test_table(results), "",
         "## Attacks", "", *_attack_rows(results, attacks), "",
