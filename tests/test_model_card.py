@@ -76,6 +76,13 @@ def test_several_concepts_a_local_base_and_an_adapter():
     assert mc.base_model_id({"model": "Qwen/Qwen2.5-0.5B"}) == "Qwen/Qwen2.5-0.5B"
 
 
+def test_lm_eval_numbers_join_the_card():
+    block = {"results": {"mmlu": {"acc,none": {"original": iv(0.41), "erased": iv(0.40), "difference": iv(-0.01)}}}}
+    card = mc.model_card(results(lm_eval=block))
+    assert "| mmlu | acc | 0.41 [0.31, 0.51] | 0.40 [0.30, 0.50] | -0.01 [-0.11, 0.09] |" in card
+    assert "lm-evaluation-harness" not in mc.model_card(results()).split("## How to verify")[0]
+
+
 def test_a_run_that_applied_nothing_says_so():
     card = mc.model_card(results(delta=0.0))
     assert card.count("No edit was applied") == 2 and "Expected:" not in card and "rows of the embedding" not in card

@@ -28,7 +28,7 @@ import re
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from obliviate.data.concepts import MC_SPLITS, load_benchmark_concept, list_concepts
+from obliviate.data.concepts import list_concepts, load_benchmark_concept
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.multiple_choice import shuffled_order
 from obliviate.models.loading import LoadedModel
@@ -79,7 +79,7 @@ def _task_yaml(task: str, concept: str, file: str, split: str) -> str:
     q = json.dumps  # a JSON string is a valid YAML double-quoted scalar
     return "\n".join([
         f"# Written by `obliviate lm-eval-tasks`: {concept}, {split} questions.",
-        f"# acc_norm is obliviate's accuracy (log-likelihood per character of \" {{option}}\").",
+        "# acc_norm is obliviate's accuracy (log-likelihood per character of \" {option}\").",
         f"task: {task}",
         "custom_dataset: !function utils.load",
         "dataset_kwargs:",

@@ -183,12 +183,11 @@ def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: f
             continue
         xs = [i + (offset - (len(series) - 1) / 2) * width for i in range(len(groups))]
         heights = [e[0] if e[0] is not None else 0 for e in entries]
-        bars = ax.bar(xs, heights, width, label=label, color=color, yerr=_err(entries), capsize=3,
-                      error_kw={"elinewidth": 1, "ecolor": "#333"})
+        ax.bar(xs, heights, width, label=label, color=color, yerr=_err(entries), capsize=3,
+               error_kw={"elinewidth": 1, "ecolor": "#333"})
         for x, e in zip(xs, entries):  # at the foot of the bar: higher up the error bar crosses it
             if e[0] is not None and e[0] >= 0.06:
                 ax.text(x, 0.015, f"{e[0]:.2f}", ha="center", va="bottom", fontsize=6, color="white")
-        del bars
     ax.set_xlim(-0.6, len(groups) - 0.4)
     ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)

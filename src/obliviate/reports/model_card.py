@@ -135,6 +135,18 @@ def _test_table(results: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _lm_eval_rows(results: Mapping[str, Any]) -> list[str]:
+    """results["lm_eval"] (evaluation.harness.run_harness): tasks side by side, harness stderrs."""
+    table = (results.get("lm_eval") or {}).get("results") or {}
+    rows = [f"| {task} | {key.removesuffix(',none')} | {_iv(entry.get('original'))} | {_iv(entry.get('erased'))} | "
+            f"{_iv(entry.get('difference'))} |" for task, metrics in table.items() for key, entry in metrics.items()]
+    if not rows:
+        return []
+    return ["## lm-evaluation-harness", "", "| task | metric | original | erased | erased − original |",
+            "| --- | --- | --- | --- | --- |", *rows, "",
+            "Intervals: value ± 1.96 × the harness's standard error (the difference: paired, same documents).", ""]
+
+
 def _attack_rows(results: Mapping[str, Any], attacks: Mapping[str, Any] | None) -> list[str]:
     found = {name: entry for name, entry in {**(results.get("attacks") or {}), **(attacks or {})}.items()}
     found.update({name: results[name] for name in ATTACKS if isinstance(results.get(name), Mapping)})
@@ -265,6 +277,7 @@ def model_card(results: Mapping[str, Any], attacks: Mapping[str, Any] | None = N
         *([NOTHING_APPLIED, ""] if nothing_applied(results) else []),
         "## Settings", "", "| setting | value |", "| --- | --- |", *_settings(results), "",
         "## Test results", "", *_test_table(results), "",
+        *_lm_eval_rows(results),
         "## Attacks", "", *_attack_rows(results, attacks), "",
         "## What was edited", "", *_edited_rows(results), "",
     ]
