@@ -58,6 +58,18 @@ def test_lines_come_at_a_steady_rate_even_without_updates_and_stop_when_closed()
     assert len(out.getvalue()) == count  # the timer stopped
 
 
+def test_a_bar_dropped_without_close_stops_its_timer():
+    import gc
+
+    out = io.StringIO()
+    bar = progress_bar(total=3, desc="lost", file=out, interval=0.05)
+    timer = bar._timer
+    del bar  # e.g. an exception left the loop before close()
+    gc.collect()
+    timer.join(timeout=2)
+    assert not timer.is_alive()
+
+
 def test_iterating_wraps_like_tqdm():
     out = io.StringIO()
     assert list(progress_bar(range(5), desc="items", file=out, interval=0)) == [0, 1, 2, 3, 4]

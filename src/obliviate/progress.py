@@ -17,6 +17,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from typing import Any, Iterable, TextIO
 
 DEFAULT_INTERVAL = 30.0
@@ -85,7 +86,10 @@ class LineProgress:
         self._emit("started" + (f" ({_count(total)} {unit}{resumed})" if total is not None else resumed))
         self._timer = None
         if self.interval > 0:
-            self._timer = threading.Thread(target=self._tick, name="obliviate-progress", daemon=True)
+            # The timer holds only a weak reference: a bar dropped without close() (an exception
+            # in the loop) is collected, and its timer stops instead of printing forever.
+            self._timer = threading.Thread(target=_tick, args=(weakref.ref(self), self._stop, self.interval),
+                                           name="obliviate-progress", daemon=True)
             self._timer.start()
 
     # -- tqdm's interface ---------------------------------------------------------------
@@ -156,16 +160,21 @@ class LineProgress:
             parts.append(self.postfix)
         return ", ".join(parts)
 
-    def _tick(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._emit(self.line())
-
     def _emit(self, text: str) -> None:
         with self._lock:
             try:
                 print(f"{self.desc}: {text}", file=self.file, flush=True)
             except ValueError:  # the stream was closed under us (interpreter exit)
                 self._stop.set()
+
+
+def _tick(ref: "weakref.ref[LineProgress]", stop: threading.Event, interval: float) -> None:
+    while not stop.wait(interval):
+        bar = ref()
+        if bar is None or bar.closed:
+            return
+        bar._emit(bar.line())
+        del bar  # no strong reference between ticks
 
 
 def _count(value: float | None) -> str:
