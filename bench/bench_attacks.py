@@ -23,7 +23,7 @@ import torch
 
 from obliviate import attacks
 from obliviate.attacks.common import AttackContext
-from obliviate.pipeline.runs import erase_run_info, load_erased
+from obliviate.pipeline.pair import erase_run_info, load_erased
 from obliviate.data.concepts import load_benchmark_concept
 from obliviate.models.loading import load_model
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from obliviate import methods
-from obliviate.config import build_section
+from obliviate.settings import build_section
 from obliviate.data.concepts import load_benchmark_concept
 from obliviate.methods import MethodContext
 from obliviate.models.loading import load_model, untie_output_embeddings

@@ -1,8 +1,15 @@
-"""Speed and peak memory at the paper's model sizes, without downloading a model (issue 7).
+"""Speed and peak memory at the paper's model sizes, without downloading a model (issues 7, 18).
 
     python bench/bench_scale.py                       # CPU: full width and vocabulary, 1 layer
     python bench/bench_scale.py --layers 0            # GPU: full depth (0 = the real depth)
     python bench/bench_scale.py --models llama-3.1-8b --device cuda --device-map auto
+    python bench/bench_scale.py --skip factorization,eval,training   # only the optimizer stages
+
+Issue 18 added three tables: the bf16 update probe per optimizer (share of weights that
+change at lr 1e-5, share of fp32's update kept after 1 and 100 steps), one relearning step
+per optimizer and precision (peak memory, step time, and the memory plan's prediction
+beside the measured peak), and the 8B relearning attack's planned peak per GPU for 1, 2
+and 4 GPUs (FSDP-sharded) per optimizer.
 
 Models are randomly initialised from the real configs of Gemma-2-2B and Llama-3.1-8B
 (written below: no download). Stages: the factorization at the real A size (d_model x
@@ -369,14 +376,130 @@ def memory_row(name: str) -> Row:
 
 
 def relearn_memory_row(name: str) -> Row:
-    """The relearning attack as attacks/relearning.py runs it: a deep copy of the model
-    next to the original, its gradients and AdamW's two moments (in the weights' dtype)."""
+    """The relearning attack as it ran before issue 18: a deep copy of the model next to the
+    original, its gradients and AdamW's two moments (in the weights' dtype). Kept for
+    comparison with ``relearn_plan_rows`` (the attack now trains in place)."""
     model = meta_model(name)
     weights = sum(p.numel() for p in model.parameters()) * 2
     total = weights * 2 + weights + 2 * weights
     note = (f"original {weights / GiB:.1f} + copy {weights / GiB:.1f} + grads {weights / GiB:.1f} + AdamW "
             f"{2 * weights / GiB:.1f} GiB, before activations")
-    return Row(name, "est. GPU peak of relearning attack (bf16)", "real size", float("nan"), total, 0, None, note)
+    return Row(name, "est. GPU peak of relearning attack before issue 18 (copy)", "real size", float("nan"), total, 0, None, note)
+
+
+OPTIMIZER_RUNS = (("adamw", torch.float32), ("adamw", torch.bfloat16), ("adamw-fp32", torch.bfloat16),
+                  ("adamw-sr", torch.bfloat16), ("adamw8bit", torch.bfloat16), ("adamw8bit-bnb", torch.bfloat16))
+
+
+def probe_rows(device: torch.device) -> list[Row]:
+    """training/optim.py's probe: a 1024 x 1024 bf16 weight, |w| ~ 0.02, AdamW lr 1e-5."""
+    from obliviate.training import optim
+
+    rows = []
+    for name in optim.SPECS:
+        if not optim.SPECS[name].available():
+            rows.append(Row("any", f"bf16 update probe, {name}", "-", float("nan"), 0, 0, None, f"n/a ({optim.SPECS[name].library} not installed)"))
+            continue
+        one = optim.update_probe(name, 1, device=str(device))
+        many = optim.update_probe(name, 100, device=str(device))
+        rows.append(Row("any", f"bf16 update probe, {name}", f"1024 x 1024 on {device.type}", float("nan"), 0, 0, None,
+                        f"changed {100 * one['share_changed']:.0f}% after 1 step, {100 * many['share_changed']:.0f}% after 100; "
+                        f"fp32 update kept {one['update_kept']:.2f} / {many['update_kept']:.2f}"))
+    return rows
+
+
+def bench_optimizers(name: str, args, device: torch.device) -> list[Row]:
+    """One relearning step (all parameters, batch 1 x 256 tokens, lr 1e-5) per optimizer and
+    weight dtype, as attacks/relearning.py runs it; the memory plan's total beside the
+    measured peak (on a GPU both count torch's allocations, so they should agree)."""
+    from obliviate.training import losses, optim
+    from obliviate.training.loop import checkpointing, logits, trainable
+
+    layers = args.layers or REAL_CONFIGS[name]["num_hidden_layers"]
+    c = REAL_CONFIGS[name]
+    rows, built = [], {}
+    for choice, dtype in OPTIMIZER_RUNS:
+        label = f"relearning step, {choice} ({str(dtype).split('.')[-1]})"
+        if not optim.SPECS[choice].available():
+            rows.append(Row(name, label, "-", float("nan"), 0, 0, None, f"n/a ({optim.SPECS[choice].library} not installed)"))
+            continue
+        if dtype not in built:
+            built.clear()
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                built[dtype] = build(name, layers, args.train_vocab, dtype, device, None)
+            except torch.OutOfMemoryError:
+                rows.append(Row(name, label, "-", float("nan"), 0, 0, None, "model does not fit (OOM)"))
+                continue
+        lm = built[dtype]
+        model = lm.model
+        params = dict(model.named_parameters())
+        vocab = model.config.vocab_size
+        generator = torch.Generator().manual_seed(2)
+        plan = scale.plan_training(model, None, choice, 1, 256, gradient_checkpointing=args.gradient_checkpointing)
+        record = None
+        try:
+            with trainable(model, params), optim.training_precision(choice, params.values()) as autocast, \
+                    checkpointing(model, args.gradient_checkpointing):
+                optimizer = optim.make_optimizer(choice, params.values(), 1e-5, 0.01)
+
+                def step():
+                    batch = _texts(generator, vocab, 1, 256, device)
+                    with autocast():
+                        loss = losses.causal_lm_loss(logits(model, batch), batch.input_ids, batch.attention_mask)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+
+                step()  # warm-up: allocates the optimizer state, compiles torchao's step
+                sync(device)
+                gc.collect()
+                with scale.measure(device) as record:
+                    step()
+                    sync(device)
+                if device.type == "cuda":  # the step's peak over everything held (weights included)
+                    record.start = 0
+                del optimizer
+        except torch.OutOfMemoryError:
+            note = f"OOM; plan {plan.total / GiB:.1f} GiB"
+        else:
+            note = f"plan {plan.total / GiB:.2f} GiB (weights {plan.weights / GiB:.2f}, optimizer {plan.optimizer_state / GiB:.2f})"
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        measured = train_flops(name, "relearning", layers, vocab, 1, 256)
+        full = train_flops(name, "relearning", c["num_hidden_layers"], c["vocab_size"], 1, 256)
+        shape = f"{layers} layers, vocab {vocab}, 1 x 256 tok"
+        if record is None:
+            rows.append(Row(name, label, shape, float("nan"), 0, 0, None, note))
+        else:
+            rows.append(Row(name, label, shape, record.seconds, record.peak, record.added,
+                            record.seconds * full / measured, note))
+    built.clear()
+    gc.collect()
+    return rows
+
+
+def relearn_plan_rows(name: str) -> list[Row]:
+    """The relearning attack's planned peak per GPU at the real size (batch 1 x 256): the
+    model trained in place (no copy), 1, 2 and 4 GPUs (FSDP-sharded), per optimizer."""
+    from obliviate.training import optim
+
+    model = meta_model(name)
+    rows = []
+    for choice in optim.SPECS:
+        per = {}
+        for devices in (1, 2, 4):
+            per[devices] = scale.plan_training(model, None, choice, 1, 256, devices=devices, sharded=devices > 1)
+        plan = per[1]
+        note = (f"1 GPU {plan.total / GiB:.1f} (weights {plan.weights / GiB:.1f} + grads {plan.grads / GiB:.1f} + "
+                f"optimizer {plan.optimizer_state / GiB:.1f} + act. {(plan.activations + plan.logits) / GiB:.1f}); "
+                f"2 GPUs {per[2].total / GiB:.1f}; 4 GPUs {per[4].total / GiB:.1f} GiB per GPU")
+        rows.append(Row(name, f"plan: relearning attack, {choice}", "real size, bf16 weights", float("nan"), plan.total, 0,
+                        None, note))
+    return rows
 
 
 def bf16_update_row() -> Row:
@@ -415,8 +538,9 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--gen-tokens", type=int, default=None, help="greedy tokens each (CPU 8, GPU 200)")
     parser.add_argument("--fact-iterations", type=int, default=None, help="factorization cap (CPU 30, GPU 20000)")
     parser.add_argument("--batch-tokens", type=int, default=None, help="override the auto-sized evaluation batch")
-    parser.add_argument("--skip", default="", help="comma-separated: factorization,eval,training")
+    parser.add_argument("--skip", default="", help="comma-separated: factorization,eval,training,optimizers,probe")
     parser.add_argument("--steps", default="", help="only these training steps, e.g. elm,rmu (default all)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="in the optimizer stage")
     args = parser.parse_args(argv)
     gpu = torch.cuda.is_available() and args.device != "cpu"
     defaults = dict(layers=0 if gpu else 1, train_vocab=None if gpu else 8192, questions=200 if gpu else 8,
@@ -454,16 +578,22 @@ def main(argv=None) -> int:
     skip = set(filter(None, args.skip.split(",")))
     peak = scale.matmul_flops(device, dtype, n=4096 if device.type == "cuda" else 2048)
     rows: list[Row] = [bf16_update_row()]
+    if "probe" not in skip:
+        rows.extend(probe_rows(device))
+        print_table(rows, "bf16 update probe")
     for name in args.models.split(","):
         depth = REAL_CONFIGS[name]["num_hidden_layers"]
         layers = args.layers or depth
         rows.append(memory_row(name))
         rows.append(relearn_memory_row(name))
+        rows.extend(relearn_plan_rows(name))
+        if "optimizers" not in skip:
+            rows.extend(bench_optimizers(name, args, device))
         if not {"factorization", "eval"} <= skip:
             rows.extend(bench_inference(name, args, device, dtype, layers, peak, skip))
         if "training" not in skip:
             rows.extend(bench_training(name, args, device, dtype))
-        print_table(rows[-12:], f"{name} done")  # progress while the rest runs
+        print_table(rows[-20:], f"{name} done")  # progress while the rest runs
         sys.stdout.flush()
     title = (f"Machine: {machine(device)}\nMeasured matmul peak: {peak / 1e9:.1f} GFLOP/s ({dtype}, {device.type})")
     print_table(rows, title)

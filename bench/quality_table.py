@@ -22,12 +22,12 @@ from pathlib import Path
 import obliviate
 from obliviate.attacks import relearning
 from obliviate.attacks.common import AttackContext
-from obliviate.pipeline.runs import load_erased
+from obliviate.pipeline.pair import load_erased
 from obliviate.data.concepts import list_concepts
 from obliviate.evaluation.pooled import arm_from_results, paired_difference, pooled_metrics
 from obliviate.io import write_json
 from obliviate.models.loading import load_model
-from obliviate.pipeline.erase import load_concept_data
+from obliviate.pipeline.inputs import load_concept_data
 
 
 def slug(concept: str) -> str:

@@ -31,3 +31,39 @@ def test_unknown_keys_and_bad_values_are_errors(tmp_path):
         merge(make_config(), {"ember": {"k": "many"}})
     with pytest.raises(ObliviateError, match="delta_grid"):
         make_config(ember={"delta_grid": "1,-2"})
+
+
+def test_method_settings_are_checked_when_the_config_is_built(tmp_path):
+    """Every method's settings fail at config time, before any data or model loads."""
+    with pytest.raises(ObliviateError, match="Unknown method 'sgd'"):
+        make_config(method="sgd")
+    with pytest.raises(ObliviateError, match="Unknown setting.*stepz.*methods.rmu"):
+        make_config(method="rmu", methods={"rmu": {"stepz": "3"}})
+    with pytest.raises(ObliviateError, match="methods.npo.steps must be int"):
+        make_config(method="ember", methods={"npo": {"steps": "many"}})  # also methods the run does not use
+    config = make_config(method="rmu", methods={"rmu": {"steps": "3"}})
+    assert config.method_config().steps == 3 and config.method_config("ember") is config.ember
+
+
+def test_bad_method_setting_on_the_cli_exits_2_and_writes_nothing(tmp_path, capsys):
+    from obliviate.cli import main
+
+    out = tmp_path / "run"
+    code = main(["erase", "--concept", "Golf", "--data", str(tmp_path / "missing"), "--out", str(out),
+                 "--method", "rmu", "--set", "stepz=3"])
+    assert code == 2 and "stepz" in capsys.readouterr().err and not out.exists()
+
+
+def test_every_flag_has_plain_help_and_a_readable_metavar():
+    """`--help` never shows internal names (RUN__CONCEPT) or a bare "default: None"."""
+    from obliviate.cli import build_parser
+
+    for command in ("erase", "eval", "attack", "compare"):
+        parser = build_parser(command)
+        sub = next(a for a in parser._actions if a.dest == "command").choices[command]
+        for action in sub._actions:
+            if not action.option_strings or action.dest == "help":
+                continue
+            assert action.help and "default: None" not in action.help, (command, action.option_strings)
+            assert action.metavar is None or "__" not in str(action.metavar), (command, action.option_strings)
+            assert "__" not in (action.metavar or action.dest.upper() if action.nargs != 0 else ""), action.option_strings

@@ -19,7 +19,7 @@ from obliviate.methods.eco.classifier import rates
 from obliviate.methods.eco.classifier import train_logistic
 from obliviate.methods.eco.corruption import Corruption
 from obliviate.methods.eco.corruption import zero_out_top
-from obliviate.methods.eco.fitting import MIN_POSITIVES
+from obliviate.methods.eco.fitting import MIN_POSITIVES, encode, scoring_prompt
 from obliviate.methods.eco.fitting import build_examples
 from obliviate.methods.eco.hook import EcoEdit
 from obliviate.methods.eco.hook import EcoHook
@@ -316,11 +316,11 @@ def test_eco_on_the_embedded_model(embedded_lm, data_dir, tmp_path):
     train questions at the learned sigma brings accuracy near chance."""
     from obliviate.data.concepts import load_benchmark_concept
     from obliviate.methods.eco import EcoConfig
-    from obliviate.methods.eco import fit
+    from obliviate.methods.eco.fitting import fit
     from obliviate.pipeline.eco import side_effects
 
     data = load_benchmark_concept("Gambling", data_dir, general_questions=100)
-    artifact = fit(embedded_lm, data, EcoConfig(zo_steps=4), out=tmp_path / "eco")
+    artifact = fit(embedded_lm, data, EcoConfig(zo_steps=4)).artifact
     report = artifact.info["classifier_report"]
     # measured 0.023 / 0.062 (World War II, the hardest concept, has FNR ~0.3)
     assert report["heldout"]["fpr"] <= 0.05 and report["heldout"]["fnr"] <= 0.2
@@ -345,7 +345,13 @@ def test_evaluate_reports_eco_ember_and_exact_side_effects(tiny_lm, small_concep
     results = evaluate(tiny_lm, small_concept, artifact, config, ember_patch=tmp_path / "patch.safetensors")
     assert {"eco", "ember", "ember+eco", "classifier", "side_effects", "classifier_under_ember"} <= set(results)
     effects = results["side_effects"]
+    assert effects["unflagged"] > 0, "some prompts must pass unflagged, or the next check is vacuous"
     assert effects["unflagged_identical"] == effects["unflagged"] and effects["max_abs_difference"] == 0.0
-    assert 0 <= results["classifier"]["recall_test_questions"] <= 1
+    prompts = [scoring_prompt(q.question) for q in small_concept.questions["qa_test"]]
+    hook = artifact.hook()
+    ids = [tuple(t[: prompt_length(t, hook.marker_ids)]) for t in encode(tiny_lm, prompts)]
+    scores = hook.prompt_scores(tiny_lm.model, ids)
+    expected = float(np.mean(scores >= artifact.classifier.threshold))
+    assert results["classifier"]["recall_test_questions"] == pytest.approx(expected)
     assert not hasattr(tiny_lm.model, "_obliviate_eco")
     assert torch.equal(tiny_lm.model.get_input_embeddings().weight[ids], weight[ids]), "patch reverted"

@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from obliviate.edits.embedding import EditVerificationError, EmbeddingPatch, apply_verified, revert_verified
+from obliviate.edits.embedding import EmbeddingPatch
+from obliviate.edits.protocol import EditVerificationError, apply_verified, revert_verified
 from obliviate.errors import ObliviateError
 from obliviate.methods import ember
 from obliviate.models.loading import embedding_scale, untie_output_embeddings

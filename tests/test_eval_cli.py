@@ -108,3 +108,32 @@ def test_eval_of_a_patch_only_erase_folder_matches_the_erase_run(tiny_model_dir,
     for split in ("qa_test", "simdom_test"):
         assert r[split]["edited"]["value"] == erased[split]["edited"]["value"]
         assert r[split]["base"]["value"] == erased[split]["base"]["value"]
+
+
+def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_model_dir, data_dir, tmp_path, capsys):
+    """`eval --eco DIR` alone evaluates the artifact's own model (the embedded default
+    included) with the hook, against the same model without it."""
+    import torch
+
+    from obliviate.methods.eco import EcoArtifact
+    from obliviate.methods.eco.artifact import model_identity, probe_rows
+    from obliviate.methods.eco.classifier import PromptClassifier
+    from obliviate.methods.eco.corruption import Corruption
+    from obliviate.models.loading import load_model
+
+    lm = load_model(str(tiny_model_dir))
+    d = lm.model.config.hidden_size
+    torch.manual_seed(0)
+    classifier = PromptClassifier(torch.randn(d), torch.zeros(1), torch.zeros(d), torch.ones(d), 1, 1e-6)
+    artifact = EcoArtifact(classifier, Corruption("gaussian", 0, 100.0), str(tiny_model_dir), lm.source,
+                           model_identity(lm.model), probe_rows(lm.model), (), 0, {"concept": "Harry Potter"})
+    artifact.save(tmp_path / "eco")
+    out = tmp_path / "eval"
+    code = main(["eval", "--eco", str(tmp_path / "eco"), "--concept", "Harry Potter", "--data", str(data_dir),
+                 "--general-questions", "8", "--bootstrap", "20", "--coherence-new-tokens", "4",
+                 "--open-new-tokens", "4", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    r = json.loads((out / "results.json").read_text())
+    assert r["base"] == str(tiny_model_dir) and r["method"].endswith("+eco")
+    # every prompt is flagged (threshold 1e-6) and corrupted hard: answers move on the hooked side
+    assert r["qa_test"]["base"] != r["qa_test"]["edited"] or r["general_test"]["base"] != r["general_test"]["edited"]

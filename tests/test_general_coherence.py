@@ -14,7 +14,7 @@ from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
 from obliviate.evaluation.metrics import Interval, erasure_statistic, harmonic, near_chance_sets, wilson_low
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_probability
-from obliviate.pipeline.erase import NOTHING_TO_ERASE, ember_score, method_score
+from obliviate.pipeline.selection import NOTHING_TO_ERASE, ember_score, method_score
 
 
 def outcome(near=frozenset(), **values) -> SplitOutcome:
@@ -212,7 +212,7 @@ def test_original_continuations_are_scored_from_their_generation_pass(tiny_lm):
 
 def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     from obliviate.config import RunConfig
-    from obliviate.pipeline.erase import CandidateResult, choose, measure_top_coherence
+    from obliviate.pipeline.selection import CandidateResult, choose, measure_top_coherence
 
     class CoherenceByEdit:
         calls: list = []

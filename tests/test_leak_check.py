@@ -92,13 +92,10 @@ def test_untied_erase_keeps_the_originals_in_lm_head_and_warns(tiny_model_dir, d
 
 
 def test_an_unexpected_leak_fails_loudly_after_writing_results(tiny_model_dir, data_dir, tmp_path, monkeypatch):
-    from obliviate.pipeline import erase as pipeline
+    from obliviate.methods import ember
 
-    class KeepsOriginalOutputRows:  # untied, but the edited tokens' output rows are never replaced
-        def __init__(self, fitted, mean_row):
-            self.candidates = fitted.candidates
-
-    monkeypatch.setattr(pipeline, "NeutralOutput", KeepsOriginalOutputRows)
+    # untied, but the edited tokens' output rows are never replaced
+    monkeypatch.setattr(ember, "mean_output_row", lambda model: None)
     with pytest.raises(ObliviateError, match="Leak check failed"):
         run(tiny_model_dir, data_dir, tmp_path / "run")
     results = json.loads((tmp_path / "run" / "results.json").read_text())

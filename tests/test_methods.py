@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from obliviate import methods
-from obliviate.config import build_section
+from obliviate.settings import build_section
 from obliviate.errors import ObliviateError
 from obliviate.methods import MethodContext
 from obliviate.edits.weights import ParameterDelta
@@ -167,7 +167,7 @@ def test_bad_settings_are_clear_errors(name, settings, message, tiny_lm, small_c
 
 
 def test_unknown_method_lists_methods():
-    with pytest.raises(ObliviateError, match="elm, ember, grad_diff, npo, rmu"):
+    with pytest.raises(ObliviateError, match="eco, elm, ember, grad_diff, npo, pisces, rmu, snmf"):
         methods.get("sgd")
 
 
@@ -175,8 +175,9 @@ def test_ember_patch_is_applied_while_training(tiny_lm, small_concept, monkeypat
     """--ember: the base method trains on the EMBER-edited model (pipeline._under), and
     the candidate it yields is the EMBER patch followed by the trained change."""
     from obliviate.training import loop as training
-    from obliviate.edits.embedding import CompositeEdit, EmbeddingPatch
-    from obliviate.pipeline.erase import _under, applied
+    from obliviate.edits.embedding import EmbeddingPatch
+    from obliviate.edits.protocol import CompositeEdit
+    from obliviate.pipeline.selection import _under, applied
 
     weight = tiny_lm.model.get_input_embeddings().weight
     rows = torch.tensor([5, 9, 11])

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 import obliviate
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
-from obliviate.pipeline.erase import CandidateResult, choose
+from obliviate.pipeline.selection import CandidateResult, choose
 
 FAST = dict(
     ember={"k": 20, "ratio_threshold": 1.0, "delta_grid": (1.0, 50.0)},
@@ -114,3 +114,48 @@ def test_choice_is_the_best_score_or_the_one_standard_error_rule():
     assert choose([cand(1, 0.7, 0.0), cand(2, 0.7, 0.0)]) == 0  # ties go to the smaller delta
     assert choose([cand(1, 0.0, 0.0), cand(2, 0.0, 0.0)]) is None
     assert choose([cand(1, 0.9, 0.0, rejected="general"), cand(2, 0.5, 0.0)]) == 1
+
+
+def test_every_registered_method_provides_the_protocol():
+    from obliviate import methods
+
+    for name in methods.available():
+        module = methods.get(name)  # raises TypeError when Config or fit is missing
+        assert isinstance(module, methods.Method) and callable(module.fit), name
+
+
+def always_first(monkeypatch):
+    """A random tiny model knows nothing (its QA is at chance), so no grid cell can win:
+    choose the first, to test what happens to a chosen edit."""
+    from obliviate.pipeline import erase as pipeline
+
+    monkeypatch.setattr(pipeline, "choose", lambda results, rule="best": 0)
+
+
+def test_eco_erases_as_a_method_and_saves_its_artifact_not_a_model_copy(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from obliviate.methods.eco import EcoArtifact
+
+    always_first(monkeypatch)
+    out = tmp_path / "eco"
+    result = run(tiny_model_dir, data_dir, out, method="eco", methods={"eco": {"sigma": "2.0", "layer": "2"}},
+                 data_options={"general_questions": 40})
+    results = json.loads((out / "results.json").read_text())
+    assert results["method"] == "eco" and results["params"] == {"sigma": 2.0}
+    assert results["saved"] == {"model": False, "edits": ["eco"]} and not (out / "model").exists()
+    assert EcoArtifact.load(out / "eco").corruption.strength == 2.0
+    assert result.edit.expected_changes(result.lm.model) == {}  # a hook: no weight moves
+
+
+def test_a_weight_edit_is_saved_forward_only_beside_the_model(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    always_first(monkeypatch)
+    out = tmp_path / "gd"
+    run(tiny_model_dir, data_dir, out, method="grad_diff",
+        methods={"grad_diff": {"steps": "2", "batch_size": "2", "max_length": "16", "lr": "1e-2"}})
+    results = json.loads((out / "results.json").read_text())
+    assert results["saved"]["edits"] == ["weight_delta.safetensors"] and results["saved"]["model"]
+    delta = load_file(out / "weight_delta.safetensors")
+    saved = load_file(out / "model" / "model.safetensors")
+    original = load_file(tiny_model_dir / "model.safetensors")
+    assert delta and set(delta) <= set(saved)
+    for name, tensor in delta.items():  # the new values, exactly as in model/; no original in the file
+        assert torch.equal(tensor, saved[name]) and not torch.equal(tensor, original[name])

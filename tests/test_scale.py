@@ -67,7 +67,8 @@ def test_shipped_config_parses_with_the_paper_settings(name):
 @pytest.mark.parametrize("name", sorted(EXPECTED))
 def test_shipped_config_opens_with_the_command_that_runs_it(name):
     from obliviate.api import make_config
-    from obliviate.cli import build_parser, collect_overrides
+    from obliviate.cli import build_parser
+    from obliviate.commands.arguments import collect_overrides
 
     first = (CONFIGS / name).read_text().splitlines()[0]
     assert first.startswith("# obliviate erase ")
@@ -263,7 +264,8 @@ def test_tied_embeddings_are_planned_onto_one_device_and_layers_spread(tiny_toke
 
 def test_cli_exposes_device_map_and_batch_override():
     from obliviate.api import make_config
-    from obliviate.cli import build_parser, collect_overrides
+    from obliviate.cli import build_parser
+    from obliviate.commands.arguments import collect_overrides
 
     args = build_parser("erase").parse_args(
         ["erase", "--device-map", "auto", "--batch-tokens", "4096", "--dtype", "bfloat16", "--factorize-on", "model"])

@@ -9,8 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from obliviate.config import RunConfig, load_yaml, merge, run_config_from_dict
-from obliviate.edits.embedding import EmbeddingPatch, apply_verified, revert_verified
-from obliviate.models.loading import LoadedModel, load_model, untie_output_embeddings
+from obliviate.edits.embedding import EmbeddingPatch, apply_patch_file
+from obliviate.edits.protocol import revert_verified
+from obliviate.models.loading import LoadedModel, load_model
 from obliviate.pipeline.erase import ErasureResult, erase as run_erase
 
 
@@ -42,11 +43,7 @@ def apply_patch(model_or_lm, patch_path: str | Path) -> EmbeddingPatch:
     """Apply a saved embedding patch to a model, verified (a patch for another model, by
     shape or by the sha256 of its original rows, is refused); returns it for ``revert_patch``."""
     model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
-    patch = EmbeddingPatch.load(patch_path)
-    if patch.metadata.get("embeddings_untied") == "True":
-        untie_output_embeddings(model)  # as in the run that made it: the output layer stays
-    apply_verified(patch, model)
-    return patch
+    return apply_patch_file(model, patch_path)
 
 
 def revert_patch(model_or_lm, patch: EmbeddingPatch) -> None:

@@ -8,15 +8,16 @@ dataclass fields, so every setting is reachable without a file.
 from __future__ import annotations
 
 import dataclasses
-import types
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+
 
 import yaml
 
 from obliviate.errors import ObliviateError
+from obliviate.settings import build_section, coerce, setting
+from obliviate import methods as method_registry
 from obliviate.methods.ember import Config as EmberConfig
 
 
@@ -24,57 +25,66 @@ from obliviate.methods.ember import Config as EmberConfig
 class ModelConfig:
     name: str = "embedded"  # embedded Gemma 3 270M, a hub id, a folder, or a .gguf file
     device: str = "cpu"  # cpu | cuda | cuda:N | auto
-    dtype: str | None = None  # None: float32 on CPU, bfloat16 on cuda
-    device_map: str | None = None  # "auto": spread over every GPU through accelerate
+    dtype: str | None = setting(None, "float32 | bfloat16 | float16 (default: float32 on the CPU, bfloat16 on a GPU)")
+    device_map: str | None = setting(None, "auto: spread the model over every GPU (through accelerate)")
     # Pickle weights (.bin/.pt/.pth) can run code when loaded: only safetensors unless asked.
-    allow_pickle: bool = False
+    allow_pickle: bool = setting(
+        False, "also load pickle weights (.bin/.pt/.pth), which can run code: trusted folders only")
 
 
 @dataclass(frozen=True)
 class DataConfig:
     data: str | None = None  # the EMBER benchmark folder
     concept_sentences: str | None = None  # a custom concept: one sentence a line or a JSON list
-    neutral_sentences: str | None = None
+    neutral_sentences: str | None = setting(None, "a custom concept's neutral sentences (one a line or a JSON list)")
     questions: str | None = None  # MC questions in the benchmark's schema
-    coherency_prompts: str | None = None
+    coherency_prompts: str | None = setting(None, "a custom concept's own prompts (for fluency on concept text)")
     general_questions_file: str | None = None  # an MMLU-style file, if the user has one
-    general_questions: int = 100  # per split, from the other concepts when no file is given
+    general_questions: int = setting(100, "other concepts' questions per split that measure general knowledge")
     # General prompts for coherence (METHOD.md section 4: Alpaca in the reference, not
     # available offline): Alpaca-style JSON, a JSON list or one prompt a line. Default: the
     # other concepts' open questions ("Question: {q}\nAnswer:") plus neutral openings.
-    coherence_prompts: str | None = None
+    coherence_prompts: str | None = setting(
+        None, "general prompts for coherence: Alpaca-style JSON, a JSON list or one a line (default: other concepts' open questions)")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
     scoring: str = "auto"  # auto | loglik | letter (auto: letter when a chat template exists)
-    batch_tokens: int | None = None  # None: sized to the device
+    batch_tokens: int | None = setting(None, "tokens through the model at once (default: sized to the device)")
     coherence_new_tokens: int = 32  # greedy tokens per coherence prompt (reference: 200 on GPUs)
     # Coherence is judged on GENERAL prompts (METHOD.md section 4): this many of the other
     # concepts' open questions per split (100 = the reference's Alpaca sample size) ...
-    general_prompts: int = 100
-    neutral_coherence_prompts: int = 10  # ... plus this many neutral sentence openings per split
+    general_prompts: int = setting(
+        100, "general prompts per split for coherence, from the other concepts' open questions")
+    neutral_coherence_prompts: int = setting(10, "neutral sentence openings per split added to the general prompts")
     # The concept's coherency prompts are reported as "fluency on concept text" (the paper's
     # localized cost); gating on them (at coherence_gate) is an opt-in, never the default.
-    gate_concept_fluency: bool = False
+    gate_concept_fluency: bool = setting(
+        False, "also score 0 a candidate whose fluency on concept text is below the coherence gate")
     # EMBER's own grid (reference): reject general-knowledge fraction < 0.9, score 0 below
     # coherence 0.9, rank by harmonic(efficacy, specificity, coherence).
-    general_gate: float = 0.9
-    coherence_gate: float = 0.9
+    general_gate: float = setting(0.9, "EMBER: reject a delta whose general-knowledge fraction is below this")
+    coherence_gate: float = setting(0.9, "EMBER: a delta whose coherence on general prompts is below this scores 0")
     # EMBER's delta grid is monotone: stop after this many candidates in a row fail the
     # coherence gate (they score 0 and cannot be chosen). 0 = run the whole grid (reference).
-    stop_after_incoherent: int = 2
+    stop_after_incoherent: int = setting(
+        2, "EMBER: stop the delta grid after this many incoherent deltas in a row (0: run it all)")
     # Base methods' grids (reference grid_eval_kwargs): discard a cell whose general-knowledge
     # fraction is < min_mmlu = 0.7 or whose QA fraction stays > max_qa_acc = 0.6, rank by
     # harmonic(efficacy, specificity), then measure coherence on the top candidates only.
-    method_general_gate: float = 0.7
-    method_max_qa_frac: float = 0.6
-    method_coherence_top: int = 3
-    method_coherence_gate: float | None = None  # off, as in the reference
+    method_general_gate: float = setting(
+        0.7, "base methods: discard a cell whose general-knowledge fraction is below this")
+    method_max_qa_frac: float = setting(
+        0.6, "base methods: discard a cell whose QA fraction stays above this (too little erased)")
+    method_coherence_top: int = setting(3, "base methods: measure coherence on this many best cells")
+    method_coherence_gate: float | None = setting(
+        None, "base methods: a cell whose coherence is below this scores 0 (default: off, as the reference)")
     # Which candidate wins: "best" (the reference: the highest score, ties to the smaller
     # delta / earlier cell) or "one-se" (the first within one bootstrap standard error of the
     # best: more conservative with 50 noisy questions, at the cost of weaker edits).
-    choice: str = "best"
+    choice: str = setting(
+        "best", "which candidate wins: best (the reference) or one-se (the first within one standard error of the best)")
     bootstrap: int = 1000  # resamples for 95% intervals
 
     def __post_init__(self) -> None:
@@ -113,56 +123,26 @@ class RunConfig:
     # Settings of the trained methods by method name, validated by each method's Config.
     methods: dict[str, dict] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Every method's settings are checked now, before any model loads.
+        method_registry.get(self.method)
+        for name, settings in self.methods.items():
+            self.method_config(name, settings)
+
+    def method_config(self, name: str | None = None, settings: dict | None = None):
+        """The Config of method ``name`` (default: the run's method) from its settings."""
+        name = name or self.method
+        if name == "ember":
+            return self.ember
+        module = method_registry.get(name)
+        values = self.methods.get(name, {}) if settings is None else settings
+        return build_section(module.Config, values, f"methods.{name}")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "evaluation": EvalConfig, "ember": EmberConfig}
-
-
-def _coerce(value: Any, annotation: Any, where: str) -> Any:
-    """Convert YAML/CLI values to the field's declared type, with a clear error."""
-    origin = typing.get_origin(annotation)
-    args = typing.get_args(annotation)
-    if value is None:
-        if type(None) in args or annotation is Any:
-            return None
-        raise ObliviateError(f"{where} may not be empty.")
-    if origin in (typing.Union, types.UnionType):
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(value, inner[0], where) if len(inner) == 1 else value
-    if origin is tuple:
-        items = value.split(",") if isinstance(value, str) else list(value)
-        return tuple(_coerce(v, args[0], where) for v in items)
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        if str(value).lower() in ("true", "1", "yes"):
-            return True
-        if str(value).lower() in ("false", "0", "no"):
-            return False
-        raise ObliviateError(f"{where} must be true or false, got {value!r}.")
-    if annotation in (int, float, str):
-        try:
-            return annotation(value)
-        except (TypeError, ValueError) as err:
-            raise ObliviateError(f"{where} must be {annotation.__name__}, got {value!r}.") from err
-    return value
-
-
-def build_section(cls: type, values: dict, where: str):
-    """Instantiate a config dataclass from a dict; unknown keys are errors."""
-    if not isinstance(values, dict):
-        raise ObliviateError(f"{where} must be a mapping of settings, got {type(values).__name__}.")
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in fields(cls)}
-    unknown = set(values) - known
-    if unknown:
-        raise ObliviateError(f"Unknown setting(s) {', '.join(sorted(unknown))} in {where}. Known: {', '.join(sorted(known))}.")
-    kwargs = {}
-    for name, value in values.items():
-        kwargs[name] = value if is_dataclass(hints[name]) else _coerce(value, hints[name], f"{where}.{name}")
-    return cls(**kwargs)
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -191,7 +171,7 @@ def run_config_from_dict(payload: dict, where: str = "config") -> RunConfig:
         elif name == "methods":
             kwargs[name] = dict(value or {})
         else:
-            kwargs[name] = _coerce(value, hints[name], f"{where}.{name}")
+            kwargs[name] = coerce(value, hints[name], f"{where}.{name}")
     return RunConfig(**kwargs)
 
 
@@ -211,5 +191,5 @@ def merge(base: RunConfig, overrides: dict) -> RunConfig:
                 merged.setdefault(method, {}).update(settings)
             kwargs[name] = merged
         else:
-            kwargs[name] = _coerce(value, hints[name], name)
+            kwargs[name] = coerce(value, hints[name], name)
     return replace(base, **kwargs)

@@ -16,8 +16,21 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
+import torch
 
 from obliviate.errors import ObliviateError
+
+def tensor_sha256(tensors: "torch.Tensor | dict[str, torch.Tensor]") -> str:
+    """The sha256 of exact bits (dtype and shape included) of a tensor or of named tensors:
+    checks that an edit is applied to the model it was made for without storing the values."""
+    named = tensors if isinstance(tensors, dict) else {"": tensors}
+    digest = hashlib.sha256()
+    for name in sorted(named):
+        t = named[name].detach().to("cpu").contiguous()
+        digest.update(f"{name + ':' if name else ''}{t.dtype}:{tuple(t.shape)}:".encode())
+        digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
 
 def fingerprint(payload: Any) -> str:
     """16 hex digits of the sha256 of ``payload`` as sorted JSON: the key of a run, a cache

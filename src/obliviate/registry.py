@@ -1,5 +1,6 @@
 """A name -> module registry whose modules are imported on first use (so `obliviate
---help` stays fast), refusing duplicate or malformed names and unknown look-ups."""
+--help` stays fast), refusing duplicate or malformed names, unknown look-ups, and a
+module that does not provide the registry's protocol."""
 from __future__ import annotations
 
 import importlib
@@ -9,8 +10,9 @@ from obliviate.errors import ObliviateError
 
 
 class LazyRegistry:
-    def __init__(self, kind: str, separator: str, listing: str, sort: bool = False):
+    def __init__(self, kind: str, separator: str, listing: str, sort: bool = False, protocol: type | None = None):
         self.kind, self.separator, self.listing, self.sort = kind, separator, listing, sort
+        self.protocol = protocol  # a runtime_checkable Protocol every registered module must satisfy
         self._modules: dict[str, str] = {}
 
     def register(self, name: str, module: str) -> None:
@@ -26,4 +28,8 @@ class LazyRegistry:
     def get(self, name: str) -> ModuleType:
         if name not in self._modules:
             raise ObliviateError(f"Unknown {self.kind} {name!r}. {self.listing}: {', '.join(self.available())}.")
-        return importlib.import_module(self._modules[name])
+        module = importlib.import_module(self._modules[name])
+        if self.protocol is not None and not isinstance(module, self.protocol):
+            missing = [m for m in getattr(self.protocol, "__protocol_attrs__", ()) if not hasattr(module, m)]
+            raise TypeError(f"{self.kind.capitalize()} module {module.__name__} lacks {', '.join(missing) or 'the protocol'}.")
+        return module

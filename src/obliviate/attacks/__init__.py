@@ -14,6 +14,7 @@ from __future__ import annotations
 from obliviate.errors import ObliviateError
 from obliviate.registry import LazyRegistry
 from obliviate.attacks.common import AttackContext
+from obliviate.settings import build_section
 
 _REGISTRY = LazyRegistry("attack", "-", "Valid attacks")
 register, available = _REGISTRY.register, _REGISTRY.available
@@ -49,8 +50,6 @@ def parse_names(spec: str | list[str] | None) -> list[str]:
 
 def make_config(name: str, settings: dict | None = None):
     """The attack's Config from {field: value} (strings from the CLI are converted)."""
-    from obliviate.config import build_section
-
     return build_section(get(name).Config, dict(settings or {}), f"attacks.{name}")
 
 

@@ -1,5 +1,5 @@
 """Pieces every attack shares: test-question accuracy with a bootstrap interval, a text
-prefix spliced into prepared questions, and the two-model comparison `eval` uses.
+prefix spliced into prepared questions, and the test questions prepared for a model.
 
 Accuracy is always on TEST questions (METHOD.md section 4: grid search on train, final
 numbers on test) and always carries a 95% bootstrap interval over questions, in the
@@ -17,6 +17,7 @@ from obliviate.evaluation.metrics import bootstrap, erasure_metrics
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
 from obliviate.evaluation.scoring import Batching
 from obliviate.models.loading import LoadedModel
+from obliviate.errors import ObliviateError
 
 ROLES = ("original", "erased")  # every attack runs on both, side by side
 
@@ -85,54 +86,8 @@ def correct_on(lm: LoadedModel, prepared: PreparedQuestions, batching: Batching)
 
 
 def prepared_test(ctx: AttackContext, lm: LoadedModel) -> PreparedQuestions:
-    from obliviate.errors import ObliviateError
 
     questions = ctx.test_questions()
     if not questions:
         raise ObliviateError(f"Concept {ctx.data.concept!r} has no QA_test questions: attacks report test accuracy.")
     return prepare(lm, questions, ctx.scoring, ctx.seed)
-
-
-def compare_models(original: LoadedModel, candidate: LoadedModel, data: ConceptData, config, seed: int,
-                   splits=("train", "test")) -> dict:
-    """Multiple choice (QA, SimDom, general) and coherence of ``candidate`` against
-    ``original``: the Evaluator's metrics, for a model that is not an edit of the original."""
-    from obliviate.evaluation import coherence as coh
-    from obliviate.evaluation.metrics import accuracy_pair
-    from obliviate.evaluation.scoring import greedy_generate
-
-    batching = Batching(config.batch_tokens)
-    sets_by_split = {split: {"qa": data.questions.get(f"qa_{split}", []),
-                             "simdom": data.questions.get(f"simdom_{split}", []),
-                             "general": data.general.get(split, [])} for split in splits}
-    # Coherence on general prompts; fluency on the concept's own prompts (a diagnostic).
-    prompt_sets = {"coherence": data.general_prompts.get("test", []), "concept_fluency": list(data.coherency_prompts)}
-    references = {name: coh.build_coherence_set(original, prompts, config.coherence_new_tokens, batching)
-                  for name, prompts in prompt_sets.items() if prompts and config.coherence_new_tokens > 0}
-    out = {}
-    for split, sets in sets_by_split.items():
-        samples = {}
-        for name, questions in sets.items():
-            if questions:
-                base = correct_on(original, prepare(original, questions, config.scoring, seed), batching)
-                edited = correct_on(candidate, prepare(candidate, questions, config.scoring, seed), batching)
-                samples[name] = accuracy_pair(base, edited)
-        if split == "test":
-            for name, reference in references.items():
-                samples[name] = _coherence_rows(original, candidate, reference, batching, greedy_generate, coh)
-        out[split] = {name: interval.as_dict() for name, interval in erasure_metrics(samples, config.bootstrap, seed).items()}
-    return out
-
-
-def _coherence_rows(original, candidate, reference, batching, greedy_generate, coh):
-    """Candidate continuations, re-tokenized for the original and scored by it."""
-    prompt_ids = [candidate.tokenizer(p).input_ids for p in reference.prompts]
-    generated = greedy_generate(candidate, prompt_ids, reference.max_new_tokens, batching)
-    if candidate.tokenizer.get_vocab() == original.tokenizer.get_vocab():
-        continuations = generated  # same tokenizer: score the very tokens generated
-    else:  # another tokenizer: its text, re-tokenized for the original
-        texts = [candidate.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
-        continuations = [original.tokenizer(t, add_special_tokens=False).input_ids if t else [] for t in texts]
-    edited_ll = coh.mean_loglik(original, reference.prompt_ids, continuations, batching)
-    edited_distinct = np.array([coh.distinct_bigrams(c) for c in continuations])
-    return coh.coherence_rows(edited_ll, edited_distinct, reference)

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 
 from obliviate.errors import ObliviateError
 from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction, splice_prefix
+from obliviate.data.concepts import load_relearn_paragraphs
 
 NAME = "in-context"
 
@@ -34,7 +35,6 @@ def context_text(lm, paragraphs: list[str], config: Config) -> str:
 
 
 def run(ctx: AttackContext, config: Config) -> dict:
-    from obliviate.data.concepts import load_relearn_paragraphs
 
     if ctx.data_dir is None:
         raise ObliviateError("The in-context attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")

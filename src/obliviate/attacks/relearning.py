@@ -4,8 +4,14 @@ how much of the erased knowledge comes back.
 Reference protocol: full-parameter fine-tuning on the first 100 relearning paragraphs,
 2 epochs, AdamW lr 1e-5, weight decay 0.01, batch 1, max length 256 with padding masked
 from the loss, paragraphs shuffled each epoch; test QA accuracy after each epoch. The same
-attack on the original model is the reference line. The caller's models are never
-changed: the attack trains a copy.
+attack on the original model is the reference line.
+
+No second copy of the model: the caller has scored the model before the attack (its
+answers are kept), the attack fine-tunes the model's own weights in place, and the
+original weights come back from a copy in host memory when it ends (also on an error), so
+the caller's model leaves as it came. The optimizer (``optimizer``, training/optim.py) and
+gradient checkpointing are chosen by the memory plan (models/memory.py), printed before
+training; a plan that cannot fit is refused with the settings that would.
 
 Resumable per epoch: after each finished epoch (but the last) the weights and AdamW state
 go to ``checkpoints/relearn/<role>/epoch-N`` (written as ``.partial`` and renamed); the
@@ -14,7 +20,6 @@ an uninterrupted one.
 """
 from __future__ import annotations
 
-import copy
 import gc
 import shutil
 import time
@@ -30,7 +35,9 @@ from tqdm.auto import tqdm
 from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint as run_fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import adamw
+from obliviate.training import sharding
+from obliviate.training.loop import checkpointing, checkpointing_choice, plan_stage, trainable
+from obliviate.training.optim import check_choice, make_optimizer, training_precision
 from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
 
 NAME = "relearn"
@@ -44,9 +51,15 @@ class Config:
     weight_decay: float = 0.01
     batch_size: int = 1
     max_length: int = 256  # tokens per paragraph, longer ones are truncated
-    gradient_checkpointing: bool = False  # trade time for activation memory on big models
+    # auto (on when the memory plan needs it) | on | off; booleans accepted (True = on)
+    gradient_checkpointing: str = "auto"
+    # auto | adamw | adamw-fp32 | adamw-sr | adamw8bit | adamw8bit-bnb (training/optim.py);
+    # auto: adamw for fp32 weights (unchanged), for bf16 the most faithful one that fits.
+    optimizer: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice(self.optimizer)
+        object.__setattr__(self, "gradient_checkpointing", checkpointing_choice(self.gradient_checkpointing))
         for name in ("paragraphs", "epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
                 raise ObliviateError(f"relearn {name} must be >= 1, got {getattr(self, name)}.")
@@ -106,62 +119,78 @@ def relearn(
     progress: bool = True,
     role: str = "model",
 ) -> list[dict]:
-    """Fine-tune a copy of ``lm`` on ``paragraphs``; ``evaluate`` after every epoch.
+    """Fine-tune ``lm``'s own weights on ``paragraphs``; ``evaluate`` after every epoch; the
+    original weights are back in ``lm`` when this returns.
 
     Returns one record per epoch: {epoch, correct (per question), loss, seconds}.
     """
+    if sharding.world()[1] > 1:
+        checkpoint_dir = None  # per-epoch resume is single-process only (the state is per shard)
     fingerprint = run_fingerprint([asdict(config), paragraphs, seed, role])
     weights, state = _latest_checkpoint(checkpoint_dir, fingerprint)
     if len(state["epochs"]) >= config.epochs:
         return state["epochs"]
-    model = copy.deepcopy(lm.model)
-    optimizer = adamw(model.parameters(), config.lr, config.weight_decay)
-    if weights is not None:
-        from safetensors.torch import load_model
-
-        load_model(model, str(weights / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(weights / "optimizer.pt", weights_only=True))
-    elif state["epochs"]:  # state without its weights: cannot resume, start over
-        state["epochs"] = []
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    copy_lm = LoadedModel(model=model, tokenizer=lm.tokenizer, name=f"{lm.name}+relearn", source=lm.source)
+    model = lm.model
+    params = dict(model.named_parameters())
+    name, on, plan = plan_stage(model, list(params.values()), config.optimizer, config.gradient_checkpointing,
+                                config.batch_size, config.max_length, 1, f"relearn ({role})")
+    if progress:
+        tqdm.write(f"relearn ({role}): {plan.describe()}")
+    originals = {n: sharding.full(p).to("cpu", copy=True) for n, p in params.items()}  # host memory, not the GPU
+    if sharding.world()[1] > 1:  # FSDP2 over the processes; each runs every batch (the protocol's batch 1)
+        sharding.shard(model, params)
     encoded = [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids for p in paragraphs]
     start = len(state["epochs"])
     bar = tqdm(total=config.epochs * len(encoded), initial=start * len(encoded), desc=f"relearn ({role})",
                unit="paragraph", disable=not progress or None)
     try:
-        for epoch in range(start, config.epochs):
-            clock = time.perf_counter()
-            torch.manual_seed(seed * 1009 + epoch)  # dropout, if the model has any
-            model.train()
-            losses = []
-            for ids, mask, labels in _batches(encoded, epoch_order(len(encoded), seed, epoch), config.batch_size,
-                                              lm.tokenizer.pad_token_id):
-                device = lm.device
-                loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
-                loss.backward()
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
-                bar.update(len(ids))
-                bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
-            model.eval()
-            train_seconds = time.perf_counter() - clock
-            correct = np.asarray(evaluate(copy_lm), dtype=float)
-            state["epochs"].append({"epoch": epoch + 1, "correct": correct.tolist(), "loss": float(np.mean(losses)),
-                                    "train_seconds": train_seconds, "seconds": time.perf_counter() - clock})
-            if checkpoint_dir is not None:
-                if epoch + 1 < config.epochs:
-                    _save_weights(checkpoint_dir, epoch + 1, model, optimizer)
-                write_json(checkpoint_dir / "state.json", state)
-                shutil.rmtree(checkpoint_dir / f"epoch-{epoch}", ignore_errors=True)
-        if checkpoint_dir is not None:  # finished: the weights are no longer needed
-            for old in checkpoint_dir.glob("epoch-*"):
-                shutil.rmtree(old, ignore_errors=True)
+        with trainable(model, params), training_precision(name, params.values()) as autocast, checkpointing(model, on):
+            optimizer = make_optimizer(name, params.values(), config.lr, config.weight_decay)
+            if weights is not None:
+                from safetensors.torch import load_model
+
+                load_model(model, str(weights / "model.safetensors"))
+                optimizer.load_state_dict(torch.load(weights / "optimizer.pt", weights_only=False))
+            elif state["epochs"]:  # state without its weights: cannot resume, start over
+                state["epochs"] = []
+            for epoch in range(start, config.epochs):
+                clock = time.perf_counter()
+                torch.manual_seed(seed * 1009 + epoch)  # dropout and stochastic rounding
+                model.train()
+                losses = []
+                for ids, mask, labels in _batches(encoded, epoch_order(len(encoded), seed, epoch), config.batch_size,
+                                                  lm.tokenizer.pad_token_id):
+                    device = lm.device
+                    with autocast():
+                        loss = model(input_ids=ids.to(device), attention_mask=mask.to(device), labels=labels.to(device)).loss
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    losses.append(float(loss.detach()))
+                    bar.update(len(ids))
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
+                model.eval()
+                train_seconds = time.perf_counter() - clock
+                with autocast():
+                    correct = np.asarray(evaluate(lm), dtype=float)
+                state["epochs"].append({"epoch": epoch + 1, "correct": correct.tolist(), "loss": float(np.mean(losses)),
+                                        "train_seconds": train_seconds, "seconds": time.perf_counter() - clock,
+                                        "optimizer": name, "gradient_checkpointing": on})
+                if checkpoint_dir is not None:
+                    if epoch + 1 < config.epochs:
+                        _save_weights(checkpoint_dir, epoch + 1, model, optimizer)
+                    write_json(checkpoint_dir / "state.json", state)
+                    shutil.rmtree(checkpoint_dir / f"epoch-{epoch}", ignore_errors=True)
+            if checkpoint_dir is not None:  # finished: the weights are no longer needed
+                for old in checkpoint_dir.glob("epoch-*"):
+                    shutil.rmtree(old, ignore_errors=True)
     finally:
         bar.close()
-        del model, optimizer, copy_lm
+        for n, p in params.items():
+            sharding.assign(p, originals[n])
+        model.eval()
+        optimizer = None
+        del originals
         gc.collect()
     return state["epochs"]
 
@@ -174,7 +203,7 @@ def run(ctx: AttackContext, config: Config) -> dict:
     if ctx.data_dir is None:
         raise ObliviateError("The relearning attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")
     paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
-    out = {"settings": {**asdict(config), "paragraphs_used": len(paragraphs), "optimizer": "AdamW (full parameters)"}}
+    out = {"settings": {**asdict(config), "paragraphs_used": len(paragraphs), "trained": "all parameters"}}
     curves = {}
     for role, lm in ctx.models.items():
         clock = time.perf_counter()
@@ -190,6 +219,7 @@ def run(ctx: AttackContext, config: Config) -> dict:
             "curve_correct": [c.tolist() for c in curves[role]],  # per question, for pooled statistics
             "losses": [e["loss"] for e in epochs],
             "train_seconds": [e["train_seconds"] for e in epochs],
+            "optimizer": epochs[-1].get("optimizer", "adamw") if epochs else None,
             "seconds": time.perf_counter() - clock,
         }
     if "original" in curves and "erased" in curves:

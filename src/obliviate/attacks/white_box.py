@@ -27,6 +27,8 @@ import torch
 from obliviate.errors import ObliviateError
 from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
 from obliviate.attacks.relearning import Config as RelearnConfig
+from obliviate.data.concepts import load_relearn_paragraphs
+from obliviate.attacks.relearning import relearn
 
 MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation for normal data
 SAME_ROW_COSINE = 0.999  # a mirrored row (bf16-rounded copies included)
@@ -207,8 +209,6 @@ class RepairRelearnConfig:
 
 
 def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
-    from obliviate.data.concepts import load_relearn_paragraphs
-    from obliviate.attacks.relearning import relearn
 
     if ctx.data_dir is None:
         raise ObliviateError("repair-relearn reads relearn_paragraphs.json: pass --data with the benchmark folder.")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from obliviate.cli import add_run_arguments, collect_overrides
+from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, guard_out, parse_settings
 
 # Shortcut flags -> (attack, setting). Everything else: --set ATTACK.KEY=VALUE.
 SHORTCUTS = {
@@ -32,31 +32,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--probe-sentences", type=int, default=None, help="probe sentences per class (default 150)")
     group.add_argument("--repair-z", type=float, default=None,
                        help="embedding-repair: flag rows whose robust norm/direction z exceeds this (default 6)")
-    group.add_argument("--set", dest="attack_settings", action="append", default=[], metavar="ATTACK.KEY=VALUE",
-                       help="any attack setting, e.g. --set relearn.weight_decay=0 (repeatable)")
+    add_set_argument(group, "ATTACK", "relearn.weight_decay=0")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def attack_settings(args: argparse.Namespace) -> dict[str, dict]:
-    from obliviate.errors import ObliviateError
-
     settings: dict[str, dict] = {}
     for flag, (attack, key) in SHORTCUTS.items():
         if getattr(args, flag, None) is not None:
             settings.setdefault(attack, {})[key] = getattr(args, flag)
-    for pair in args.attack_settings:
-        name, _, value = pair.partition("=")
-        attack, _, key = name.partition(".")
-        if not value or not key:
-            raise ObliviateError(f"--set expects ATTACK.KEY=VALUE (e.g. relearn.lr=1e-5), got {pair!r}.")
-        settings.setdefault(attack.strip(), {})[key.strip().replace("-", "_")] = value
+    for attack, values in parse_settings(args.settings).items():
+        settings.setdefault(attack, {}).update(values)
     return settings
 
 
 def run(args: argparse.Namespace) -> int:
     from obliviate import attacks
     from obliviate.api import make_config
-    from obliviate.pipeline.runs import run_attacks
+    from obliviate.pipeline.attack import run_attacks
     from obliviate.errors import ObliviateError
     from obliviate.io import exclusive_output
 
@@ -78,15 +71,3 @@ def run(args: argparse.Namespace) -> int:
                         + f"{r[role]['after']['value']:.3f}" for role in ("original", "erased") if role in r)
         print(f"  {name:12s} {row}  ({r['seconds']:.0f} s)")
     return 0
-
-
-def guard_out(out: str, model: str | None) -> None:
-    """Never let --overwrite delete the model being evaluated."""
-    from pathlib import Path
-
-    from obliviate.errors import ObliviateError
-
-    if model and Path(model).exists():
-        out_path, model_path = Path(out).resolve(), Path(model).resolve()
-        if out_path == model_path or out_path in model_path.parents:
-            raise ObliviateError(f"--out {out} would hold the model being evaluated ({model}): choose another folder.")

@@ -18,14 +18,15 @@ import re
 from pathlib import Path
 
 from obliviate import methods
-from obliviate.cli import add_run_arguments, collect_overrides
+from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, parse_settings
 from obliviate.errors import ObliviateError
 from obliviate.reports.html import write_report
 from obliviate.evaluation.metrics import CHANCE, knowledge_fraction
+from obliviate.evaluation.results import HEADLINE
 from obliviate.io import exclusive_output, write_json, write_text
 
-COLUMNS = ("concept", "method", "ember", "delta", "params", "efficacy", "specificity", "coherence", "harmonic",
-           "qa_test_base", "qa_test_edited")
+SHOWN = tuple(name for name in HEADLINE if name != "score")
+COLUMNS = ("concept", "method", "ember", "delta", "params", *SHOWN, "qa_test_base", "qa_test_edited")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -36,18 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every method twice: alone and on top of the EMBER edit")
     parser.add_argument("--relearn-epochs", type=int, default=2, help="relearning attack epochs (0: no attack; reference 2)")
     parser.add_argument("--relearn-paragraphs", type=int, default=100, help="relearning paragraphs (reference 100)")
-    parser.add_argument("--set", dest="method_settings", action="append", default=[], metavar="METHOD.KEY=VALUE",
-                        help="a setting of one method, e.g. --set rmu.steps=10 (repeatable)")
-
-
-def parse_settings(pairs: list[str]) -> dict[str, dict]:
-    settings: dict[str, dict] = {}
-    for pair in pairs:
-        match = re.fullmatch(r"(\w+)\.(\w+)=(.*)", pair.strip())
-        if not match:
-            raise ObliviateError(f"--set expects METHOD.KEY=VALUE (e.g. rmu.steps=10), got {pair!r}.")
-        settings.setdefault(match.group(1), {})[match.group(2)] = match.group(3)
-    return settings
+    add_set_argument(parser, "METHOD", "rmu.steps=10")
 
 
 def plan(method_list: str, concept_list: str, both: bool) -> list[tuple[str, str, bool]]:
@@ -66,7 +56,7 @@ def relearn_attack(result, config, epochs: int, paragraphs: int, progress: bool)
     test QA accuracy before and after each epoch, as in `obliviate attack` results."""
     from obliviate.attacks import relearning
     from obliviate.attacks.common import AttackContext
-    from obliviate.pipeline.erase import load_concept_data
+    from obliviate.pipeline.inputs import load_concept_data
 
     data = load_concept_data(config)
     ctx = AttackContext(models={"erased": result.lm}, data=data, data_dir=data.data_dir,
@@ -79,8 +69,7 @@ def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     value = lambda name: results.get(name, {}).get("value", "")  # noqa: E731
     base = results.get("qa_test", {}).get("base", {}).get("value")
     row = {"concept": concept, "method": method, "ember": ember, "delta": results.get("delta"),
-           "params": results.get("params"), "efficacy": value("efficacy"), "specificity": value("specificity"),
-           "coherence": value("coherence"), "harmonic": value("harmonic"), "qa_test_base": base,
+           "params": results.get("params"), **{name: value(name) for name in SHOWN}, "qa_test_base": base,
            "qa_test_edited": results.get("qa_test", {}).get("edited", {}).get("value", "")}
     curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
     for epoch, point in enumerate(curve[1:], start=1):
@@ -128,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     if args.relearn_epochs < 0 or args.relearn_paragraphs < 1:
         raise ObliviateError("--relearn-epochs must be >= 0 and --relearn-paragraphs >= 1.")
     cells = plan(args.methods, args.concepts, args.with_and_without_ember)
-    settings = parse_settings(args.method_settings)
+    settings = parse_settings(args.settings)
     overrides = collect_overrides(args)
     out = Path(overrides.pop("out", None) or "runs/compare")
     with exclusive_output(out):  # one writer per comparison folder

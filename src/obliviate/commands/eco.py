@@ -10,91 +10,91 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from obliviate.cli import add_dataclass_arguments, collect_overrides
+from obliviate.commands.arguments import add_dataclass_arguments, add_run_arguments, collect_overrides
+from obliviate.errors import ObliviateError
 
 
-def _model_arguments(parser: argparse.ArgumentParser, default_help: str) -> None:
-    parser.add_argument("--model", default=None, help=f"model name, folder, hub id or .gguf ({default_help})")
-    parser.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N | auto (default cpu)")
-    parser.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: by device)")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="also load pickle weights (.bin/.pt/.pth), which can run code: trusted folders only")
-
-
-def _data_arguments(parser: argparse.ArgumentParser, general: int) -> None:
-    parser.add_argument("--concept", default=None, help="the concept, e.g. 'Harry Potter'")
-    parser.add_argument("--data", default=None, help="the EMBER benchmark folder")
-    parser.add_argument("--concept-sentences", default=None, help="a custom concept's sentences (one a line or JSON)")
-    parser.add_argument("--questions", default=None, help="a custom concept's MC questions (benchmark schema)")
-    parser.add_argument("--general-questions", type=int, default=general,
-                        help=f"other concepts' questions per split (negatives / general knowledge; default {general})")
+ECO_NEGATIVES = 300  # eco fit: other concepts' questions per split (the classifier's negatives)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    from obliviate.config import EvalConfig
+    from obliviate.config import ModelConfig
     from obliviate.methods.eco.config import EcoConfig
 
     sub = parser.add_subparsers(dest="eco_command", metavar="ACTION", required=True)
-    fit = sub.add_parser("fit", help="train the classifier, calibrate the threshold, learn sigma")
-    _model_arguments(fit, "default: the embedded model")
-    _data_arguments(fit, 300)
-    fit.add_argument("--out", required=True, help="artifact folder to write")
-    fit.add_argument("--overwrite", action="store_true", help="replace an existing artifact in --out")
-    add_dataclass_arguments(fit, EcoConfig, "eco", title="ECO")
+    fit = sub.add_parser("fit", help="train the classifier, calibrate the threshold, learn sigma",
+                         description=f"Fit ECO's artifact (--general-questions defaults to {ECO_NEGATIVES} here: "
+                                     "the classifier's negatives). `erase --method eco` fits and evaluates it in one run.")
+    add_run_arguments(fit)
+    # ECO's seed and multiple-choice scoring are the run's (--seed, --scoring)
+    add_dataclass_arguments(fit, EcoConfig, "eco", title="ECO", skip=("seed", "scoring"))
 
     gen = sub.add_parser("generate", help="generate with the ECO hook (flagged prompts are corrupted)")
-    gen.add_argument("--eco", required=True, help="artifact folder from `eco fit`")
-    _model_arguments(gen, "default: the artifact's model")
-    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=48)
-    gen.add_argument("--ember", default=None, help="EMBER patch file or run folder to apply under the hook")
+    gen.add_argument("--eco", required=True, metavar="DIR", help="artifact folder from `eco fit`")
+    add_dataclass_arguments(gen, ModelConfig, "model", rename={"name": "model"}, title="model (default: the artifact's)")
+    gen.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=48, metavar="N", help="greedy tokens to generate (default: 48)")
+    gen.add_argument("--ember", default=None, metavar="PATH", help="EMBER patch file or run folder to apply under the hook")
     gen.add_argument("--compare", action="store_true", help="also print the plain model's continuation")
 
     ev = sub.add_parser("evaluate", help="efficacy / specificity / coherence on TEST questions")
-    ev.add_argument("--eco", required=True, help="artifact folder from `eco fit`")
-    _model_arguments(ev, "default: the artifact's model")
-    _data_arguments(ev, 100)
-    ev.add_argument("--out", required=True, help="folder for results.json")
-    ev.add_argument("--ember", default=None, help="EMBER patch file or run folder: also report EMBER and EMBER+ECO")
-    ev.add_argument("--seed", type=int, default=42)
-    add_dataclass_arguments(ev, EvalConfig, "evaluation", title="evaluation")
+    ev.add_argument("--eco", required=True, metavar="DIR", help="artifact folder from `eco fit`")
+    ev.add_argument("--ember", default=None, metavar="PATH",
+                    help="EMBER patch file or run folder: also report EMBER and EMBER+ECO")
+    add_run_arguments(ev)
 
 
-def _load_data(args: argparse.Namespace, concept: str | None):
-    from obliviate.data.concepts import load_benchmark_concept, load_user_concept
-    from obliviate.errors import ObliviateError
+def _config(args: argparse.Namespace, artifact=None, **defaults):
+    """The run configuration from --config, the flags, and what the artifact recorded (its
+    model and concept) for whatever the user did not give."""
+    from obliviate.api import make_config
 
-    if not concept:
+    overrides = collect_overrides(args)
+    if artifact is not None:
+        overrides.setdefault("model", {}).setdefault("name", artifact.model_name)
+        overrides.setdefault("concept", artifact.info.get("concept", ""))
+    for section, values in defaults.items():
+        for key, value in values.items():
+            overrides.setdefault(section, {}).setdefault(key, value)
+    eco_settings = overrides.pop("eco", {})
+    config = make_config(getattr(args, "config_file", None), **overrides)
+    if eco_settings:
+        from obliviate.config import merge
+
+        config = merge(config, {"methods": {"eco": eco_settings}})
+    if not config.concept:
         raise ObliviateError("Name the concept with --concept (e.g. --concept 'Harry Potter').")
-    if args.concept_sentences:
-        return load_user_concept(concept, args.concept_sentences, data_dir=args.data, questions=args.questions,
-                                 general_questions=args.general_questions)
-    if not args.data:
-        raise ObliviateError("Pass --data with the EMBER benchmark folder (or --concept-sentences FILE).")
-    return load_benchmark_concept(concept, args.data, general_questions=args.general_questions)
+    return config
 
 
-def _load_lm(args: argparse.Namespace, fallback: str | None = None):
+def _load_lm(config):
     from obliviate.models.loading import load_model
 
-    return load_model(args.model or fallback, args.device, args.dtype, allow_pickle=args.allow_pickle)
+    m = config.model
+    return load_model(m.name, m.device, m.dtype, m.device_map, allow_pickle=m.allow_pickle)
 
 
 def run_fit(args: argparse.Namespace) -> int:
-    from obliviate.config import build_section
-    from obliviate.methods.eco import fit
-    from obliviate.methods.eco.config import EcoConfig
-    from obliviate.errors import ObliviateError
-    from obliviate.io import exclusive_output
+    from dataclasses import replace
 
-    config = build_section(EcoConfig, collect_overrides(args).get("eco", {}), "eco")
-    out = Path(args.out)
+    from obliviate.io import exclusive_output
+    from obliviate.methods.eco.fitting import fit
+    from obliviate.pipeline.eco import save_fitted
+    from obliviate.pipeline.inputs import load_concept_data
+
+    config = _config(args, data={"general_questions": ECO_NEGATIVES})
+    if not args.run__out:
+        raise ObliviateError("Name the artifact folder to write with --out DIR.")
+    out = Path(config.out)
     with exclusive_output(out):
-        if (out / "config.json").exists() and not args.overwrite:
+        if (out / "config.json").exists() and not config.overwrite:
             raise ObliviateError(f"{out} already holds an ECO artifact: pass --overwrite to replace it, or another --out.")
-        data = _load_data(args, args.concept)
-        lm = _load_lm(args)
-        artifact = fit(lm, data, config, out, progress=lambda m: print(m, flush=True))
+        data = load_concept_data(config)
+        lm = _load_lm(config)
+        eco_config = replace(config.method_config("eco"), seed=config.seed, scoring=config.evaluation.scoring)
+        fitted = fit(lm, data, eco_config, progress=lambda m: print(m, flush=True))
+        save_fitted(fitted, out)
+    artifact = fitted.artifact
     report = artifact.info["classifier_report"]
     print(f"\nECO for {data.concept!r} -> {out}")
     print(f"  classifier layer {report['layer']}, threshold {report['threshold']:.4f} ({report['calibration']})")
@@ -106,13 +106,14 @@ def run_fit(args: argparse.Namespace) -> int:
 def run_generate(args: argparse.Namespace) -> int:
     import torch
 
+    from obliviate.api import apply_patch, make_config
     from obliviate.methods import eco
-    from obliviate.api import apply_patch
     from obliviate.pipeline.eco import resolve_patch
     from obliviate.methods.eco.hook import prompt_length
 
     artifact = eco.load(args.eco)
-    lm = _load_lm(args, artifact.model_name)
+    overrides = collect_overrides(args).get("model", {})
+    lm = _load_lm(make_config(model={"name": artifact.model_name, **overrides}))
     artifact.check_model(lm.model, f"{lm.name} ({lm.source})")
     if args.ember:
         apply_patch(lm, resolve_patch(args.ember))
@@ -138,20 +139,21 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
-    from obliviate.methods import eco
-    from obliviate.config import EvalConfig, build_section
-    from obliviate.pipeline.eco import evaluate
     from obliviate.io import exclusive_output, write_json
+    from obliviate.methods import eco
+    from obliviate.pipeline.eco import evaluate
+    from obliviate.pipeline.inputs import load_concept_data
 
     artifact = eco.load(args.eco)
-    eval_config = build_section(EvalConfig, collect_overrides(args).get("evaluation", {}), "evaluation")
-    with exclusive_output(args.out):
-        data = _load_data(args, args.concept or artifact.info.get("concept"))
-        lm = _load_lm(args, artifact.model_name)
-        results = evaluate(lm, data, artifact, eval_config, args.ember, args.seed,
+    config = _config(args, artifact)
+    out = Path(args.run__out or Path(args.eco) / "eval")
+    with exclusive_output(out):
+        data = load_concept_data(config)
+        lm = _load_lm(config)
+        results = evaluate(lm, data, artifact, config.evaluation, args.ember, config.seed,
                            progress=lambda m: print(m, flush=True))
-        write_json(Path(args.out) / "results.json", results)
-    print(f"\n{data.concept}: test split -> {Path(args.out) / 'results.json'}")
+        write_json(out / "results.json", results)
+    print(f"\n{data.concept}: test split -> {out / 'results.json'}")
     for name in ("eco", "ember", "ember+eco"):
         if name in results:
             r = results[name]

@@ -5,35 +5,23 @@ import argparse
 from contextlib import nullcontext
 
 from obliviate import methods
-from obliviate.cli import add_dataclass_arguments, add_run_arguments, collect_overrides
+from obliviate.commands.arguments import (add_dataclass_arguments, add_run_arguments, add_set_argument,
+                                          collect_overrides, parse_settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from obliviate.methods.ember import Config as EmberConfig
 
     add_run_arguments(parser)
-    parser.add_argument("--method", dest="run__method", default=None,
+    parser.add_argument("--method", dest="run__method", default=None, metavar="NAME",
                         help=f"erasure method: {', '.join(methods.available())} (default ember)")
     parser.add_argument("--ember", dest="run__with_ember", action="store_true", default=None,
                         help="apply the EMBER edit first, then the base method")
-    parser.add_argument("--set", dest="method_settings", action="append", default=[], metavar="KEY=VALUE",
-                        help="a setting of the chosen trained method, e.g. --set lr=1e-4 (repeatable)")
+    add_set_argument(parser, "METHOD", "rmu.steps=10; the method name may be left out: --set lr=1e-4")
     parser.add_argument("--revertible-patch", dest="run__revertible_patch", default=None, metavar="PATH",
                         help="also write a patch that can undo the erasure (it holds the original rows) to PATH, "
                              "which must be outside --out: never ship it with the model")
     add_dataclass_arguments(parser, EmberConfig, "ember", title="EMBER")
-
-
-def parse_method_settings(pairs: list[str], method: str) -> dict:
-    from obliviate.errors import ObliviateError
-
-    settings = {}
-    for pair in pairs:
-        if "=" not in pair:
-            raise ObliviateError(f"--set expects KEY=VALUE, got {pair!r}.")
-        key, value = pair.split("=", 1)
-        settings[key.strip().replace("-", "_")] = value
-    return {method: settings} if settings else {}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -44,10 +32,10 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = collect_overrides(args)
     config = make_config(args.config_file, **overrides)
-    if args.method_settings:
+    if args.settings:
         from obliviate.config import merge
 
-        config = merge(config, {"methods": parse_method_settings(args.method_settings, config.method)})
+        config = merge(config, {"methods": parse_settings(args.settings, default_owner=config.method)})
     if not config.concept:
         from obliviate.errors import ObliviateError
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from obliviate.cli import add_run_arguments, collect_overrides
+from obliviate.commands.arguments import add_run_arguments, collect_overrides
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,10 +20,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
-    from obliviate.pipeline.runs import run_eval
+    from obliviate.pipeline.evaluate import run_eval
     from obliviate.reports.markdown import fmt, print_summary
     from obliviate.io import exclusive_output
-    from obliviate.commands.attack import guard_out
+    from obliviate.commands.arguments import guard_out
 
     overrides = collect_overrides(args)
     overrides.setdefault("out", "runs/eval")

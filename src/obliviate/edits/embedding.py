@@ -7,45 +7,15 @@ None when the edit may change any output.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
 
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.io import load_tensors, save_tensors
-from obliviate.models.loading import (changed_rows, embeddings_are_tied, input_embedding_name, output_embedding_name,
-                     parameter_fingerprints)
-
-
-@runtime_checkable
-class Edit(Protocol):
-    def apply(self, model: torch.nn.Module) -> None: ...
-    def revert(self, model: torch.nn.Module) -> None: ...
-    def changed_token_ids(self) -> set[int] | None: ...
-    def summary(self) -> dict: ...
-
-
-class EditVerificationError(ObliviateError):
-    pass
-
-
-FORWARD_ONLY = (
-    "This patch is forward-only: it was saved without the original rows, so that whoever receives it cannot "
-    "restore the erased concept, and it cannot revert. Reload the original model instead, or save a revertible "
-    "patch (--revertible-patch PATH, kept outside the output folder)."
-)
-
-
-def rows_sha256(rows: torch.Tensor) -> str:
-    """A hash of rows' exact bits (dtype and shape included): checks a patch is applied to
-    the model it was made for without revealing the rows."""
-    rows = rows.detach().to("cpu").contiguous()
-    digest = hashlib.sha256(f"{rows.dtype}:{tuple(rows.shape)}:".encode())
-    digest.update(rows.flatten().view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+from obliviate.edits.protocol import FORWARD_ONLY, EditVerificationError, apply_verified
+from obliviate.io import load_tensors, save_tensors, tensor_sha256
+from obliviate.models.loading import input_embedding_name, output_embedding_name, untie_output_embeddings
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, str]:
@@ -53,6 +23,8 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
     vocab, hidden = model.get_input_embeddings().weight.shape
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return {"vocab_size": str(vocab), "hidden_size": str(hidden), "model_path": name}
+
+PATCH_FILE = "embedding_patch.safetensors"  # the forward-only patch in an output folder
 
 
 @dataclass
@@ -98,7 +70,23 @@ class EmbeddingPatch:
         """The hash of the original rows of the tokens that change."""
         if self.original_rows is None:
             return self.metadata["original_sha256"]
-        return rows_sha256(self.original_rows[self._moved()])
+        return tensor_sha256(self.original_rows[self._moved()])
+
+    def expected_changes(self, model: torch.nn.Module) -> dict[str, list[int] | None]:
+        """The edited tokens' rows of the input embedding (and of the output layer when the
+        patch sets output rows); a tied matrix is one parameter."""
+        rows = sorted(self.changed_token_ids())
+        if not rows:
+            return {}
+        expected = {input_embedding_name(model): rows}
+        if self.output_rows is not None:
+            expected[output_embedding_name(model)] = rows
+        return expected
+
+    def save_to(self, folder: Path) -> list[Path]:
+        path = Path(folder) / PATCH_FILE
+        self.save(path)
+        return [path]
 
     def summary(self) -> dict:
         return {"kind": "embedding_patch", "rows": len(self.token_ids), "changed_rows": len(self.changed_token_ids())}
@@ -140,7 +128,7 @@ class EmbeddingPatch:
         by an evaluation; the file itself still carries no original row."""
         self._check_identity(model)
         current = self._current_rows(model)
-        if self.original_rows is None and rows_sha256(current) != self.metadata.get("original_sha256"):
+        if self.original_rows is None and tensor_sha256(current) != self.metadata.get("original_sha256"):
             raise ObliviateError(f"The model's embedding rows are not this patch's original: it was made for "
                                  f"{self._made_for()}, not {_describe(model)} (or the model is already edited).")
         original = current if self.original_rows is None else self.original_rows
@@ -161,7 +149,7 @@ class EmbeddingPatch:
         if self.original_rows is not None:
             matches = torch.equal(current, self.original_rows)
         else:
-            matches = rows_sha256(current) == self.metadata.get("original_sha256")
+            matches = tensor_sha256(current) == self.metadata.get("original_sha256")
         if not matches:
             raise ObliviateError(
                 "The model's embedding rows match neither this patch's original (by its sha256) nor its edited "
@@ -232,61 +220,12 @@ def check_revertible_path(path: str | Path, out: str | Path | None) -> Path:
     return target
 
 
-@dataclass
-class CompositeEdit:
-    """Edits applied in order and reverted in reverse order (EMBER under a base method)."""
-
-    edits: list
-
-    def apply(self, model: torch.nn.Module) -> None:
-        for edit in self.edits:
-            edit.apply(model)
-
-    def revert(self, model: torch.nn.Module) -> None:
-        for edit in reversed(self.edits):
-            edit.revert(model)
-
-    def changed_token_ids(self) -> set[int] | None:
-        changed: set[int] = set()
-        for edit in self.edits:
-            ids = edit.changed_token_ids()
-            if ids is None:
-                return None
-            changed |= ids
-        return changed
-
-    def summary(self) -> dict:
-        return {"kind": "composite", "parts": [edit.summary() for edit in self.edits]}
-
-
-def apply_verified(edit: EmbeddingPatch, model: torch.nn.Module) -> None:
-    """Apply a patch and check that exactly its changed rows moved and nothing else did."""
-    before = parameter_fingerprints(model)
-    edit.apply(model)
-    _expect_changes(model, before, parameter_fingerprints(model), edit)
-
-
-def revert_verified(edit: EmbeddingPatch, model: torch.nn.Module) -> None:
-    """Revert a patch and check that the original bits are back."""
-    before = parameter_fingerprints(model)
-    edit.revert(model)
-    _expect_changes(model, before, parameter_fingerprints(model), edit)
-    weight = model.get_input_embeddings().weight
-    restored = weight[edit.token_ids.to(weight.device)].detach().to("cpu", edit.original_rows.dtype)
-    if not torch.equal(restored, edit.original_rows):  # revert raised already for a forward-only patch
-        raise EditVerificationError("Reverting the patch did not restore the original embedding rows bit for bit.")
-
-
-def _expect_changes(model: torch.nn.Module, before: dict, after: dict, edit: EmbeddingPatch) -> None:
-    token_ids = edit.changed_token_ids()
-    expected = {input_embedding_name(model): sorted(token_ids)} if token_ids else {}
-    if token_ids and edit.output_rows is not None:
-        expected[output_embedding_name(model)] = sorted(token_ids)
-    actual = changed_rows(before, after)
-    if actual != expected:
-        tied = " (the output layer is tied to the input embedding)" if embeddings_are_tied(model) else ""
-        unexpected = {name: rows[:5] for name, rows in actual.items() if name not in expected}
-        raise EditVerificationError(
-            f"Edit verification failed{tied}: expected only rows {sorted(token_ids)[:5]}... of "
-            f"{input_embedding_name(model)} to change, got changes in {sorted(actual)}; unexpected: {unexpected}."
-        )
+def apply_patch_file(model: torch.nn.Module, path: str | Path) -> EmbeddingPatch:
+    """Apply a saved patch to ``model``, verified (a patch for another model, by shape or by
+    the sha256 of its original rows, is refused); the output layer is untied first when the
+    run that made it untied it."""
+    patch = EmbeddingPatch.load(path)
+    if patch.metadata.get("embeddings_untied") == "True":
+        untie_output_embeddings(model)
+    apply_verified(patch, model)
+    return patch

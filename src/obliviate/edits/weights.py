@@ -9,13 +9,15 @@ Both may change any output, so ``changed_token_ids`` is None.
 """
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.io import load_tensors, save_tensors
+from obliviate.edits.protocol import ALL_ROWS
+from obliviate.io import load_tensors, save_tensors, tensor_sha256
 
 
 def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
@@ -65,6 +67,17 @@ class ParameterDelta:
     def changed_parameters(self) -> list[str]:
         return sorted(name for name in self.new if not torch.equal(self.new[name], self.original[name]))
 
+    def expected_changes(self, model: torch.nn.Module) -> dict[str, None]:
+        return {name: ALL_ROWS for name in self.changed_parameters()}
+
+    def save_to(self, folder: Path) -> list[Path]:
+        """Forward-only: the new values and a sha256 of the originals (never the originals)."""
+        path = Path(folder) / "weight_delta.safetensors"
+        names = self.changed_parameters()
+        save_tensors(path, {n: self.new[n].contiguous() for n in names},
+                     {**self.metadata, "original_sha256": tensor_sha256({n: self.original[n] for n in names})})
+        return [path]
+
     def summary(self) -> dict:
         moved = sum(float((self.new[n].double() - self.original[n].double()).norm() ** 2) for n in self.new) ** 0.5
         return {
@@ -113,10 +126,6 @@ class LoraAdapter:
         self._originals = delta.original
         delta.apply(model)
 
-    def merge(self, model: torch.nn.Module) -> None:
-        """Merge the adapter into the model's weights for good (same as apply)."""
-        self.apply(model)
-
     def revert(self, model: torch.nn.Module) -> None:
         if self._originals is None:
             raise ObliviateError("This adapter was never applied to the model, so there is nothing to revert.")
@@ -124,6 +133,24 @@ class LoraAdapter:
 
     def changed_token_ids(self) -> None:
         return None
+
+    def expected_changes(self, model: torch.nn.Module) -> dict[str, None]:
+        return {name: ALL_ROWS for name in self.weights}
+
+    def save_to(self, folder: Path) -> list[Path]:
+        """The adapter's A and B matrices (a peft folder when training wrote one: copied)."""
+        target = Path(folder) / "adapter"
+        if self.folder is not None and Path(self.folder).is_dir():
+            staging = Path(folder) / "adapter.partial"
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(self.folder, staging)
+            shutil.rmtree(target, ignore_errors=True)
+            staging.rename(target)
+            return [target]
+        path = Path(folder) / "lora.safetensors"
+        tensors = {f"{kind}.{n}": t.contiguous() for n, pair in self.weights.items() for kind, t in zip(("A", "B"), pair)}
+        save_tensors(path, tensors, {**self.metadata, "scaling": str(self.scaling)})
+        return [path]
 
     def summary(self) -> dict:
         rank = next(iter(self.weights.values()))[0].shape[0] if self.weights else 0
@@ -175,6 +202,17 @@ class LowRankDelta:
 
     def changed_parameters(self) -> list[str]:
         return sorted(name for name in self.factors if not torch.equal(self.new_value(name), self.original[name]))
+
+    def expected_changes(self, model: torch.nn.Module) -> dict[str, None]:
+        return {name: ALL_ROWS for name in self.changed_parameters()}
+
+    def save_to(self, folder: Path) -> list[Path]:
+        """Forward-only: the factors (W_new = W + L R) and a sha256 of the originals."""
+        path = Path(folder) / "low_rank_delta.safetensors"
+        tensors = {f"{kind}.{n}": t.contiguous() for n, pair in self.factors.items() for kind, t in zip(("left", "right"), pair)}
+        save_tensors(path, tensors, {**self.metadata, "original_sha256": tensor_sha256(
+            {n: self.original[n] for n in self.factors})})
+        return [path]
 
     def as_parameter_delta(self) -> ParameterDelta:
         """The same edit with every new tensor materialized (to save or to compare)."""

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from obliviate.data.concepts import ConceptData, MCQuestion
-from obliviate.edits.embedding import Edit
+from obliviate.edits.protocol import Edit
 from obliviate.models.loading import LoadedModel, embeddings_are_tied
 from obliviate.evaluation import coherence as coh
 from obliviate.evaluation.metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_chance_sets
@@ -29,6 +29,7 @@ from obliviate.evaluation.multiple_choice import (PreparedQuestions, correct_fro
                               prepare)
 from obliviate.evaluation.output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
                           current_output_rows, output_change)
+from obliviate.evaluation.results import SplitResults
 from obliviate.evaluation.scoring import Batching, greedy_generate
 
 SPLITS = ("train", "test")
@@ -56,6 +57,10 @@ class SplitOutcome:
             "near_chance": {name: name in self.near_chance for name in self.correct},
             "coverage": self.coverage,
         }
+
+    def results(self) -> SplitResults:
+        return SplitResults(dict(self.metrics), {name: name in self.near_chance for name in self.correct},
+                            {"rescored": self.rescored, "coverage": self.coverage})
 
     def per_question(self) -> dict:
         keys = ("base_correct", "edited_correct", "base_prob", "edited_prob")
@@ -147,6 +152,39 @@ class Evaluator:
             coverage=self._coverage(token_ids, sets, correct, references), prompt_rows=prompt_rows,
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
+
+    def compare(self, split: str, candidate: LoadedModel, coherence: bool = True) -> SplitOutcome:
+        """The same metrics as ``evaluate`` for another model (an erased copy, a hooked model,
+        any model with this vocabulary) against this evaluator's original, which keeps its
+        cached answers and continuations; every item runs on the candidate."""
+        correct = {}
+        for name, questions in self.question_sets(split).items():
+            prepared, base = self._prepared_set(split, name), self._base_scores[(split, name)]
+            theirs = prepare(candidate, questions, self.config.scoring, self.seed)
+            scores = option_scores(candidate, theirs, batching=self.batching)
+            correct[name] = accuracy_pair(correct_from_scores(prepared, base), correct_from_scores(theirs, scores),
+                                          correct_probability(prepared, base), correct_probability(theirs, scores))
+        references = {kind: self.prompt_set(split, kind) for kind in self.prompts(split)} if coherence else {}
+        generated = {kind: self._candidate_continuations(candidate, reference) for kind, reference in references.items()}
+        prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
+        samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
+        near_chance = near_chance_sets(correct)
+        return SplitOutcome(
+            metrics=erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance), correct=correct,
+            rescored={name: len(rows[0]) for name, rows in correct.items()}, near_chance=near_chance,
+            prompt_rows=prompt_rows,
+            examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
+        )
+
+    def _candidate_continuations(self, candidate: LoadedModel, reference: coh.CoherenceSet):
+        """(every prompt, the candidate's greedy continuations in the ORIGINAL's tokens): the
+        very tokens when the vocabularies agree, else the text re-tokenized."""
+        prompt_ids = [candidate.tokenizer(p).input_ids for p in reference.prompts]
+        generated = greedy_generate(candidate, prompt_ids, reference.max_new_tokens, self.batching)
+        if candidate.tokenizer.get_vocab() != self.lm.tokenizer.get_vocab():
+            texts = [candidate.tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]
+            generated = [self.lm.tokenizer(t, add_special_tokens=False).input_ids if t else [] for t in texts]
+        return np.arange(len(reference.prompts)), generated
 
     def _before_output_edit(self, split: str, sets: dict, token_ids: set[int] | None, edit: Edit | None):
         """For an embedding edit that changes the edited tokens' OUTPUT rows too (a tied model,

@@ -23,6 +23,8 @@ from obliviate.data.concepts import OpenQuestion
 from obliviate.errors import ObliviateError
 from obliviate.models.loading import LoadedModel
 from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
+from obliviate.models.loading import load_model
+from obliviate.evaluation.multiple_choice import chat_prompt_ids
 
 PROMPT = "Question: {q}\nAnswer:"
 ARTICLES = {"a", "an", "the"}
@@ -78,12 +80,10 @@ class Judge:
 
 
 def local_model_judge(spec: str, device: str = "cpu") -> Judge:
-    from obliviate.models.loading import load_model
 
     judge = load_model(spec, device)
 
     def fn(questions, golds, answers):
-        from obliviate.evaluation.multiple_choice import chat_prompt_ids
 
         contexts = [chat_prompt_ids(judge, JUDGE_PROMPT.format(q=q, gold=g, answer=a))
                     if getattr(judge.tokenizer, "chat_template", None)

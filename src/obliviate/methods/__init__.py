@@ -1,35 +1,57 @@
-"""Erasure methods behind one small interface, and a registry that refuses mistakes.
+"""Erasure methods: one module each, behind one small protocol, in a registry that refuses
+mistakes.
 
-A method module exposes:
-  ``Config``: a frozen dataclass of its settings (defaults = the reference's);
-  ``fit(lm, data, config, seed, context) -> Fitted``, whose ``candidates()`` yields
-      (params: dict, edit) for the grid the pipeline evaluates on TRAIN questions, each an
-      ``Edit`` (edits.py) that the pipeline applies, evaluates and reverts, and whose
-      ``report()`` describes the fit. ``context`` is a ``MethodContext``.
-Modules load lazily so `obliviate --help` stays fast.
+A method module (``methods/<name>.py``, or a package for a large one like ``eco/``) is a
+``Method``: it has
+  ``Config``  a frozen dataclass of its settings (defaults = the reference's), validated in
+              ``__post_init__`` when the run configuration is built, before any model loads;
+  ``fit(lm, data, config, seed, context) -> Fitted``  where ``Fitted.candidates()`` yields
+              ``(params, edit)`` for the grid the pipeline evaluates on TRAIN questions (each
+              an ``Edit``, edits/protocol.py: applied, evaluated, reverted, saved and verified
+              the same way whatever its kind) and ``Fitted.report()`` describes the fit.
+EMBER is one method among them; "EMBER as a plug-in" is composition (the pipeline fits the
+base method with EMBER's chosen edit applied). Modules load lazily so `obliviate --help`
+stays fast. To add a method: write its module and register it below.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, runtime_checkable
 
 from obliviate.registry import LazyRegistry
 
-_REGISTRY = LazyRegistry("method", "_", "Available methods", sort=True)
-register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get
 
-
-@dataclass
+@dataclass(frozen=True)
 class MethodContext:
-    """What the pipeline hands a method beyond model and data."""
+    """What the pipeline hands a method beyond model, data, settings and seed."""
 
-    progress: bool = True
-    checkpoint_dir: Any = None  # a folder for resumable training state, or None
-    extra: dict = field(default_factory=dict)
+    progress: bool = True  # show progress bars
+    checkpoint_dir: Path | None = None  # a folder for resumable training state
+    log: Callable[[str], None] = lambda _message: None  # one-line progress messages
+    judge: Any = None  # a loaded judge model for EMBER's ``selection: judge`` (else loaded from the config)
 
+
+class Fitted(Protocol):
+    def candidates(self) -> Iterator[tuple[dict, Any]]: ...
+    def report(self) -> dict: ...
+
+
+@runtime_checkable
+class Method(Protocol):
+    Config: type
+
+    def fit(self, lm: Any, data: Any, config: Any, seed: int, context: MethodContext) -> Fitted: ...
+
+
+_REGISTRY = LazyRegistry("method", "_", "Available methods", sort=True, protocol=Method)
+register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get
 
 register("ember", "obliviate.methods.ember")
 register("rmu", "obliviate.methods.rmu")
 register("elm", "obliviate.methods.elm")
 register("grad_diff", "obliviate.methods.grad_diff")
 register("npo", "obliviate.methods.npo")
+register("eco", "obliviate.methods.eco")
+register("snmf", "obliviate.methods.snmf")
+register("pisces", "obliviate.methods.pisces")

@@ -18,42 +18,47 @@ import torch
 from obliviate.data.concepts import ConceptData
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
+from obliviate.settings import setting
 from obliviate.methods.factorization import Factorization, FactorizationConfig, factorize
 from obliviate.methods.features import CONCEPT, FeatureInfo, TokenSet, build_token_set, select_features
-from obliviate.models.loading import LoadedModel, embedding_scale, load_model
+from obliviate.methods import MethodContext
+from obliviate.models.loading import LoadedModel, embedding_scale, embeddings_are_tied, load_model, untie_output_embeddings
 
 DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
 
 
 @dataclass(frozen=True)
 class Config:
-    k: int = 100  # features (paper: 100 for Gemma-2-2B, 200 for Llama-3.1-8B)
-    sparsity: float = 0.01  # reference g_sparsity
-    max_iterations: int = 20000
-    patience: int = 500
-    reg: float = 1e-4
+    k: int = 100  # number of features K (paper: 100 for Gemma-2-2B, 200 for Llama-3.1-8B)
+    sparsity: float = 0.01  # sparsity penalty on the token codes G (reference g_sparsity)
+    max_iterations: int = setting(20000, "factorization iterations at most")
+    patience: int = setting(500, "stop the factorization after this many iterations without improvement")
+    reg: float = setting(1e-4, "ridge regularization of the factorization's updates")
     selection: str = "contrast"  # contrast | reference | judge (see features.py)
     ratio_threshold: float = 2.0  # reference threshold (see features.py for ``contrast``)
     usage_fraction: float = 0.25  # contrast/judge: usage >= this x the strongest candidate's
     judge_model: str | None = None  # selection "judge": a local model path/hub id, or "self"
     judge_confidence: float = 0.85  # reference judge cut-off
     max_tokens_per_feature: int = 200  # reference cap on each feature's token list
-    delta_grid: tuple[float, ...] = DELTA_GRID
+    delta_grid: tuple[float, ...] = setting(DELTA_GRID, "the deltas to try on TRAIN questions, smallest first")
     delta: float | None = None  # fixed delta: skip the grid
     # Tied input/output embeddings (Gemma). True is the reference: untie, edit only the input
     # rows; but then lm_head keeps every edited token's ORIGINAL row, and whoever holds the
     # weights copies it back (leaks: results.json warns). False (ours): ``tied_output`` says
     # what the edited tokens' output rows become, so that no original row survives:
-    untie_embeddings: bool = False
+    untie_embeddings: bool = setting(
+        False, "tied models: edit only the input rows and keep the ORIGINAL output rows (the reference; leaks, warned)")
     # "neutral": untie, and give the edited tokens the MEAN output row (it carries nothing of
     #   the original; the model just stops favouring them). Measured on Gambling (train, 45
     #   general prompts): delta 10 keeps coherence 0.91, where "shared" drops to 0.11 at delta 5.
     # "shared": edit the tied matrix, so output rows get the same edit as the input rows
     #   (large deltas then make the edited tokens win in unrelated text).
-    tied_output: str = "neutral"
+    tied_output: str = setting(
+        "neutral", "tied models: the edited tokens' output rows become the mean row (neutral) or get the same edit (shared)")
     # Where the factorization runs: "cpu" (the reference's default) or "model" (the
     # device of the input embedding, e.g. a GPU; same seed, results equal up to float order).
-    factorize_on: str = "cpu"
+    factorize_on: str = setting(
+        "cpu", "where the factorization runs: cpu, or model (the input embedding's device, e.g. a GPU)")
 
     def __post_init__(self) -> None:
         if self.ratio_threshold <= 0 or not 0 <= self.usage_fraction <= 1:
@@ -90,6 +95,9 @@ class EmberFit:
     timings: dict[str, float] = field(default_factory=dict)
     model_name: str = ""
     tokenizer: object = None
+    output_rows: str = "separate"  # the output-row policy applied (see output_rows_mode)
+    embeddings_untied: bool = False
+    neutral_row: torch.Tensor | None = None  # "neutral": every edited token's new output row
 
     def candidates(self) -> Iterator[tuple[dict, EmbeddingPatch]]:
         """The grid the pipeline evaluates, smallest delta first (the stop rule relies on it)."""
@@ -99,6 +107,9 @@ class EmberFit:
 
     def report(self) -> dict:
         return {
+            "output_rows": self.output_rows,
+            "embeddings_untied": self.embeddings_untied,
+            "timings": self.timings,
             "token_counts": self.token_set.counts(),
             "labels": "contrast (other concepts are negatives)" if self.config.selection != "reference" else "reference",
             "selection": self.config.selection,
@@ -118,11 +129,16 @@ class EmberFit:
     def patch(self, delta: float) -> EmbeddingPatch:
         # e_i <- e_i - delta * c_i in the scaled space == rows - delta * c_i / scale unscaled.
         edited = (self.original_rows.double() - delta * self.contributions.double() / self.scale)
+        output = None
+        if self.neutral_row is not None:  # an untied output layer that carries nothing of the original rows
+            output = self.neutral_row.to(self.original_rows.dtype).expand_as(self.original_rows).clone()
         return EmbeddingPatch(
             token_ids=self.token_ids.clone(),
             original_rows=self.original_rows.clone(),
             edited_rows=edited.to(self.original_rows.dtype),
-            metadata={"method": "ember", "delta": str(delta), "model": self.model_name},
+            metadata={"method": "ember", "delta": str(delta), "model": self.model_name,
+                      "embeddings_untied": str(self.embeddings_untied)},
+            output_rows=output,
         )
 
     def token_report(self, tokenizer, limit: int = 60) -> list[str]:
@@ -155,7 +171,21 @@ def eligible_contributions(
     return rows.numpy(), weights[rows] @ fit_F.T
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None, judge: LoadedModel | None = None, progress=None) -> EmberFit:
+def output_rows_mode(model: torch.nn.Module, config: Config) -> str:
+    """What the edited tokens get as OUTPUT rows: "separate" (an untied model: untouched),
+    "original" (the reference's untying: they keep the original rows, which leaks),
+    "neutral" (the mean output row) or "shared" (the tied matrix gets the edit)."""
+    if not embeddings_are_tied(model):
+        return "separate"
+    return "original" if config.untie_embeddings else config.tied_output
+
+
+def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42,
+        context: MethodContext = MethodContext()) -> EmberFit:
+    """Factorize the concept's token embeddings and select its features; the model's output
+    layer is untied first when the output-row policy asks for it (see ``Config``)."""
+    output_rows = output_rows_mode(lm.model, config)
+    untied = untie_output_embeddings(lm.model) if output_rows in ("original", "neutral") else False
     timings = {}
     start = time.perf_counter()
     token_set = build_token_set(lm.tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)
@@ -163,11 +193,12 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     timings["token_set"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    result = factorize(A.cpu() if config.factorize_on == "cpu" else A, config.factorization(seed), progress=progress)
+    result = factorize(A.cpu() if config.factorize_on == "cpu" else A, config.factorization(seed))
     # Feature selection and the edit work on CPU tensors (token masks are NumPy/CPU).
     result.F, result.G = result.F.cpu(), result.G.cpu()
     timings["factorization"] = time.perf_counter() - start
 
+    judge = context.judge
     if config.selection == "judge" and judge is None and config.judge_model:
         judge = lm if config.judge_model == "self" else load_model(config.judge_model, device=str(lm.device))
     selected, described = select_features(
@@ -182,4 +213,10 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
         token_set=token_set, factorization=result, features=selected, all_features=described,
         token_ids=token_ids, contributions=contributions.to(torch.float64), scale=embedding_scale(lm.model),
         original_rows=original, config=config, timings=timings, model_name=lm.name, tokenizer=lm.tokenizer,
+        output_rows=output_rows, embeddings_untied=untied,
+        neutral_row=mean_output_row(lm.model) if output_rows == "neutral" else None,
     )
+
+
+def mean_output_row(model: torch.nn.Module) -> torch.Tensor:
+    return model.get_output_embeddings().weight.detach().float().mean(dim=0).cpu()

@@ -35,6 +35,7 @@ import torch
 
 from obliviate.data.concepts import MCQuestion
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.multiple_choice import option_scores, prepare
 
 SELECTION_MODES = ("contrast", "reference", "judge")
 CONCEPT, NEUTRAL, BOTH = "concept", "neutral", "both"
@@ -159,8 +160,6 @@ def judge_confidences(judge, concept: str, features: list[FeatureInfo]) -> list[
     Scored like any multiple-choice item (option log-likelihood), so any local causal LM
     can serve as the judge; no external API.
     """
-    from obliviate.evaluation.multiple_choice import option_scores, prepare
-
     questions = [
         MCQuestion(
             f"Here are words that a feature of a language model responds to: {', '.join(f.top_tokens[:20])}. "

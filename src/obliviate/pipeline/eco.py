@@ -15,13 +15,16 @@ from pathlib import Path
 import numpy as np
 
 from obliviate.data.concepts import ConceptData, MCQuestion, load_open_questions
-from obliviate.edits.embedding import CompositeEdit, EmbeddingPatch
+from obliviate.edits.embedding import EmbeddingPatch
+from obliviate.edits.protocol import CompositeEdit
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
+from obliviate.evaluation.results import HEADLINE, RunResults
 from obliviate.evaluation.multiple_choice import option_scores, prepare
 from obliviate.models.loading import LoadedModel, untie_output_embeddings
 from obliviate.attacks.adversarial import TEMPLATES
-from obliviate.methods.eco import make_hook
+from obliviate.methods.eco.fitting import FittedEco
+from obliviate.reports.eco_figures import calibration_figure, sigma_figure
 from obliviate.methods.eco.artifact import EcoArtifact
 from obliviate.methods.eco.fitting import encode
 from obliviate.methods.eco.fitting import scoring_prompt
@@ -96,7 +99,7 @@ def side_effects(hook: EcoHook, lm: LoadedModel, questions: list[MCQuestion], sc
 
 
 def _summary(outcome: SplitOutcome) -> dict:
-    keep = ("qa_base", "qa_edited", "simdom_edited", "general_edited", "efficacy", "specificity", "coherence", "harmonic", "score")
+    keep = ("qa_base", "qa_edited", "simdom_edited", "general_edited") + HEADLINE
     return {k: outcome.metrics[k].as_dict() for k in keep if k in outcome.metrics}
 
 
@@ -111,11 +114,12 @@ def evaluate(lm: LoadedModel, data: ConceptData, artifact: EcoArtifact, eval_con
         if patch.metadata.get("embeddings_untied") == "True":
             untie_output_embeddings(lm.model)
     evaluator = Evaluator(lm, data, eval_config, seed)
-    hook = make_hook(artifact)
-    results: dict = {"concept": data.concept, "model": lm.name, "model_source": lm.source,
-                     "split": "test", "hook": EcoEdit(hook).summary(), "base_accuracy": evaluator.base_accuracy("test")}
+    hook = artifact.hook()
+    results: dict = {"model_source": lm.source, "split": "test", "hook": EcoEdit(hook).summary(),
+                     "base_accuracy": evaluator.base_accuracy("test")}
     say("ECO on test questions")
-    results["eco"] = _summary(evaluator.evaluate("test", EcoEdit(hook)))
+    outcome = evaluator.evaluate("test", EcoEdit(hook))
+    results["eco"] = _summary(outcome)
     results["eco"]["hook_stats"] = hook.stats.as_dict()
     say("classifier recall and false positives")
     results["classifier"] = classifier_report(hook, lm, data)
@@ -126,11 +130,22 @@ def evaluate(lm: LoadedModel, data: ConceptData, artifact: EcoArtifact, eval_con
         say("EMBER alone and EMBER+ECO")
         results["ember_patch"] = str(resolve_patch(ember_patch))
         results["ember"] = _summary(evaluator.evaluate("test", patch))
-        ember_hook = make_hook(artifact)
+        ember_hook = artifact.hook()
         results["ember+eco"] = _summary(evaluator.evaluate("test", CompositeEdit([patch, EcoEdit(ember_hook)])))
         patch.apply(lm.model)
         try:
-            results["classifier_under_ember"] = classifier_report(make_hook(artifact), lm, data)
+            results["classifier_under_ember"] = classifier_report(artifact.hook(), lm, data)
         finally:
             patch.revert(lm.model)
-    return results
+    return RunResults("eco", data.concept, "eco", lm.name, seed, outcome.results(), results).to_dict()
+
+
+def save_fitted(fitted: FittedEco, out: str | Path) -> Path:
+    """The artifact folder of `obliviate eco fit`, with its calibration and sigma figures
+    (the artifact's config.json is written last: a folder with it is complete)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    calibration_figure(out / "calibration.png", *fitted.heldout, fitted.artifact.classifier.threshold,
+                       fitted.artifact.info["concept"])
+    sigma_figure(out / "sigma.png", fitted.trace)
+    return fitted.artifact.save(out)

@@ -1,6 +1,11 @@
 """Human-readable summaries of a run's results.json (a short Markdown report)."""
 from __future__ import annotations
 
+from obliviate.evaluation.metrics import QUESTION_SETS
+from obliviate.evaluation.results import HEADLINE, METRICS, set_key
+
+SHOWN = tuple(name for name in HEADLINE if name != "score")  # the score is the grids' business
+
 
 def fmt(metric: dict | None) -> str:
     """0.42 [0.30, 0.55] from a {value, low, high} interval."""
@@ -11,10 +16,10 @@ def fmt(metric: dict | None) -> str:
 
 def print_summary(results: dict, model_label: str = "edited") -> None:
     """Test accuracies (original vs the model) and the derived metrics, for the terminal."""
-    for name in ("qa_test", "simdom_test", "general_test"):
+    for name in map(set_key, QUESTION_SETS):
         if name in results:
             print(f"  {name:13s} original {fmt(results[name]['base'])}  {model_label} {fmt(results[name]['edited'])}")
-    for name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
+    for name in SHOWN:
         if name in results:
             print(f"  {name:15s} {fmt(results[name])}")
     flagged = [name for name, near in results.get("near_chance", {}).items() if near]
@@ -24,7 +29,7 @@ def print_summary(results: dict, model_label: str = "edited") -> None:
 
 def _accuracy_rows(results: dict) -> list[str]:
     rows = ["| set (test) | original | edited |", "| --- | --- | --- |"]
-    for name in ("qa_test", "simdom_test", "general_test"):
+    for name in map(set_key, QUESTION_SETS):
         if name in results:
             rows.append(f"| {name} | {fmt(results[name]['base'])} | {fmt(results[name]['edited'])} |")
     return rows if len(rows) > 2 else ["No questions were given: no accuracy is claimed."]
@@ -71,14 +76,13 @@ OUTPUT_ROWS = {
     "shared": "tied embeddings edited together: the output rows got the same edit",
     "separate": "a separate output layer, untouched",
 }
-METRIC_LABELS = {"coherence": "coherence (general prompts)", "concept_fluency": "fluency on concept text (diagnostic)"}
 
 
 def _noise_lines(results: dict) -> list[str]:
     """Absolute drops with paired intervals, the continuous measure, and near-chance flags."""
     metrics = results.get("test", {}).get("metrics", {})
     lines = []
-    for name in ("qa", "simdom", "general"):
+    for name in QUESTION_SETS:
         if f"{name}_drop" in metrics:
             prob = f"; probability of the correct option {fmt(metrics.get(f'{name}_prob_base'))} -> " \
                    f"{fmt(metrics.get(f'{name}_prob_edited'))}" if f"{name}_prob_base" in metrics else ""
@@ -92,7 +96,7 @@ def _noise_lines(results: dict) -> list[str]:
 
 def _coverage_rows(coverage: dict) -> list[str]:
     """Which questions contain an edited token, and accuracy on each part."""
-    sets = [name for name in ("qa", "simdom", "general") if name in coverage]
+    sets = [name for name in QUESTION_SETS if name in coverage]
     if not sets:
         return []
     rows = ["", "## Coverage: questions that contain an edited token", "",
@@ -153,9 +157,9 @@ def markdown_report(results: dict) -> str:
         *_accuracy_rows(results),
         "",
     ]
-    for name in ("efficacy", "specificity", "coherence", "concept_fluency", "harmonic"):
+    for name in SHOWN:
         if name in results:
-            lines.append(f"- {METRIC_LABELS.get(name, name)}: {fmt(results[name])}")
+            lines.append(f"- {METRICS[name].label}: {fmt(results[name])}")
     lines += _noise_lines(results) + _coverage_rows(results.get("coverage", {})) + _example_rows(results.get("examples", {}))
     if results.get("delta") is not None:
         lines += ["", f"## EMBER: delta = {results['delta']}, {results['edited_token_count']} tokens edited", ""]

@@ -28,11 +28,27 @@ from tqdm.auto import tqdm
 from obliviate.errors import ObliviateError
 from obliviate.io import atomic_path, save_tensors
 from obliviate.models.layers import block_outputs, model_device
+from obliviate.training import sharding
+from obliviate.training.optim import check_choice, make_optimizer, resolve_optimizer, training_precision, weights_dtype
 
 
 def check_positive(name: str, value: float) -> None:
     if not value > 0:
         raise ObliviateError(f"{name} must be > 0, got {value}.")
+
+
+def checkpointing_choice(value) -> str:
+    """auto | on | off (booleans accepted: True = on, False = off)."""
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    value = str(value).lower()
+    if value in ("true", "yes", "1"):
+        return "on"
+    if value in ("false", "no", "0"):
+        return "off"
+    if value not in ("auto", "on", "off"):
+        raise ObliviateError(f"gradient_checkpointing must be auto, on or off, got {value!r}.")
+    return value
 
 
 @dataclass(frozen=True)
@@ -47,8 +63,14 @@ class LoopConfig:
     weight_decay: float = 0.0
     max_length: int = 64
     checkpoint_every: int = 25
+    # training/optim.py: auto | adamw | adamw-fp32 | adamw-sr | adamw8bit | adamw8bit-bnb.
+    # auto: adamw for fp32 weights (unchanged), for bf16 the most faithful one the memory plan fits.
+    optimizer: str = "auto"
+    gradient_checkpointing: str = "auto"  # auto (on when the plan needs it) | on | off
 
     def __post_init__(self) -> None:
+        check_choice(self.optimizer)
+        object.__setattr__(self, "gradient_checkpointing", checkpointing_choice(self.gradient_checkpointing))
         for lr in self.lr:
             check_positive("lr", lr)
         for name in ("steps", "batch_size", "grad_accum", "max_length", "checkpoint_every"):
@@ -82,13 +104,15 @@ class TrainLog:
     seconds: float = 0.0
     resumed_from: int = 0
     cached: bool = False
+    optimizer: str = ""  # the resolved choice (training/optim.py)
+    memory_plan: str = ""  # what the plan said before training
 
     def as_dict(self) -> dict:
         first, last = (self.losses[0], self.losses[-1]) if self.losses else ({}, {})
         return {"steps": self.steps, "seconds": round(self.seconds, 2),
                 "seconds_per_step": round(self.seconds / max(1, self.steps - self.resumed_from), 3),
                 "resumed_from": self.resumed_from, "cached": self.cached, "first_loss": first, "last_loss": last,
-                "losses": self.losses}
+                "losses": self.losses, "optimizer": self.optimizer, "memory_plan": self.memory_plan}
 
 
 def content_mask(batch: Batch, special_ids: set[int]) -> torch.Tensor:
@@ -128,22 +152,24 @@ class TextStream:
 
 
 def snapshot(params: dict[str, nn.Parameter]) -> dict[str, torch.Tensor]:
-    return {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+    """The parameters' values on the CPU (whole, also when FSDP shards them)."""
+    return {name: sharding.full(p).to("cpu", copy=True) for name, p in params.items()}
 
 
 @contextmanager
 def swapped(params: dict[str, nn.Parameter], values: dict[str, torch.Tensor]):
-    """Hold ``values`` in ``params`` for a block (the frozen original model, without a copy)."""
+    """Hold ``values`` in ``params`` for a block (the frozen original model, without a copy).
+    The parameters are looked up in the dict when the block starts, so a dict that training
+    re-pointed at sharded parameters is followed."""
     saved = {name: p.detach().clone() for name, p in params.items()}
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(values[name].to(p.device, p.dtype))
+    for name, p in params.items():
+        sharding.assign(p, values[name])
     try:
         yield
     finally:
         with torch.no_grad():
             for name, p in params.items():
-                p.copy_(saved[name])
+                p.detach().copy_(saved[name])
 
 
 @contextmanager
@@ -152,9 +178,8 @@ def restored(params: dict[str, nn.Parameter], originals: dict[str, torch.Tensor]
     try:
         yield
     finally:
-        with torch.no_grad():
-            for name, p in params.items():
-                p.copy_(originals[name].to(p.device, p.dtype))
+        for name, p in params.items():
+            sharding.assign(p, originals[name])
 
 
 def layer_activations(model: nn.Module, layer: int, batch: Batch) -> torch.Tensor:
@@ -188,16 +213,53 @@ def trainable(model: nn.Module, params: dict[str, nn.Parameter]):
 def adamw(params, lr: float, weight_decay: float) -> torch.optim.AdamW:
     """AdamW with the fused kernel where torch has one for the parameters' device (CPU and
     CUDA): one pass over memory instead of a dozen, measured 5.8x faster per step on the
-    CPU; numerically the same update."""
-    params = list(params)
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused or None)
+    CPU; numerically the same update. (``make_optimizer("adamw", ...)``.)"""
+    return make_optimizer("adamw", params, lr, weight_decay)
 
 
 def _accelerator(device: torch.device):
     from accelerate import Accelerator
 
     return Accelerator(cpu=device.type == "cpu")
+
+
+def plan_stage(model: nn.Module, trained: list[nn.Parameter], optimizer: str, checkpointing: str, batch: int,
+               length: int, sequences: int, what: str, head: bool = True):
+    """Resolve ``optimizer`` and ``checkpointing`` ("auto") with the memory plan
+    (models/memory.py) and refuse, naming the settings that would fit, when nothing does.
+    Returns (optimizer, gradient checkpointing on, plan)."""
+    from obliviate.models import memory
+
+    budget = memory.device_budget(model)
+    _, processes = sharding.world()
+    dtype = weights_dtype(trained)
+
+    def plan(name: str, on: bool):
+        return memory.plan_training(model, trained, name, batch, length, sequences, on, processes, processes > 1,
+                                    budget, head=head)
+
+    ons = {"on": (True,), "off": (False,), "auto": (False, True)}[checkpointing]
+    fits = lambda name: any(plan(name, on).fits for on in ons)  # noqa: E731
+    name = resolve_optimizer(optimizer, dtype, fits)
+    on = next((on for on in ons if plan(name, on).fits), ons[-1])
+    chosen = plan(name, on)
+    memory.check_plan(chosen, model, trained, what, head=head)
+    return name, on, chosen
+
+
+@contextmanager
+def checkpointing(model: nn.Module, on: bool):
+    """Gradient checkpointing (transformers' own) inside the block when ``on``."""
+    if not on or not getattr(model, "supports_gradient_checkpointing", False):
+        yield
+        return
+    was = getattr(model, "is_gradient_checkpointing", False)
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        if not was:
+            model.gradient_checkpointing_disable()
 
 
 def train(
@@ -218,42 +280,74 @@ def train(
     and retain texts. With ``checkpoint`` (a folder), the trained tensors, optimizer state
     and step are saved every ``checkpoint_every`` steps and picked up on the next call.
     """
+    loop = settings.loop
     device = model_device(model)
     torch.manual_seed(settings.seed)
-    forget_stream = TextStream(forget, settings.loop.batch_size, settings.seed)
-    retain_stream = TextStream(retain, settings.loop.batch_size, settings.seed + 1)
-    optimizer = adamw(params.values(), settings.lr, settings.loop.weight_decay)
+    forget_stream = TextStream(forget, loop.batch_size, settings.seed)
+    retain_stream = TextStream(retain, loop.batch_size, settings.seed + 1)
+    name, on, plan = plan_stage(model, list(params.values()), loop.optimizer, loop.gradient_checkpointing,
+                                loop.batch_size, loop.max_length, 2, desc)
+    log = TrainLog(optimizer=name, memory_plan=plan.describe())
+    if progress:
+        tqdm.write(f"{desc}: {log.memory_plan}")
+    rank, processes = sharding.world()
+    if processes > 1:  # FSDP2 over the process group (training/sharding.py)
+        sharding.shard(model, params)
+        checkpoint = None  # mid-training state is per shard: a candidate restarts rather than resumes
+    mine = sharding.my_micro_batches(loop.grad_accum)
+    share = len(mine) / loop.grad_accum * processes  # each process's part of the step's mean
     accelerator = _accelerator(device)
-    optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
-    log = TrainLog()
-    start_step = _resume(checkpoint, params, optimizer, log)
-    forget_stream.skip(start_step * settings.loop.grad_accum)
-    retain_stream.skip(start_step * settings.loop.grad_accum)
-    clock = time.perf_counter()
-    bar = tqdm(total=settings.loop.steps, initial=start_step, desc=desc, unit="step", disable=None if progress else True)
-    with trainable(model, params):
-        for step in range(start_step, settings.loop.steps):
-            parts_sum: dict[str, float] = {}
-            for _ in range(settings.loop.grad_accum):
-                f = tokenize(tokenizer, forget_stream.next(), settings.loop.max_length, device)
-                r = tokenize(tokenizer, retain_stream.next(), settings.loop.max_length, device)
-                loss, parts = step_loss(f, r)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate.")
-                accelerator.backward(loss / settings.loop.grad_accum)
-                for name, value in {"loss": loss, **parts}.items():
-                    parts_sum[name] = parts_sum.get(name, 0.0) + float(torch.as_tensor(value).detach()) / settings.loop.grad_accum
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            log.losses.append({k: round(v, 6) for k, v in parts_sum.items()})
-            bar.update(1)
-            bar.set_postfix(loss=f"{parts_sum['loss']:.4g}")
-            if checkpoint is not None and (step + 1) % settings.loop.checkpoint_every == 0 and step + 1 < settings.loop.steps:
-                _save(checkpoint, params, optimizer, step + 1, log)
-    bar.close()
-    log.steps = settings.loop.steps
+    with training_precision(name, params.values()) as autocast, checkpointing(model, on):
+        optimizer = make_optimizer(name, params.values(), settings.lr, loop.weight_decay)
+        if processes == 1:
+            optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)
+        start_step = _resume(checkpoint, params, optimizer, log)
+        forget_stream.skip(start_step * loop.grad_accum)
+        retain_stream.skip(start_step * loop.grad_accum)
+        clock = time.perf_counter()
+        bar = tqdm(total=loop.steps, initial=start_step, desc=desc, unit="step",
+                   disable=None if progress and rank == 0 else True)
+        with trainable(model, params):
+            for step in range(start_step, loop.steps):
+                parts_sum: dict[str, float] = {}
+                for micro in range(loop.grad_accum):
+                    forget_texts, retain_texts = forget_stream.next(), retain_stream.next()
+                    if micro not in mine:
+                        continue  # another process's micro-batch
+                    f = tokenize(tokenizer, forget_texts, loop.max_length, device)
+                    r = tokenize(tokenizer, retain_texts, loop.max_length, device)
+                    with autocast():
+                        loss, parts = step_loss(f, r)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(f"{desc}: loss became {loss.item()} at step {step}; lower the learning rate.")
+                    (loss / loop.grad_accum * (processes / share if processes > 1 else 1)).backward()
+                    for key, value in {"loss": loss, **parts}.items():
+                        parts_sum[key] = parts_sum.get(key, 0.0) + float(torch.as_tensor(value).detach()) / loop.grad_accum
+                parts_sum = _mean_over_processes(parts_sum, share)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+                log.losses.append({k: round(v, 6) for k, v in parts_sum.items()})
+                bar.update(1)
+                bar.set_postfix(loss=f"{parts_sum['loss']:.4g}")
+                if checkpoint is not None and (step + 1) % loop.checkpoint_every == 0 and step + 1 < loop.steps:
+                    _save(checkpoint, params, optimizer, step + 1, log)
+        bar.close()
+    log.steps = loop.steps
     log.seconds = time.perf_counter() - clock
     return log
+
+
+def _mean_over_processes(parts: dict[str, float], share: float) -> dict[str, float]:
+    """The step's loss parts averaged over every micro-batch of every process."""
+    rank, processes = sharding.world()
+    if processes == 1:
+        return parts
+    import torch.distributed as dist
+
+    keys = sorted(parts)
+    values = torch.tensor([parts[k] / share for k in keys], dtype=torch.float64)
+    dist.all_reduce(values)
+    return {k: float(v) for k, v in zip(keys, values)}
 
 
 def _save(folder: Path, params, optimizer, step: int, log: TrainLog) -> None:
@@ -313,7 +407,7 @@ def grid_points(**axes) -> list[dict]:
 def model_fingerprint(model: nn.Module) -> str:
     """A cheap fingerprint of the input embedding (so a cached candidate trained on the
     EMBER-edited model is never reused for the plain one, and vice versa)."""
-    weight = model.get_input_embeddings().weight.detach()
+    weight = sharding.full(model.get_input_embeddings().weight)
     probe = torch.linspace(-1, 1, weight.shape[1], dtype=torch.float64, device=weight.device)
     return f"{float((weight.double() @ probe).sum()):.12e}"
 
@@ -338,8 +432,10 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
         return ParameterDelta(original=originals, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()}), done
     with restored(params, originals):
         log = train(model, tokenizer, params, step_loss, forget, retain, settings, folder, progress, desc)
-        delta = ParameterDelta.capture(model, originals, metadata)
-    if folder is not None:
+        # The trained values, whole (gathered from every process when FSDP shards them).
+        delta = ParameterDelta(original=originals, new=snapshot(params),
+                               metadata={k: str(v) for k, v in (metadata or {}).items()})
+    if folder is not None and sharding.world()[0] == 0:
         folder.mkdir(parents=True, exist_ok=True)
         save_tensors(folder / "trained.safetensors", {n: t.contiguous() for n, t in delta.new.items()})
         finished(folder, log)

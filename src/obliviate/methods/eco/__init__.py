@@ -1,7 +1,12 @@
 """ECO: inference-time erasure behind a prompt classifier (METHOD.md section 3).
 
+A method like the others (``obliviate erase --method eco``): ``fit`` trains the classifier,
+calibrates its threshold and learns sigma; its one candidate is an ``EcoEdit`` (the hook),
+saved as the artifact folder ``eco/``. Used directly:
+
     import obliviate.methods.eco as eco
-    artifact = eco.fit(lm, data, eco.EcoConfig(), out="runs/eco-hp")   # offline
+    fitted = eco.fit(lm, data, eco.Config(), seed=42)
+    fitted.artifact.save("runs/eco-hp")        # or `obliviate eco fit ... --out runs/eco-hp`
     wrapped = eco.wrap(lm, "runs/eco-hp")      # same LoadedModel, hook installed
     wrapped.model.generate(...)                # flagged prompts corrupted at prefill
     eco.unwrap(wrapped)                        # hook removed; the model is as before
@@ -13,6 +18,7 @@ sits under the hook.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from torch import nn
@@ -20,17 +26,17 @@ from torch import nn
 from obliviate.errors import ObliviateError
 from obliviate.models.loading import LoadedModel
 from obliviate.methods.eco.artifact import EcoArtifact
+from obliviate.data.concepts import ConceptData
+from obliviate.methods import MethodContext
 from obliviate.methods.eco.config import EcoConfig
-from obliviate.methods.eco.hook import EcoEdit
-from obliviate.methods.eco.hook import EcoHook
+from obliviate.methods.eco.fitting import FittedEco, fit as fit_eco
+from obliviate.methods.eco.hook import EcoEdit, EcoHook
+
+Config = EcoConfig  # the Method protocol's name for the settings
 
 
 def load(eco_dir: str | Path) -> EcoArtifact:
     return EcoArtifact.load(eco_dir)
-
-
-def make_hook(artifact: EcoArtifact) -> EcoHook:
-    return EcoHook(artifact.classifier, artifact.corruption, artifact.marker_ids, artifact.pad_token_id)
 
 
 def _model_name(model: nn.Module) -> str:
@@ -54,7 +60,7 @@ def wrap(model_or_lm: LoadedModel | nn.Module, eco_dir: str | Path | EcoArtifact
     if getattr(lm.model, "_obliviate_eco", None) is not None:
         raise ObliviateError("This model already has an ECO hook: call obliviate.methods.eco.unwrap first.")
     artifact.check_model(lm.model, f"{lm.name} ({lm.source})")
-    make_hook(artifact).install(lm.model)
+    artifact.hook().install(lm.model)
     return lm
 
 
@@ -71,11 +77,11 @@ def hook_of(model_or_lm: LoadedModel | nn.Module) -> EcoHook | None:
     return getattr(model, "_obliviate_eco", None)
 
 
-def fit(lm: LoadedModel, data, config: EcoConfig = EcoConfig(), out: str | Path | None = None, progress=None) -> EcoArtifact:
-    """Train the classifier, calibrate its threshold and learn sigma (see fitting.py)."""
-    from obliviate.methods.eco.fitting import fit as _fit
+def fit(lm: LoadedModel, data: ConceptData, config: Config = Config(), seed: int = 42,
+        context: MethodContext = MethodContext()) -> FittedEco:
+    """The Method protocol's fit: the run's seed seeds the classifier split and the corruption."""
+    return fit_eco(lm, data, replace(config, seed=seed), context.log)
 
-    return _fit(lm, data, config, out, progress)
 
-
-__all__ = ["wrap", "unwrap", "fit", "load", "hook_of", "make_hook", "EcoConfig", "EcoArtifact", "EcoHook", "EcoEdit"]
+__all__ = ["Config", "fit", "wrap", "unwrap", "load", "hook_of", "EcoConfig", "EcoArtifact", "EcoHook", "EcoEdit",
+           "FittedEco"]

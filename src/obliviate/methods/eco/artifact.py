@@ -22,6 +22,7 @@ from obliviate.errors import ObliviateError
 from obliviate.io import load_tensors, read_json, save_tensors, write_json
 from obliviate.methods.eco.classifier import PromptClassifier
 from obliviate.methods.eco.corruption import Corruption
+from obliviate.methods.eco.hook import EcoHook
 
 FORMAT = "obliviate-eco/1"
 PROBE_ROWS = 16
@@ -91,6 +92,10 @@ class EcoArtifact:
             "pad_token_id": self.pad_token_id,
             **self.info,
         }
+
+    def hook(self) -> EcoHook:
+        """A fresh hook with this artifact's classifier and corruption (installed by ``apply``)."""
+        return EcoHook(self.classifier, self.corruption, self.marker_ids, self.pad_token_id)
 
     def save(self, folder: str | Path) -> Path:
         folder = Path(folder)

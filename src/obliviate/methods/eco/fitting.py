@@ -12,8 +12,7 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -30,10 +29,11 @@ from obliviate.methods.eco.classifier import rates
 from obliviate.methods.eco.classifier import train_logistic
 from obliviate.methods.eco.config import EcoConfig
 from obliviate.methods.eco.corruption import Corruption
-from obliviate.methods.eco.hook import EcoHook
+from obliviate.methods.eco.hook import EcoEdit, EcoHook
 from obliviate.methods.eco.sigma import SigmaTrace
 from obliviate.methods.eco.sigma import ZerothOrderConfig
 from obliviate.methods.eco.sigma import learn_sigma
+from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare
 
 MIN_POSITIVES = 30  # sentences + train questions: about 6 held out and 6 to calibrate on
 CONTRAST_SENTENCES = 300
@@ -170,8 +170,6 @@ def fit_classifier(lm: LoadedModel, data: ConceptData, config: EcoConfig):
 
 def forget_accuracy(lm: LoadedModel, hook: EcoHook, questions: list[MCQuestion], scoring: str, seed: int) -> Callable[[float], float]:
     """S(sigma): accuracy on ``questions`` with every prompt corrupted at strength sigma."""
-    from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare
-
     prepared = prepare(lm, questions, scoring, seed)
 
     def objective(sigma: float) -> float:
@@ -206,9 +204,24 @@ def fit_sigma(lm: LoadedModel, data: ConceptData, hook: EcoHook, config: EcoConf
     return trace
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: EcoConfig = EcoConfig(), out: str | Path | None = None,
-        progress: Callable[[str], None] | None = None) -> EcoArtifact:
-    """Fit ECO for one concept on ``lm``; writes the artifact folder when ``out`` is given."""
+@dataclass
+class FittedEco:
+    """ECO's ``Fitted``: one candidate, the learned corruption behind the calibrated classifier."""
+
+    artifact: EcoArtifact
+    heldout: tuple[np.ndarray, np.ndarray]  # held-out classifier scores and labels (calibration figure)
+    trace: SigmaTrace
+
+    def candidates(self) -> Iterator[tuple[dict, EcoEdit]]:
+        yield {"sigma": self.artifact.corruption.strength}, EcoEdit(self.artifact.hook(), self.artifact)
+
+    def report(self) -> dict:
+        return dict(self.artifact.info)
+
+
+def fit(lm: LoadedModel, data: ConceptData, config: EcoConfig = EcoConfig(),
+        progress: Callable[[str], None] | None = None) -> FittedEco:
+    """Fit ECO for one concept on ``lm``: train the classifier, calibrate its threshold, learn sigma."""
     say = progress or (lambda _m: None)
     say(f"classifier: {data.concept!r} on {lm.name}")
     classifier, report, heldout = fit_classifier(lm, data, config)
@@ -227,12 +240,4 @@ def fit(lm: LoadedModel, data: ConceptData, config: EcoConfig = EcoConfig(), out
         info={"concept": data.concept, "prompt_marker": config.prompt_marker, "classifier_report": report,
               "sigma_search": trace.as_dict(), "fit_config": config.__dict__},
     )
-    if out is not None:
-        from obliviate.reports.eco_figures import calibration_figure
-        from obliviate.reports.eco_figures import sigma_figure
-
-        Path(out).mkdir(parents=True, exist_ok=True)
-        calibration_figure(Path(out) / "calibration.png", *heldout, classifier.threshold, data.concept)
-        sigma_figure(Path(out) / "sigma.png", trace)
-        artifact.save(out)
-    return artifact
+    return FittedEco(artifact, heldout, trace)

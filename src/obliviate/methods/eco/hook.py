@@ -24,12 +24,14 @@ every real token but the last is corrupted, as in the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from pathlib import Path
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from obliviate.errors import ObliviateError
 from obliviate.methods.eco.classifier import PromptClassifier
 from obliviate.methods.eco.corruption import Corruption
 
@@ -181,6 +183,7 @@ class EcoEdit:
     (every question and prompt is scored again)."""
 
     hook: EcoHook
+    artifact: Any = None  # the EcoArtifact it came from (what ``save_to`` writes)
 
     def apply(self, model: nn.Module) -> None:
         self.hook.install(model)
@@ -190,6 +193,14 @@ class EcoEdit:
 
     def changed_token_ids(self) -> None:
         return None
+
+    def expected_changes(self, model: nn.Module) -> dict:
+        return {}  # no weight changes: the hook corrupts flagged prompts at inference
+
+    def save_to(self, folder: Path) -> list[Path]:
+        if self.artifact is None:
+            raise ObliviateError("This ECO hook has no artifact to save (it was built by hand).")
+        return [self.artifact.save(Path(folder) / "eco")]
 
     def summary(self) -> dict:
         c = self.hook.corruption

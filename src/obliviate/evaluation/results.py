@@ -1,0 +1,115 @@
+"""The results every command returns and every report reads, and the metric names, once.
+
+A run's results are a ``RunResults``: who was measured (concept, method, model, seed),
+the TEST split's metrics as 95% intervals (``SplitResults``), and the command's own parts
+(grids, attacks, timings, ...). ``to_dict`` gives results.json; ``from_dict`` reads it
+back, so a report reads the files of older runs and of every command the same way.
+Adding a metric: compute it in metrics.py (or the evaluator) and describe it in METRICS.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from obliviate.evaluation.metrics import QUESTION_SETS, Interval
+
+
+@dataclass(frozen=True)
+class Metric:
+    label: str  # what a reader sees
+    higher_is_better: bool = True
+    meaning: str = ""
+
+
+# The headline metrics, in the order reports show them (all in [0, 1]).
+METRICS: dict[str, Metric] = {
+    "efficacy": Metric("efficacy", meaning="share of the original's above-chance QA knowledge removed"),
+    "specificity": Metric("specificity", meaning="harmonic mean of similar-domain and general knowledge kept"),
+    "coherence": Metric("coherence (general prompts)", meaning="continuations on general prompts as good as the original's"),
+    "concept_fluency": Metric("fluency on concept text (diagnostic)", meaning="coherence on the concept's own prompts"),
+    "harmonic": Metric("harmonic(efficacy, specificity)"),
+    "score": Metric("score", meaning="harmonic(efficacy, specificity, coherence): EMBER's selection score"),
+}
+HEADLINE = tuple(METRICS)
+# Per question set: the original's and the edited model's accuracy, and the kept fraction.
+SET_LABELS = {"qa": "concept QA", "simdom": "similar domain", "general": "general knowledge"}
+
+
+def set_key(name: str) -> str:
+    """results.json key of a question set's test accuracies ("qa" -> "qa_test")."""
+    return f"{name}_test"
+
+
+@dataclass(frozen=True)
+class SplitResults:
+    """One split's metrics: name -> 95% interval (headline metrics, ``{set}_base``,
+    ``{set}_edited``, ``{set}_frac``, drops, ...) and the sets whose original accuracy is
+    within noise of chance."""
+
+    metrics: Mapping[str, Interval]
+    near_chance: Mapping[str, bool] = field(default_factory=dict)
+    rest: Mapping[str, Any] = field(default_factory=dict)  # rescored counts, coverage
+
+    def get(self, name: str) -> Interval | None:
+        return self.metrics.get(name)
+
+    def question_sets(self) -> dict[str, dict[str, Interval]]:
+        """{set: {"base": Interval, "edited": Interval}} for the sets that were measured."""
+        return {name: {"base": self.metrics[f"{name}_base"], "edited": self.metrics[f"{name}_edited"]}
+                for name in QUESTION_SETS if f"{name}_base" in self.metrics}
+
+    def to_dict(self) -> dict:
+        summary = {"metrics": {name: interval.as_dict() for name, interval in self.metrics.items()}, **self.rest,
+                   "near_chance": dict(self.near_chance)}
+        for name, pair in self.question_sets().items():
+            summary[set_key(name)] = {role: interval.as_dict() for role, interval in pair.items()}
+        return summary
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> "SplitResults":
+        metrics = {name: Interval(**value) for name, value in payload.get("metrics", {}).items()}
+        rest = {k: v for k, v in payload.items()
+                if k not in ("metrics", "near_chance") and not k.endswith("_test")}
+        return cls(metrics, dict(payload.get("near_chance", {})), rest)
+
+
+@dataclass(frozen=True)
+class RunResults:
+    """What a command measured. ``parts`` holds the command's own sections (the grids and
+    edit details of `erase`, the attacks of `attack`, ...), written as they are."""
+
+    kind: str  # erase | eval | attack | eco
+    concept: str
+    method: str
+    model: str
+    seed: int
+    test: SplitResults | None = None
+    parts: Mapping[str, Any] = field(default_factory=dict)
+
+    def metric(self, name: str) -> Interval | None:
+        return self.test.get(name) if self.test is not None else None
+
+    def to_dict(self) -> dict:
+        """results.json: the header, the headline metrics and question sets at the top level
+        (what people and scripts look up), the whole test split, then the command's parts."""
+        payload: dict[str, Any] = {"kind": self.kind, "concept": self.concept, "method": self.method,
+                                   "model": self.model, "seed": self.seed}
+        if self.test is not None:
+            test = self.test.to_dict()
+            payload.update({set_key(name): test[set_key(name)] for name in self.test.question_sets()})
+            payload.update({name: self.test.metrics[name].as_dict() for name in HEADLINE if name in self.test.metrics})
+            payload["test"] = test
+        payload.update(self.parts)
+        return payload
+
+    @classmethod
+    def from_dict(cls, payload: Mapping[str, Any]) -> "RunResults":
+        header = ("kind", "concept", "method", "model", "seed", "test")
+        derived = set(HEADLINE) | {set_key(name) for name in QUESTION_SETS}
+        test = payload.get("test")
+        return cls(
+            kind=payload.get("kind", "erase"), concept=payload.get("concept", ""), method=payload.get("method", ""),
+            model=payload.get("model", ""), seed=payload.get("seed", 0),
+            test=SplitResults.from_dict(test) if test and "metrics" in test else None,
+            parts={k: v for k, v in payload.items() if k not in header and k not in derived},
+        )

@@ -1,0 +1,86 @@
+"""`obliviate eval`: any model against the original on a concept: multiple choice, coherence
+and open-ended answers on TEST questions, into results.json."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+from obliviate.attacks.common import accuracy_interval
+from obliviate.data.concepts import load_open_questions
+from obliviate.errors import ObliviateError
+from obliviate.evaluation import open_ended
+from obliviate.evaluation.evaluator import Evaluator
+from obliviate.evaluation.results import RunResults
+from obliviate.evaluation.scoring import Batching
+from obliviate.io import fingerprint
+from obliviate.methods import eco as eco_method
+from obliviate.pipeline.inputs import load_concept_data
+from obliviate.pipeline.outputs import finish
+from obliviate.pipeline.pair import erase_run_info, load_pair, open_out
+
+
+def run_eval(config, base: str | None = None, eco: str | None = None, judge: str | None = None,
+             judge_model: str = "default", open_new_tokens: int = 24,
+             progress: bool = True) -> dict:
+    """Full evaluation of any model against the original; results.json in config.out."""
+    concept = config.concept or erase_run_info(config.model.name)[1].get("concept")
+    if not concept:
+        raise ObliviateError("Name the concept with --concept (e.g. --concept 'Harry Potter').")
+    config = replace(config, concept=concept)
+    data = load_concept_data(config)
+    artifact = eco_artifact(eco)
+    out = Path(config.out)
+    print_ = fingerprint({"kind": "eval", "model": config.model.name, "base": base, "eco": eco, "concept": concept,
+                          "data": asdict(config.data), "evaluation": asdict(config.evaluation), "seed": config.seed,
+                          "judge": judge, "open_new_tokens": open_new_tokens})
+    open_out(out, print_, config.overwrite)
+    timings, clock = {}, time.perf_counter()
+    pair = load_pair(config, base, artifact.model_name if artifact else None)
+    candidate = eco_method.wrap(pair.erased, artifact) if artifact else pair.erased
+    timings["load"] = time.perf_counter() - clock
+    clock = time.perf_counter()
+    evaluator = Evaluator(pair.original, data, config.evaluation, config.seed)
+    train = evaluator.compare("train", candidate, coherence=False)
+    test = evaluator.compare("test", candidate)
+    timings["multiple_choice_and_coherence"] = time.perf_counter() - clock
+    parts = {
+        "model_source": pair.erased.source, "base": pair.original.name, "base_source": pair.original.source,
+        "eco": eco, "config_fingerprint": print_, "scoring": config.evaluation.scoring,
+        "general_knowledge_source": data.general_source, "train": train.results().to_dict()["metrics"],
+        "near_chance": dict(test.results().near_chance), "examples": test.examples,
+        "per_question": test.per_question(), "per_prompt": test.per_prompt(),
+    }
+    method = pair.recorded.get("method", "external") + ("+eco" if eco else "")
+    results = RunResults("eval", concept, method, config.model.name, config.seed, test.results(), parts).to_dict()
+    if config.data.data:
+        clock = time.perf_counter()
+        judge_obj = open_ended.make_judge(judge, judge_model, config.model.device)
+        open_questions = load_open_questions(config.data.data, concept)
+        results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match"}
+        batching = Batching(config.evaluation.batch_tokens)
+        for split in ("qa_test", "simdom_test"):
+            if split not in open_questions:
+                continue
+            entry = {}
+            for role, lm in (("base", pair.original), ("edited", candidate)):
+                judged = open_ended.evaluate_open(lm, open_questions[split], judge_obj, open_new_tokens, batching)
+                entry[role] = {"match": accuracy_interval(judged["match"], config.evaluation.bootstrap, config.seed),
+                               "examples": [{"q": q.question, "gold": q.answer, "answer": a}
+                                            for q, a in zip(open_questions[split][:5], judged["answers"][:5])]}
+                if "judged" in judged:
+                    entry[role]["judged"] = accuracy_interval(judged["judged"], config.evaluation.bootstrap, config.seed)
+            results["open_ended"][split] = entry
+        timings["open_ended"] = time.perf_counter() - clock
+    results["timings"] = timings
+    finish(out, results)
+    return results
+
+
+def eco_artifact(eco: str | None):
+    """The ECO artifact of ``--eco`` (None without it); a missing folder is named."""
+    if not eco:
+        return None
+    if not Path(eco).is_dir():
+        raise ObliviateError(f"--eco {eco}: no such folder (pass a folder written by `obliviate eco fit`).")
+    return eco_method.load(eco)

@@ -1,0 +1,92 @@
+"""The two models `eval` and `attack` compare: the erased one (any model folder, hub id or
+.gguf, or a folder written by `erase`: its model/, or the original it records with its
+patch applied when it was saved with --no-save-model) and the original it was made from.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_file
+from obliviate.errors import ObliviateError
+from obliviate.io import read_json
+from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
+from obliviate.pipeline.outputs import mark_out_dir, prepare_out_dir
+
+
+@dataclass
+class ModelPair:
+    original: LoadedModel
+    erased: LoadedModel
+    recorded: dict  # what the erase run recorded (concept, method), empty for other folders
+
+
+def erase_run_info(spec: str | None) -> tuple[str | None, dict]:
+    """(model spec to load, the erase run's results) for a folder written by `erase`.
+
+    A folder with model/ loads that model; one saved with --no-save-model (results.json
+    and the embedding patch only) loads the original it records and applies the patch.
+    """
+    folder = Path(spec) if spec else None
+    if folder is None or not (folder / "results.json").is_file():
+        return spec, {}
+    if (folder / "model" / "config.json").is_file():
+        return str(folder / "model"), read_json(folder / "results.json")
+    if (folder / PATCH_FILE).is_file():
+        return spec, read_json(folder / "results.json")
+    return spec, {}
+
+
+def edited_token_ids(spec: str | None) -> list[int] | None:
+    """The token ids an erase run edited (its patch's ids), so white-box attacks can say how
+    many of the rows they flag were really edited; None for other model folders."""
+    patch_file = Path(spec) / PATCH_FILE if spec else None
+    if patch_file is None or not patch_file.is_file():
+        return None
+    return sorted(EmbeddingPatch.load(patch_file).changed_token_ids())
+
+
+def resolve_base(spec: str | None, base: str | None, hooked_model: str | None = None) -> tuple[str, str, dict]:
+    """(model to load, original to load, recorded results); the original defaults to the
+    one the erase run recorded, else the embedded model. ``hooked_model``: the model an
+    ECO artifact was fitted on, evaluated (with its hook) when no other model is named."""
+    if (not spec or spec == EMBEDDED_MODEL) and hooked_model:
+        return hooked_model, base or hooked_model, {}
+    if not spec or spec == EMBEDDED_MODEL:
+        raise ObliviateError("Pass the model to evaluate with --model (an `erase` output folder, a model folder or hub id).")
+    model_spec, recorded = erase_run_info(spec)
+    return model_spec, base or recorded.get("model") or EMBEDDED_MODEL, recorded
+
+
+def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device_map=None,
+                allow_pickle: bool = False) -> LoadedModel:
+    """The model to evaluate: a model folder / hub id, or the recorded original with the
+    erase run's embedding patch applied (folders written with --no-save-model)."""
+    patch_file = Path(model_spec) / PATCH_FILE
+    if not recorded or not patch_file.is_file() or (Path(model_spec) / "config.json").is_file():
+        return load_model(model_spec, device, dtype, device_map, allow_pickle)
+    erased = load_model(recorded["model"], device, dtype, device_map, allow_pickle)
+    apply_patch_file(erased.model, patch_file)
+    erased.name = f"{recorded['model']}+{patch_file}"
+    return erased
+
+
+def load_pair(config, base: str | None, hooked_model: str | None = None) -> ModelPair:
+    model_spec, base_spec, recorded = resolve_base(config.model.name, base, hooked_model)
+    m = config.model
+    erased = load_erased(model_spec, recorded, m.device, m.dtype, m.device_map, m.allow_pickle)  # a bad folder fails fast
+    original = load_model(base_spec, m.device, m.dtype, m.device_map, m.allow_pickle)
+    if original.model.get_input_embeddings().weight.shape[0] != erased.model.get_input_embeddings().weight.shape[0]:
+        raise ObliviateError(
+            f"--model {config.model.name} and --base {base_spec} have different vocabularies: compare a model "
+            "with the original it was made from (pass --base)."
+        )
+    return ModelPair(original, erased, recorded)
+
+
+def open_out(out: Path, print_: str, overwrite: bool) -> dict:
+    """Refuse a folder holding a different run (unless overwrite); our checkpoint otherwise."""
+    state = prepare_out_dir(out, print_, overwrite)
+    state.setdefault("done", {})
+    mark_out_dir(out, state)
+    return state

@@ -1,0 +1,205 @@
+"""How a grid's candidates are judged and one is chosen (METHOD.md sections 1 and 4).
+
+Two rules, as in the reference code:
+- the plug-in's grid (EMBER's deltas): a candidate whose general-knowledge fraction is
+  below 0.9 is rejected (the monotone grid stops there); one whose coherence on GENERAL
+  prompts is below 0.9 scores 0; otherwise score = harmonic(efficacy, specificity, coherence).
+- a base method's grid (RMU, ELM, SNMF, ECO, ...): a cell whose general-knowledge fraction
+  is below 0.7 or whose QA fraction stays above 0.6 is discarded; cells rank by
+  harmonic(efficacy, specificity); coherence is then measured on the top few only (and
+  gates them only if the user asks).
+A question set whose original accuracy is within noise of chance cannot veto a candidate
+(its fraction's denominator is noise); a concept whose QA set is at chance has nothing
+measurable to erase, so no candidate can win on it. If every score is 0, no edit is applied.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from tqdm.auto import tqdm
+
+from obliviate.config import RunConfig
+from obliviate.edits.protocol import CompositeEdit
+from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
+from obliviate.pipeline.outputs import save_state
+
+COHERENCE_METRICS = ("coherence", "fluency", "repetition", "concept_fluency")  # measured on the top cells
+
+
+@dataclass
+class CandidateResult:
+    params: dict
+    metrics: dict  # name -> {value, low, high} on TRAIN questions
+    score: float
+    score_se: float
+    rejected: str | None = None
+
+    def value(self, name: str) -> float:
+        return self.metrics.get(name, {}).get("value", float("nan"))
+
+
+
+def selection_rules(config: RunConfig) -> dict:
+    """The gates and ranking the grids used, as results.json records them."""
+    ev = config.evaluation
+    return {
+        "ember": {"reject_general_frac_below": ev.general_gate, "zero_coherence_below": ev.coherence_gate,
+                  "rank_by": "harmonic(efficacy, specificity, coherence)"},
+        "base_method": {"reject_general_frac_below": ev.method_general_gate,
+                        "reject_qa_frac_above": ev.method_max_qa_frac, "rank_by": "harmonic(efficacy, specificity)",
+                        "coherence_measured_on_top": ev.method_coherence_top,
+                        "zero_coherence_below": ev.method_coherence_gate},
+        "concept_fluency_gated": ev.gate_concept_fluency,
+        "near_chance": "a set whose original accuracy's 95% Wilson interval reaches chance (0.25) does not veto a "
+                       "candidate and is left out of specificity; a QA set at chance means nothing measurable to "
+                       "erase (no candidate wins)",
+        "choice": {"best": "the highest score, ties to the earlier candidate (reference)",
+                   "one-se": "the first candidate within one bootstrap standard error of the best"}[ev.choice],
+    }
+
+
+NOTHING_TO_ERASE = "QA accuracy of the original is within noise of chance: no measurable knowledge to erase"
+
+
+def ember_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
+    """(score, its bootstrap standard error, rejection reason) under EMBER's own gates."""
+    general = outcome.value("general_frac", 1.0)
+    if "general" not in outcome.near_chance and general < config.general_gate:
+        return 0.0, 0.0, f"general-knowledge fraction {general:.3f} < {config.general_gate}"
+    if "qa" in outcome.near_chance:
+        return 0.0, 0.0, NOTHING_TO_ERASE
+    if fails_coherence(outcome.metrics, config, config.coherence_gate):
+        return 0.0, 0.0, None
+    key = "score" if "score" in outcome.metrics else "harmonic"
+    if key not in outcome.metrics:
+        return 0.0, 0.0, "no questions to score"
+    return _with_se(outcome.metrics[key])
+
+
+def method_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
+    """(score, standard error, rejection reason) under the base methods' gates
+    (reference grid_eval_kwargs: min_mmlu, max_qa_acc); coherence is measured later."""
+    general = outcome.value("general_frac", 1.0)
+    if "general" not in outcome.near_chance and general < config.method_general_gate:
+        return 0.0, 0.0, f"general-knowledge fraction {general:.3f} < {config.method_general_gate}"
+    if "qa" in outcome.near_chance:
+        return 0.0, 0.0, NOTHING_TO_ERASE
+    qa_frac = outcome.value("qa_frac", 1.0)
+    if qa_frac > config.method_max_qa_frac:
+        return 0.0, 0.0, f"QA fraction {qa_frac:.3f} > {config.method_max_qa_frac} (too little erased)"
+    if "harmonic" not in outcome.metrics:
+        return 0.0, 0.0, "no questions to score"
+    return _with_se(outcome.metrics["harmonic"])
+
+
+def _with_se(interval) -> tuple[float, float, None]:
+    return interval.value, (interval.high - interval.low) / 3.92, None
+
+
+def fails_coherence(metrics: dict, config, gate: float | None) -> bool:
+    """Coherence on general prompts below ``gate`` (and, when opted in, fluency on concept text).
+    ``metrics`` maps names to Intervals or to their dict form (saved sweeps)."""
+    if gate is None:
+        return False
+
+    def value(name: str) -> float:
+        entry = metrics.get(name)
+        if entry is None:
+            return 1.0
+        return entry["value"] if isinstance(entry, dict) else entry.value
+
+    return value("coherence") < gate or (config.gate_concept_fluency and value("concept_fluency") < gate)
+
+
+def choose(results: list[CandidateResult], rule: str = "best") -> int | None:
+    """The chosen candidate; None when nothing scores above 0. ``best`` (the reference): the
+    highest score, ties to the earlier one in grid order (the smaller delta). ``one-se``: the
+    first in grid order whose score is within one bootstrap standard error of the best."""
+    scored = [i for i, r in enumerate(results) if r.rejected is None and r.score > 0]
+    if not scored:
+        return None
+    best = max(scored, key=lambda i: (results[i].score, -i))
+    floor = results[best].score - (results[best].score_se if rule == "one-se" else 0.0)
+    return next(i for i in scored if results[i].score >= floor)
+
+
+@contextmanager
+def applied(edit, model):
+    """Hold an edit applied for a block (used to train a base method on the EMBER-edited model)."""
+    if edit is None:
+        yield
+        return
+    edit.apply(model)
+    try:
+        yield
+    finally:
+        edit.revert(model)
+
+
+def _under(base_edit, model, candidates: Iterator) -> Iterator:
+    """Run a method's candidate generator with ``base_edit`` applied while it works."""
+    while True:
+        with applied(base_edit, model):
+            try:
+                params, edit = next(candidates)
+            except StopIteration:
+                return
+        yield params, (CompositeEdit([base_edit, edit]) if base_edit is not None else edit)
+
+
+
+def sweep(
+    name: str, fitted, evaluator: Evaluator, config: RunConfig, state: dict, out: Path | None,
+    base_edit=None, ember_rule: bool = False, stop_on_reject: bool = False,
+) -> tuple[list[CandidateResult], list]:
+    """Evaluate every candidate on TRAIN questions (resuming from ``state``). EMBER's rule
+    measures coherence on every candidate; a base method's grid ranks without it."""
+    done = state["sweeps"].setdefault(name, [])
+    results, edits = [], []
+    bar = tqdm(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
+    incoherent = 0
+    rule = ember_score if ember_rule else method_score
+    for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
+        edits.append(edit)
+        if index < len(done):
+            results.append(CandidateResult(**done[index]))
+        else:
+            outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
+            if evaluator.data.has_questions:
+                outcome = evaluator.evaluate("train", edit, coherence=ember_rule)
+                outcome_metrics = outcome.as_dict()["metrics"]
+                score, se, rejected = rule(outcome, config.evaluation)
+            results.append(CandidateResult(params, outcome_metrics, score, se, rejected))
+            done.append(results[-1].__dict__)
+            save_state(out, state)
+        bar.update(1)
+        bar.set_postfix(params=params, score=round(results[-1].score, 3))
+        if not stop_on_reject:
+            continue
+        fails = fails_coherence(results[-1].metrics, config.evaluation, config.evaluation.coherence_gate)
+        incoherent = incoherent + 1 if fails else 0
+        if results[-1].rejected or 0 < config.evaluation.stop_after_incoherent <= incoherent:
+            break
+    bar.close()
+    return results, edits
+
+
+def measure_top_coherence(results: list[CandidateResult], edits: list, evaluator: Evaluator, config: RunConfig,
+                          state: dict, out: Path | None) -> None:
+    """Coherence on general prompts (and concept fluency) for the best few candidates of a
+    base method's grid, as the reference does; they score 0 only under an explicit gate."""
+    ev = config.evaluation
+    ranked = sorted((i for i, r in enumerate(results) if r.rejected is None and r.score > 0),
+                    key=lambda i: -results[i].score)[: ev.method_coherence_top]
+    for index in ranked:
+        result = results[index]
+        if "coherence" not in result.metrics:
+            outcome = evaluator.evaluate("train", edits[index], coherence=True)
+            result.metrics.update({k: v.as_dict() for k, v in outcome.metrics.items()
+                                   if k in COHERENCE_METRICS})
+            save_state(out, state)
+        if fails_coherence(result.metrics, ev, ev.method_coherence_gate):
+            result.score, result.score_se = 0.0, 0.0

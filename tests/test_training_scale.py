@@ -1,0 +1,272 @@
+"""Training at the paper's sizes, tested on the CPU (issue 18): the optimizer choices and
+their bf16 update fidelity, the memory plan and its refusal, the relearning attack without
+a second copy of the model, and two processes (FSDP2 over gloo) against one."""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate.attacks import relearning
+from obliviate.errors import ObliviateError
+from obliviate.models import memory
+from obliviate.settings import build_section
+from obliviate.training import optim
+from obliviate.training.loop import LoopConfig, logits, train
+from obliviate.training import losses
+
+from conftest import REPO, make_tiny_lm
+from test_scale import GEMMA_2_2B, LLAMA_3_1_8B, meta_model
+
+GiB = 2**30
+HAS_TORCHAO = optim.SPECS["adamw-sr"].available()
+needs_torchao = pytest.mark.skipif(not HAS_TORCHAO, reason="torchao not installed (pip install -e '.[gpu]')")
+
+FORGET = ["Casinos offer poker, roulette and slot machines.", "Betting on horses is a form of gambling.",
+          "A croupier deals cards at the blackjack table.", "Lottery tickets are sold at kiosks."]
+RETAIN = ["The river flows through the valley to the sea.", "Bread is baked in an oven at high heat.",
+          "The library opens at nine in the morning.", "Birds build nests in the spring."]
+
+
+def lm_step(model):
+    def step(forget, retain):
+        f = losses.causal_lm_loss(logits(model, forget), forget.input_ids, forget.attention_mask)
+        r = losses.causal_lm_loss(logits(model, retain), retain.input_ids, retain.attention_mask)
+        return r - 0.1 * f, {"forget": f.detach()}
+    return step
+
+
+def mlp(model) -> dict:
+    return {n: p for n, p in model.named_parameters() if ".mlp." in n}
+
+
+# ---- the choice reaches every trained method and the attack ---------------------------
+
+def test_optimizer_is_a_setting_of_the_loop_and_of_the_relearning_attack():
+    from obliviate.methods.rmu import Config as RmuConfig
+
+    assert LoopConfig().optimizer == "auto" and relearning.Config().optimizer == "auto"
+    assert build_section(RmuConfig, {"optimizer": "adamw8bit"}, "rmu").optimizer == "adamw8bit"
+    assert build_section(relearning.Config, {"optimizer": "adamw-fp32"}, "relearn").optimizer == "adamw-fp32"
+    assert build_section(relearning.Config, {"gradient_checkpointing": "true"}, "relearn").gradient_checkpointing == "on"
+    with pytest.raises(ObliviateError, match="optimizer must be one of auto, adamw, adamw-fp32"):
+        LoopConfig(optimizer="sgd")
+    with pytest.raises(ObliviateError, match="gradient_checkpointing must be auto, on or off"):
+        relearning.Config(gradient_checkpointing="sometimes")
+
+
+def test_auto_keeps_plain_adamw_for_fp32_weights_and_picks_by_memory_for_bf16():
+    assert optim.resolve_optimizer("auto", torch.float32) == "adamw"
+    assert optim.resolve_optimizer("auto", torch.bfloat16) == "adamw-fp32"
+    if HAS_TORCHAO:
+        assert optim.resolve_optimizer("auto", torch.bfloat16, lambda n: n != "adamw-fp32") == "adamw-sr"
+        assert optim.resolve_optimizer("auto", torch.bfloat16, lambda n: n == "adamw8bit") == "adamw8bit"
+    optimizer = optim.make_optimizer("adamw", [torch.nn.Parameter(torch.zeros(4))], 1e-3, 0.0)
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.defaults["fused"]
+
+
+def test_default_training_on_fp32_gives_the_same_weights_as_plain_adamw(tiny_tokenizer):
+    trained = []
+    for choice in ("auto", "adamw"):
+        lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+        params = mlp(lm.model)
+        log = train(lm.model, tiny_tokenizer, params, lm_step(lm.model), FORGET, RETAIN,
+                    LoopConfig(steps=3, optimizer=choice).settings(1e-3, 5), progress=False)
+        assert log.optimizer == "adamw" and "memory plan (adamw" in log.memory_plan
+        trained.append({n: p.detach().clone() for n, p in params.items()})
+    assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
+
+
+# ---- bf16 update fidelity (the bench's probe) ------------------------------------------
+
+def test_plain_bf16_adamw_rounds_most_small_updates_away_and_fp32_master_weights_keep_them():
+    plain = optim.update_probe("adamw", steps=1, size=256)
+    assert 0.10 < plain["share_changed"] < 0.25  # measured 16% at 1024 x 1024 (bench)
+    assert optim.update_probe("adamw", steps=30, size=256)["update_kept"] < 0.2
+    master = optim.update_probe("adamw-fp32", steps=30, size=256)
+    assert master["update_kept"] > 0.9 and master["share_changed"] > 0.5
+
+
+@needs_torchao
+def test_stochastic_rounding_keeps_small_bf16_updates_in_expectation():
+    for name in ("adamw-sr", "adamw8bit"):
+        one = optim.update_probe(name, steps=1, size=128)
+        assert one["share_changed"] > 0.2 and abs(one["update_kept"] - 1) < 0.1  # unbiased from the first step
+        many = optim.update_probe(name, steps=20, size=128)
+        assert many["share_changed"] > 0.4 and abs(many["update_kept"] - 1) < 0.05
+
+
+def test_fp32_master_weights_track_fp32_training_of_a_bf16_model(tiny_tokenizer):
+    """A tiny model at lr 1e-5: trained in bf16 with fp32 master weights, its update matches
+    the fp32 model's; pure-bf16 AdamW loses most of it."""
+    def trained_update(dtype, choice):
+        lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+        lm.model.to(dtype)
+        params = mlp(lm.model)
+        start = {n: p.detach().float().clone() for n, p in params.items()}
+        train(lm.model, tiny_tokenizer, params, lm_step(lm.model), FORGET, RETAIN,
+              LoopConfig(steps=8, optimizer=choice).settings(1e-5, 5), progress=False)
+        assert all(p.dtype == dtype for p in params.values())  # rounded back after training
+        return torch.cat([(p.detach().float() - start[n]).flatten() for n, p in params.items()])
+
+    reference = trained_update(torch.float32, "adamw")
+    kept = lambda update: float(update @ reference / (reference @ reference))  # noqa: E731
+    assert kept(trained_update(torch.bfloat16, "adamw")) < 0.3
+    assert kept(trained_update(torch.bfloat16, "adamw-fp32")) > 0.7
+
+
+# ---- memory plan ---------------------------------------------------------------------
+
+def test_plan_counts_bytes_per_trained_parameter_for_each_optimizer():
+    model = meta_model(LLAMA_3_1_8B)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 8_030_261_248
+    expect = {"adamw": (2, 2, 4), "adamw-fp32": (4, 4, 8), "adamw-sr": (2, 2, 4), "adamw8bit": (2, 2, 2)}
+    for name, (w, g, s) in expect.items():
+        plan = memory.plan_training(model, None, name, batch=1, length=256)
+        assert (plan.weights, plan.grads, plan.optimizer_state) == (w * n, g * n, s * n)
+    # RMU-like: a few trained matrices: grads and state only for those
+    rmu = [model.model.layers[i].mlp.down_proj.weight for i in range(6, 9)]
+    plan = memory.plan_training(model, rmu, "adamw", batch=4, length=512, sequences=2, head=False)
+    assert plan.grads == 2 * 3 * 4096 * 14336 and plan.logits == 0
+
+
+def test_llama_8b_relearning_plan_per_gpu_for_1_2_4_gpus():
+    model = meta_model(LLAMA_3_1_8B)
+    budget = int(80 * 10**9 * memory.DEVICE_HEADROOM)
+    totals = {}
+    for devices in (1, 2, 4):
+        plan = memory.plan_training(model, None, "adamw-fp32", 1, 256, devices=devices, sharded=devices > 1, budget=budget)
+        totals[devices] = plan.total
+    assert totals[1] > 128 * 10**9 > budget > totals[2] > totals[4]  # fp32 master weights: 2 GPUs
+    assert totals[4] < 40 * 10**9
+    eight_bit = memory.plan_training(model, None, "adamw8bit", 1, 256, budget=budget)
+    assert eight_bit.fits and 48 * 10**9 < eight_bit.total < 52 * 10**9  # the reference's 8-bit AdamW: one GPU
+    # No second copy of the model any more: even plain bf16 AdamW fits one GPU (but rounds updates away).
+    assert memory.plan_training(model, None, "adamw", 1, 256, budget=budget).fits
+
+
+def test_a_plan_that_cannot_fit_is_refused_with_the_settings_that_would():
+    model = meta_model(LLAMA_3_1_8B)
+    budget = int(80 * 10**9 * memory.DEVICE_HEADROOM)
+    plan = memory.plan_training(model, None, "adamw-fp32", 1, 256, budget=budget)
+    assert not plan.fits
+    with pytest.raises(ObliviateError) as err:
+        memory.check_plan(plan, model, None, "relearn (erased)")
+    message = str(err.value)
+    assert "does not fit" in message and "weights 29.92 GiB" in message and "optimizer 59.83 GiB" in message
+    if HAS_TORCHAO:
+        assert "optimizer=adamw-sr; or optimizer=adamw8bit" in message
+    assert "2 GPUs under accelerate launch --config_file configs/accelerate/fsdp.yaml --num_processes 2" in message
+
+
+def test_gemma_2_2b_relearning_fits_one_gpu_with_fp32_master_weights():
+    model = meta_model(GEMMA_2_2B)
+    plan = memory.plan_training(model, None, "adamw-fp32", 1, 256, budget=int(80 * 10**9 * memory.DEVICE_HEADROOM))
+    assert plan.fits and 40 * 10**9 < plan.total < 60 * 10**9
+
+
+def test_training_refuses_before_the_first_step_when_the_plan_does_not_fit(tiny_tokenizer, monkeypatch):
+    lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+    monkeypatch.setattr(memory, "device_budget", lambda model: 1000)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    with pytest.raises(ObliviateError, match="does not fit"):
+        train(lm.model, tiny_tokenizer, mlp(lm.model), lm_step(lm.model), FORGET, RETAIN,
+              LoopConfig(steps=2).settings(1e-3, 5), progress=False)
+    with pytest.raises(ObliviateError, match="does not fit"):
+        relearning.relearn(lm, FORGET, relearning.Config(epochs=1), lambda m: np.zeros(1), progress=False)
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+
+
+def test_gradient_checkpointing_auto_turns_on_when_only_it_fits(tiny_tokenizer, monkeypatch):
+    from obliviate.training.loop import plan_stage
+
+    lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+    params = list(lm.model.parameters())
+    without = memory.plan_training(lm.model, params, "adamw", 1, 256)
+    with_it = memory.plan_training(lm.model, params, "adamw", 1, 256, gradient_checkpointing=True)
+    assert with_it.activations < without.activations
+    monkeypatch.setattr(memory, "device_budget", lambda model: (with_it.total + without.total) // 2)
+    assert plan_stage(lm.model, params, "auto", "auto", 1, 256, 1, "x")[:2] == ("adamw", True)
+    monkeypatch.setattr(memory, "device_budget", lambda model: None)
+    assert plan_stage(lm.model, params, "auto", "auto", 1, 256, 1, "x")[:2] == ("adamw", False)
+
+
+# ---- relearning without a second copy ----------------------------------------------------
+
+def test_relearning_trains_the_model_in_place_and_restores_it(tiny_tokenizer, monkeypatch):
+    lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+    deepcopy = copy.deepcopy
+
+    def no_model_copies(value, *args, **kwargs):
+        if isinstance(value, torch.nn.Module):
+            pytest.fail("relearning must not copy the model")
+        return deepcopy(value, *args, **kwargs)
+
+    monkeypatch.setattr(copy, "deepcopy", no_model_copies)
+    seen = []
+
+    def evaluate(m):
+        seen.append((m is lm, float(m.model.model.layers[0].mlp.up_proj.weight.double().sum())))
+        return np.zeros(2)
+
+    epochs = relearning.relearn(lm, FORGET, relearning.Config(epochs=2, lr=1e-3, max_length=24), evaluate,
+                                progress=False)
+    assert [e["optimizer"] for e in epochs] == ["adamw", "adamw"] and not epochs[0]["gradient_checkpointing"]
+    assert all(same for same, _ in seen)  # the caller's model itself, trained
+    assert seen[0][1] != pytest.approx(float(before["model.layers.0.mlp.up_proj.weight"].double().sum()), abs=1e-9)
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())  # restored bit for bit
+    assert all(p.requires_grad for p in lm.model.parameters()) and not lm.model.training
+
+
+def test_relearning_restores_the_model_after_an_error(tiny_tokenizer):
+    lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+    before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
+
+    def evaluate(m):
+        raise RuntimeError("evaluation failed")
+
+    with pytest.raises(RuntimeError, match="evaluation failed"):
+        relearning.relearn(lm, FORGET, relearning.Config(epochs=1, lr=1e-2, max_length=24), evaluate, progress=False)
+    assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
+
+
+# ---- several processes ------------------------------------------------------------------
+
+def _run_script(out: Path, processes: int) -> dict:
+    script = REPO / "tests" / "two_process_train.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, str(script), str(out)]
+    if processes > 1:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            port = free.getsockname()[1]
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+                   "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return torch.load(out, weights_only=False)
+
+
+def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path):
+    """FSDP2 over gloo, two CPU processes: the shared loop (grad_accum 2: one micro-batch per
+    process) and the relearning attack (batch 1: both processes run it, memory sharded)
+    match one process: losses to 1e-6 relative, weights to 1e-6 absolute."""
+    one = _run_script(tmp_path / "one.pt", 1)
+    two = _run_script(tmp_path / "two.pt", 2)
+    assert (one["processes"], two["processes"]) == (1, 2)
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-6)
+    np.testing.assert_allclose(two["relearn_losses"], one["relearn_losses"], rtol=1e-6)
+    np.testing.assert_allclose(two["relearn_eval"], one["relearn_eval"], rtol=1e-6)
+    assert one["new"].keys() == two["new"].keys() and len(one["new"]) == 12  # 4 layers x (gate, up, down)
+    for name in one["new"]:
+        torch.testing.assert_close(two["new"][name], one["new"][name], atol=1e-6, rtol=0)
+    assert one["restored"] and two["restored"]
