@@ -77,10 +77,6 @@ def test_command_writes_the_folder(tmp_path, data_dir, capsys):
 def test_cli_entry_point(tmp_path, data_dir):
     from obliviate import cli
 
-    try:
-        cli._command_module("lm-eval-tasks")
-    except ModuleNotFoundError:
-        pytest.skip("cli._command_module does not map 'lm-eval-tasks' to lm_eval_tasks yet")
     assert cli.main(["lm-eval-tasks", "--data", str(data_dir), "--out", str(tmp_path), "--concepts", "Golf"]) == 0
     assert (tmp_path / "ember_qa_golf.yaml").is_file()
     assert cli.main(["lm-eval-tasks", "--data", str(data_dir), "--out", str(tmp_path), "--concepts", "Knitting"]) == 2
@@ -149,3 +145,21 @@ def test_offline_is_set_inside_and_restored_after(monkeypatch):
     with harness.offline():
         assert os.environ["HF_HUB_OFFLINE"] == "1" and datasets_config.HF_HUB_OFFLINE is True
     assert "HF_HUB_OFFLINE" not in os.environ and datasets_config.HF_HUB_OFFLINE == before
+
+
+def test_eval_runs_the_harness_on_both_models_beside_our_numbers(tiny_model_dir, task_dir, data_dir, tmp_path, capsys):
+    """`obliviate eval --lm-eval TASK --lm-eval-include DIR`: the harness on the original and
+    the evaluated model, in results.json next to our own numbers (same model: equal)."""
+    pytest.importorskip("lm_eval")
+    from obliviate import cli
+
+    out = tmp_path / "eval"
+    code = cli.main(["eval", "--model", str(tiny_model_dir), "--base", str(tiny_model_dir), "--concept", CONCEPT,
+                     "--data", str(data_dir), "--general-questions", "8", "--bootstrap", "20",
+                     "--coherence-new-tokens", "2", "--open-new-tokens", "2", "--lm-eval", TASK,
+                     "--lm-eval-include", str(task_dir), "--lm-eval-limit", "10", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    row = results["lm_eval"]["results"][TASK]["acc_norm,none"]
+    assert row["original"]["value"] == row["erased"]["value"] and results["lm_eval"]["samples"] == {TASK: 10}
+    assert "lm-eval" in capsys.readouterr().out

@@ -35,6 +35,8 @@ def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir
     assert {"low", "high", "value"} <= set(results["qa_test"]["edited"])
     assert [c["params"]["delta"] for c in results["delta_sweep"]][0] == 1.0
     assert (out / "report.md").read_text().startswith("# Erasure of 'Golf'")
+    card = (out / "model" / "README.md").read_text()  # a model card, ready for the Hub
+    assert card.startswith("---") and "Golf" in card and "concept-erasure" in card
     assert not (out / ".checkpoint.json").exists() and not list(out.glob(".*tmp"))
 
     from transformers import AutoModelForCausalLM

@@ -86,6 +86,9 @@ class EvalConfig:
     choice: str = setting(
         "best", "which candidate wins: best (the reference) or one-se (the first within one standard error of the best)")
     bootstrap: int = 1000  # resamples for 95% intervals
+    cache: bool = setting(
+        True, "keep the ORIGINAL model's answers, continuations and relearning curve in the user's cache folder "
+              "and reuse them (--no-cache: recompute, write nothing)")
 
     def __post_init__(self) -> None:
         if self.scoring not in ("auto", "loglik", "letter"):
@@ -116,6 +119,10 @@ class RunConfig:
     # A patch WITH the original rows (it can undo the erasure), written only when asked and
     # never inside --out: whoever receives it with the model could restore the concept.
     revertible_patch: str | None = None
+    # Upload the output folder (model/ with its model card, or the edit files) to this Hub
+    # repository when the run ends; never without a passed leak check.
+    push_to_hub: str | None = None
+    private: bool = False  # create the pushed repository as private
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)

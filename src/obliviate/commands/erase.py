@@ -21,6 +21,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revertible-patch", dest="run__revertible_patch", default=None, metavar="PATH",
                         help="also write a patch that can undo the erasure (it holds the original rows) to PATH, "
                              "which must be outside --out: never ship it with the model")
+    parser.add_argument("--push-to-hub", dest="run__push_to_hub", default=None, metavar="OWNER/NAME",
+                        help="upload model/ with its model card (or the edit files) to this Hub repository at the end")
+    parser.add_argument("--private", dest="run__private", action="store_true", default=None,
+                        help="create the pushed repository as private")
     add_dataclass_arguments(parser, EmberConfig, "ember", title="EMBER")
 
 

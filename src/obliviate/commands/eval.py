@@ -15,7 +15,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="optional open-ended judge: a local model path/hub id or an OpenAI-compatible URL "
                             "(default: normalised answer match only)")
     group.add_argument("--judge-model", default="default", help="model name sent to a judge endpoint")
-    group.add_argument("--open-new-tokens", type=int, default=24, help="greedy tokens per open-ended answer")
+    group.add_argument("--open-new-tokens", type=int, default=24, metavar="N", help="greedy tokens per open-ended answer")
+    group.add_argument("--lm-eval", default=None, metavar="TASKS",
+                       help="also run these lm-evaluation-harness tasks (comma-separated; local data only) on both models")
+    group.add_argument("--lm-eval-include", default=None, metavar="DIR",
+                       help="a folder of harness task files, e.g. one written by `obliviate lm-eval-tasks`")
+    group.add_argument("--lm-eval-limit", type=int, default=None, metavar="N", help="at most N documents a task")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -30,11 +35,15 @@ def run(args: argparse.Namespace) -> int:
     config = make_config(args.config_file, **overrides)
     guard_out(config.out, config.model.name)
     with exclusive_output(config.out):
+        harness = {"tasks": args.lm_eval, "include": args.lm_eval_include, "limit": args.lm_eval_limit} if args.lm_eval else None
         r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
-                     open_new_tokens=args.open_new_tokens)
+                     open_new_tokens=args.open_new_tokens, harness=harness)
     print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
     print_summary(r, "model")
     for split, entry in r.get("open_ended", {}).items():
         if isinstance(entry, dict) and "base" in entry:
             print(f"  open {split:8s} original {fmt(entry['base']['match'])}  model {fmt(entry['edited']['match'])} (match)")
+    for task, metrics in r.get("lm_eval", {}).get("results", {}).items():
+        for metric, entry in metrics.items():
+            print(f"  lm-eval {task} {metric}: original {fmt(entry['original'])}  model {fmt(entry['erased'])}")
     return 0

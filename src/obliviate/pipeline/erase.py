@@ -25,7 +25,7 @@ from obliviate.evaluation.results import RunResults
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_model
 from obliviate.pipeline.inputs import load_concept_data
-from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, save_outputs
+from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, publish, save_outputs
 from obliviate.pipeline.selection import (CandidateResult, applied, choose, measure_top_coherence, selection_rules,
                                           sweep)
 
@@ -73,6 +73,7 @@ def config_fingerprint(config: RunConfig) -> str:
     payload = config.to_dict()
     payload.pop("overwrite", None)
     payload.pop("out", None)
+    payload["evaluation"].pop("cache", None)  # where the original's numbers come from, not what they are
     return fingerprint(payload)
 
 
@@ -119,6 +120,7 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         save_outputs(out, lm, edit, results)
         results["timings"]["save"] = time.perf_counter() - clock
         finish(out, results)
+        publish(out, results)
     return ErasureResult(results=results, lm=lm, edit=edit, out=out)
 
 

@@ -11,6 +11,7 @@ from obliviate.data.concepts import load_open_questions
 from obliviate.errors import ObliviateError
 from obliviate.evaluation import open_ended
 from obliviate.evaluation.evaluator import Evaluator
+from obliviate.evaluation.harness import run_harness
 from obliviate.evaluation.results import RunResults
 from obliviate.evaluation.scoring import Batching
 from obliviate.io import fingerprint
@@ -22,7 +23,7 @@ from obliviate.pipeline.pair import erase_run_info, load_pair, open_out
 
 def run_eval(config, base: str | None = None, eco: str | None = None, judge: str | None = None,
              judge_model: str = "default", open_new_tokens: int = 24,
-             progress: bool = True) -> dict:
+             progress: bool = True, harness: dict | None = None) -> dict:
     """Full evaluation of any model against the original; results.json in config.out."""
     concept = config.concept or erase_run_info(config.model.name)[1].get("concept")
     if not concept:
@@ -32,8 +33,8 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     artifact = eco_artifact(eco)
     out = Path(config.out)
     print_ = fingerprint({"kind": "eval", "model": config.model.name, "base": base, "eco": eco, "concept": concept,
-                          "data": asdict(config.data), "evaluation": asdict(config.evaluation), "seed": config.seed,
-                          "judge": judge, "open_new_tokens": open_new_tokens})
+                          "data": asdict(config.data), "evaluation": {k: v for k, v in asdict(config.evaluation).items() if k != "cache"}, "seed": config.seed,
+                          "judge": judge, "open_new_tokens": open_new_tokens, "harness": harness})
     open_out(out, print_, config.overwrite)
     timings, clock = {}, time.perf_counter()
     pair = load_pair(config, base, artifact.model_name if artifact else None)
@@ -72,6 +73,11 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
                     entry[role]["judged"] = accuracy_interval(judged["judged"], config.evaluation.bootstrap, config.seed)
             results["open_ended"][split] = entry
         timings["open_ended"] = time.perf_counter() - clock
+    if harness:
+        clock = time.perf_counter()
+        results["lm_eval"] = run_harness(pair.original, candidate, harness["tasks"], include_path=harness.get("include"),
+                                         limit=harness.get("limit"), seed=config.seed)
+        timings["lm_eval"] = time.perf_counter() - clock
     results["timings"] = timings
     finish(out, results)
     return results

@@ -16,6 +16,7 @@ from obliviate.io import read_json, write_json, write_text
 from obliviate.models.loading import LoadedModel
 from obliviate.reports.html import write_report as write_html_report
 from obliviate.reports.markdown import markdown_report
+from obliviate.reports.model_card import card_folder, push_to_hub, write_model_card
 
 CHECKPOINT = ".checkpoint.json"
 
@@ -60,6 +61,14 @@ def finish(out: Path, results: dict) -> None:
     (out / CHECKPOINT).unlink(missing_ok=True)
 
 
+def publish(out: Path, results: dict) -> None:
+    """Upload the finished run's model card folder to the Hub repository the config names."""
+    repo = results["config"].get("push_to_hub")
+    if repo:
+        results["pushed_to"] = push_to_hub(card_folder(out, results), repo, private=results["config"].get("private", False))
+        write_json(out / "results.json", results)
+
+
 def changes_no_weight(edit, model) -> bool:
     """True for an edit that changes no weight (an inference hook such as ECO's): its model/
     would be a copy of the original, so it is not written."""
@@ -100,6 +109,7 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict) -> None:
         results["leak_warning"] = UNTIED_WARNING
     write_text(out / "report.md", markdown_report(results))
     write_html_report([{**results, "_name": out.name}], out)  # report.html and summary.csv
+    write_model_card(out, results, repo_id=results["config"].get("push_to_hub"))
     if not results["leak_check"]["passed"] and not leaks_by_design:
         write_json(out / "results.json", results)  # the record of the failure, then fail loudly
         leak = results["leak_check"]["leaks"][0]

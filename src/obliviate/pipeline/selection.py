@@ -19,12 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from tqdm.auto import tqdm
-
 from obliviate.config import RunConfig
 from obliviate.edits.protocol import CompositeEdit
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
 from obliviate.pipeline.outputs import save_state
+from obliviate.progress import progress_bar
 
 COHERENCE_METRICS = ("coherence", "fluency", "repetition", "concept_fluency")  # measured on the top cells
 
@@ -159,7 +158,7 @@ def sweep(
     measures coherence on every candidate; a base method's grid ranks without it."""
     done = state["sweeps"].setdefault(name, [])
     results, edits = [], []
-    bar = tqdm(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
+    bar = progress_bar(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
     incoherent = 0
     rule = ember_score if ember_rule else method_score
     for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
