@@ -40,6 +40,15 @@ def _train_tiny_tokenizer():
     )
 
 
+@pytest.fixture(autouse=True)
+def _results_cache(tmp_path_factory, monkeypatch):
+    """Tests keep the original model's cached results in a folder of their own (one per
+    session), never in the user's cache."""
+    from obliviate.evaluation.cache import ENV_FOLDER
+
+    monkeypatch.setenv(ENV_FOLDER, str(tmp_path_factory.getbasetemp() / "results-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return _train_tiny_tokenizer()

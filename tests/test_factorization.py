@@ -99,3 +99,13 @@ def test_bad_settings_and_inputs_are_clear_errors():
     A[0, 0] = float("nan")
     with pytest.raises(ObliviateError, match="NaN"):
         factorize(A, FactorizationConfig(k=3))
+
+
+def test_sparse_products_equal_the_dense_ones():
+    from obliviate.methods.factorization import _sparse_products
+
+    A = low_rank_sparse_matrix(d=16, n=200, k=5)
+    G, rows = winner_take_all(torch.randn(200, 5, generator=torch.Generator().manual_seed(1), dtype=A.dtype), 3)
+    AG, GtG = _sparse_products(A.T.contiguous(), G, rows)
+    torch.testing.assert_close(AG, A @ G, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(GtG, G.T @ G, rtol=1e-5, atol=1e-6)

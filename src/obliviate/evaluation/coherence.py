@@ -18,7 +18,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
+from obliviate.evaluation.cache import pack, unpack
 from obliviate.models.loading import LoadedModel
 from obliviate.evaluation.scoring import Batching, GenerationSteps, continuation_logprobs, greedy_generate
 
@@ -83,3 +85,30 @@ def build_coherence_set(original: LoadedModel, prompts: list[str], max_new_token
 def coherence_rows(edited_ll: np.ndarray, edited_distinct: np.ndarray, reference: CoherenceSet) -> tuple[np.ndarray, ...]:
     """Rows for the bootstrap: one per prompt."""
     return (edited_ll, reference.original_ll, edited_distinct, reference.original_distinct)
+
+
+def encode_coherence_set(reference: CoherenceSet) -> tuple[dict[str, torch.Tensor], dict]:
+    """A coherence set as tensors for the results cache (the prompts are in its key)."""
+    tensors = {f"prompt_{k}": v for k, v in pack(reference.prompt_ids).items()}
+    tensors.update({f"continuation_{k}": v for k, v in pack(reference.original_continuations).items()})
+    tensors["original_ll"] = torch.from_numpy(np.asarray(reference.original_ll, dtype=np.float64))
+    tensors["original_distinct"] = torch.from_numpy(np.asarray(reference.original_distinct, dtype=np.float64))
+    if reference.steps is not None:
+        for part, dtype in (("hidden", torch.float32), ("log_norm", torch.float64), ("top_logit", torch.float64)):
+            packed = pack([getattr(s, part) for s in reference.steps], dtype)
+            tensors[f"steps_{part}"], tensors["steps_lengths"] = packed["values"], packed["lengths"]
+    return tensors, {}
+
+
+def decode_coherence_set(tensors: dict[str, torch.Tensor], prompts: list[str], max_new_tokens: int) -> CoherenceSet:
+    ids = lambda name: [t.tolist() for t in unpack(tensors[f"{name}_values"], tensors[f"{name}_lengths"])]  # noqa: E731
+    steps = None
+    if "steps_lengths" in tensors:
+        parts = [unpack(tensors[f"steps_{part}"], tensors["steps_lengths"]) for part in ("hidden", "log_norm", "top_logit")]
+        steps = [GenerationSteps(*record) for record in zip(*parts)]
+    prompt_ids = ids("prompt")
+    if len(prompt_ids) != len(prompts):
+        raise ValueError("cache entry of another prompt set")
+    return CoherenceSet(prompts=list(prompts), prompt_ids=prompt_ids, original_continuations=ids("continuation"),
+                        original_ll=tensors["original_ll"].numpy(), original_distinct=tensors["original_distinct"].numpy(),
+                        max_new_tokens=max_new_tokens, steps=steps)

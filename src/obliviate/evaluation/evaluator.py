@@ -5,7 +5,8 @@ probability of the correct option on the QA, SimDom and general-knowledge sets; 
 on GENERAL prompts (not about the concept); and, as a diagnostic, fluency on the concept's
 own coherency prompts (text that reuses the edited tokens: the paper's "localized" cost).
 
-The original model's answers and continuations are computed once per split and cached.
+The original model's answers and continuations are computed once per split, and kept
+across commands by the results cache (cache.py) unless ``config.cache`` is off.
 For an edit that only changes some tokens' embedding rows, a question or prompt that uses
 none of those tokens has exactly the original's hidden states, so only the touched ones
 are run again: with untied embeddings the rest keep the original's answers; with tied
@@ -19,11 +20,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from obliviate.data.concepts import ConceptData, MCQuestion
 from obliviate.edits.protocol import Edit
 from obliviate.models.loading import LoadedModel, embeddings_are_tied
 from obliviate.evaluation import coherence as coh
+from obliviate.evaluation.cache import OriginalCache, pack, unpack
 from obliviate.evaluation.metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_chance_sets
 from obliviate.evaluation.multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
                               prepare)
@@ -81,6 +84,8 @@ class Evaluator:
         self._base_scores: dict[tuple[str, str], np.ndarray] = {}
         self._prompt_sets: dict[tuple[str, str], coh.CoherenceSet] = {}
         self._states: dict[tuple[str, str], dict[int, OutputStates]] = {}  # tied models: _before_output_edit
+        # Opened now, while the weights are the original's: its key is their fingerprint.
+        self.cache = OriginalCache(lm, enabled=getattr(config, "cache", True))
 
     def question_sets(self, split: str) -> dict[str, list[MCQuestion]]:
         sets = {
@@ -93,9 +98,20 @@ class Evaluator:
     def _prepared_set(self, split: str, name: str) -> PreparedQuestions:
         key = (split, name)
         if key not in self._prepared:
-            self._prepared[key] = prepare(self.lm, self.question_sets(split)[name], self.config.scoring, self.seed)
-            self._base_scores[key] = option_scores(self.lm, self._prepared[key], batching=self.batching)
+            prepared = prepare(self.lm, self.question_sets(split)[name], self.config.scoring, self.seed)
+            self._base_scores[key] = self.cache.fetch(
+                "option_scores", self._questions_key(prepared),
+                lambda: option_scores(self.lm, prepared, batching=self.batching),
+                lambda scores: ({"scores": torch.from_numpy(scores)}, {}),
+                lambda tensors, _: tensors["scores"].numpy().astype(np.float64))
+            self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _questions_key(self, prepared: PreparedQuestions) -> dict:
+        """What the original's option scores depend on, besides the weights."""
+        return {"mode": prepared.mode, "items": prepared.items, "item_question": prepared.item_question,
+                "char_lengths": prepared.char_lengths, "letter_ids": prepared.letter_ids,
+                "options": [len(q.options) for q in prepared.questions], "budget": self.batching.budget(self.lm)}
 
     def prompts(self, split: str) -> dict[str, list[str]]:
         """Prompt sets of a split: general prompts (coherence) and the concept's own (fluency)."""
@@ -108,8 +124,14 @@ class Evaluator:
         """The original model's continuations of one prompt set, computed once."""
         key = self._prompt_key(split, kind)
         if key not in self._prompt_sets:
-            self._prompt_sets[key] = coh.build_coherence_set(
-                self.lm, self.prompts(split)[kind], self.config.coherence_new_tokens, self.batching)
+            prompts, new_tokens = self.prompts(split)[kind], self.config.coherence_new_tokens
+            payload = {"prompt_ids": [self.lm.tokenizer(p).input_ids for p in prompts], "new_tokens": new_tokens,
+                       "stops": [self.lm.tokenizer.eos_token_id, self.lm.tokenizer.pad_token_id],
+                       "budget": self.batching.budget(self.lm)}
+            self._prompt_sets[key] = self.cache.fetch(
+                "coherence_set", payload,
+                lambda: coh.build_coherence_set(self.lm, prompts, new_tokens, self.batching),
+                coh.encode_coherence_set, lambda tensors, _: coh.decode_coherence_set(tensors, prompts, new_tokens))
         return self._prompt_sets[key]
 
     def input_tokens(self, edit: Edit | None) -> set[int] | None:
@@ -196,14 +218,37 @@ class Evaluator:
         if not token_ids or not (embeddings_are_tied(self.lm.model) or sets_output_rows):
             return None
         for name, prepared in sets.items():
-            states = self._states.setdefault((split, name), {})
+            if (split, name) not in self._states:
+                self._states[(split, name)] = self._cached_states(prepared)
+            states = self._states[(split, name)]
             untouched = set(range(len(prepared))) - set(prepared.touching(token_ids).tolist())
             missing = [i for i, q in enumerate(prepared.item_question) if q in untouched and i not in states]
+            if not missing:
+                continue
             # an option's positions: the context's last and all but the last continuation token
             pairs = [(c + x[:-1], len(x)) if x else (c, 1) for c, x in (prepared.items[i] for i in missing)]
             captured = capture_output_states(self.lm, [p for p, _ in pairs], [n for _, n in pairs], self.batching)
             states.update(zip(missing, captured))
+            self._save_states(prepared, states)
         return current_output_rows(self.lm, token_ids)  # prompts: their generation pass kept what is needed
+
+    def _cached_states(self, prepared: PreparedQuestions) -> dict[int, OutputStates]:
+        """The original's output states captured for this set by earlier commands (any subset)."""
+        found = self.cache.load("output_states", self._questions_key(prepared))
+        if found is None:
+            return {}
+        tensors, _ = found
+        hidden = unpack(tensors["hidden"], tensors["lengths"])
+        log_norm = unpack(tensors["log_norm"], tensors["lengths"])
+        return {int(i): OutputStates(h, z) for i, h, z in zip(tensors["items"].tolist(), hidden, log_norm)}
+
+    def _save_states(self, prepared: PreparedQuestions, states: dict[int, OutputStates]) -> None:
+        items = sorted(states)
+        hidden = pack([states[i].hidden for i in items], torch.float32)
+        self.cache.save("output_states", self._questions_key(prepared),
+                        {"items": torch.tensor(items, dtype=torch.long), "hidden": hidden["values"],
+                         "lengths": hidden["lengths"],
+                         "log_norm": pack([states[i].log_norm for i in items], torch.float64)["values"]})
 
     def _score_set(self, split: str, name: str, prepared: PreparedQuestions, token_ids, change) -> tuple[tuple, int]:
         base_scores = self._base_scores[(split, name)]

@@ -1,0 +1,176 @@
+"""The original model's results cache (evaluation/cache.py): a repeat on the same weights,
+data and settings runs nothing of the original and gives the same numbers as no cache;
+another weight, setting or question is a miss; --no-cache reads and writes nothing."""
+from dataclasses import replace
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate.config import EvalConfig, RunConfig
+from obliviate.edits.embedding import EmbeddingPatch
+from obliviate.evaluation.cache import OriginalCache, results_dir, weights_fingerprint
+from obliviate.evaluation.evaluator import Evaluator
+from obliviate.pipeline.erase import config_fingerprint
+
+CONFIG = EvalConfig(scoring="loglik", coherence_new_tokens=5, bootstrap=20)
+
+
+@pytest.fixture
+def concept(small_concept):
+    small_concept.general_prompts = {"train": ["The weather today", "Question: Who won?\nAnswer:"], "test": ["In 1990 the"]}
+    return small_concept
+
+
+@pytest.fixture
+def cache_folder(tmp_path, monkeypatch):
+    folder = tmp_path / "results"
+    monkeypatch.setenv("OBLIVIATE_RESULTS_CACHE", str(folder))
+    return folder
+
+
+class ForwardCounter:
+    """Counts forward passes of a model (every model call of the original's work goes through one)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, *_):
+        self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def edit_for(lm, count=12, scale=5.0, seed=0) -> EmbeddingPatch:
+    weight = lm.model.get_input_embeddings().weight
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(5, weight.shape[0], (count,), generator=generator)
+    rows = weight[tokens].detach().clone()
+    return EmbeddingPatch(token_ids=tokens, original_rows=rows,
+                          edited_rows=rows + scale * torch.randn(rows.shape, generator=generator), metadata={})
+
+
+def same_outcome(a, b) -> None:
+    assert a.metrics.keys() == b.metrics.keys()
+    for name in a.metrics:
+        assert a.metrics[name].as_dict() == b.metrics[name].as_dict(), name
+    for name in a.correct:
+        for x, y in zip(a.correct[name], b.correct[name]):
+            np.testing.assert_array_equal(x, y)
+    for kind in a.prompt_rows:
+        for x, y in zip(a.prompt_rows[kind], b.prompt_rows[kind]):
+            np.testing.assert_array_equal(x, y)
+    assert a.examples == b.examples and a.coverage == b.coverage
+
+
+def run_twice(lm, concept, config=CONFIG, edit=None):
+    first = Evaluator(lm, concept, config).evaluate("train", edit)
+    counter = ForwardCounter(lm.model)
+    evaluator = Evaluator(lm, concept, config)
+    base = {name: evaluator._prepared_set("train", name) for name in evaluator.question_sets("train")}
+    refs = {kind: evaluator.prompt_set("train", kind) for kind in evaluator.prompts("train")}
+    original_calls = counter.calls
+    second = evaluator.evaluate("train", edit)
+    counter.close()
+    return first, second, original_calls, evaluator, (base, refs)
+
+
+def test_a_repeat_runs_nothing_of_the_original_and_gives_the_same_numbers(tiny_lm, concept, cache_folder):
+    first, second, original_calls, evaluator, _ = run_twice(tiny_lm, concept, edit=edit_for(tiny_lm))
+    assert original_calls == 0 and not evaluator.cache.misses
+    assert set(evaluator.cache.hits) == {"option_scores", "coherence_set", "output_states"}  # tiny_lm is tied
+    same_outcome(first, second)
+    uncached = Evaluator(tiny_lm, concept, replace(CONFIG, cache=False)).evaluate("train", edit_for(tiny_lm))
+    same_outcome(first, uncached)
+
+
+def test_tied_output_states_are_kept_too(tiny_lm, concept, cache_folder):
+    """A tied model's edit corrects untouched questions from the original's output states:
+    those come from the cache on a repeat, with the same numbers."""
+    edit = edit_for(tiny_lm, count=4)
+    Evaluator(tiny_lm, concept, CONFIG).evaluate("train", edit)
+    evaluator = Evaluator(tiny_lm, concept, CONFIG)
+    evaluator.evaluate("train", edit)
+    assert "output_states" in evaluator.cache.hits and not evaluator.cache.misses
+    uncached = Evaluator(tiny_lm, concept, replace(CONFIG, cache=False)).evaluate("train", edit)
+    same_outcome(evaluator.evaluate("train", edit), uncached)
+
+
+def test_one_changed_weight_is_a_miss(tiny_lm, concept, cache_folder):
+    Evaluator(tiny_lm, concept, CONFIG).evaluate("train", None)
+    with torch.no_grad():
+        tiny_lm.model.model.layers[2].mlp.down_proj.weight[3, 7] += 1e-6
+    evaluator = Evaluator(tiny_lm, concept, CONFIG)
+    evaluator.evaluate("train", None)
+    assert not evaluator.cache.hits and evaluator.cache.misses
+
+
+@pytest.mark.parametrize("change", [dict(coherence_new_tokens=6), dict(batch_tokens=64)])
+def test_one_changed_setting_is_a_miss(tiny_lm, concept, cache_folder, change):
+    Evaluator(tiny_lm, concept, CONFIG).evaluate("train", None)
+    evaluator = Evaluator(tiny_lm, concept, replace(CONFIG, **change))
+    evaluator.evaluate("train", None)
+    changed = {"coherence_new_tokens": {"coherence_set"}, "batch_tokens": {"option_scores", "coherence_set"}}
+    assert changed[next(iter(change))] <= set(evaluator.cache.misses)
+    assert not changed[next(iter(change))] & set(evaluator.cache.hits)
+
+
+def test_a_setting_that_does_not_move_the_original_still_hits(tiny_lm, concept, cache_folder):
+    Evaluator(tiny_lm, concept, CONFIG).evaluate("train", None)
+    evaluator = Evaluator(tiny_lm, concept, replace(CONFIG, bootstrap=30, coherence_gate=0.5))
+    evaluator.evaluate("train", None)
+    assert evaluator.cache.hits and not evaluator.cache.misses
+
+
+def test_one_changed_question_is_a_miss_for_its_set_only(tiny_lm, concept, cache_folder):
+    Evaluator(tiny_lm, concept, CONFIG).evaluate("train", None)
+    question = concept.questions["qa_train"][0]
+    concept.questions["qa_train"][0] = replace(question, question=question.question + " really?")
+    evaluator = Evaluator(tiny_lm, concept, CONFIG)
+    evaluator.evaluate("train", None)
+    assert evaluator.cache.misses == ["option_scores"]  # qa; simdom, general and the prompts hit
+
+
+def test_the_seed_is_in_the_key(tiny_lm, concept, cache_folder):
+    Evaluator(tiny_lm, concept, CONFIG, seed=42).evaluate("train", None)
+    evaluator = Evaluator(tiny_lm, concept, CONFIG, seed=7)  # another shuffle of the options
+    evaluator.evaluate("train", None)
+    assert evaluator.cache.misses.count("option_scores") == len(evaluator.question_sets("train"))
+
+
+def test_no_cache_reads_and_writes_nothing(tiny_lm, concept, cache_folder):
+    evaluator = Evaluator(tiny_lm, concept, replace(CONFIG, cache=False))
+    evaluator.evaluate("train", edit_for(tiny_lm))
+    assert not cache_folder.exists() and not evaluator.cache.hits and not evaluator.cache.misses
+
+
+def test_a_damaged_entry_is_a_miss_and_is_rewritten(tiny_lm, concept, cache_folder):
+    expected = Evaluator(tiny_lm, concept, CONFIG).evaluate("train", None)
+    for entry in cache_folder.rglob("*.safetensors"):
+        entry.write_bytes(b"not a safetensors file")
+    evaluator = Evaluator(tiny_lm, concept, CONFIG)
+    same_outcome(expected, evaluator.evaluate("train", None))
+    assert evaluator.cache.misses and not evaluator.cache.hits
+    again = Evaluator(tiny_lm, concept, CONFIG)
+    again.evaluate("train", None)
+    assert again.cache.hits and not again.cache.misses
+
+
+def test_the_folder_and_the_fingerprint(tiny_lm, cache_folder):
+    assert results_dir() == cache_folder
+    before = weights_fingerprint(tiny_lm.model)
+    assert before == weights_fingerprint(tiny_lm.model)
+    with torch.no_grad():
+        tiny_lm.model.get_input_embeddings().weight[10, 0] *= -1
+    assert weights_fingerprint(tiny_lm.model) != before
+    assert OriginalCache(tiny_lm, enabled=True).key("x", [1]) != OriginalCache(tiny_lm, enabled=True).key("x", [2])
+
+
+def test_no_cache_does_not_change_the_run_it_belongs_to():
+    """--no-cache says where the original's numbers come from, not what they are: a run
+    resumed with it is the same run."""
+    config = RunConfig(concept="Golf")
+    assert config_fingerprint(config) == config_fingerprint(replace(config, evaluation=replace(config.evaluation,
+                                                                                                cache=False)))
