@@ -161,3 +161,35 @@ def test_a_weight_edit_is_saved_forward_only_beside_the_model(tiny_model_dir, da
     assert delta and set(delta) <= set(saved)
     for name, tensor in delta.items():  # the new values, exactly as in model/; no original in the file
         assert torch.equal(tensor, saved[name]) and not torch.equal(tensor, original[name])
+
+
+def test_two_concepts_compose_their_edits_and_report_each_and_the_cross_table(tiny_model_dir, data_dir, tmp_path,
+                                                                              monkeypatch):
+    always_first(monkeypatch)
+    out = tmp_path / "two"
+    result = run(tiny_model_dir, data_dir, out, concepts=("Gambling",), ember={**FAST["ember"], "delta": 50.0})
+    results = json.loads((out / "results.json").read_text())
+    assert results["concept"] == "Golf + Gambling" and set(results["concepts"]) == {"Golf", "Gambling"}
+    assert set(results["delta"]) == {"Golf", "Gambling"} and all(d == 50.0 for d in results["delta"].values())
+    assert set(results["cross"]) == {"Golf", "Gambling"}
+    assert all(set(row) == {"Golf", "Gambling"} for row in results["cross"].values())
+    # one forward-only patch holds both concepts' rows; it applies to the original model and
+    # gives exactly the saved model's embeddings (shared rows carry both edits)
+    patch = EmbeddingPatch.load(out / "embedding_patch.safetensors")
+    lm = obliviate.load_model(str(tiny_model_dir))
+    obliviate.apply_patch(lm, out / "embedding_patch.safetensors")
+    from transformers import AutoModelForCausalLM
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    assert torch.equal(lm.model.get_input_embeddings().weight, saved.get_input_embeddings().weight)
+    assert patch.changed_token_ids() == result.edit.changed_token_ids()
+    assert results["leak_check"]["passed"]
+    shared = set(results["shared_token_ids"])
+    assert shared == {int(t) for t in patch.metadata["shared_token_ids"].split(",") if t}
+    # the general sets leave out both erased concepts
+    from obliviate.api import make_config
+    from obliviate.pipeline.inputs import load_concept_data
+
+    config = make_config(concept="Golf", concepts=("Gambling",), data={"data": str(data_dir), "general_questions": 40})
+    gambling = {q.question for q in load_concept_data(config, "Gambling").questions["qa_test"]}
+    assert not gambling & {q.question for q in load_concept_data(config, "Golf").general["test"]}

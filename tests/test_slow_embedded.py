@@ -69,3 +69,19 @@ def test_default_leak_free_edit_erases_and_keeps_general_coherence(data_dir, tmp
     assert r["qa_test"]["edited"]["value"] <= r["qa_test"]["base"]["value"] - 0.1, r["qa_test"]
     assert r["coherence"]["value"] >= 0.85 and r["concept_fluency"]["value"] < r["coherence"]["value"]
     assert r["coverage"]["qa"]["share"] > 0.5  # most Gambling questions contain an edited token
+
+
+def test_two_concepts_erased_from_one_model(data_dir, tmp_path):
+    """Gambling and Golf at a fixed delta (their chosen strength alone: 50): each concept's
+    own QA falls, and the cross table says what each concept's rows do to the other."""
+    result = obliviate.erase("Gambling", data=data_dir, out=tmp_path / "two", concepts=("Golf",),
+                             ember={"delta": 50.0}, save_model=False, progress=False,
+                             evaluation={"general_prompts": 20, "neutral_coherence_prompts": 2, "bootstrap": 200},
+                             data_options={"general_questions": 40})
+    concepts = result["concepts"]
+    drop = {name: concepts[name]["qa_test"]["base"]["value"] - concepts[name]["qa_test"]["edited"]["value"]
+            for name in ("Gambling", "Golf")}
+    assert drop["Gambling"] >= 0.2 and drop["Golf"] > 0.0, drop  # alone: 0.64 -> 0.26 and 0.40 -> 0.24
+    cross = result["cross"]
+    assert cross["Gambling"]["Gambling"]["edited"]["value"] < cross["Gambling"]["Golf"]["base"]["value"] + 0.5
+    assert result["leak_check"]["passed"]

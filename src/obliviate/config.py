@@ -110,6 +110,9 @@ class EvalConfig:
 @dataclass(frozen=True)
 class RunConfig:
     concept: str = ""
+    # More concepts erased from the same model, after ``concept`` (`--concept A --concept B`):
+    # EMBER's edits compose concept by concept; a trained method forgets their union.
+    concepts: tuple[str, ...] = ()
     out: str = "runs/erase"
     method: str = "ember"
     with_ember: bool = False  # apply EMBER first, then the base method
@@ -135,6 +138,10 @@ class RunConfig:
         method_registry.get(self.method)
         for name, settings in self.methods.items():
             self.method_config(name, settings)
+
+    def all_concepts(self) -> list[str]:
+        """Every concept the run erases, in order, without repeats."""
+        return list(dict.fromkeys(c for c in (self.concept, *self.concepts) if c))
 
     def method_config(self, name: str | None = None, settings: dict | None = None):
         """The Config of method ``name`` (default: the run's method) from its settings."""

@@ -106,23 +106,27 @@ def collect_overrides(args: argparse.Namespace) -> dict:
         if value is None or "__" not in dest:
             continue
         section, name = dest.split("__", 1)
-        if section == "run":
+        if section == "run" and name == "concept" and isinstance(value, list):  # --concept A --concept B
+            overrides["concept"], overrides["concepts"] = value[0], tuple(value[1:])
+        elif section == "run":
             overrides[name] = value
         else:
             overrides.setdefault(section, {})[name] = value
     return overrides
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True) -> None:
+def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True, several: bool = False) -> None:
     """Model, data, evaluation and run flags shared by the commands that run models
-    (``one_concept=False``: a command that takes its own list of concepts)."""
+    (``one_concept=False``: a command that takes its own list of concepts; ``several``:
+    --concept may be repeated, every concept erased from the same model)."""
     from obliviate.config import DataConfig, EvalConfig, ModelConfig
 
     parser.add_argument("--config", dest="config_file", default=None, metavar="YAML",
                         help="a YAML file of settings (flags override it)")
     if one_concept:
         parser.add_argument("--concept", dest="run__concept", default=None, metavar="NAME",
-                            help="the concept, e.g. 'Harry Potter'")
+                            action="append" if several else "store",
+                            help="the concept, e.g. 'Harry Potter'" + (" (repeat it to erase several)" if several else ""))
     parser.add_argument("--out", dest="run__out", default=None, metavar="DIR", help="the output folder")
     parser.add_argument("--seed", dest="run__seed", default=None, metavar="N", help="random seed (default: 42)")
     parser.add_argument("--overwrite", dest="run__overwrite", action="store_true", default=None,

@@ -12,7 +12,7 @@ from obliviate.commands.arguments import (add_dataclass_arguments, add_run_argum
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     from obliviate.methods.ember import Config as EmberConfig
 
-    add_run_arguments(parser)
+    add_run_arguments(parser, several=True)
     parser.add_argument("--method", dest="run__method", default=None, metavar="NAME",
                         help=f"erasure method: {', '.join(methods.available())} (default ember)")
     parser.add_argument("--ember", dest="run__with_ember", action="store_true", default=None,
@@ -32,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
     from obliviate.io import exclusive_output
     from obliviate.pipeline.erase import erase
-    from obliviate.reports.markdown import no_candidate_chosen, print_summary
+    from obliviate.reports.markdown import fmt, no_candidate_chosen, print_summary
 
     overrides = collect_overrides(args)
     config = make_config(args.config_file, **overrides)
@@ -49,6 +49,9 @@ def run(args: argparse.Namespace) -> int:
     r = result.results
     print(f"\n{r['concept']} erased with {r['method']} -> {config.out}")
     print_summary(r, "edited")
+    for name, entry in r.get("concepts", {}).items():
+        print(f"  {name}: QA {fmt(entry['qa_test']['base'])} -> {fmt(entry['qa_test']['edited'])}, "
+              f"efficacy {fmt(entry.get('efficacy'))}")
     if r.get("delta") is not None:
         print(f"  delta {r['delta']}, {r['edited_token_count']} tokens edited, {len(r['features'])} features")
     nothing_chosen = no_candidate_chosen(r)

@@ -11,7 +11,7 @@ import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Collection
 
 from obliviate.errors import ObliviateError
 
@@ -209,15 +209,20 @@ def _mc_splits(entry: Any, path: Path, where: str) -> dict[str, list[MCQuestion]
     return splits
 
 
+def _excluded(exclude: str | Collection[str]) -> set[str]:
+    return {exclude} if isinstance(exclude, str) else set(exclude)
+
+
 def sample_general_questions(
-    mc_by_concept: dict[str, dict[str, list[MCQuestion]]], exclude: str, per_split: int, seed: int
+    mc_by_concept: dict[str, dict[str, list[MCQuestion]]], exclude: str | Collection[str], per_split: int, seed: int
 ) -> dict[str, list[MCQuestion]]:
-    """General knowledge = the OTHER concepts' QA questions (MMLU is not available offline).
+    """General knowledge = the OTHER concepts' QA questions (MMLU is not available offline);
+    ``exclude``: the concept(s) being erased.
 
     Sampled evenly across the other concepts with a fixed seed so the set is the same in
     every run.
     """
-    others = sorted(name for name in mc_by_concept if name != exclude)
+    others = sorted(name for name in mc_by_concept if name not in _excluded(exclude))
     rng = random.Random(seed)
     return {split: _round_robin([list(mc_by_concept[name].get(f"qa_{split}", [])) for name in others], per_split, rng)
             for split in ("train", "test")}
@@ -254,8 +259,11 @@ def load_benchmark_concept(
     general_questions: int = 100,
     general_file: str | Path | None = None,
     seed: int = 42,
+    erased_too: Collection[str] = (),
 ) -> ConceptData:
-    """One concept of the EMBER benchmark, with other concepts as contrast and general sets."""
+    """One concept of the EMBER benchmark, with other concepts as contrast and general sets
+    (``erased_too``: concepts erased from the same model, in neither)."""
+    excluded = {concept, *erased_too}
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
         raise ObliviateError(f"Data folder {data_dir} does not exist: pass --data with the EMBER benchmark folder.")
@@ -271,7 +279,7 @@ def load_benchmark_concept(
     if general_file:
         general, source = load_general_file(general_file, seed), f"file:{general_file}"
     else:
-        general = sample_general_questions(mc, concept, general_questions, seed)
+        general = sample_general_questions(mc, excluded, general_questions, seed)
         source = f"other benchmark concepts' QA ({general_questions} per split)"
     coherency_path = data_dir / "coherency_prompts.json"
     coherency = _read_json(coherency_path)
@@ -280,7 +288,7 @@ def load_benchmark_concept(
         concept=concept,
         concept_sentences=sentences[concept],
         neutral_sentences=load_neutral_sentences(data_dir / "neutral_sentences.json"),
-        contrast_sentences=[s for name, group in sentences.items() if name != concept for s in group],
+        contrast_sentences=[s for name, group in sentences.items() if name not in excluded for s in group],
         questions=mc[concept],
         general=general,
         general_source=source,
@@ -301,8 +309,10 @@ def load_user_concept(
     general_file: str | Path | None = None,
     general_questions: int = 100,
     seed: int = 42,
+    erased_too: Collection[str] = (),
 ) -> ConceptData:
     """A concept the benchmark does not have: the user's sentences (and maybe questions)."""
+    excluded = {concept, *erased_too}
     if neutral_sentences is None:
         if data_dir is None:
             raise ObliviateError("A custom concept needs neutral sentences: pass --neutral-sentences FILE or --data DIR.")
@@ -315,7 +325,7 @@ def load_user_concept(
     )
     if data_dir is not None and (Path(data_dir) / "concept_sentences.json").exists():
         others = _benchmark_sentences(Path(data_dir))
-        data.contrast_sentences = [s for name, group in others.items() if name != concept for s in group]
+        data.contrast_sentences = [s for name, group in others.items() if name not in excluded for s in group]
     if questions is not None:
         path = Path(questions)
         payload = _read_json(path)
@@ -327,7 +337,7 @@ def load_user_concept(
     elif data_dir is not None and (Path(data_dir) / "mc_questions.json").exists():
         mc_raw = _read_json(Path(data_dir) / "mc_questions.json")
         mc = {name: _mc_splits(entry, Path(data_dir) / "mc_questions.json", name) for name, entry in mc_raw.items()}
-        data.general = sample_general_questions(mc, concept, general_questions, seed)
+        data.general = sample_general_questions(mc, excluded, general_questions, seed)
         data.general_source = f"benchmark concepts' QA ({general_questions} per split)"
     if coherency_prompts is not None:
         data.coherency_prompts = load_sentence_file(coherency_prompts)
@@ -359,7 +369,8 @@ GENERAL_PROMPT_TEMPLATE = "Question: {question}\nAnswer:"
 MAX_PROMPT_CHARS = 4000
 
 
-def sample_general_prompts(data_dir: str | Path, exclude: str, per_split: int, seed: int) -> dict[str, list[str]]:
+def sample_general_prompts(data_dir: str | Path, exclude: str | Collection[str], per_split: int,
+                           seed: int) -> dict[str, list[str]]:
     """Other concepts' open questions as prompts, sampled evenly across concepts per split."""
     path = Path(data_dir) / "open_questions.json"
     payload = _read_json(path)
@@ -369,7 +380,7 @@ def sample_general_prompts(data_dir: str | Path, exclude: str, per_split: int, s
     for split in ("train", "test"):
         pools = [[GENERAL_PROMPT_TEMPLATE.format(question=q.question)
                   for q in parse_open_questions(payload[name].get(f"QA_{split}", []), path, f"{name}.QA_{split}")]
-                 for name in sorted(payload) if name != exclude]
+                 for name in sorted(payload) if name not in _excluded(exclude)]
         prompts[split] = _round_robin(pools, per_split, rng)
     return prompts
 
@@ -430,7 +441,7 @@ def _prompt_item(item: Any, path: Path, index: int) -> str:
 
 
 def attach_general_prompts(data: ConceptData, prompts_file: str | Path | None, per_split: int,
-                           neutral_count: int, seed: int) -> None:
+                           neutral_count: int, seed: int, erased_too: Collection[str] = ()) -> None:
     """Fill ``data.general_prompts``: the user's file, else other concepts' open questions
     (when the benchmark folder has them) plus neutral openings."""
     if prompts_file:
@@ -439,7 +450,26 @@ def attach_general_prompts(data: ConceptData, prompts_file: str | Path | None, p
     openings = neutral_openings(data.neutral_sentences, neutral_count)
     questions: dict[str, list[str]] = {"train": [], "test": []}
     if data.data_dir is not None and (Path(data.data_dir) / "open_questions.json").is_file() and per_split > 0:
-        questions = sample_general_prompts(data.data_dir, data.concept, per_split, seed)
+        questions = sample_general_prompts(data.data_dir, {data.concept, *erased_too}, per_split, seed)
     data.general_prompts = {split: questions[split] + openings[split] for split in ("train", "test")}
     data.general_prompt_source = (f"other concepts' open questions ({len(questions['train'])} train / "
                                   f"{len(questions['test'])} test) + {neutral_count} neutral sentence openings per split")
+
+
+def merge_concepts(datas: list[ConceptData]) -> ConceptData:
+    """Several concepts erased at once, as one: the union of their sentences, questions and
+    own prompts (what a trained method forgets and is judged on); general knowledge, general
+    prompts and neutral text from the first (each already excludes every erased concept)."""
+    first = datas[0]
+    splits = {split for data in datas for split in data.questions}
+    return ConceptData(
+        concept=" + ".join(data.concept for data in datas),
+        concept_sentences=[s for data in datas for s in data.concept_sentences],
+        neutral_sentences=first.neutral_sentences,
+        contrast_sentences=first.contrast_sentences,
+        questions={split: [q for data in datas for q in data.questions.get(split, [])] for split in splits},
+        general=first.general, general_source=first.general_source,
+        coherency_prompts=[p for data in datas for p in data.coherency_prompts],
+        data_dir=first.data_dir, general_prompts=first.general_prompts,
+        general_prompt_source=first.general_prompt_source,
+    )

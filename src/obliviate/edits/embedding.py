@@ -83,6 +83,13 @@ class EmbeddingPatch:
             expected[output_embedding_name(model)] = rows
         return expected
 
+    def restricted_to(self, token_ids: set[int]) -> "EmbeddingPatch":
+        """The same patch on ``token_ids`` only (the other rows untouched)."""
+        keep = torch.tensor([t in token_ids for t in self.token_ids.tolist()], dtype=torch.bool)
+        pick = lambda rows: None if rows is None else rows[keep].clone()  # noqa: E731
+        return EmbeddingPatch(self.token_ids[keep].clone(), pick(self.original_rows), pick(self.edited_rows),
+                              dict(self.metadata), pick(self.output_rows), pick(self.original_output_rows))
+
     def save_to(self, folder: Path) -> list[Path]:
         path = Path(folder) / PATCH_FILE
         self.save(path)
@@ -114,7 +121,7 @@ class EmbeddingPatch:
     def apply(self, model: torch.nn.Module) -> None:
         self._check_matches(model)
         if self.output_rows is not None and self.original_output_rows is None \
-                and not torch.equal(self._current_rows(model), self.edited_rows):
+                and (len(self.token_ids) == 0 or not torch.equal(self._current_rows(model), self.edited_rows)):
             self.original_output_rows = self._current_output_rows(model).clone()  # memory only: for revert
         self._write_rows(model, self.edited_rows, self.output_rows)
         if not torch.equal(self._current_rows(model), self.edited_rows) or (
@@ -229,3 +236,31 @@ def apply_patch_file(model: torch.nn.Module, path: str | Path) -> EmbeddingPatch
         untie_output_embeddings(model)
     apply_verified(patch, model)
     return patch
+
+
+def merge_patches(patches: list[EmbeddingPatch]) -> EmbeddingPatch:
+    """One patch equal to applying ``patches`` in order (each made on the model the previous
+    ones had edited): a token's original row is from the first patch that edits it, its new
+    rows from the last. Rows edited by several patches are listed in metadata["shared_token_ids"]."""
+    first_seen: dict[int, tuple[EmbeddingPatch, int]] = {}
+    last_seen: dict[int, tuple[EmbeddingPatch, int]] = {}
+    counts: dict[int, int] = {}
+    for patch in patches:
+        for row, token in enumerate(patch.token_ids.tolist()):
+            first_seen.setdefault(token, (patch, row))
+            last_seen[token] = (patch, row)
+            counts[token] = counts.get(token, 0) + 1
+    tokens = sorted(first_seen)
+
+    def rows(source: dict, attribute: str) -> torch.Tensor | None:
+        picked = [getattr(source[t][0], attribute) for t in tokens]
+        if any(p is None for p in picked):
+            return None
+        return torch.stack([picked[i][source[t][1]] for i, t in enumerate(tokens)])
+
+    shared = [t for t in tokens if counts[t] > 1]
+    metadata = {**patches[-1].metadata, "merged_patches": str(len(patches)),
+                "shared_token_ids": ",".join(map(str, shared))}
+    return EmbeddingPatch(torch.tensor(tokens, dtype=torch.long), rows(first_seen, "original_rows"),
+                          rows(last_seen, "edited_rows"), metadata, rows(last_seen, "output_rows"),
+                          rows(first_seen, "original_output_rows"))

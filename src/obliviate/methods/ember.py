@@ -22,7 +22,7 @@ from obliviate.settings import setting
 from obliviate.methods.factorization import Factorization, FactorizationConfig, factorize
 from obliviate.methods.features import CONCEPT, FeatureInfo, TokenSet, build_token_set, select_features
 from obliviate.methods import MethodContext
-from obliviate.models.loading import LoadedModel, embedding_scale, embeddings_are_tied, load_model, untie_output_embeddings
+from obliviate.models.loading import LoadedModel, embedding_scale, load_model, untie_output_embeddings, was_tied
 
 DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
 
@@ -175,7 +175,7 @@ def output_rows_mode(model: torch.nn.Module, config: Config) -> str:
     """What the edited tokens get as OUTPUT rows: "separate" (an untied model: untouched),
     "original" (the reference's untying: they keep the original rows, which leaks),
     "neutral" (the mean output row) or "shared" (the tied matrix gets the edit)."""
-    if not embeddings_are_tied(model):
+    if not was_tied(model):
         return "separate"
     return "original" if config.untie_embeddings else config.tied_output
 
@@ -185,7 +185,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42,
     """Factorize the concept's token embeddings and select its features; the model's output
     layer is untied first when the output-row policy asks for it (see ``Config``)."""
     output_rows = output_rows_mode(lm.model, config)
-    untied = untie_output_embeddings(lm.model) if output_rows in ("original", "neutral") else False
+    untied = output_rows in ("original", "neutral") and (untie_output_embeddings(lm.model) or was_tied(lm.model))
     timings = {}
     start = time.perf_counter()
     token_set = build_token_set(lm.tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)

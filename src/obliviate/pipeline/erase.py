@@ -16,14 +16,14 @@ from typing import Any
 
 from obliviate import methods
 from obliviate.config import RunConfig
-from obliviate.data.concepts import ConceptData
-from obliviate.edits.embedding import check_revertible_path
-from obliviate.edits.protocol import apply_verified
+from obliviate.data.concepts import ConceptData, merge_concepts
+from obliviate.edits.embedding import EmbeddingPatch, check_revertible_path, merge_patches
+from obliviate.edits.protocol import apply_verified, parts_of
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.results import RunResults
 from obliviate.io import fingerprint
-from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_model
+from obliviate.models.loading import LoadedModel, load_model, was_tied
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, publish, save_outputs
 from obliviate.pipeline.selection import (CandidateResult, applied, choose, measure_top_coherence, selection_rules,
@@ -87,34 +87,51 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         check_revertible_path(config.revertible_patch, out)  # before any work: never inside --out
     run_fingerprint = config_fingerprint(config)
     state = prepare_out_dir(out, run_fingerprint, config.overwrite) if out else {"fingerprint": run_fingerprint, "sweeps": {}}
-    data = load_concept_data(config)
-    if not data.has_questions and stages[0].plug_in and not stages[0].fixed and len(stages) == 1:
-        raise ObliviateError(
-            f"Concept {config.concept!r} has no questions to choose delta on: pass --questions FILE, "
-            "or fix the strength with --delta (you get the edit and its token report, no accuracy claims)."
-        )
+    names = config.all_concepts()
+    datas = {name: load_concept_data(config, name) for name in names}
+    for name, data in datas.items():
+        if not data.has_questions and stages[0].plug_in and not stages[0].fixed:
+            raise ObliviateError(
+                f"Concept {name!r} has no questions to choose delta on: pass --questions FILE, "
+                "or fix the strength with --delta (you get the edit and its token report, no accuracy claims)."
+            )
     lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map,
                     allow_pickle=config.model.allow_pickle)
     timings["load"] = time.perf_counter() - clock
     if out is not None:
         mark_out_dir(out, state)  # only now: bad input above leaves nothing behind
 
-    evaluator = Evaluator(lm, data, config.evaluation, config.seed)
+    evaluators = {name: Evaluator(lm, data, config.evaluation, config.seed) for name, data in datas.items()}
+    data = datas[names[0]] if len(names) == 1 else merge_concepts(list(datas.values()))
+    evaluator = evaluators[names[0]] if len(names) == 1 else Evaluator(lm, data, config.evaluation, config.seed)
     context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None)
     outcomes: dict[str, StageOutcome] = {}
+    concept_rows: dict[str, set[int]] = {}  # several concepts: the rows each one's EMBER edit moved
     edit = None
     for stage in stages:
-        outcome = run_stage(stage, lm, data, evaluator, config, context, state, out, edit, timings)
-        outcomes[stage.name] = outcome
-        edit = outcome.chosen
+        if stage.plug_in and len(names) > 1:  # one concept after another, each edit on top of the last
+            for name in names:
+                key = f"{stage.name}[{name}]"
+                outcomes[key] = run_stage(stage, key, lm, datas[name], evaluators[name], config, context, state, out,
+                                          edit, timings)
+                if outcomes[key].params:
+                    concept_rows[name] = parts_of(outcomes[key].chosen)[-1].changed_token_ids()
+                edit = outcomes[key].chosen
+            edit = merge_patches(parts_of(edit)) if parts_of(edit) else None
+        else:
+            outcomes[stage.name] = run_stage(stage, stage.name, lm, data, evaluator, config, context, state, out,
+                                             edit, timings)
+            edit = outcomes[stage.name].chosen
 
     clock = time.perf_counter()
     test = evaluator.evaluate("test", edit) if data.has_questions or evaluator.prompts("test") else None
+    several = each_concept(names, evaluators, edit, concept_rows) if len(names) > 1 else {}
     timings["test_evaluation"] = time.perf_counter() - clock
     if edit is not None:
         apply_verified(edit, lm.model)
 
     results = build_results(config, run_fingerprint, lm, data, stages, outcomes, test, evaluator, timings)
+    results.update(several)
     if out is not None:
         clock = time.perf_counter()
         save_outputs(out, lm, edit, results)
@@ -124,14 +141,15 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     return ErasureResult(results=results, lm=lm, edit=edit, out=out)
 
 
-def run_stage(stage: Stage, lm: LoadedModel, data: ConceptData, evaluator: Evaluator, config: RunConfig,
+def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evaluator: Evaluator, config: RunConfig,
               context: methods.MethodContext, state: dict, out: Path | None, base_edit, timings: dict) -> StageOutcome:
     """Fit the stage's method (on the model with ``base_edit`` applied), evaluate its grid and
-    choose; the chosen edit is composed with ``base_edit``."""
+    choose; the chosen edit is composed with ``base_edit``. ``key`` names its grid in the
+    checkpoint (one per stage, and per concept when several are erased)."""
     clock = time.perf_counter()
     with applied(base_edit, lm.model):
         fitted = methods.get(stage.name).fit(lm, data, stage.config, config.seed, context)
-    results, edits = sweep(stage.name, fitted, evaluator, config, state, out, base_edit=base_edit,
+    results, edits = sweep(key, fitted, evaluator, config, state, out, base_edit=base_edit,
                            ember_rule=stage.plug_in, stop_on_reject=stage.plug_in and not stage.fixed)
     if not stage.plug_in:
         measure_top_coherence(results, edits, evaluator, config, state, out)
@@ -145,12 +163,34 @@ def run_stage(stage: Stage, lm: LoadedModel, data: ConceptData, evaluator: Evalu
     return StageOutcome(results, edits[pick] if pick is not None else base_edit, params, report)
 
 
+def each_concept(names: list[str], evaluators: dict[str, Evaluator], edit, concept_rows: dict[str, set[int]]) -> dict:
+    """Several concepts: each one's TEST numbers under the whole edit, and the cross table:
+    concept Y's QA accuracy under concept X's EMBER rows alone (rows that several concepts
+    edited carry every concept's edit; they are listed in ``shared_token_ids``)."""
+    per_concept = {}
+    for name in names:
+        outcome = evaluators[name].evaluate("test", edit, coherence=False)
+        per_concept[name] = RunResults("erase", name, "", "", 0, outcome.results()).to_dict()
+    result: dict = {"concepts": per_concept}
+    patch = next((part for part in parts_of(edit) if isinstance(part, EmbeddingPatch)), None)
+    if patch is None or not concept_rows:
+        return result
+    result["shared_token_ids"] = [int(t) for t in patch.metadata.get("shared_token_ids", "").split(",") if t]
+    result["cross"] = {}
+    for x, rows in concept_rows.items():
+        alone = patch.restricted_to(rows)
+        result["cross"][x] = {y: evaluators[y].evaluate("test", alone, coherence=False).results().to_dict()["qa_test"]
+                              for y in names}
+    return result
+
+
 def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data: ConceptData, stages: list[Stage],
                   outcomes: dict[str, StageOutcome], test, evaluator: Evaluator, timings: dict) -> dict:
-    plug_in = outcomes.get(PLUG_IN)
+    plug_ins = {key: outcome for key, outcome in outcomes.items() if key.split("[")[0] == PLUG_IN}
+    plug_in = next(iter(plug_ins.values()), None)
     base = next((outcomes[s.name] for s in stages if not s.plug_in), None)
     ember_report = plug_in.report if plug_in else {}
-    tied = embeddings_are_tied(lm.model)
+    tied = was_tied(lm.model)
     parts = {
         "model_source": lm.source,
         "config_fingerprint": run_fingerprint,
@@ -175,7 +215,12 @@ def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data
     if test is not None:
         parts.update(near_chance=dict(split.near_chance), coverage=test.coverage, examples=test.examples,
                      per_question=test.per_question(), per_prompt=test.per_prompt())
-    if plug_in is not None:
+    if len(plug_ins) > 1:  # several concepts: EMBER's strength and grid per concept
+        parts["delta"] = {key[len(PLUG_IN) + 1:-1]: outcome.report.get("delta") for key, outcome in plug_ins.items()}
+        parts["features"] = [f for outcome in plug_ins.values() for f in outcome.report.get("features", [])]
+        parts["delta_sweep"] = [{**r.__dict__, "params": {"concept": key[len(PLUG_IN) + 1:-1], **r.params}}
+                                for key, outcome in plug_ins.items() for r in outcome.sweep]
+    elif plug_in is not None:
         parts["delta_sweep"] = [r.__dict__ for r in plug_in.sweep]
     if base is not None:
         parts["method_sweep"] = [r.__dict__ for r in base.sweep]

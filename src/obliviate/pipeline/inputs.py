@@ -7,17 +7,21 @@ from obliviate.data.concepts import ConceptData, attach_general_prompts, load_be
 from obliviate.errors import ObliviateError
 
 
-def load_concept_data(config: RunConfig) -> ConceptData:
-    d = config.data
+def load_concept_data(config: RunConfig, concept: str | None = None) -> ConceptData:
+    """The data of ``concept`` (default: the run's); every concept the run erases is left out
+    of its general knowledge, general prompts and contrast sentences."""
+    d, concept = config.data, concept or config.concept
+    others = [name for name in config.all_concepts() if name != concept]
     if d.concept_sentences:
         data = load_user_concept(
-            config.concept, d.concept_sentences, d.neutral_sentences, d.data, d.questions,
-            d.coherency_prompts, d.general_questions_file, d.general_questions, config.seed,
+            concept, d.concept_sentences, d.neutral_sentences, d.data, d.questions,
+            d.coherency_prompts, d.general_questions_file, d.general_questions, config.seed, others,
         )
     elif not d.data:
         raise ObliviateError("Pass --data with the EMBER benchmark folder, or --concept-sentences for your own concept.")
     else:
-        data = load_benchmark_concept(config.concept, d.data, d.general_questions, d.general_questions_file, config.seed)
+        data = load_benchmark_concept(concept, d.data, d.general_questions, d.general_questions_file, config.seed, others)
     ev = config.evaluation
-    attach_general_prompts(data, d.coherence_prompts, ev.general_prompts, ev.neutral_coherence_prompts, config.seed)
+    attach_general_prompts(data, d.coherence_prompts, ev.general_prompts, ev.neutral_coherence_prompts, config.seed,
+                           others)
     return data

@@ -155,7 +155,7 @@ def plot_delta_sweep(run: dict) -> str | None:
         lows = [m.get("low", v) for m, v in zip(entries, values)]
         highs = [m.get("high", v) for m, v in zip(entries, values)]
         ax.fill_between(deltas, lows, highs, color=COLORS[name], alpha=0.12, linewidth=0)
-    if run.get("delta") is not None:
+    if isinstance(run.get("delta"), (int, float)):  # several concepts: a delta each, no one line
         ax.axvline(run["delta"], color="grey", linestyle=":", label=f"chosen {run['delta']}")
     ax.set(xscale="log", xlabel="delta", ylabel="train-question metric (95% band)", ylim=(-0.05, 1.05),
            title=f"Delta sweep: {run.get('concept')}")
@@ -450,7 +450,7 @@ def _unique_erasures(runs: list[dict]) -> list[dict]:
     for i in order:
         run = runs[i]
         erase = run if run.get("kind", "erase") == "erase" else {**run, **run.get("erase_results", {})}
-        key = (run.get("concept"), run.get("method"), erase.get("delta"), len(erase.get("delta_sweep") or []))
+        key = (run.get("concept"), run.get("method"), str(erase.get("delta")), len(erase.get("delta_sweep") or []))
         if key not in seen:
             seen.add(key)
             kept.append((i, erase))
