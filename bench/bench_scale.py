@@ -36,6 +36,7 @@ from types import SimpleNamespace
 import torch
 
 from obliviate.models import memory as scale
+from obliviate.training import memory_plan
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
 from obliviate.methods.factorization import FactorizationConfig, factorize
@@ -438,7 +439,7 @@ def bench_optimizers(name: str, args, device: torch.device) -> list[Row]:
         params = dict(model.named_parameters())
         vocab = model.config.vocab_size
         generator = torch.Generator().manual_seed(2)
-        plan = scale.plan_training(model, None, choice, 1, 256, gradient_checkpointing=args.gradient_checkpointing)
+        plan = memory_plan.plan_training(model, None, choice, 1, 256, gradient_checkpointing=args.gradient_checkpointing)
         record = None
         try:
             with trainable(model, params), optim.training_precision(choice, params.values()) as autocast, \
@@ -492,7 +493,7 @@ def relearn_plan_rows(name: str) -> list[Row]:
     for choice in optim.SPECS:
         per = {}
         for devices in (1, 2, 4):
-            per[devices] = scale.plan_training(model, None, choice, 1, 256, devices=devices, sharded=devices > 1)
+            per[devices] = memory_plan.plan_training(model, None, choice, 1, 256, devices=devices, sharded=devices > 1)
         plan = per[1]
         note = (f"1 GPU {plan.total / GiB:.1f} (weights {plan.weights / GiB:.1f} + grads {plan.grads / GiB:.1f} + "
                 f"optimizer {plan.optimizer_state / GiB:.1f} + act. {(plan.activations + plan.logits) / GiB:.1f}); "

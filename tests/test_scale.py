@@ -287,3 +287,19 @@ def test_bench_flop_model_matches_the_real_parameter_count():
     assert bench_scale.forward_flops("llama-3.1-8b", 32, 0, tokens=1, seq_len=0, logit_positions=0) == 2 * blocks
     assert bench_scale.forward_flops("llama-3.1-8b", 0, 128256, 0, 0, logit_positions=1) == 2 * head
     assert bench_scale.REAL_CONFIGS["llama-3.1-8b"]["vocab_size"] == LLAMA_3_1_8B["vocab_size"]
+
+
+def test_bench_plans_the_8b_relearning_attack_per_optimizer_for_1_2_4_gpus():
+    import sys
+
+    sys.path.insert(0, str(REPO / "bench"))
+    import bench_scale
+    from obliviate.training import optim
+
+    rows = bench_scale.relearn_plan_rows("llama-3.1-8b")
+    assert [r.stage for r in rows] == [f"plan: relearning attack, {name}" for name in optim.SPECS]
+    by_name = {r.stage.rsplit(" ", 1)[-1]: r for r in rows}
+    assert by_name["adamw-fp32"].peak > 2 * by_name["adamw8bit"].peak  # 16 vs 6 bytes a parameter, plus activations
+    assert all("2 GPUs" in r.note and "4 GPUs" in r.note for r in rows)
+    # no second copy of the model any more: below the old estimate with a copy
+    assert by_name["adamw"].peak < bench_scale.relearn_memory_row("llama-3.1-8b").peak

@@ -170,3 +170,24 @@ def test_erase_with_snmf_through_the_cli_writes_results(tiny_model_dir, data_dir
     assert {c["params"]["w_mode"] for c in results["method_sweep"]} == {"out", "both"}
     assert results["details"]["snmf"]["selected_feature_count"] > 0
     assert (out / "report.md").exists()
+
+
+@pytest.mark.slow
+def test_snmf_finds_gambling_features_and_its_in_edit_lowers_qa_on_the_embedded_model(embedded_lm, data_dir):
+    """Measured (train questions): W_in edit of blocks 0-8 at delta 4 lowers Gambling QA
+    0.48 -> 0.38 with general knowledge 0.86 of the original; the concept features read
+    ' casino, casinos, Casino' (block 6) and ' casino, gambling, Gaming' (block 11)."""
+    from obliviate.config import EvalConfig
+    from obliviate.data.concepts import load_benchmark_concept
+    from obliviate.evaluation.evaluator import Evaluator
+
+    data = load_benchmark_concept("Gambling", data_dir, general_questions=20)
+    data.coherency_prompts = []
+    before = {n: p.detach().clone() for n, p in embedded_lm.model.named_parameters() if "mlp" in n}
+    fitted = snmf.fit(embedded_lm, data, snmf.Config(w_modes=("in",), deltas=(4.0,)), 42)
+    words = " ".join(w for f in fitted.features.values() for tokens in f.top_tokens for w in tokens).lower()
+    assert "casino" in words or "gambling" in words
+    evaluator = Evaluator(embedded_lm, data, EvalConfig(coherence_new_tokens=0, bootstrap=50), 42)
+    outcome = evaluator.evaluate("train", fitted.edit(fitted.points()[0]))
+    assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.05, outcome.metrics
+    assert all(torch.equal(p, before[n]) for n, p in embedded_lm.model.named_parameters() if n in before)

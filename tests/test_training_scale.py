@@ -16,7 +16,7 @@ import torch
 
 from obliviate.attacks import relearning
 from obliviate.errors import ObliviateError
-from obliviate.models import memory
+from obliviate.training import memory_plan as memory
 from obliviate.settings import build_section
 from obliviate.training import optim
 from obliviate.training.loop import LoopConfig, logits, train
@@ -148,7 +148,9 @@ def test_llama_8b_relearning_plan_per_gpu_for_1_2_4_gpus():
     assert totals[1] > 128 * 10**9 > budget > totals[2] > totals[4]  # fp32 master weights: 2 GPUs
     assert totals[4] < 40 * 10**9
     eight_bit = memory.plan_training(model, None, "adamw8bit", 1, 256, budget=budget)
-    assert eight_bit.fits and 48 * 10**9 < eight_bit.total < 52 * 10**9  # the reference's 8-bit AdamW: one GPU
+    # the 8-bit AdamW: one GPU (measured on an H200: 49.1 GiB peak, planned 49.9)
+    assert eight_bit.fits and 45 * GiB < eight_bit.total < 52 * GiB
+    assert eight_bit.optimizer_transient == 6 * 128256 * 4096  # its largest tensor's moments in fp32
     # No second copy of the model any more: even plain bf16 AdamW fits one GPU (but rounds updates away).
     assert memory.plan_training(model, None, "adamw", 1, 256, budget=budget).fits
 

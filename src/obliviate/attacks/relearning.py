@@ -10,7 +10,7 @@ No second copy of the model: the caller has scored the model before the attack (
 answers are kept), the attack fine-tunes the model's own weights in place, and the
 original weights come back from a copy in host memory when it ends (also on an error), so
 the caller's model leaves as it came. The optimizer (``optimizer``, training/optim.py) and
-gradient checkpointing are chosen by the memory plan (models/memory.py), printed before
+gradient checkpointing are chosen by the memory plan (training/memory_plan.py), printed before
 training; a plan that cannot fit is refused with the settings that would.
 
 Resumable per epoch: after each finished epoch (but the last) the weights and AdamW state

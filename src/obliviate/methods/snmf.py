@@ -112,11 +112,17 @@ def update_codes(G: torch.Tensor, AtF: torch.Tensor, FtF: torch.Tensor, eps: flo
     """Semi-NMF's multiplicative G step (Ding, Li & Jordan 2010, Theorem 1): with M+ / M-
     the positive / negative parts, G <- G * sqrt((AtF+ + G FtF-) / (AtF- + G FtF+)).
     It keeps G >= 0 and never raises ||A - F G^T||^2 for fixed F."""
-    pos = lambda M: (M.abs() + M) / 2  # noqa: E731
-    neg = lambda M: (M.abs() - M) / 2  # noqa: E731
-    numerator = pos(AtF) + G @ neg(FtF)
-    denominator = neg(AtF) + G @ pos(FtF)
+    numerator = _positive(AtF) + G @ _negative(FtF)
+    denominator = _negative(AtF) + G @ _positive(FtF)
     return G * torch.sqrt(numerator / (denominator + eps))
+
+
+def _positive(M: torch.Tensor) -> torch.Tensor:
+    return (M.abs() + M) / 2
+
+
+def _negative(M: torch.Tensor) -> torch.Tensor:
+    return (M.abs() - M) / 2
 
 
 def winner_take_all(F: torch.Tensor, keep: int) -> tuple[torch.Tensor, torch.Tensor]:

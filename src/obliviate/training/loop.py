@@ -226,9 +226,9 @@ def _accelerator(device: torch.device):
 def plan_stage(model: nn.Module, trained: list[nn.Parameter], optimizer: str, checkpointing: str, batch: int,
                length: int, sequences: int, what: str, head: bool = True):
     """Resolve ``optimizer`` and ``checkpointing`` ("auto") with the memory plan
-    (models/memory.py) and refuse, naming the settings that would fit, when nothing does.
+    (training/memory_plan.py) and refuse, naming the settings that would fit, when nothing does.
     Returns (optimizer, gradient checkpointing on, plan)."""
-    from obliviate.models import memory
+    from obliviate.training import memory_plan as memory
 
     budget = memory.device_budget(model)
     _, processes = sharding.world()

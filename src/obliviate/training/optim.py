@@ -17,7 +17,7 @@ what it costs per TRAINED parameter (bf16 model) and whether small updates survi
 
 ``auto`` keeps today's behaviour for fp32 weights (``adamw``) and, for bf16/fp16 weights,
 takes the first of ``adamw-fp32``, ``adamw-sr``, ``adamw8bit`` that the memory plan fits
-(models/memory.py, ``plan_training``).
+(training/memory_plan.py, ``plan_training``).
 """
 from __future__ import annotations
 
@@ -41,6 +41,7 @@ class OptimizerSpec:
     state_bytes: float | None  # optimizer state per trained parameter (None: 2 x the weight's size)
     stochastic_rounding: bool
     summary: str
+    transient_bytes: float = 0.0  # the step's temporaries per element of the largest trained tensor
 
     def available(self) -> bool:
         return importlib.util.find_spec(self.library) is not None
@@ -61,9 +62,10 @@ SPECS = {
     "adamw-sr": OptimizerSpec("adamw-sr", "torchao", False, None, True,
                               "torchao AdamW, bf16 weights updated with stochastic rounding"),
     "adamw8bit": OptimizerSpec("adamw8bit", "torchao", False, 2.0, True,
-                               "torchao AdamW8bit (8-bit moments), bf16 weights with stochastic rounding"),
+                               "torchao AdamW8bit (8-bit moments), bf16 weights with stochastic rounding",
+                               6.0),  # its moments dequantized to fp32 (measured on an H200)
     "adamw8bit-bnb": OptimizerSpec("adamw8bit-bnb", "bitsandbytes", False, 2.0, False,
-                                   "bitsandbytes AdamW8bit (the reference's choice for Llama)"),
+                                   "bitsandbytes AdamW8bit (the reference's choice for Llama)", 2.0),
 }
 CHOICES = ("auto", *SPECS)
 # ``auto`` for bf16 weights: best fidelity first, then less memory.
