@@ -174,3 +174,31 @@ def test_no_cache_does_not_change_the_run_it_belongs_to():
     config = RunConfig(concept="Golf")
     assert config_fingerprint(config) == config_fingerprint(replace(config, evaluation=replace(config.evaluation,
                                                                                                 cache=False)))
+
+
+def test_the_original_relearning_curve_is_run_once(tiny_tokenizer, small_concept, data_dir, tmp_path, cache_folder,
+                                                   monkeypatch):
+    from conftest import make_tiny_lm
+    from obliviate.attacks import relearning
+    from obliviate.attacks.common import AttackContext
+
+    config = relearning.Config(paragraphs=2, epochs=1, max_length=16)
+    runs, plain = [], relearning.relearn
+    monkeypatch.setattr(relearning, "relearn", lambda lm, *a, **k: runs.append(k.get("role", a[-1])) or plain(lm, *a, **k))
+
+    def attack(out, cache=True):
+        models = {"original": make_tiny_lm(tiny_tokenizer, seed=0), "erased": make_tiny_lm(tiny_tokenizer, seed=1)}
+        ctx = AttackContext(models=models, data=small_concept, data_dir=data_dir, bootstrap=20, out=tmp_path / out,
+                            progress=False, options={"cache": cache})
+        return relearning.run(ctx, config)
+
+    first = attack("a")
+    assert runs == ["original", "erased"]
+    second = attack("b")
+    assert runs[2:] == ["erased"]  # the original's curve came from the cache
+    third = attack("c", cache=False)
+    assert runs[3:] == ["original", "erased"]
+    for result in (second, third):
+        for key in ("before", "after", "curve", "curve_correct", "losses"):
+            assert result["original"][key] == first["original"][key], key
+        assert result["recovered_frac"] == first["recovered_frac"]

@@ -208,9 +208,13 @@ def run(ctx: AttackContext, config: Config) -> dict:
     for role, lm in ctx.models.items():
         clock = time.perf_counter()
         prepared = prepared_test(ctx, lm)
-        before = correct_on(lm, prepared, ctx.batching)
-        epochs = relearn(lm, paragraphs, config, lambda m: correct_on(m, prepared, ctx.batching), ctx.seed,
-                         ctx.checkpoint_dir(NAME, role), ctx.progress, role)
+
+        def attack(lm=lm, prepared=prepared, role=role) -> tuple:
+            before = correct_on(lm, prepared, ctx.batching)
+            return before, relearn(lm, paragraphs, config, lambda m: correct_on(m, prepared, ctx.batching), ctx.seed,
+                                   ctx.checkpoint_dir(NAME, role), ctx.progress, role=role)
+
+        before, epochs = _original_curve(ctx, lm, prepared, paragraphs, config, attack) if role == "original" else attack()
         curves[role] = [before] + [np.asarray(e["correct"]) for e in epochs]  # epoch 0 = before
         out[role] = {
             "before": accuracy_interval(curves[role][0], ctx.bootstrap, ctx.seed),
@@ -225,6 +229,27 @@ def run(ctx: AttackContext, config: Config) -> dict:
     if "original" in curves and "erased" in curves:
         out["recovered_frac"] = recovered_fraction(curves["original"][0], curves["erased"][-1], ctx.bootstrap, ctx.seed)
     return out
+
+
+def _original_curve(ctx: AttackContext, lm: LoadedModel, prepared, paragraphs: list[str], config: Config,
+                    attack: Callable[[], tuple]) -> tuple:
+    """The ORIGINAL model's (before, epochs) from the results cache (evaluation/cache.py) when
+    the same weights, paragraphs, questions, seed and settings ran before; else ``attack()``,
+    kept for the next command (``ctx.options["cache"]`` False: always ``attack()``)."""
+    from obliviate.evaluation.cache import OriginalCache
+
+    cache = OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
+    payload = {"paragraphs": [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids
+                              for p in paragraphs],
+               "config": asdict(config), "seed": ctx.seed, "items": prepared.items, "answers": prepared.answers,
+               "mode": prepared.mode, "letter_ids": prepared.letter_ids, "budget": ctx.batching.budget(lm)}
+
+    def run_and_keep() -> list:
+        before, epochs = attack()
+        return [np.asarray(before).tolist(), epochs]
+
+    before, epochs = cache.fetch_json("relearn_curve", payload, run_and_keep)
+    return np.asarray(before), epochs
 
 
 @dataclass(frozen=True)

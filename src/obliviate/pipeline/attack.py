@@ -37,7 +37,8 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
         models={"original": pair.original, "erased": pair.erased}, data=data,
         data_dir=Path(config.data.data) if config.data.data else None, scoring=config.evaluation.scoring,
         seed=config.seed, bootstrap=config.evaluation.bootstrap, batching=Batching(config.evaluation.batch_tokens),
-        out=out, progress=progress, options={"edited_token_ids": edited_token_ids(config.model.name)},
+        out=out, progress=progress,
+        options={"edited_token_ids": edited_token_ids(config.model.name), "cache": config.evaluation.cache},
     )
     for name in names:
         if name in state["done"]:
