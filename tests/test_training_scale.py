@@ -272,3 +272,54 @@ def test_two_processes_give_the_same_losses_and_weights_as_one(tmp_path):
     for name in one["new"]:
         torch.testing.assert_close(two["new"][name], one["new"][name], atol=1e-6, rtol=0)
     assert one["restored"] and two["restored"]
+
+
+@needs_torchao
+def test_the_loop_trains_bf16_with_8bit_adamw_and_resumes_from_its_checkpoint(tiny_tokenizer, tmp_path):
+    """torchao's AdamW8bit through the shared loop: bf16 weights stay bf16, the quantized
+    moments (the embedding: >= 4096 values) survive a checkpoint, and an interrupted run
+    resumes at its last checkpoint."""
+    def run(fail_at: int | None):
+        lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+        lm.model.to(torch.bfloat16)
+        params = {n: p for n, p in lm.model.named_parameters() if n == "model.embed_tokens.weight" or ".mlp." in n}
+        inner, calls = lm_step(lm.model), [0]
+
+        def step(forget, retain):
+            calls[0] += 1
+            if calls[0] == fail_at:
+                raise KeyboardInterrupt
+            return inner(forget, retain)
+
+        settings = LoopConfig(steps=4, checkpoint_every=2, optimizer="adamw8bit").settings(1e-3, 5)
+        try:
+            log = train(lm.model, tiny_tokenizer, params, step, FORGET, RETAIN, settings, tmp_path / "ckpt", False)
+        except KeyboardInterrupt:
+            return None, params
+        return log, params
+
+    assert run(fail_at=4)[0] is None  # killed in step 4, after the checkpoint at step 2
+    log, params = run(fail_at=None)
+    assert log.resumed_from == 2 and log.optimizer == "adamw8bit" and len(log.losses) == 4
+    assert all(p.dtype == torch.bfloat16 for p in params.values())
+
+
+@needs_torchao
+def test_8bit_optimizer_state_round_trips_through_a_checkpoint_file(tmp_path):
+    def fresh():
+        weight = torch.nn.Parameter(torch.linspace(-0.05, 0.05, 64 * 64).reshape(64, 64).to(torch.bfloat16))
+        return weight, optim.make_optimizer("adamw8bit", [weight], 1e-3, 0.01)
+
+    grad = torch.linspace(-1, 1, 64 * 64).reshape(64, 64).to(torch.bfloat16)
+    weight, optimizer = fresh()
+    weight.grad = grad
+    optimizer.step()
+    state = optimizer.state[weight]["exp_avg"]
+    assert type(state).__name__ == "OptimState8bit"  # 4096 values: quantized
+    torch.save({"optimizer": optimizer.state_dict(), "weight": weight.detach()}, tmp_path / "state.pt")
+    saved = torch.load(tmp_path / "state.pt", weights_only=False)  # as training/loop.py's _resume loads it
+    other, resumed = fresh()
+    with torch.no_grad():
+        other.copy_(saved["weight"])
+    resumed.load_state_dict(saved["optimizer"])
+    assert torch.equal(resumed.state[other]["exp_avg"].dequantize(), state.dequantize())
