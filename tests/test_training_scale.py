@@ -323,3 +323,18 @@ def test_8bit_optimizer_state_round_trips_through_a_checkpoint_file(tmp_path):
         other.copy_(saved["weight"])
     resumed.load_state_dict(saved["optimizer"])
     assert torch.equal(resumed.state[other]["exp_avg"].dequantize(), state.dequantize())
+
+
+def test_gradient_checkpointing_gives_the_same_relearning_curve(tiny_tokenizer):
+    curves = {}
+    for setting in ("off", "on"):
+        lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+        epochs = relearning.relearn(lm, FORGET, relearning.Config(epochs=2, lr=1e-3, max_length=24,
+                                                                  gradient_checkpointing=setting),
+                                    lambda m: np.array([float(m.model.model.layers[1].mlp.up_proj.weight.double().sum())]),
+                                    progress=False)
+        assert [e["gradient_checkpointing"] for e in epochs] == [setting == "on"] * 2
+        assert not lm.model.is_gradient_checkpointing if not hasattr(type(lm.model), "is_activation_checkpointing") \
+            else not lm.model.is_activation_checkpointing  # switched off again afterwards
+        curves[setting] = [e["loss"] for e in epochs] + [e["correct"][0] for e in epochs]
+    np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-5)

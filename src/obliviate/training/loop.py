@@ -249,17 +249,21 @@ def plan_stage(model: nn.Module, trained: list[nn.Parameter], optimizer: str, ch
 
 @contextmanager
 def checkpointing(model: nn.Module, on: bool):
-    """Gradient checkpointing (transformers' own) inside the block when ``on``."""
-    if not on or not getattr(model, "supports_gradient_checkpointing", False):
+    """Gradient checkpointing (transformers' own) inside the block when ``on``. transformers
+    5.2x calls it activation checkpointing; older releases, gradient checkpointing."""
+    new = hasattr(type(model), "activation_checkpointing_enable")
+    prefix = "activation_checkpointing" if new else "gradient_checkpointing"
+    supported = getattr(model, "supports_gradient_checkpointing", False) or getattr(model, "supports_activation_checkpointing", False)
+    if not on or not supported:
         yield
         return
-    was = getattr(model, "is_gradient_checkpointing", False)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    was = getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False)
+    getattr(model, f"{prefix}_enable")(**{f"{prefix}_kwargs": {"use_reentrant": False}})
     try:
         yield
     finally:
         if not was:
-            model.gradient_checkpointing_disable()
+            getattr(model, f"{prefix}_disable")()
 
 
 def train(
