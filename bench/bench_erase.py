@@ -6,7 +6,9 @@
   (target: >= 10x faster at equal or lower loss);
 - scoring: multiple-choice tokens/s, batched (ours) vs one option at a time with full
   logits (target >= 5x), and as a fraction of this machine's measured matmul FLOP rate;
-- erase: a full `erase` of one concept, per-stage seconds (target <= 5 minutes).
+- erase: a full `erase` of one concept, per-stage seconds (target <= 5 minutes);
+- cache: the same `erase` twice on an empty results cache, cold then warm (issue 17:
+  warm <= 2 minutes on 2 cores; the same results).
 Prints a Markdown table with the machine's name.
 """
 from __future__ import annotations
@@ -111,6 +113,33 @@ def bench_erase(concept: str, data_dir: str) -> list[tuple[str, str]]:
     return rows
 
 
+def bench_cache(concept: str, data_dir: str) -> list[tuple[str, str]]:
+    """The same `erase` twice on an empty results cache: cold (the original model's answers,
+    continuations and output states computed and written), then warm (read back). Per-stage
+    seconds side by side; the results must be equal."""
+    import os
+
+    from obliviate.evaluation.cache import ENV_FOLDER
+
+    runs, previous = [], os.environ.get(ENV_FOLDER)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[ENV_FOLDER] = str(Path(tmp) / "cache")
+        try:
+            for name in ("cold", "warm"):
+                start = time.perf_counter()
+                result = obliviate.erase(concept, data=data_dir, out=Path(tmp) / name, save_model=True)
+                runs.append((time.perf_counter() - start, result.results))
+        finally:
+            os.environ.pop(ENV_FOLDER) if previous is None else os.environ.__setitem__(ENV_FOLDER, previous)
+    (cold, cold_results), (warm, warm_results) = runs
+    same = all(cold_results.get(k) == warm_results.get(k) for k in ("delta", "per_question", "per_prompt", "delta_sweep"))
+    rows = [(f"erase {concept!r}, cold cache / warm cache",
+             f"{cold:.0f} s / {warm:.0f} s ({cold / warm:.1f}x; target warm <= 120 s); same results: {same}")]
+    for stage, seconds in cold_results["timings"].items():
+        rows.append((f"  stage {stage}", f"{seconds:.1f} s / {warm_results['timings'].get(stage, float('nan')):.1f} s"))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default="../shared/data/ember-benchmark")
@@ -128,6 +157,8 @@ def main() -> None:
         rows += bench_scoring(lm, data, args.questions)
     if "erase" in stages:
         rows += bench_erase(args.concept, args.data)
+    if "cache" in stages:
+        rows += bench_cache(args.concept, args.data)
     print("| measurement | result |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")

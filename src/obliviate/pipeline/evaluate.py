@@ -32,8 +32,9 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     data = load_concept_data(config)
     artifact = eco_artifact(eco)
     out = Path(config.out)
+    evaluation = {k: v for k, v in asdict(config.evaluation).items() if k != "cache"}  # not what the numbers are
     print_ = fingerprint({"kind": "eval", "model": config.model.name, "base": base, "eco": eco, "concept": concept,
-                          "data": asdict(config.data), "evaluation": {k: v for k, v in asdict(config.evaluation).items() if k != "cache"}, "seed": config.seed,
+                          "data": asdict(config.data), "evaluation": evaluation, "seed": config.seed,
                           "judge": judge, "open_new_tokens": open_new_tokens, "harness": harness})
     open_out(out, print_, config.overwrite)
     timings, clock = {}, time.perf_counter()
