@@ -349,8 +349,8 @@ def test_evaluate_reports_eco_ember_and_exact_side_effects(tiny_lm, small_concep
     assert effects["unflagged_identical"] == effects["unflagged"] and effects["max_abs_difference"] == 0.0
     prompts = [scoring_prompt(q.question) for q in small_concept.questions["qa_test"]]
     hook = artifact.hook()
-    ids = [tuple(t[: prompt_length(t, hook.marker_ids)]) for t in encode(tiny_lm, prompts)]
-    scores = hook.prompt_scores(tiny_lm.model, ids)
+    prompt_ids = [tuple(t[: prompt_length(t, hook.marker_ids)]) for t in encode(tiny_lm, prompts)]
+    scores = hook.prompt_scores(tiny_lm.model, prompt_ids)
     expected = float(np.mean(scores >= artifact.classifier.threshold))
     assert results["classifier"]["recall_test_questions"] == pytest.approx(expected)
     assert not hasattr(tiny_lm.model, "_obliviate_eco")

@@ -193,3 +193,30 @@ def test_two_concepts_compose_their_edits_and_report_each_and_the_cross_table(ti
     config = make_config(concept="Golf", concepts=("Gambling",), data={"data": str(data_dir), "general_questions": 40})
     gambling = {q.question for q in load_concept_data(config, "Gambling").questions["qa_test"]}
     assert not gambling & {q.question for q in load_concept_data(config, "Golf").general["test"]}
+
+
+def test_train_only_then_the_same_command_evaluates_without_training_again(tiny_model_dir, data_dir, tmp_path,
+                                                                          monkeypatch, capsys):
+    """`erase --train-only` (the step `accelerate launch` runs on several GPUs) trains the grid
+    into OUT/checkpoints and writes no result; the same command without it evaluates,
+    reusing every trained candidate."""
+    from obliviate.cli import main
+    from obliviate.training import loop
+
+    out = tmp_path / "run"
+    argv = ["erase", "--concept", "Golf", "--data", str(data_dir), "--model", str(tiny_model_dir), "--out", str(out),
+            "--method", "grad_diff", "--set", "steps=1", "--set", "batch_size=2", "--set", "max_length=16",
+            "--set", "lr=1e-3,1e-2", "--coherence-new-tokens", "2", "--neutral-coherence-prompts", "1",
+            "--general-prompts", "2", "--general-questions", "4", "--bootstrap", "20", "--no-save-model"]
+    assert main([*argv, "--train-only"]) == 0, capsys.readouterr().err
+    assert "2 candidate(s) of grad_diff trained" in capsys.readouterr().out
+    assert len(list((out / "checkpoints").rglob("trained.safetensors"))) == 2 and not (out / "results.json").exists()
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a trained candidate was trained again")
+
+    monkeypatch.setattr(loop, "train", no_training)
+    assert main(argv) == 0, capsys.readouterr().err
+    results = json.loads((out / "results.json").read_text())
+    assert len(results["method_sweep"]) == 2
+    assert main([*argv[:9], "--method", "ember", "--train-only"]) == 2  # EMBER is not trained

@@ -195,7 +195,8 @@ class RepairRelearnConfig:
     weight_decay: float = 0.01
     batch_size: int = 1
     max_length: int = 256
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: str = "auto"  # auto | on | off (relearning.py)
+    optimizer: str = "auto"  # training/optim.py: the plain AdamW on float32 weights
 
     def __post_init__(self) -> None:
         if self.reconstruction not in RECONSTRUCTIONS:

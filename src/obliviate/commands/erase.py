@@ -21,6 +21,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revertible-patch", dest="run__revertible_patch", default=None, metavar="PATH",
                         help="also write a patch that can undo the erasure (it holds the original rows) to PATH, "
                              "which must be outside --out: never ship it with the model")
+    parser.add_argument("--train-only", dest="run__train_only", action="store_true", default=None,
+                        help="train the method's grid into OUT/checkpoints and stop (run it under accelerate launch "
+                             "for several GPUs; the same command without it then evaluates and saves)")
     parser.add_argument("--push-to-hub", dest="run__push_to_hub", default=None, metavar="OWNER/NAME",
                         help="upload model/ with its model card (or the edit files) to this Hub repository at the end")
     parser.add_argument("--private", dest="run__private", action="store_true", default=None,
@@ -44,6 +47,8 @@ def run(args: argparse.Namespace) -> int:
         from obliviate.errors import ObliviateError
 
         raise ObliviateError("Name the concept to erase with --concept (e.g. --concept 'Harry Potter').")
+    if config.train_only:
+        return run_training(config)
     with exclusive_output(config.out) if config.out else nullcontext():
         result = erase(config)
     r = result.results
@@ -57,4 +62,20 @@ def run(args: argparse.Namespace) -> int:
     nothing_chosen = no_candidate_chosen(r)
     if nothing_chosen:
         print(f"  {nothing_chosen}")
+    return 0
+
+
+def run_training(config) -> int:
+    """`erase --train-only`: every process trains (the loop shards the model over them);
+    the first one holds the output folder's lock and says what it trained."""
+    from obliviate.io import exclusive_output
+    from obliviate.pipeline.erase import train_only
+    from obliviate.training.sharding import world
+
+    rank, processes = world()  # opens the process group under accelerate launch, before any model loads
+    with exclusive_output(config.out) if rank == 0 else nullcontext():
+        trained = train_only(config)
+    if rank == 0:
+        print(f"\n{len(trained['trained'])} candidate(s) of {config.method} trained on {processes} process(es) -> "
+              f"{trained['checkpoints']}; run the same command without --train-only to evaluate and save.")
     return 0

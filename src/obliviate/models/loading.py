@@ -221,11 +221,6 @@ def embeddings_are_tied(model: nn.Module) -> bool:
     return output is not None and output.weight is model.get_input_embeddings().weight
 
 
-def was_tied(model: nn.Module) -> bool:
-    """Tied now, or tied until ``untie_output_embeddings`` separated them in this process."""
-    return embeddings_are_tied(model) or getattr(model, "_obliviate_untied", False)
-
-
 def untie_output_embeddings(model: nn.Module) -> bool:
     """Give the output layer its own copy of the matrix so input edits leave it alone.
 
@@ -235,7 +230,6 @@ def untie_output_embeddings(model: nn.Module) -> bool:
         return False
     output = model.get_output_embeddings()
     output.weight = nn.Parameter(output.weight.detach().clone(), requires_grad=output.weight.requires_grad)
-    model._obliviate_untied = True  # it was tied: later edits keep treating it so (was_tied)
     model.config.tie_word_embeddings = False
     if hasattr(model.config, "get_text_config"):
         model.config.get_text_config().tie_word_embeddings = False

@@ -23,9 +23,10 @@ from obliviate.errors import ObliviateError
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.results import RunResults
 from obliviate.io import fingerprint
-from obliviate.models.loading import LoadedModel, load_model, was_tied
+from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_model
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, publish, save_outputs
+from obliviate.training.sharding import world
 from obliviate.pipeline.selection import (CandidateResult, applied, choose, measure_top_coherence, selection_rules,
                                           sweep)
 
@@ -73,8 +74,42 @@ def config_fingerprint(config: RunConfig) -> str:
     payload = config.to_dict()
     payload.pop("overwrite", None)
     payload.pop("out", None)
+    payload.pop("train_only", None)  # training first, then the evaluation: one run, one folder
     payload["evaluation"].pop("cache", None)  # where the original's numbers come from, not what they are
     return fingerprint(payload)
+
+
+def train_only(config: RunConfig, progress: bool = True) -> dict:
+    """Train every candidate of the run's trained method into out/checkpoints and stop (no
+    evaluation, nothing else written): the part that runs on several processes. Every
+    process runs this; the training loop shards the model over them and the first one writes."""
+    stages = plan(config)
+    if not config.out:
+        raise ObliviateError("--train-only needs --out: the trained candidates are kept in OUT/checkpoints.")
+    if stages[-1].plug_in:
+        raise ObliviateError("--train-only trains a base method (--method rmu, elm, grad_diff, npo): EMBER is not trained.")
+    if stages[0].plug_in and not stages[0].fixed:
+        raise ObliviateError("--train-only with --ember needs EMBER's strength fixed (--delta D): choosing it needs the "
+                             "evaluation, which the run without --train-only does.")
+    out = Path(config.out)
+    if world()[0] == 0:  # the folder is this run's: the evaluating run resumes in it
+        mark_out_dir(out, prepare_out_dir(out, config_fingerprint(config), config.overwrite))
+    names = config.all_concepts()
+    datas = [load_concept_data(config, name) for name in names]
+    data = datas[0] if len(names) == 1 else merge_concepts(datas)
+    lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map,
+                    allow_pickle=config.model.allow_pickle)
+    context = methods.MethodContext(progress=progress, checkpoint_dir=out / "checkpoints")
+    edit, trained = None, []
+    for stage in stages:
+        with applied(edit, lm.model):
+            fitted = methods.get(stage.name).fit(lm, data, stage.config, config.seed, context)
+        for params, candidate in fitted.candidates():  # a trained grid trains (or finds) each point here
+            if stage.plug_in:
+                edit = candidate
+                break
+            trained.append(params)
+    return {"trained": trained, "checkpoints": str(out / "checkpoints")}
 
 
 def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
@@ -190,7 +225,7 @@ def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data
     plug_in = next(iter(plug_ins.values()), None)
     base = next((outcomes[s.name] for s in stages if not s.plug_in), None)
     ember_report = plug_in.report if plug_in else {}
-    tied = was_tied(lm.model)
+    tied = embeddings_are_tied(lm.model)
     parts = {
         "model_source": lm.source,
         "config_fingerprint": run_fingerprint,
