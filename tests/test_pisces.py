@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import obliviate
-from obliviate.edits.weights import LowRankDelta, apply_verified_weights, revert_verified_weights
+from obliviate.edits.protocol import apply_verified, revert_verified
+from obliviate.edits.weights import LowRankDelta
 from obliviate.errors import ObliviateError
 from obliviate.methods import get, pisces
 
@@ -62,10 +63,10 @@ def test_edits_change_only_down_projections_and_revert_exactly(tiny_lm, small_co
     for _, edit in fitted.candidates():
         assert isinstance(edit, LowRankDelta) and edit.factors
         assert all(name.endswith("mlp.down_proj.weight") for name in edit.factors)
-        apply_verified_weights(edit, tiny_lm.model)
+        fingerprints = apply_verified(edit, tiny_lm.model)
         changed = {n for n, p in tiny_lm.model.named_parameters() if not torch.equal(p, before[n])}
         assert changed == set(edit.factors)
-        revert_verified_weights(edit, tiny_lm.model)
+        revert_verified(edit, tiny_lm.model, fingerprints)
         assert all(torch.equal(p, before[n]) for n, p in tiny_lm.model.named_parameters())
 
 

@@ -13,7 +13,7 @@ from obliviate.config import load_yaml, run_config_from_dict
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.scoring import CPU_BATCH_TOKENS, Batching, continuation_logprobs
 from obliviate.methods import ember
-from obliviate.models.loading import LoadedModel, load_model, placement
+from obliviate.models.loading import load_model, placement
 
 from conftest import REPO, make_tiny_lm
 

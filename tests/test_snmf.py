@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from obliviate.cli import main
-from obliviate.edits.weights import LowRankDelta, apply_verified_weights, revert_verified_weights
+from obliviate.edits.protocol import apply_verified, revert_verified
+from obliviate.edits.weights import LowRankDelta
 from obliviate.errors import ObliviateError
 from obliviate.methods import get, snmf
 from obliviate.methods.mlp_features import parse_layer_range
@@ -121,10 +122,10 @@ def test_fit_leaves_the_model_alone_and_edits_change_only_the_named_weights(tiny
         named = set(edit.factors)
         expected = ("up_proj" if params["w_mode"] == "in" else "down_proj" if params["w_mode"] == "out" else "_proj")
         assert named and all(expected in name for name in named)
-        apply_verified_weights(edit, tiny_lm.model)
+        fingerprints = apply_verified(edit, tiny_lm.model)
         changed = {n for n, p in tiny_lm.model.named_parameters() if not torch.equal(p, before[n])}
         assert changed == named
-        revert_verified_weights(edit, tiny_lm.model)
+        revert_verified(edit, tiny_lm.model, fingerprints)
         assert all(torch.equal(p, before[n]) for n, p in tiny_lm.model.named_parameters())
     report = fitted.report()
     assert report["selected_feature_count"] > 0 and set(report["layers"]) == {"0", "1", "2", "3"}

@@ -17,7 +17,8 @@ from conftest import _train_tiny_tokenizer, make_tiny_lm  # noqa: E402
 from obliviate.attacks.relearning import Config as RelearnConfig, relearn  # noqa: E402
 from obliviate.training import sharding  # noqa: E402
 from obliviate.training import losses  # noqa: E402
-from obliviate.training.loop import LoopConfig, logits, snapshot, train_delta  # noqa: E402
+from obliviate.training.loop import LoopConfig, logits, snapshot
+from obliviate.training.grid import train_delta  # noqa: E402
 
 FORGET = ["Casinos offer poker, roulette and slot machines.", "Betting on horses is a form of gambling.",
           "A croupier deals cards at the blackjack table.", "Lottery tickets are sold at kiosks."]

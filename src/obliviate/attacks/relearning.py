@@ -30,9 +30,9 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from obliviate.errors import ObliviateError
+from obliviate.progress import progress_bar, write_line
 from obliviate.io import fingerprint as run_fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training import sharding
@@ -135,14 +135,14 @@ def relearn(
     name, on, plan = plan_stage(model, list(params.values()), config.optimizer, config.gradient_checkpointing,
                                 config.batch_size, config.max_length, 1, f"relearn ({role})")
     if progress:
-        tqdm.write(f"relearn ({role}): {plan.describe()}")
+        write_line(f"relearn ({role}): {plan.describe()}")
     originals = {n: sharding.full(p).to("cpu", copy=True) for n, p in params.items()}  # host memory, not the GPU
     if sharding.world()[1] > 1:  # FSDP2 over the processes; each runs every batch (the protocol's batch 1)
         sharding.shard(model, params)
     encoded = [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids for p in paragraphs]
     start = len(state["epochs"])
-    bar = tqdm(total=config.epochs * len(encoded), initial=start * len(encoded), desc=f"relearn ({role})",
-               unit="paragraph", disable=not progress or None)
+    bar = progress_bar(total=config.epochs * len(encoded), initial=start * len(encoded), desc=f"relearn ({role})",
+                       unit="paragraph", disable=not progress)
     try:
         with trainable(model, params), training_precision(name, params.values()) as autocast, checkpointing(model, on):
             optimizer = make_optimizer(name, params.values(), config.lr, config.weight_decay)

@@ -137,6 +137,10 @@ class LoraAdapter:
     def expected_changes(self, model: torch.nn.Module) -> dict[str, None]:
         return {name: ALL_ROWS for name in self.weights}
 
+    # Beside a merged model/ the adapter gives the original weights back (W = W_merged - s B A):
+    # the output folder writes it only when model/ is not written (it is then the erasure).
+    reveals_original_beside_model = True
+
     def save_to(self, folder: Path) -> list[Path]:
         """The adapter's A and B matrices (a peft folder when training wrote one: copied)."""
         target = Path(folder) / "adapter"
@@ -207,12 +211,9 @@ class LowRankDelta:
         return {name: ALL_ROWS for name in self.changed_parameters()}
 
     def save_to(self, folder: Path) -> list[Path]:
-        """Forward-only: the factors (W_new = W + L R) and a sha256 of the originals."""
-        path = Path(folder) / "low_rank_delta.safetensors"
-        tensors = {f"{kind}.{n}": t.contiguous() for n, pair in self.factors.items() for kind, t in zip(("left", "right"), pair)}
-        save_tensors(path, tensors, {**self.metadata, "original_sha256": tensor_sha256(
-            {n: self.original[n] for n in self.factors})})
-        return [path]
+        """Forward-only: the new values (as ``ParameterDelta``). Not the factors: beside the
+        edited model/ they give the original weights back (W = W_new - L R)."""
+        return self.as_parameter_delta().save_to(folder)
 
     def as_parameter_delta(self) -> ParameterDelta:
         """The same edit with every new tensor materialized (to save or to compare)."""
@@ -228,25 +229,3 @@ class LowRankDelta:
 
     def save(self, path: str | Path) -> None:
         self.as_parameter_delta().save(path)
-
-
-def apply_verified_weights(edit, model: torch.nn.Module) -> None:
-    """Apply a weight edit and check that only the parameters it names changed."""
-    from obliviate.models.loading import changed_rows, parameter_fingerprints
-
-    names = set(edit.factors if isinstance(edit, LowRankDelta) else edit.new)
-    before = parameter_fingerprints(model)
-    edit.apply(model)
-    moved = set(changed_rows(before, parameter_fingerprints(model)))
-    if not moved <= names:
-        raise ObliviateError(f"Edit verification failed: parameters outside the edit changed: {sorted(moved - names)[:5]}.")
-
-
-def revert_verified_weights(edit, model: torch.nn.Module) -> None:
-    """Revert a weight edit and check that every parameter it names holds its original bits."""
-    edit.revert(model)
-    params = _parameters(model, edit.original)
-    for name, original in edit.original.items():
-        if name in (edit.factors if isinstance(edit, LowRankDelta) else edit.new):
-            if not torch.equal(params[name].detach().to("cpu", original.dtype), original):
-                raise ObliviateError(f"Reverting the edit did not restore {name} bit for bit.")

@@ -26,8 +26,9 @@ from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, TrainedGrid, TextStream, cached_log, check_positive, finished, grid_points, model_fingerprint, tokenize, train,
+    LoopConfig, TextStream, cached_log, check_positive, finished, tokenize, train,
 )
+from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
 from obliviate.models.layers import decoder_layers, model_device, resolve_layer
 from obliviate.edits.weights import LoraAdapter
 

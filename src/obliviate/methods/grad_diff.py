@@ -13,9 +13,8 @@ from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import (
-    LoopConfig, TrainedGrid, grid_points, logits, model_fingerprint, train_delta,
-)
+from obliviate.training.loop import LoopConfig, logits
+from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 
 @dataclass(frozen=True)

@@ -17,9 +17,8 @@ from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import (
-    LoopConfig, TrainedGrid, content_mask, grid_points, layer_activations, model_fingerprint, snapshot, swapped, tokenize, train_delta,
-)
+from obliviate.training.loop import LoopConfig, content_mask, layer_activations, snapshot, swapped, tokenize
+from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import decoder_layers, model_device, resolve_layer, select_parameters
 
 

@@ -27,6 +27,7 @@ from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_mode
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, publish, save_outputs
 from obliviate.training.sharding import world
+from obliviate.progress import write_line
 from obliviate.pipeline.selection import (CandidateResult, applied, choose, measure_top_coherence, selection_rules,
                                           sweep)
 
@@ -139,7 +140,8 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     evaluators = {name: Evaluator(lm, data, config.evaluation, config.seed) for name, data in datas.items()}
     data = datas[names[0]] if len(names) == 1 else merge_concepts(list(datas.values()))
     evaluator = evaluators[names[0]] if len(names) == 1 else Evaluator(lm, data, config.evaluation, config.seed)
-    context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None)
+    context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None,
+                                    log=write_line if progress else (lambda _message: None))
     outcomes: dict[str, StageOutcome] = {}
     concept_rows: dict[str, set[int]] = {}  # several concepts: the rows each one's EMBER edit moved
     edit = None

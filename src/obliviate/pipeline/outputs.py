@@ -97,8 +97,12 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict) -> None:
     hook_only = changes_no_weight(edit, lm.model)
     if results["config"]["save_model"] and not hook_only:
         save_model(out, lm)
-    results["saved"] = {"model": results["config"]["save_model"] and not hook_only,
-                        "edits": [str(path.relative_to(out)) for part in parts_of(edit) for path in part.save_to(out)]}
+    saves_model = results["config"]["save_model"] and not hook_only
+    # an edit whose files beside model/ would give the original back (a LoRA adapter) is the
+    # record only when model/ is not written
+    parts = [part for part in parts_of(edit) if not (saves_model and getattr(part, "reveals_original_beside_model", False))]
+    results["saved"] = {"model": saves_model,
+                        "edits": [str(path.relative_to(out)) for part in parts for path in part.save_to(out)]}
     patches = [part for part in parts_of(edit) if isinstance(part, EmbeddingPatch)]
     if revertible:
         for patch in patches:

@@ -2,7 +2,7 @@
 
 A method supplies the parameters to train and a ``step_loss(forget, retain) -> (loss,
 parts)`` closure; this module does the rest: batches of forget text (concept sentences)
-and retain text (neutral sentences), AdamW, gradient accumulation, a tqdm bar with ETA,
+and retain text (neutral sentences), AdamW, gradient accumulation, progress with an ETA,
 checkpoints every few steps so an interrupted run resumes where it stopped, and seeding
 so the same seed gives the same weights. Device placement goes through ``accelerate``
 (batches are put where the model's input embedding lives, so CPU, one GPU and a model
@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from obliviate.errors import ObliviateError
-from obliviate.io import atomic_path, save_tensors
+from obliviate.progress import progress_bar, write_line
+from obliviate.io import atomic_path
 from obliviate.models.layers import block_outputs, model_device
 from obliviate.training import sharding
 from obliviate.training.optim import check_choice, make_optimizer, resolve_optimizer, training_precision, weights_dtype
@@ -293,7 +293,7 @@ def train(
                                 loop.batch_size, loop.max_length, 2, desc)
     log = TrainLog(optimizer=name, memory_plan=plan.describe())
     if progress:
-        tqdm.write(f"{desc}: {log.memory_plan}")
+        write_line(f"{desc}: {log.memory_plan}")
     rank, processes = sharding.world()
     if processes > 1:  # FSDP2 over the process group (training/sharding.py)
         sharding.shard(model, params)
@@ -309,8 +309,8 @@ def train(
         forget_stream.skip(start_step * loop.grad_accum)
         retain_stream.skip(start_step * loop.grad_accum)
         clock = time.perf_counter()
-        bar = tqdm(total=loop.steps, initial=start_step, desc=desc, unit="step",
-                   disable=None if progress and rank == 0 else True)
+        bar = progress_bar(total=loop.steps, initial=start_step, desc=desc, unit="step",
+                           disable=not (progress and rank == 0))
         with trainable(model, params):
             for step in range(start_step, loop.steps):
                 parts_sum: dict[str, float] = {}
@@ -392,76 +392,3 @@ def cached_log(folder: Path | None) -> TrainLog | None:
     payload = json.loads((folder / "log.json").read_text(encoding="utf-8"))
     return TrainLog(losses=payload["losses"], steps=payload["steps"], seconds=payload["seconds"],
                     resumed_from=payload["resumed_from"], cached=True)
-
-
-# ---- grids of trained candidates (shared by the methods whose edit is a ParameterDelta) ----
-
-def as_tuple(value) -> tuple:
-    return tuple(value) if isinstance(value, (tuple, list)) else (value,)
-
-
-def grid_points(**axes) -> list[dict]:
-    """Every combination of the axes' values, the first axis varying slowest."""
-    points = [{}]
-    for name, values in axes.items():
-        points = [{**p, name: v} for p in points for v in as_tuple(values)]
-    return points
-
-
-def model_fingerprint(model: nn.Module) -> str:
-    """A cheap fingerprint of the input embedding (so a cached candidate trained on the
-    EMBER-edited model is never reused for the plain one, and vice versa)."""
-    weight = sharding.full(model.get_input_embeddings().weight)
-    probe = torch.linspace(-1, 1, weight.shape[1], dtype=torch.float64, device=weight.device)
-    return f"{float((weight.double() @ probe).sum()):.12e}"
-
-
-def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: TrainSettings,
-                folder: Path | None, progress: bool, desc: str, metadata: dict | None = None):
-    """Train ``params`` from their current values, capture the result as a ParameterDelta
-    and restore the originals (the model leaves as it came). A finished candidate in
-    ``folder`` is loaded instead of trained again."""
-    from safetensors.torch import load_file
-
-    from obliviate.edits.weights import ParameterDelta
-
-    originals = snapshot(params)
-    done = cached_log(folder)
-    if done is not None and (folder / "trained.safetensors").is_file():
-        saved = load_file(str(folder / "trained.safetensors"))
-        # The parameters' order, not the file's (safetensors sorts its keys): the delta's
-        # summary sums over this order, and a resumed run must report the same delta_norm
-        # to the last bit as the run that trained the candidate.
-        new = {name: saved[name] for name in originals}
-        return ParameterDelta(original=originals, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()}), done
-    with restored(params, originals):
-        log = train(model, tokenizer, params, step_loss, forget, retain, settings, folder, progress, desc)
-        # The trained values, whole (gathered from every process when FSDP shards them).
-        delta = ParameterDelta(original=originals, new=snapshot(params),
-                               metadata={k: str(v) for k, v in (metadata or {}).items()})
-    if folder is not None and sharding.world()[0] == 0:
-        folder.mkdir(parents=True, exist_ok=True)
-        save_tensors(folder / "trained.safetensors", {n: t.contiguous() for n, t in delta.new.items()})
-        finished(folder, log)
-    return delta, log
-
-
-@dataclass
-class TrainedGrid:
-    """A method's ``Fitted``: trains each grid point lazily, in grid order, and yields its
-    edit; the model is in the same state before and after each yield."""
-
-    method: str
-    points: list[dict]
-    run_point: Callable[[dict], tuple[object, TrainLog]]
-    info: dict = field(default_factory=dict)
-    logs: list[dict] = field(default_factory=list)
-
-    def candidates(self):
-        for point in self.points:
-            edit, log = self.run_point(point)
-            self.logs.append({"params": point, **log.as_dict(), "edit": edit.summary()})
-            yield point, edit
-
-    def report(self) -> dict:
-        return {"method": self.method, "grid": self.points, **self.info, "candidates": self.logs}
