@@ -29,7 +29,7 @@ from obliviate.training.loop import (
     LoopConfig, TextStream, cached_log, check_positive, finished, tokenize, train,
 )
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
-from obliviate.models.layers import decoder_layers, model_device, resolve_layer
+from obliviate.models.layers import PROJECTIONS, decoder_layers, model_device, resolve_layer
 from obliviate.edits.weights import LoraAdapter
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
@@ -45,7 +45,6 @@ NOVICE = (
 )
 TOPIC_CHANGE = (" Anyway, let's talk about something else.", " On a completely different subject,",
                 " Changing the topic entirely,", " Let me tell you about something unrelated:")
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from obliviate.errors import ObliviateError
-from obliviate.models.layers import decoder_layers, model_device
+from obliviate.models.layers import MLP_DOWN, MLP_UP, decoder_layers, model_device
 
 RANGE = re.compile(r"^\s*([0-9./]+)\s*-\s*([0-9./]+)\s*$")
 
@@ -56,8 +56,8 @@ class MlpProjections:
     down_name: str
 
 
-def mlp_projections(model: nn.Module, layer: int, up_module: str = "mlp.up_proj",
-                    down_module: str = "mlp.down_proj") -> MlpProjections:
+def mlp_projections(model: nn.Module, layer: int, up_module: str = MLP_UP,
+                    down_module: str = MLP_DOWN) -> MlpProjections:
     prefix, stack = decoder_layers(model)
     block = stack[layer]
     found = []
@@ -91,7 +91,7 @@ class MlpActivations:
 
 
 def collect_mlp_activations(model: nn.Module, tokenizer, groups: list[list[str]], layers: list[int],
-                            up_module: str = "mlp.up_proj", down_module: str = "mlp.down_proj",
+                            up_module: str = MLP_UP, down_module: str = MLP_DOWN,
                             max_length: int = 64, batch_size: int = 16, max_tokens: int = 2000,
                             seed: int = 42) -> MlpActivations:
     """MLP inputs and hidden activations of ``layers`` on every group of texts, at most
@@ -159,7 +159,7 @@ def _group_activations(model, tokenizer, texts, projections, special, max_length
             torch.cat(ids_kept))
 
 
-def down_vectors(model: nn.Module, layers: list[int], down_module: str = "mlp.down_proj") -> dict[int, torch.Tensor]:
+def down_vectors(model: nn.Module, layers: list[int], down_module: str = MLP_DOWN) -> dict[int, torch.Tensor]:
     """The MLP (value) vectors of each block: the columns of its down-projection, one per
     hidden neuron, as rows (d_ff x d_model, float32 on the CPU)."""
     return {layer: mlp_projections(model, layer, down_module=down_module).down.weight.detach().float().cpu().T.contiguous()

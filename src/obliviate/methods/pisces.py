@@ -35,7 +35,7 @@ from obliviate.edits.weights import LowRankDelta
 from obliviate.errors import ObliviateError
 from obliviate.methods.features import SELECTION_MODES, FeatureInfo, build_token_set, select_features
 from obliviate.methods.mlp_features import down_vectors, mlp_projections, parse_layer_range
-from obliviate.models.layers import decoder_layers
+from obliviate.models.layers import MLP_DOWN, decoder_layers
 from obliviate.models.loading import LoadedModel, load_model
 
 
@@ -51,7 +51,7 @@ class Config:
     ks: tuple[float, ...] = (0.3, 0.1)
     values: tuple[float, ...] = (8.0, 16.0)
     layers: str = "0.0-1.0"  # blocks whose MLP vectors are coded and edited (all)
-    down_module: str = "mlp.down_proj"
+    down_module: str = MLP_DOWN
     # The disentangler (a top-k sparse dictionary trained on the MLP vectors).
     dictionary_factor: int = 4  # atoms = factor x d_model
     topk: int = 8  # atoms per MLP vector

@@ -19,7 +19,7 @@ from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import LoopConfig, content_mask, layer_activations, snapshot, swapped, tokenize
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
-from obliviate.models.layers import decoder_layers, model_device, resolve_layer, select_parameters
+from obliviate.models.layers import MLP_DOWN_WEIGHTS, decoder_layers, model_device, resolve_layer, select_parameters
 
 
 STEERING_UNITS = ("norm", "absolute")
@@ -46,7 +46,7 @@ class Config(LoopConfig):
     layer: tuple[int, ...] = ()
     layer_fraction: float = 7 / 26  # EMBER's L=7 of Gemma-2-2B's 26 layers -> 5 of Gemma 3 270M's 18
     trained_below: int = 2  # train layers L-2..L (WMDP reference)
-    param_pattern: str = r"mlp\.down_proj\.weight$"  # WMDP reference: MLP down-projections
+    param_pattern: str = MLP_DOWN_WEIGHTS  # WMDP reference: MLP down-projections
     steps: int = 30  # WMDP reference 150 batches; CPU-scale default (about 1 s a step on Gemma 3 270M, bench/bench_methods.py)
     batch_size: int = 4  # WMDP reference
     max_length: int = 64  # concept sentences are 20-40 tokens (reference truncates at 512)

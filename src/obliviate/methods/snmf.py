@@ -28,7 +28,7 @@ from obliviate.errors import ObliviateError
 from obliviate.methods.mlp_features import (
     MlpActivations, collect_mlp_activations, mlp_projections, orthonormal_basis, parse_layer_range, sample_texts,
 )
-from obliviate.models.layers import decoder_layers
+from obliviate.models.layers import MLP_DOWN, MLP_UP, decoder_layers
 from obliviate.models.loading import LoadedModel
 
 W_MODES = ("in", "out", "both")
@@ -63,8 +63,8 @@ class Config:
     # as fractions they scale to any depth: on Gemma 3 270M (18 blocks) W_in 0-8, W_out 6-12.
     in_layers: tuple[str, ...] = ("0/26-12/26",)
     out_layers: tuple[str, ...] = ("9/26-17/26",)
-    up_module: str = "mlp.up_proj"  # W_in, inside each decoder block
-    down_module: str = "mlp.down_proj"  # W_out
+    up_module: str = MLP_UP  # W_in, inside each decoder block
+    down_module: str = MLP_DOWN  # W_out
     # Content tokens per text group (concept, neutral, contrast): the fit's cost is linear in
     # them (about 0.15 s an iteration at 4,500 tokens, d_ff 2048, on one core).
     max_tokens: int = 1500

@@ -17,8 +17,13 @@ from torch import nn
 
 from obliviate.errors import ObliviateError
 
-# Every linear weight of every decoder block (q/k/v/o and gate/up/down projections), in the
-# module names that Gemma, Llama, Mistral and Qwen share.
+# Module names inside a decoder block that Gemma, Llama, Mistral and Qwen share; methods take
+# them as settings defaults, so another family is one setting away (or one edit here).
+MLP_UP = "mlp.up_proj"  # W_in: reads the residual stream
+MLP_DOWN = "mlp.down_proj"  # W_out: writes the MLP's value vectors
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MLP_DOWN_WEIGHTS = r"mlp\.down_proj\.weight$"
+# Every linear weight of every decoder block (q/k/v/o and gate/up/down projections).
 BLOCK_WEIGHTS = r"\.(mlp|self_attn)\.\w+_proj\.weight$"
 
 

@@ -14,7 +14,8 @@ from torch import nn
 from obliviate.edits.weights import ParameterDelta
 from obliviate.io import save_tensors
 from obliviate.training import sharding
-from obliviate.training.loop import TrainLog, TrainSettings, cached_log, finished, restored, snapshot, train
+from obliviate.training import loop
+from obliviate.training.loop import TrainLog, TrainSettings, cached_log, finished, restored, snapshot
 
 
 def as_tuple(value) -> tuple:
@@ -52,7 +53,7 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
         new = {name: saved[name] for name in originals}
         return ParameterDelta(original=originals, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()}), done
     with restored(params, originals):
-        log = train(model, tokenizer, params, step_loss, forget, retain, settings, folder, progress, desc)
+        log = loop.train(model, tokenizer, params, step_loss, forget, retain, settings, folder, progress, desc)
         # The trained values, whole (gathered from every process when FSDP shards them).
         delta = ParameterDelta(original=originals, new=snapshot(params),
                                metadata={k: str(v) for k, v in (metadata or {}).items()})
