@@ -183,6 +183,7 @@ def test_two_concepts_compose_their_edits_and_report_each_and_the_cross_table(ti
     saved = AutoModelForCausalLM.from_pretrained(out / "model")
     assert torch.equal(lm.model.get_input_embeddings().weight, saved.get_input_embeddings().weight)
     assert patch.changed_token_ids() == result.edit.changed_token_ids()
+    assert results["edited_token_count"] == len(patch.changed_token_ids())
     assert results["leak_check"]["passed"]
     shared = set(results["shared_token_ids"])
     assert shared == {int(t) for t in patch.metadata["shared_token_ids"].split(",") if t}

@@ -213,6 +213,7 @@ def each_concept(names: list[str], evaluators: dict[str, Evaluator], edit, conce
     if patch is None or not concept_rows:
         return result
     result["shared_token_ids"] = [int(t) for t in patch.metadata.get("shared_token_ids", "").split(",") if t]
+    result["edited_token_count"] = len(patch.changed_token_ids())  # every concept's rows, shared ones once
     result["cross"] = {}
     for x, rows in concept_rows.items():
         alone = patch.restricted_to(rows)
