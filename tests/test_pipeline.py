@@ -173,6 +173,8 @@ def test_two_concepts_compose_their_edits_and_report_each_and_the_cross_table(ti
     assert set(results["delta"]) == {"Golf", "Gambling"} and all(d == 50.0 for d in results["delta"].values())
     assert set(results["cross"]) == {"Golf", "Gambling"}
     assert all(set(row) == {"Golf", "Gambling"} for row in results["cross"].values())
+    assert "## Each concept (TEST), and the cross table" in (out / "report.md").read_text()
+    assert "under these rows alone" in (out / "report.html").read_text()
     # one forward-only patch holds both concepts' rows; it applies to the original model and
     # gives exactly the saved model's embeddings (shared rows carry both edits)
     patch = EmbeddingPatch.load(out / "embedding_patch.safetensors")

@@ -396,6 +396,30 @@ def lm_eval_table(runs: list[dict]) -> str:
             + "".join(rows) + "</table></div>")
 
 
+def concepts_table(runs: list[dict]) -> str:
+    """Several concepts in one model: each concept's TEST QA and efficacy under the whole
+    edit, and the cross table (concept Y's QA under concept X's rows alone)."""
+    rows = []
+    for run in runs:
+        for name, entry in (run.get("concepts") or {}).items():
+            qa = entry.get("qa_test", {})
+            cross = run.get("cross", {}).get(name, {})
+            cells = [_cell("qa", qa.get("base", {}).get("value"), qa.get("base", {}).get("low"), qa.get("base", {}).get("high")),
+                     _cell("qa", qa.get("edited", {}).get("value"), qa.get("edited", {}).get("low"),
+                           qa.get("edited", {}).get("high")),
+                     _cell("efficacy", *(entry.get("efficacy", {}).get(k) for k in ("value", "low", "high")))]
+            cells += [_cell("qa", *(cross.get(other, {}).get("edited", {}).get(k) for k in ("value", "low", "high")))
+                      if cross else "<td>–</td>" for other in run["concepts"]]
+            rows.append(f"<tr><td class='l'>{html.escape(name)}</td>" + "".join(cells) + "</tr>")
+        if rows:
+            others = "".join(f"<th>QA of {html.escape(other)} under these rows alone</th>" for other in run["concepts"])
+            return ("<p class='sub'>Each concept's TEST questions under the whole edit, and what each concept's own "
+                    "EMBER rows do to every concept's questions (rows edited for several concepts carry every edit).</p>"
+                    "<div class='wide'><table><tr><th class='l'>concept</th><th>QA original</th><th>QA erased</th>"
+                    f"<th>efficacy</th>{others}</tr>" + "".join(rows) + "</table></div>")
+    return ""
+
+
 EXAMPLE_TITLES = {"general": "general prompts (should be unchanged)", "concept": "concept text (the erased words)"}
 
 
@@ -479,12 +503,14 @@ def render_html(runs: list[dict]) -> str:
     first = runs[0] if runs else {}
     curve = _img(plot_relearn_curves(runs), "relearning curve")
     plots = [("Relearning curve per epoch", curve and curve + relearn_table(runs)),
-             ("Original vs erased vs after relearning", _img(plot_concept_bars(runs), "per-concept accuracy")),
+             ("Original vs erased" + (" vs after relearning" if curve else ""),
+              _img(plot_concept_bars(runs), "per-concept accuracy")),
              ("Attacks side by side", _img(plot_attacks(runs), "attack accuracies")),
              ("Probe accuracy per layer", _img(plot_probe(runs), "probe per layer"))]
     plots += [(f"Delta sweep ({r.get('concept')})", _img(plot_delta_sweep(r), "delta sweep")) for r in _unique_erasures(runs)]
     cards = [_card(title, body) for title, body in plots if body]
-    for title, body in (("lm-evaluation-harness, original vs erased", lm_eval_table(runs)),
+    for title, body in (("Each concept, and the cross table", concepts_table(runs)),
+                        ("lm-evaluation-harness, original vs erased", lm_eval_table(runs)),
                         ("Generations, original vs erased", generations_table(runs)),
                         ("Features erased (top tokens)", feature_table(_unique_erasures(runs)))):
         if body:

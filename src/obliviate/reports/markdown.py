@@ -123,6 +123,26 @@ def _example_rows(examples: dict) -> list[str]:
     return rows
 
 
+def _concept_rows(results: dict) -> list[str]:
+    """Several concepts: each one's TEST QA under the whole edit, and the cross table."""
+    concepts = results.get("concepts") or {}
+    if not concepts:
+        return []
+    names = list(concepts)
+    rows = ["", "## Each concept (TEST), and the cross table", "",
+            "| concept | QA original | QA erased | efficacy | " + " | ".join(f"QA of {n} under these rows alone" for n in names) + " |",
+            "|" + " --- |" * (4 + len(names))]
+    for name, entry in concepts.items():
+        cross = results.get("cross", {}).get(name, {})
+        cells = [fmt(cross.get(other, {}).get("edited")) if cross else "-" for other in names]
+        rows.append(f"| {name} | {fmt(entry['qa_test']['base'])} | {fmt(entry['qa_test']['edited'])} | "
+                    f"{fmt(entry.get('efficacy'))} | " + " | ".join(cells) + " |")
+    shared = results.get("shared_token_ids")
+    if shared is not None:
+        rows.append(f"\nRows edited for several concepts (they carry every such edit): {len(shared)}.")
+    return rows
+
+
 def _feature_rows(features: list[dict], limit: int = 12) -> list[str]:
     if not features:
         return ["No feature was selected: the edit changes nothing."]
@@ -160,6 +180,7 @@ def markdown_report(results: dict) -> str:
     for name in SHOWN:
         if name in results:
             lines.append(f"- {METRICS[name].label}: {fmt(results[name])}")
+    lines += _concept_rows(results)
     lines += _noise_lines(results) + _coverage_rows(results.get("coverage", {})) + _example_rows(results.get("examples", {}))
     if results.get("delta") is not None:
         lines += ["", f"## EMBER: delta = {results['delta']}, {results['edited_token_count']} tokens edited", ""]
