@@ -244,9 +244,14 @@ def plot_relearn_curves(runs: list[dict]) -> str | None:
                         color=COLORS[role], label=label, markersize=4, linewidth=1.2)
             ax.fill_between(epochs, [e[1] if e[1] is not None else e[0] for e in entries],
                             [e[2] if e[2] is not None else e[0] for e in entries], color=COLORS[role], alpha=0.10)
-    ax.axhline(0.25, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set(xlabel="relearning epoch (0 = before)", ylabel="QA test accuracy (95% CI)", ylim=(0, 1),
-           title="Relearning attack, per epoch")
+    return _finish(fig, ax, 0.25, xlabel="relearning epoch (0 = before)", ylabel="QA test accuracy (95% CI)",
+                   ylim=(0, 1), title="Relearning attack, per epoch")
+
+
+def _finish(fig, ax, chance: float, **labels) -> str:
+    """A chance line, the labels, integer ticks and a legend; the figure as a PNG."""
+    ax.axhline(chance, color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set(**labels)
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.legend(fontsize=7)
     return _png(fig)
@@ -263,12 +268,8 @@ def plot_probe(runs: list[dict]) -> str | None:
             if layers:
                 ax.plot(range(len(layers)), layers, style, marker=".", color=COLORS[role],
                         label=f"{role} ({run.get('concept')})" if len(with_probe) > 1 else role)
-    ax.axhline(0.5, color="grey", linestyle=":", linewidth=1, label="chance")
-    ax.set(xlabel="layer (0 = embeddings)", ylabel="probe test accuracy", ylim=(0.4, 1.02),
-           title="Linear probe: concept vs neutral")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.legend(fontsize=7)
-    return _png(fig)
+    return _finish(fig, ax, 0.5, xlabel="layer (0 = embeddings)", ylabel="probe test accuracy", ylim=(0.4, 1.02),
+                   title="Linear probe: concept vs neutral")
 
 
 def plot_attacks(runs: list[dict]) -> str | None:
