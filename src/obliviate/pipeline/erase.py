@@ -80,6 +80,21 @@ def config_fingerprint(config: RunConfig) -> str:
     return fingerprint(payload)
 
 
+def load_concepts(config: RunConfig) -> dict[str, ConceptData]:
+    """Every concept the run erases, each with the others left out of its general sets."""
+    return {name: load_concept_data(config, name) for name in config.all_concepts()}
+
+
+def union(datas: dict[str, ConceptData]) -> ConceptData:
+    """What a base method forgets and is judged on: the one concept, or their union."""
+    return next(iter(datas.values())) if len(datas) == 1 else merge_concepts(list(datas.values()))
+
+
+def load_run_model(config: RunConfig) -> LoadedModel:
+    m = config.model
+    return load_model(m.name, m.device, m.dtype, m.device_map, allow_pickle=m.allow_pickle)
+
+
 def train_only(config: RunConfig, progress: bool = True) -> dict:
     """Train every candidate of the run's trained method into out/checkpoints and stop (no
     evaluation, nothing else written): the part that runs on several processes. Every
@@ -95,11 +110,8 @@ def train_only(config: RunConfig, progress: bool = True) -> dict:
     out = Path(config.out)
     if world()[0] == 0:  # the folder is this run's: the evaluating run resumes in it
         mark_out_dir(out, prepare_out_dir(out, config_fingerprint(config), config.overwrite))
-    names = config.all_concepts()
-    datas = [load_concept_data(config, name) for name in names]
-    data = datas[0] if len(names) == 1 else merge_concepts(datas)
-    lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map,
-                    allow_pickle=config.model.allow_pickle)
+    datas = load_concepts(config)
+    data, lm = union(datas), load_run_model(config)
     context = methods.MethodContext(progress=progress, checkpoint_dir=out / "checkpoints")
     edit, trained = None, []
     for stage in stages:
@@ -123,22 +135,21 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
         check_revertible_path(config.revertible_patch, out)  # before any work: never inside --out
     run_fingerprint = config_fingerprint(config)
     state = prepare_out_dir(out, run_fingerprint, config.overwrite) if out else {"fingerprint": run_fingerprint, "sweeps": {}}
-    names = config.all_concepts()
-    datas = {name: load_concept_data(config, name) for name in names}
+    datas = load_concepts(config)
+    names = list(datas)
     for name, data in datas.items():
-        if not data.has_questions and stages[0].plug_in and not stages[0].fixed:
+        if not data.has_questions and len(stages) == 1 and stages[0].plug_in and not stages[0].fixed:
             raise ObliviateError(
                 f"Concept {name!r} has no questions to choose delta on: pass --questions FILE, "
                 "or fix the strength with --delta (you get the edit and its token report, no accuracy claims)."
             )
-    lm = load_model(config.model.name, config.model.device, config.model.dtype, config.model.device_map,
-                    allow_pickle=config.model.allow_pickle)
+    lm = load_run_model(config)
     timings["load"] = time.perf_counter() - clock
     if out is not None:
         mark_out_dir(out, state)  # only now: bad input above leaves nothing behind
 
     evaluators = {name: Evaluator(lm, data, config.evaluation, config.seed) for name, data in datas.items()}
-    data = datas[names[0]] if len(names) == 1 else merge_concepts(list(datas.values()))
+    data = union(datas)
     evaluator = evaluators[names[0]] if len(names) == 1 else Evaluator(lm, data, config.evaluation, config.seed)
     context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None,
                                     log=write_line if progress else (lambda _message: None))
