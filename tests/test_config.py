@@ -67,3 +67,15 @@ def test_every_flag_has_plain_help_and_a_readable_metavar():
             assert action.help and "default: None" not in action.help, (command, action.option_strings)
             assert action.metavar is None or "__" not in str(action.metavar), (command, action.option_strings)
             assert "__" not in (action.metavar or action.dest.upper() if action.nargs != 0 else ""), action.option_strings
+
+
+def test_optimizer_flag_reaches_the_method_and_the_attacks(tmp_path, capsys):
+    from obliviate.cli import main
+
+    base = ["--concept", "Golf", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o")]
+    assert main(["erase", *base, "--method", "rmu", "--optimizer", "sgd9"]) == 2
+    assert "optimizer must be one of" in capsys.readouterr().err
+    assert main(["erase", *base, "--optimizer", "adamw8bit"]) == 2  # EMBER alone trains nothing
+    assert "EMBER is not trained" in capsys.readouterr().err
+    assert main(["attack", *base, "--attacks", "relearn,probe", "--optimizer", "sgd9"]) == 2
+    assert "optimizer must be one of" in capsys.readouterr().err and not (tmp_path / "o").exists()

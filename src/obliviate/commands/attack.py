@@ -32,15 +32,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--probe-sentences", type=int, default=None, help="probe sentences per class (default 150)")
     group.add_argument("--repair-z", type=float, default=None,
                        help="embedding-repair: flag rows whose robust norm/direction z exceeds this (default 6)")
+    group.add_argument("--optimizer", default=None, metavar="NAME",
+                       help="the optimizer of every relearning attack: auto, adamw, adamw-fp32, adamw-sr, adamw8bit, "
+                            "adamw8bit-bnb (default auto: plain AdamW for float32 weights; README, GPUs)")
     add_set_argument(group, "ATTACK", "relearn.weight_decay=0")
     group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
-def attack_settings(args: argparse.Namespace) -> dict[str, dict]:
+def attack_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:
+    from dataclasses import fields
+
+    from obliviate import attacks
+
     settings: dict[str, dict] = {}
     for flag, (attack, key) in SHORTCUTS.items():
         if getattr(args, flag, None) is not None:
             settings.setdefault(attack, {})[key] = getattr(args, flag)
+    if args.optimizer is not None:  # every attack that trains (relearn, relearn-strong, repair-relearn)
+        for name in names:
+            if "optimizer" in {f.name for f in fields(attacks.get(name).Config)}:
+                settings.setdefault(name, {})["optimizer"] = args.optimizer
     for attack, values in parse_settings(args.settings).items():
         settings.setdefault(attack, {}).update(values)
     return settings
@@ -54,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from obliviate.io import exclusive_output
 
     names = attacks.parse_names(args.attacks)
-    settings = attack_settings(args)
+    settings = attack_settings(args, names)
     unknown = set(settings) - set(names)
     if unknown:
         raise ObliviateError(f"Settings given for attack(s) not run: {', '.join(sorted(unknown))}. Running: {', '.join(names)}.")

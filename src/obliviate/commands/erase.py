@@ -5,6 +5,7 @@ import argparse
 from contextlib import nullcontext
 
 from obliviate import methods
+from obliviate.errors import ObliviateError
 from obliviate.commands.arguments import (add_dataclass_arguments, add_run_arguments, add_set_argument,
                                           collect_overrides, parse_settings)
 
@@ -21,6 +22,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revertible-patch", dest="run__revertible_patch", default=None, metavar="PATH",
                         help="also write a patch that can undo the erasure (it holds the original rows) to PATH, "
                              "which must be outside --out: never ship it with the model")
+    parser.add_argument("--optimizer", default=None, metavar="NAME",
+                        help="the trained method's optimizer: auto, adamw, adamw-fp32, adamw-sr, adamw8bit, adamw8bit-bnb "
+                             "(default auto: plain AdamW for float32 weights; README, GPUs)")
     parser.add_argument("--train-only", dest="run__train_only", action="store_true", default=None,
                         help="train the method's grid into OUT/checkpoints and stop (run it under accelerate launch "
                              "for several GPUs; the same command without it then evaluates and saves)")
@@ -39,13 +43,17 @@ def run(args: argparse.Namespace) -> int:
 
     overrides = collect_overrides(args)
     config = make_config(args.config_file, **overrides)
-    if args.settings:
+    settings = parse_settings(args.settings, default_owner=config.method)
+    if args.optimizer is not None:
+        if config.method == "ember":
+            raise ObliviateError("--optimizer sets a trained method's optimizer (--method rmu, elm, grad_diff, npo): "
+                                 "EMBER is not trained.")
+        settings.setdefault(config.method, {})["optimizer"] = args.optimizer
+    if settings:
         from obliviate.config import merge
 
-        config = merge(config, {"methods": parse_settings(args.settings, default_owner=config.method)})
+        config = merge(config, {"methods": settings})
     if not config.concept:
-        from obliviate.errors import ObliviateError
-
         raise ObliviateError("Name the concept to erase with --concept (e.g. --concept 'Harry Potter').")
     if config.train_only:
         return run_training(config)
