@@ -125,11 +125,11 @@ class RunConfig:
     # Upload the output folder (model/ with its model card, or the edit files) to this Hub
     # repository when the run ends; never without a passed leak check.
     push_to_hub: str | None = None
+    private: bool = False  # create the pushed repository as private
     # Train the method's grid into out/checkpoints and stop: the step that runs on several
     # GPUs (`accelerate launch ... -m obliviate erase --train-only`); the same command without
     # it then evaluates, chooses and saves in one process, reusing every trained candidate.
     train_only: bool = False
-    private: bool = False  # create the pushed repository as private
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
