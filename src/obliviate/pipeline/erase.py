@@ -76,6 +76,8 @@ def config_fingerprint(config: RunConfig) -> str:
     payload.pop("overwrite", None)
     payload.pop("out", None)
     payload.pop("train_only", None)  # training first, then the evaluation: one run, one folder
+    payload.pop("push_to_hub", None)  # where the result goes, not what it is
+    payload.pop("private", None)
     payload["evaluation"].pop("cache", None)  # where the original's numbers come from, not what they are
     return fingerprint(payload)
 
