@@ -39,6 +39,8 @@ from obliviate.training import sharding
 from obliviate.training.loop import checkpointing, checkpointing_choice, plan_stage, trainable
 from obliviate.training.optim import check_choice, make_optimizer, training_precision
 from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
+from obliviate.data.concepts import load_relearn_paragraphs
+from obliviate.evaluation.cache import OriginalCache
 
 NAME = "relearn"
 
@@ -198,8 +200,6 @@ def relearn(
 def run(ctx: AttackContext, config: Config) -> dict:
     """Relearn on both models; accuracy before and after each epoch, and how much of the
     original model's knowledge the erased model gets back (``recovered_frac``)."""
-    from obliviate.data.concepts import load_relearn_paragraphs
-
     if ctx.data_dir is None:
         raise ObliviateError("The relearning attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")
     paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
@@ -236,8 +236,6 @@ def _original_curve(ctx: AttackContext, lm: LoadedModel, prepared, paragraphs: l
     """The ORIGINAL model's (before, epochs) from the results cache (evaluation/cache.py) when
     the same weights, paragraphs, questions, seed and settings ran before; else ``attack()``,
     kept for the next command (``ctx.options["cache"]`` False: always ``attack()``)."""
-    from obliviate.evaluation.cache import OriginalCache
-
     cache = OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
     payload = {"paragraphs": [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids
                               for p in paragraphs],
@@ -257,7 +255,6 @@ class StrongConfig(Config):
     """``relearn-strong``: on the embedded model the reference lr 1e-5 lowers even the
     ORIGINAL model's accuracy, so it says little about what an erasure hides; ten times
     the learning rate and one more epoch is an attacker that actually relearns."""
-
     epochs: int = 3
     lr: float = 1e-4
 

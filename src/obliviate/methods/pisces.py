@@ -37,6 +37,7 @@ from obliviate.methods.features import SELECTION_MODES, FeatureInfo, build_token
 from obliviate.methods.mlp_features import down_vectors, mlp_projections, parse_layer_range
 from obliviate.models.layers import MLP_DOWN, decoder_layers
 from obliviate.models.loading import LoadedModel, load_model
+from obliviate.io import fingerprint, load_tensors, save_tensors
 
 
 @dataclass(frozen=True)
@@ -146,8 +147,6 @@ def reconstruction_error(dictionary: Dictionary, x: torch.Tensor, chunk: int = 8
 
 
 def _cache_key(config: Config, seed: int, vectors: torch.Tensor) -> str:
-    from obliviate.io import fingerprint
-
     probe = torch.linspace(-1, 1, vectors.shape[1], dtype=torch.float64)
     weights = f"{float((vectors.double() @ probe).sum()):.12e}:{tuple(vectors.shape)}"
     settings = {k: getattr(config, k) for k in ("dictionary_factor", "topk", "train_steps", "train_batch", "lr", "layers")}
@@ -156,8 +155,6 @@ def _cache_key(config: Config, seed: int, vectors: torch.Tensor) -> str:
 
 def load_or_train(x: torch.Tensor, config: Config, seed: int) -> tuple[Dictionary, bool]:
     """The dictionary for these vectors (from the cache when it holds one), and whether it was cached."""
-    from obliviate.io import load_tensors, save_tensors
-
     path = Path(config.cache_dir).expanduser() / f"dictionary-{_cache_key(config, seed, x)}.safetensors" if config.cache_dir else None
     if path is not None and path.is_file():
         tensors, meta = load_tensors(path, "PISCES dictionary")

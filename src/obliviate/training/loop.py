@@ -30,6 +30,7 @@ from obliviate.io import atomic_path
 from obliviate.models.layers import block_outputs, model_device
 from obliviate.training import sharding
 from obliviate.training.optim import check_choice, make_optimizer, resolve_optimizer, training_precision, weights_dtype
+from obliviate.training import memory_plan as memory
 
 
 def check_positive(name: str, value: float) -> None:
@@ -228,7 +229,6 @@ def plan_stage(model: nn.Module, trained: list[nn.Parameter], optimizer: str, ch
     """Resolve ``optimizer`` and ``checkpointing`` ("auto") with the memory plan
     (training/memory_plan.py) and refuse, naming the settings that would fit, when nothing does.
     Returns (optimizer, gradient checkpointing on, plan)."""
-    from obliviate.training import memory_plan as memory
 
     budget = memory.device_budget(model)
     _, processes = sharding.world()
