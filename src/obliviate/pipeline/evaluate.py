@@ -25,10 +25,14 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
              judge_model: str = "default", open_new_tokens: int = 24,
              progress: bool = True, harness: dict | None = None) -> dict:
     """Full evaluation of any model against the original; results.json in config.out."""
-    concept = config.concept or erase_run_info(config.model.name)[1].get("concept")
+    recorded = erase_run_info(config.model.name)[1]
+    concept = config.concept or recorded.get("config", {}).get("concept") or recorded.get("concept")
     if not concept:
         raise ObliviateError("Name the concept with --concept (e.g. --concept 'Harry Potter').")
-    config = replace(config, concept=concept)
+    # every concept the erase run removed stays out of the general sets, as in the run itself
+    erased = recorded.get("config", {})
+    others = tuple(c for c in (erased.get("concept"), *erased.get("concepts", ())) if c and c != concept)
+    config = replace(config, concept=concept, concepts=tuple(dict.fromkeys((*config.concepts, *others))))
     data = load_concept_data(config)
     artifact = eco_artifact(eco)
     out = Path(config.out)
