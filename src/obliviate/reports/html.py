@@ -167,11 +167,15 @@ def plot_delta_sweep(run: dict) -> str | None:
     return _png(fig)
 
 
+def _interval(run: dict, path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
+    return (_value(run, path), *_bounds(run, path))
+
+
 def _accuracy(run: dict, path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
     """(value, low, high) of an accuracy, from the run or the erase run an attack carries."""
     for source in (run, run.get("erase_results", {})):
         if _value(source, path) is not None:
-            return (_value(source, path), *_bounds(source, path))
+            return _interval(source, path)
     return None, None, None
 
 
@@ -194,24 +198,28 @@ def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: f
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
 
 
+def _bar_chart(groups: list[tuple], series: list[tuple[str, str]], width: float, per_group: float, title: str) -> str:
+    fig, ax = _figure(max(4.6, per_group * len(groups)))
+    _bar_groups(ax, groups, series, width)
+    ax.set(ylabel="QA test accuracy (95% CI)", ylim=(0, 1.25), title=title)
+    ax.legend(fontsize=6, loc="upper center", ncol=4, frameon=False)
+    return _png(fig)
+
+
 def plot_concept_bars(runs: list[dict]) -> str | None:
     groups = []
     for run in runs:
         base, erased = _accuracy(run, ("qa_test", "base")), _accuracy(run, ("qa_test", "edited"))
-        relearned = (_value(run, ("relearn", "erased", "after")), *_bounds(run, ("relearn", "erased", "after")))
+        relearned = _interval(run, ("relearn", "erased", "after"))
         if base[0] is None and _value(run, ("relearn", "original", "before")) is not None:
-            base = (_value(run, ("relearn", "original", "before")), *_bounds(run, ("relearn", "original", "before")))
-            erased = (_value(run, ("relearn", "erased", "before")), *_bounds(run, ("relearn", "erased", "before")))
+            base, erased = _interval(run, ("relearn", "original", "before")), _interval(run, ("relearn", "erased", "before"))
         if base[0] is not None:
             groups.append((f"{run.get('concept')}\n{run.get('method')}", base, erased, relearned))
     if not groups:
         return None
-    fig, ax = _figure(max(4.6, 1.4 * len(groups)))
-    _bar_groups(ax, groups, [("original", COLORS["original"]), ("erased", COLORS["erased"]),
-                             ("erased + relearning", COLORS["relearned"])], 0.25)
-    ax.set(ylabel="QA test accuracy (95% CI)", ylim=(0, 1.25), title="Original vs erased vs after relearning")
-    ax.legend(fontsize=6, loc="upper center", ncol=4, frameon=False)
-    return _png(fig)
+    return _bar_chart(groups, [("original", COLORS["original"]), ("erased", COLORS["erased"]),
+                               ("erased + relearning", COLORS["relearned"])], 0.25, 1.4,
+                      "Original vs erased vs after relearning")
 
 
 RELEARN_ATTACKS = ("relearn", "relearn-strong", "repair-relearn")  # attacks that record a curve per epoch
@@ -273,19 +281,13 @@ def plot_probe(runs: list[dict]) -> str | None:
 
 
 def plot_attacks(runs: list[dict]) -> str | None:
-    def entry(run: dict, path: tuple[str, ...]):
-        return (_value(run, path), *_bounds(run, path))
-
-    rows = [(f"{a}\n{r.get('concept')}", entry(r, (a, "original", "after")), entry(r, (a, "erased", "before")),
-             entry(r, (a, "erased", "after"))) for r in runs for a in ATTACKS if isinstance(r.get(a), dict)]
+    rows = [(f"{a}\n{r.get('concept')}", _interval(r, (a, "original", "after")), _interval(r, (a, "erased", "before")),
+             _interval(r, (a, "erased", "after"))) for r in runs for a in ATTACKS if isinstance(r.get(a), dict)]
     if not rows:
         return None
-    fig, ax = _figure(max(4.6, 1.3 * len(rows)))
-    _bar_groups(ax, rows, [("original, attacked", COLORS["original"]), ("erased, no attack", COLORS["erased"]),
-                           ("erased, attacked", COLORS["relearned"])], 0.27)
-    ax.set(ylabel="QA test accuracy (95% CI)", ylim=(0, 1.25), title="Attacks: accuracy the attacker gets back")
-    ax.legend(fontsize=6, loc="upper center", ncol=4, frameon=False)
-    return _png(fig)
+    return _bar_chart(rows, [("original, attacked", COLORS["original"]), ("erased, no attack", COLORS["erased"]),
+                             ("erased, attacked", COLORS["relearned"])], 0.27, 1.3,
+                      "Attacks: accuracy the attacker gets back")
 
 
 # ---- HTML --------------------------------------------------------------------------
