@@ -202,3 +202,31 @@ def test_the_original_relearning_curve_is_run_once(tiny_tokenizer, small_concept
         for key in ("before", "after", "curve", "curve_correct", "losses"):
             assert result["original"][key] == first["original"][key], key
         assert result["recovered_frac"] == first["recovered_frac"]
+
+
+def test_the_original_repair_relearn_curve_is_run_once(tiny_tokenizer, small_concept, data_dir, tmp_path, cache_folder,
+                                                       monkeypatch):
+    """repair-relearn on the ORIGINAL model depends on nothing the erasure did: a second
+    erased model of the concept reuses it (same numbers), and per-question answers are kept."""
+    from conftest import make_tiny_lm
+    from obliviate.attacks import white_box
+    from obliviate.attacks.common import AttackContext
+
+    runs, plain = [], white_box.relearn
+    monkeypatch.setattr(white_box, "relearn", lambda lm, *a, **k: runs.append(a[-1]) or plain(lm, *a, **k))
+    config = white_box.RepairRelearnConfig(paragraphs=2, epochs=1, max_length=16)
+
+    def attack(out, erased_seed):
+        models = {"original": make_tiny_lm(tiny_tokenizer, seed=0), "erased": make_tiny_lm(tiny_tokenizer, seed=erased_seed)}
+        ctx = AttackContext(models=models, data=small_concept, data_dir=data_dir, bootstrap=20, out=tmp_path / out,
+                            progress=False)
+        return white_box.run_repair_relearn(ctx, config)
+
+    first = attack("a", 1)
+    assert runs == ["original", "erased"]
+    second = attack("b", 2)
+    assert runs[2:] == ["erased"]
+    assert first["original"] == second["original"]
+    assert len(first["erased"]["curve_correct"]) == 3 == len(first["erased"]["curve"])
+    assert first["erased"]["curve_correct"][0] == first["erased"]["correct_before"]
+    assert first["erased"]["correct_after"] == first["erased"]["curve_correct"][-1]

@@ -9,15 +9,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any, Callable
 
 import numpy as np
 
 from obliviate.data.concepts import ConceptData, MCQuestion
+from obliviate.evaluation.cache import OriginalCache
 from obliviate.evaluation.metrics import bootstrap, erasure_metrics
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
 from obliviate.evaluation.scoring import Batching
 from obliviate.models.loading import LoadedModel
 from obliviate.errors import ObliviateError
+from obliviate.training import sharding
 
 ROLES = ("original", "erased")  # every attack runs on both, side by side
 
@@ -91,3 +94,16 @@ def prepared_test(ctx: AttackContext, lm: LoadedModel) -> PreparedQuestions:
     if not questions:
         raise ObliviateError(f"Concept {ctx.data.concept!r} has no QA_test questions: attacks report test accuracy.")
     return prepare(lm, questions, ctx.scoring, ctx.seed)
+
+
+def cached_for_original(ctx: AttackContext, lm: LoadedModel, prepared: PreparedQuestions, kind: str, settings: dict,
+                        compute: Callable[[], Any]) -> Any:
+    """What an attack measured on the ORIGINAL model (plain JSON) from the results cache
+    (evaluation/cache.py) when the same weights, questions, seed and ``settings`` ran
+    before; else ``compute()``, kept for the next command. It depends on nothing the
+    erasure did, so every erase run of the concept shares it (``ctx.options["cache"]``
+    False: always ``compute()``)."""
+    cache = OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
+    payload = {**settings, "seed": ctx.seed, "items": prepared.items, "answers": prepared.answers,
+               "mode": prepared.mode, "letter_ids": prepared.letter_ids, "budget": ctx.batching.budget(lm)}
+    return cache.fetch_json(kind, payload, compute)

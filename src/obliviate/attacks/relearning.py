@@ -38,9 +38,9 @@ from obliviate.models.loading import LoadedModel
 from obliviate.training import sharding
 from obliviate.training.loop import checkpointing, checkpointing_choice, plan_stage, trainable
 from obliviate.training.optim import check_choice, make_optimizer, training_precision
-from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
+from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, prepared_test,
+                                      recovered_fraction)
 from obliviate.data.concepts import load_relearn_paragraphs
-from obliviate.evaluation.cache import OriginalCache
 
 NAME = "relearn"
 
@@ -141,7 +141,7 @@ def relearn(
     originals = {n: sharding.full(p).to("cpu", copy=True) for n, p in params.items()}  # host memory, not the GPU
     if sharding.world()[1] > 1:  # FSDP2 over the processes; each runs every batch (the protocol's batch 1)
         sharding.shard(model, params)
-    encoded = [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids for p in paragraphs]
+    encoded = tokenized(lm, paragraphs, config.max_length)
     start = len(state["epochs"])
     bar = progress_bar(total=config.epochs * len(encoded), initial=start * len(encoded), desc=f"relearn ({role})",
                        unit="paragraph", disable=not progress)
@@ -233,21 +233,19 @@ def run(ctx: AttackContext, config: Config) -> dict:
 
 def _original_curve(ctx: AttackContext, lm: LoadedModel, prepared, paragraphs: list[str], config: Config,
                     attack: Callable[[], tuple]) -> tuple:
-    """The ORIGINAL model's (before, epochs) from the results cache (evaluation/cache.py) when
-    the same weights, paragraphs, questions, seed and settings ran before; else ``attack()``,
-    kept for the next command (``ctx.options["cache"]`` False: always ``attack()``)."""
-    cache = OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
-    payload = {"paragraphs": [lm.tokenizer(p, truncation=True, max_length=config.max_length).input_ids
-                              for p in paragraphs],
-               "config": asdict(config), "seed": ctx.seed, "items": prepared.items, "answers": prepared.answers,
-               "mode": prepared.mode, "letter_ids": prepared.letter_ids, "budget": ctx.batching.budget(lm)}
+    """The ORIGINAL model's (before, epochs), from the results cache when it ran before."""
+    settings = {"paragraphs": tokenized(lm, paragraphs, config.max_length), "config": asdict(config)}
 
     def run_and_keep() -> list:
         before, epochs = attack()
         return [np.asarray(before).tolist(), epochs]
 
-    before, epochs = cache.fetch_json("relearn_curve", payload, run_and_keep)
+    before, epochs = cached_for_original(ctx, lm, prepared, "relearn_curve", settings, run_and_keep)
     return np.asarray(before), epochs
+
+
+def tokenized(lm: LoadedModel, paragraphs: list[str], max_length: int) -> list[list[int]]:
+    return [lm.tokenizer(p, truncation=True, max_length=max_length).input_ids for p in paragraphs]
 
 
 @dataclass(frozen=True)

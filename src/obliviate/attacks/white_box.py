@@ -25,10 +25,11 @@ import numpy as np
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.attacks.common import AttackContext, accuracy_interval, correct_on, prepared_test, recovered_fraction
+from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, prepared_test,
+                                      recovered_fraction)
 from obliviate.attacks.relearning import Config as RelearnConfig
+from obliviate.attacks.relearning import relearn, tokenized
 from obliviate.data.concepts import load_relearn_paragraphs
-from obliviate.attacks.relearning import relearn
 
 MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation for normal data
 SAME_ROW_COSINE = 0.999  # a mirrored row (bf16-rounded copies included)
@@ -216,7 +217,7 @@ def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
     paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
     repair = RepairConfig(config.z_threshold, tuple(dict.fromkeys((config.reconstruction, "mean"))), config.ridge)
 
-    def measure(role, lm, prepared, before):
+    def repair_and_relearn(role, lm, prepared) -> dict:
         flags, variants = repaired_variants(lm.model, repair)
         how = next(iter(variants), None)  # the asked reconstruction when possible, else the mean
         ids = torch.nonzero(flags["any"]).flatten()
@@ -225,12 +226,23 @@ def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
             repaired = correct_on(lm, prepared, ctx.batching)
             epochs = relearn(lm, paragraphs, config.relearn(), lambda m: correct_on(m, prepared, ctx.batching),
                              ctx.seed, ctx.checkpoint_dir("repair-relearn", role), ctx.progress, role)
-        curve = [before, repaired] + [np.asarray(e["correct"]) for e in epochs]
+        return {"repaired": repaired.tolist(), "epochs": epochs, "reconstruction": how, "flagged": len(ids)}
+
+    def measure(role, lm, prepared, before):
+        if role == "original":  # the same for every erasure of the concept: from the results cache
+            settings = {"paragraphs": tokenized(lm, paragraphs, config.max_length), "config": asdict(config)}
+            found = cached_for_original(ctx, lm, prepared, "repair_relearn_curve", settings,
+                                        lambda: repair_and_relearn(role, lm, prepared))
+        else:
+            found = repair_and_relearn(role, lm, prepared)
+        repaired = np.asarray(found["repaired"], dtype=float)
+        curve = [before, repaired] + [np.asarray(e["correct"]) for e in found["epochs"]]
         return curve[-1], {
             "repaired": accuracy_interval(repaired, ctx.bootstrap, ctx.seed),
             "curve": [accuracy_interval(c, ctx.bootstrap, ctx.seed) for c in curve],  # before, repaired, epochs
-            "losses": [e["loss"] for e in epochs],
-            "reconstruction": how, "flagged": len(ids),
+            "curve_correct": [np.asarray(c).astype(int).tolist() for c in curve],  # per question, for pooled statistics
+            "losses": [e["loss"] for e in found["epochs"]],
+            "reconstruction": found["reconstruction"], "flagged": found["flagged"],
         }
 
     return _each_role(ctx, {"settings": {**asdict(config), "paragraphs_used": len(paragraphs)}}, measure)
@@ -276,7 +288,9 @@ def _each_role(ctx: AttackContext, out: dict, measure) -> dict:
         after, details = measure(role, lm, prepared, before)
         corrects[role] = (before, after)
         out[role] = {"before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
-                     "after": accuracy_interval(after, ctx.bootstrap, ctx.seed), **details}
+                     "after": accuracy_interval(after, ctx.bootstrap, ctx.seed),
+                     "correct_before": np.asarray(before).astype(int).tolist(),  # per question, for pooled statistics
+                     "correct_after": np.asarray(after).astype(int).tolist(), **details}
     if "original" in corrects and "erased" in corrects:
         out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed)
     return out
