@@ -1,0 +1,134 @@
+"""Which defences hold against an adversary who holds the erased weights (issue 14): each
+arm erases every concept, then the white-box attacks run on its output.
+
+    python bench/white_box_table.py --data ../shared/data/ember-benchmark --out runs/white-box \
+        [--arms ember,rmu+ember] [--concepts Gambling,Gun,...] \
+        [--attacks tied-restore,embedding-repair,repair-relearn]
+
+An arm is a method name, with "+ember" for EMBER first. Runs go to OUT/<arm>/<concept>/
+(erase, patch-only) and OUT/<arm>/<concept>/attack/ (the attacks); finished ones are
+skipped, so an interrupted table resumes, and an existing erase run can be linked there.
+Prints, on TEST questions with 95% intervals: accuracy of the original, of the erased
+model and after each attack, per concept; then per arm the pooled share of the original's
+knowledge each attack brings back, and the paired difference between the arms (the same
+question draws in both).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+import obliviate
+from obliviate.cli import main as cli
+from obliviate.evaluation.pooled import Arm, arm_from_results, paired_difference, pooled_metrics
+from obliviate.io import write_json
+
+CONCEPTS = "Gambling,Gun,Golf,Culture of Greece,Cannabis"  # the embedded model knows them (test QA >= 0.40)
+ATTACKS = "tied-restore,embedding-repair,repair-relearn"
+
+
+def slug(concept: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
+
+
+def erase_run(arm: str, concept: str, data: str, folder: Path) -> dict:
+    if not (folder / "results.json").exists():
+        method, _, ember = arm.partition("+")
+        obliviate.erase(concept, data=data, out=folder, save_model=False, method=method,
+                        with_ember=bool(ember) and method != "ember")
+    return json.loads((folder / "results.json").read_text())
+
+
+def attack_run(folder: Path, data: str, attacks: str) -> dict:
+    out = folder / "attack"
+    if not (out / "results.json").exists():
+        code = cli(["attack", "--model", str(folder), "--data", data, "--attacks", attacks, "--out", str(out)])
+        if code:
+            raise SystemExit(f"attack on {folder} failed with exit code {code}")
+    return json.loads((out / "results.json").read_text())
+
+
+def after(result: dict, role: str = "erased") -> list[int]:
+    """Per-question answers after an attack (repair-relearn: after its last epoch)."""
+    entry = result[role]
+    return entry["curve_correct"][-1] if "curve_correct" in entry else entry["correct_after"]
+
+
+def attacked_arm(erased: dict, result: dict) -> Arm:
+    """The erase run's arm whose 'relearned' answers are those after this attack, so the
+    pooled 'regained' is the share of the original's knowledge the attack brings back."""
+    arm = arm_from_results(erased)
+    return Arm(arm.concept, arm.method, arm.questions, arm.prompts, arm.near_chance, np.asarray(after(result), float))
+
+
+def cell(interval: dict) -> str:
+    return f"{interval['value']:.2f} [{interval['low']:.2f}, {interval['high']:.2f}]"
+
+
+def concept_rows(arm: str, rows: list[tuple[dict, dict]], attacks: list[str]) -> list[str]:
+    lines = []
+    for erased, attacked in rows:
+        cells = [cell(erased["qa_test"]["base"]), cell(erased["qa_test"]["edited"])]
+        cells += [cell(attacked[a]["erased"]["after"]) for a in attacks]
+        if "repair-relearn" in attacked:
+            cells.append(cell(attacked["repair-relearn"]["original"]["after"]))
+        flagged = attacked.get("embedding-repair", {}).get("erased", {})
+        found = (f"{flagged['flagged']} ({flagged.get('touched_and_edited', '?')}/{flagged.get('edited_rows', '?')})"
+                 if flagged else "-")
+        lines.append(f"| {arm} | {erased['concept']} | " + " | ".join(cells) + f" | {found} |")
+    return lines
+
+
+def pooled_lines(arms: dict[str, list[tuple[dict, dict]]], attacks: list[str]) -> tuple[list[str], dict]:
+    lines, record = [], {}
+    per_attack = {a: {arm: [attacked_arm(e, r[a]) for e, r in rows] for arm, rows in arms.items()} for a in attacks}
+    for attack in attacks:
+        for arm, arm_rows in per_attack[attack].items():
+            pooled = pooled_metrics(arm_rows)
+            record[f"{arm}/{attack}"] = {k: pooled[k].as_dict() for k in ("efficacy", "regained")}
+            p = pooled["regained"].as_dict()
+            left = ", ".join(p["excluded"]) or "-"
+            lines.append(f"| {arm} | {attack} | {cell(pooled['efficacy'].as_dict())} | {cell(p)} | "
+                         f"{p['n_concepts']} | {left} |")
+        names = list(per_attack[attack])
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                diff = paired_difference(per_attack[attack][a], per_attack[attack][b])["regained"].as_dict()
+                record[f"{a} minus {b}/{attack}"] = diff
+                lines.append(f"| {a} minus {b} | {attack} | | {cell(diff)} (paired) | {diff['n_concepts']} | "
+                             f"{'significant' if diff['significant'] else 'inside the noise'} |")
+    return lines, record
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default="../shared/data/ember-benchmark")
+    parser.add_argument("--out", default="runs/white-box")
+    parser.add_argument("--arms", default="ember,rmu+ember")
+    parser.add_argument("--concepts", default=CONCEPTS)
+    parser.add_argument("--attacks", default=ATTACKS)
+    args = parser.parse_args()
+    attacks = args.attacks.split(",")
+    arms: dict[str, list[tuple[dict, dict]]] = {}
+    for arm in args.arms.split(","):
+        for concept in args.concepts.split(","):
+            folder = Path(args.out) / arm / slug(concept)
+            erased = erase_run(arm, concept, args.data, folder)
+            arms.setdefault(arm, []).append((erased, attack_run(folder, args.data, args.attacks)))
+    header = ["arm", "concept", "QA original", "QA erased", *(f"after {a}" for a in attacks)]
+    header += ["original after repair-relearn"] if "repair-relearn" in attacks else []
+    header += ["rows flagged (edited among them)"]
+    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
+    for arm, rows in arms.items():
+        print("\n".join(concept_rows(arm, rows, attacks)))
+    lines, record = pooled_lines(arms, attacks)
+    print("\n| arm | attack | pooled efficacy | pooled knowledge back | concepts | left out |\n|" + " --- |" * 6)
+    print("\n".join(lines))
+    write_json(Path(args.out) / "pooled.json", record)
+
+
+if __name__ == "__main__":
+    main()
