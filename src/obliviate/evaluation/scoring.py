@@ -6,14 +6,13 @@ which skips the vocabulary projection (262k x d for Gemma) at every context posi
 """
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from obliviate.models.loading import LoadedModel
-from obliviate.models.layers import left_pad
+from obliviate.models.layers import cache_argument, left_pad
 from obliviate.models.memory import LOGITS_BUDGET_BYTES, auto_batch_tokens
 
 CPU_BATCH_TOKENS = 2048
@@ -82,12 +81,6 @@ def continuation_logprobs(
     return totals
 
 
-def _cache_argument(model) -> str:
-    """The key/value cache's name in forward() and its output: "cache" from transformers 5
-    on ("past_key_values" is a deprecated alias there), "past_key_values" before."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
 def _vocab(lm: LoadedModel) -> int:
     return lm.model.get_output_embeddings().weight.shape[0]
 
@@ -117,7 +110,7 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
     lengths = [len(items[group[0]][0]) + len(group) * width for group, width in zip(groups, widest)]
     kept = [len(group) * width for group, width in zip(groups, widest)]
     pad = lm.tokenizer.pad_token_id
-    cache_name = _cache_argument(lm.model)
+    cache_name = cache_argument(lm.model)
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
         ids, mask, positions = left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
         out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)

@@ -14,7 +14,6 @@ loads it); the edit merges it into the base weights.
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 
@@ -23,13 +22,13 @@ import torch
 from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
-from obliviate.io import fingerprint
+from obliviate.io import fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
     LoopConfig, TextStream, cached_log, check_positive, finished, tokenize, train,
 )
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
-from obliviate.models.layers import PROJECTIONS, decoder_layers, model_device, resolve_layer
+from obliviate.models.layers import PROJECTIONS, cache_argument, decoder_layers, model_device, resolve_layer
 from obliviate.edits.weights import LoraAdapter
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
@@ -114,45 +113,60 @@ def _logits(model, ids, mask):
 @torch.no_grad()
 def guided_generate(lm: LoadedModel, prompt: str, concept: str, tokens: int, gamma: float, top_k: int, seed: int) -> list[int]:
     """Greedy continuation under erase guidance: argmax over the original model's top-k of
-    log P + gamma (log P(. | novice) - log P(. | expert))."""
+    log P + gamma (log P(. | novice) - log P(. | expert)).
+
+    The plain, expert and novice streams each keep their own key-value cache, so a new
+    token costs three one-token passes instead of three passes over the whole text (this
+    one-off generation took 339 s of ELM's set-up on the embedded model without them)."""
     rng = torch.Generator().manual_seed(seed)
     expert = EXPERT[int(torch.randint(len(EXPERT), (1,), generator=rng))].format(c=concept)
     novice = NOVICE[int(torch.randint(len(NOVICE), (1,), generator=rng))].format(c=concept)
     batch = tokenize(lm.tokenizer, [prompt], 10_000, model_device(lm.model))
+    inputs = [batch.input_ids, _prefixed(lm.tokenizer, batch, expert + " ")[0], _prefixed(lm.tokenizer, batch, novice + " ")[0]]
+    caches: list = [None, None, None]
+    cache_name = cache_argument(lm.model)
     generated: list[int] = []
     for _ in range(tokens):
-        ids = torch.cat([batch.input_ids, torch.tensor([generated], dtype=torch.long, device=batch.input_ids.device)], 1)
-        mask = torch.ones_like(ids)
-        step = type(batch)(batch.texts, ids, mask)
-        base = _logits(lm.model, ids, mask)[:, -1:]
-        e_ids, e_mask, _ = _prefixed(lm.tokenizer, step, expert + " ")
-        n_ids, n_mask, _ = _prefixed(lm.tokenizer, step, novice + " ")
-        guided = losses.elm_guided_logprobs(base, _logits(lm.model, e_ids, e_mask)[:, -1:],
-                                            _logits(lm.model, n_ids, n_mask)[:, -1:], torch.tensor([gamma]))
-        target = losses.guided_target_distribution(guided, base, 1.0, top_k)
-        token = int(target[0, -1].argmax())
+        last = []
+        for i, ids in enumerate(inputs):
+            out = lm.model(input_ids=ids, use_cache=True, **{cache_name: caches[i]})
+            caches[i] = getattr(out, cache_name)
+            last.append(out.logits[:, -1:])
+        guided = losses.elm_guided_logprobs(last[0], last[1], last[2], torch.tensor([gamma]))
+        token = int(losses.guided_target_distribution(guided, last[0], 1.0, top_k)[0, -1].argmax())
         generated.append(token)
         if token == lm.tokenizer.eos_token_id:
             break
+        inputs = [torch.tensor([[token]], device=batch.input_ids.device)] * 3
     return generated
 
 
-def consistency_examples(lm: LoadedModel, data: ConceptData, config: Config, seed: int, folder) -> list[dict]:
-    """(prompt ids, continuation ids) pairs, generated once and cached as JSON."""
-    path = folder / "consistency.json" if folder is not None else None
-    if path is not None and path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
-    examples = []
-    for i, sentence in enumerate(data.concept_sentences[: config.consistency_prompts]):
+def consistency_prompts(data: ConceptData, count: int) -> list[str]:
+    """The first half of a concept sentence, then a change of topic."""
+    prompts = []
+    for i, sentence in enumerate(data.concept_sentences[:count]):
         words = sentence.split()
-        prompt = " ".join(words[: max(4, len(words) // 2)]) + TOPIC_CHANGE[i % len(TOPIC_CHANGE)]
-        ids = lm.tokenizer(prompt)["input_ids"]
-        continuation = guided_generate(lm, prompt, data.concept, config.consistency_tokens, config.guidance_gamma,
-                                       config.top_k, seed + i)
-        examples.append({"prompt": ids, "continuation": continuation})
+        prompts.append(" ".join(words[: max(4, len(words) // 2)]) + TOPIC_CHANGE[i % len(TOPIC_CHANGE)])
+    return prompts
+
+
+def consistency_examples(lm: LoadedModel, data: ConceptData, config: Config, seed: int, folder) -> list[dict]:
+    """(prompt ids, continuation ids) pairs, generated once and cached as JSON under a key
+    of exactly what they depend on (the prompts, the concept, the generation settings, the
+    seed and the model), so changing the learning rate or rank reuses them and changing
+    any of those inputs does not."""
+    prompts = consistency_prompts(data, config.consistency_prompts)
+    key = fingerprint(["elm-consistency", prompts, data.concept, config.consistency_tokens, config.guidance_gamma,
+                       config.top_k, seed, model_fingerprint(lm.model)])
+    path = folder / "elm" / "consistency" / f"{key}.json" if folder is not None else None
+    if path is not None and path.is_file():
+        return read_json(path)
+    examples = [{"prompt": lm.tokenizer(prompt)["input_ids"],
+                 "continuation": guided_generate(lm, prompt, data.concept, config.consistency_tokens,
+                                                 config.guidance_gamma, config.top_k, seed + i)}
+                for i, prompt in enumerate(prompts)]
     if path is not None:
-        folder.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(examples), encoding="utf-8")
+        write_json(path, examples)
     return examples
 
 
@@ -194,7 +208,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     check_target_modules(lm.model, config.target_modules, layers)
     folder = getattr(context, "checkpoint_dir", None)
     base_folder = folder / "elm" / fingerprint(["elm", config.__dict__, seed, model_fingerprint(lm.model)]) if folder else None
-    examples = consistency_examples(lm, data, config, seed, base_folder)
+    examples = consistency_examples(lm, data, config, seed, folder)
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), layers_to_transform=layers, bias="none")
 

@@ -9,6 +9,8 @@ Layer numbers, one convention for the whole package:
 """
 from __future__ import annotations
 
+import inspect
+
 import re
 from typing import Sequence
 
@@ -133,3 +135,9 @@ def left_pad(sequences: Sequence[Sequence[int]], pad_id: int, device: torch.devi
         mask[row, width - len(seq):] = 1
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     return ids.to(device), mask.to(device), positions.to(device)
+
+
+def cache_argument(model) -> str:
+    """The key/value cache's name in forward() and its output: "cache" from transformers 5
+    on ("past_key_values" is a deprecated alias there), "past_key_values" before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
