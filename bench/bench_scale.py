@@ -297,10 +297,9 @@ def _elm_step(model, elm, generator, vocab, device):
             expert = logits(model, prefixed(f))[:, prefix:]
             novice = logits(model, prefixed(f))[:, prefix:]
             eta = losses.eta_ramp(base.shape[1] - 1, elm.eta_start, elm.eta_end).to(base.device)
-            guided = losses.elm_guided_logprobs(base[:, :-1], expert[:, :-1], novice[:, :-1], eta)
-            target = losses.guided_target_distribution(guided, base[:, :-1], elm.temperature, elm.top_k)
+            target = losses.elm_erase_target(base[:, :-1], expert[:, :-1], novice[:, :-1], eta, elm.temperature, elm.top_k)
             retain_targets = logits(model, r).argmax(-1)
-        erase = losses.soft_cross_entropy(logits(model, f)[:, :-1], target, f.attention_mask[:, 1:])
+        erase = losses.soft_cross_entropy(logits(model, f)[:, :-1], *target, f.attention_mask[:, 1:])
         retain = losses.hard_cross_entropy(logits(model, r)[:, :-1], retain_targets[:, :-1], r.attention_mask[:, 1:])
         return erase + retain + losses.causal_lm_loss(logits(model, c), c.input_ids, c.attention_mask)
 

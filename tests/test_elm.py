@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from obliviate import methods
 from obliviate.methods import MethodContext, elm
 from obliviate.settings import build_section
-from obliviate.training import losses
 from obliviate.training.loop import tokenize
 
 SMALL = {"steps": 2, "batch_size": 2, "max_length": 24, "lr": (1e-3,), "rank": 4, "consistency_prompts": 2,
@@ -35,8 +34,9 @@ def recomputed_generation(lm, prompt, concept, tokens, gamma, top_k, seed) -> li
         last = [lm.model(input_ids=i, attention_mask=m).logits[:, -1:] for i, m, _ in
                 (elm._prefixed(lm.tokenizer, step, p) if p else (ids, step.attention_mask, 0)
                  for p in ("", expert + " ", novice + " "))]
-        guided = losses.elm_guided_logprobs(last[0], last[1], last[2], torch.tensor([gamma]))
-        generated.append(int(losses.guided_target_distribution(guided, last[0], 1.0, top_k)[0, -1].argmax()))
+        guided = F.log_softmax(last[0], -1) + gamma * (F.log_softmax(last[2], -1) - F.log_softmax(last[1], -1))
+        outside = torch.ones_like(guided, dtype=torch.bool).scatter_(-1, last[0].topk(top_k, dim=-1).indices, False)
+        generated.append(int(guided.masked_fill(outside, float("-inf"))[0, -1].argmax()))
     return generated
 
 

@@ -60,25 +60,41 @@ def test_eta_ramp():
     assert ramp.tolist() == pytest.approx([1.0, 334.0, 667.0, 1000.0])
 
 
-def test_elm_guided_distribution_and_soft_ce():
+def test_elm_erase_target_and_soft_ce():
     base = torch.log(torch.tensor([[[0.5, 0.3, 0.2]]], dtype=torch.float64))
     expert = torch.log(torch.tensor([[[0.8, 0.1, 0.1]]], dtype=torch.float64))
     novice = torch.log(torch.tensor([[[0.2, 0.4, 0.4]]], dtype=torch.float64))
     eta = torch.tensor([2.0], dtype=torch.float64)
-    guided = losses.elm_guided_logprobs(base, expert, novice, eta)
-    expected = torch.log(torch.tensor([0.5, 0.3, 0.2])) + 2 * torch.log(torch.tensor([0.25, 4.0, 4.0]))
-    assert torch.allclose(guided[0, 0], expected.double())
-    target = losses.guided_target_distribution(guided, base, temperature=2.0, top_k=2)
-    # token 2 is outside the original top-2 -> 0; the rest softmax(guided / 2) over tokens 0, 1
-    kept = torch.softmax(expected[:2].double() / 2.0, dim=0)
-    assert target[0, 0, 2].item() == 0.0 and torch.allclose(target[0, 0, :2], kept)
+    kept, target = losses.elm_erase_target(base, expert, novice, eta, temperature=2.0, top_k=2)
+    # log P + 2 log(P_novice / P_expert), on the original top-2 (tokens 0, 1), softmax of it / 2
+    guided = torch.log(torch.tensor([0.5, 0.3])) + 2 * torch.log(torch.tensor([0.25, 4.0]))
+    expected = torch.softmax(guided.double() / 2.0, dim=0)
+    assert kept[0, 0].tolist() == [0, 1] and torch.allclose(target[0, 0], expected)
     student = torch.log(torch.tensor([[[0.6, 0.3, 0.1]]], dtype=torch.float64))
-    ce = losses.soft_cross_entropy(student, target, torch.ones(1, 1))
-    assert ce.item() == pytest.approx(-(kept[0] * math.log(0.6) + kept[1] * math.log(0.3)).item())
+    ce = losses.soft_cross_entropy(student, kept, target, torch.ones(1, 1))
+    assert ce.item() == pytest.approx(-(expected[0] * math.log(0.6) + expected[1] * math.log(0.3)).item())
     # soft CE of a distribution with itself is its entropy (the minimum)
     q = torch.tensor([[[0.7, 0.2, 0.1]]], dtype=torch.float64)
     entropy = -(q * q.log()).sum()
-    assert losses.soft_cross_entropy(q.log(), q, torch.ones(1, 1)).item() == pytest.approx(entropy.item())
+    everything = torch.arange(3)[None, None]
+    assert losses.soft_cross_entropy(q.log(), everything, q, torch.ones(1, 1)).item() == pytest.approx(entropy.item())
+
+
+def test_the_top_k_target_is_the_full_vocabulary_definition():
+    """Forming only the k kept values gives the full-vocabulary formula's distribution and loss."""
+    generator = torch.Generator().manual_seed(0)
+    base, expert, novice, student = (torch.randn(2, 5, 300, generator=generator) * 3 for _ in range(4))
+    eta = losses.eta_ramp(5, 1.0, 1000.0)
+    kept, target = losses.elm_erase_target(base, expert, novice, eta, temperature=1.2, top_k=50)
+    log = torch.nn.functional.log_softmax
+    guided = log(base, -1) + eta[:, None] * (log(novice, -1) - log(expert, -1))
+    outside = torch.ones_like(guided, dtype=torch.bool).scatter_(-1, base.topk(50, dim=-1).indices, False)
+    full = torch.softmax(guided.masked_fill(outside, float("-inf")) / 1.2, dim=-1)
+    torch.testing.assert_close(full.gather(-1, kept), target)
+    torch.testing.assert_close(full.sum(-1), target.sum(-1))
+    mask = torch.ones(2, 5)
+    full_ce = -(full * log(student, -1)).sum(-1).mean()
+    torch.testing.assert_close(losses.soft_cross_entropy(student, kept, target, mask), full_ce)
 
 
 def test_hard_cross_entropy_masks():

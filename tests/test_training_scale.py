@@ -338,3 +338,32 @@ def test_gradient_checkpointing_gives_the_same_relearning_curve(tiny_tokenizer):
             else not lm.model.is_activation_checkpointing  # switched off again afterwards
         curves[setting] = [e["loss"] for e in epochs] + [e["correct"][0] for e in epochs]
     np.testing.assert_allclose(curves["on"], curves["off"], rtol=1e-5)
+
+
+def test_bf16_autocast_runs_the_products_in_bf16_over_float32_weights(tiny_tokenizer):
+    """The loop and the relearning attack: weights and optimizer stay float32, the forward
+    passes' products run in bf16 (the losses move by bf16 rounding, not more), and the
+    relearning attack scores its epochs outside it (as the model was scored before)."""
+    seen, trained = [], {}
+    for setting in (False, True):
+        lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+        params = mlp(lm.model)
+        step = lm_step(lm.model)
+
+        def recorded(forget, retain, step=step):
+            seen.append((setting, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
+            return step(forget, retain)
+
+        log = train(lm.model, tiny_tokenizer, params, recorded, FORGET, RETAIN,
+                    LoopConfig(steps=3, bf16_autocast=setting).settings(1e-3, 5), progress=False)
+        assert all(p.dtype == torch.float32 for p in params.values())
+        trained[setting] = [entry["loss"] for entry in log.losses]
+    assert {s for s in seen if s[0]} == {(True, torch.bfloat16)} and {s for s in seen if not s[0]} == {(False, None)}
+    np.testing.assert_allclose(trained[True], trained[False], rtol=0.05)
+    assert trained[True] != trained[False]
+
+    scored = []
+    lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
+    relearning.relearn(lm, FORGET, relearning.Config(epochs=1, lr=1e-3, max_length=24, bf16_autocast=True),
+                       lambda m: scored.append(torch.is_autocast_enabled("cpu")) or np.array([1.0]), progress=False)
+    assert scored == [False]

@@ -198,6 +198,7 @@ class RepairRelearnConfig:
     max_length: int = 256
     gradient_checkpointing: str = "auto"  # auto | on | off (relearning.py)
     optimizer: str = "auto"  # training/optim.py: the plain AdamW on float32 weights
+    bf16_autocast: bool = False  # relearning.py
 
     def __post_init__(self) -> None:
         if self.reconstruction not in RECONSTRUCTIONS:

@@ -132,8 +132,8 @@ def guided_generate(lm: LoadedModel, prompt: str, concept: str, tokens: int, gam
             out = lm.model(input_ids=ids, use_cache=True, **{cache_name: caches[i]})
             caches[i] = getattr(out, cache_name)
             last.append(out.logits[:, -1:])
-        guided = losses.elm_guided_logprobs(last[0], last[1], last[2], torch.tensor([gamma]))
-        token = int(losses.guided_target_distribution(guided, last[0], 1.0, top_k)[0, -1].argmax())
+        kept, probs = losses.elm_erase_target(last[0], last[1], last[2], torch.tensor([gamma]), 1.0, top_k)
+        token = int(kept[0, -1, probs[0, -1].argmax()])
         generated.append(token)
         if token == lm.tokenizer.eos_token_id:
             break
@@ -265,12 +265,12 @@ def _elm_loss(lm, peft_model, data, config: Config, examples, seed):
             n_ids, n_mask, n_offset = _prefixed(lm.tokenizer, forget, novice)
             novice_logits = _logits(lm.model, n_ids, n_mask)[:, n_offset: n_offset + base.shape[1]]
             eta = losses.eta_ramp(base.shape[1] - 1, config.eta_start, config.eta_end).to(base.device)
-            guided = losses.elm_guided_logprobs(base[:, :-1], expert_logits[:, :-1], novice_logits[:, :-1], eta)
-            target = losses.guided_target_distribution(guided, base[:, :-1], config.temperature, config.top_k)
-            del guided, expert_logits, novice_logits
+            target = losses.elm_erase_target(base[:, :-1], expert_logits[:, :-1], novice_logits[:, :-1], eta,
+                                             config.temperature, config.top_k)
+            del expert_logits, novice_logits
             retain_targets = _logits(lm.model, retain.input_ids, retain.attention_mask).argmax(-1)
         student = _logits(lm.model, forget.input_ids, forget.attention_mask)[:, :-1]
-        erase = losses.soft_cross_entropy(student, target, forget.attention_mask[:, 1:])
+        erase = losses.soft_cross_entropy(student, *target, forget.attention_mask[:, 1:])
         retain_logits = _logits(lm.model, retain.input_ids, retain.attention_mask)
         retain_term = losses.hard_cross_entropy(retain_logits[:, :-1], retain_targets[:, :-1], retain.attention_mask[:, 1:])
         total = config.erase_weight * erase + config.retain_weight * retain_term

@@ -68,6 +68,9 @@ class LoopConfig:
     # auto: adamw for fp32 weights (unchanged), for bf16 the most faithful one the memory plan fits.
     optimizer: str = "auto"
     gradient_checkpointing: str = "auto"  # auto (on when the plan needs it) | on | off
+    # Forward passes in bfloat16 over float32 weights (torch.autocast); not in the references,
+    # which train in bf16 weights on GPUs. Off: every product in the weights' own dtype.
+    bf16_autocast: bool = False
 
     def __post_init__(self) -> None:
         check_choice(self.optimizer)
@@ -301,7 +304,7 @@ def train(
     mine = sharding.my_micro_batches(loop.grad_accum)
     share = len(mine) / loop.grad_accum * processes  # each process's part of the step's mean
     accelerator = _accelerator(device)
-    with training_precision(name, params.values()) as autocast, checkpointing(model, on):
+    with training_precision(name, params.values(), loop.bf16_autocast) as autocast, checkpointing(model, on):
         optimizer = make_optimizer(name, params.values(), settings.lr, loop.weight_decay)
         if processes == 1:
             optimizer = accelerator.prepare_optimizer(optimizer, device_placement=False)

@@ -135,19 +135,24 @@ def make_optimizer(name: str, params: Iterable[torch.nn.Parameter], lr: float, w
 
 
 @contextmanager
-def training_precision(name: str, params: Iterable[torch.nn.Parameter]) -> Iterator:
+def training_precision(name: str, params: Iterable[torch.nn.Parameter], bf16_autocast: bool = False) -> Iterator:
     """For ``adamw-fp32``: hold the trained parameters in fp32 (the master weights) inside the
     block and yield an autocast context that runs the forward passes in their former dtype
     (bf16); afterwards they are rounded back. Other choices: the parameters stay as they are
-    and the yielded context does nothing."""
+    and the yielded context does nothing, or, with ``bf16_autocast`` on float32 weights,
+    runs the forward passes' matrix products in bfloat16 (weights, gradients and optimizer
+    stay float32: a CPU with AVX-512 BF16 or AMX multiplies about 4x faster in bf16)."""
     params = list(dict.fromkeys(params))  # tied weights once
     dtype = weights_dtype(params)
+    device_type = params[0].device.type if params else "cpu"
     if not spec(name).master_fp32 or dtype not in LOW_PRECISION:
-        yield nullcontext
+        if bf16_autocast and dtype == torch.float32:
+            yield lambda: torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+        else:
+            yield nullcontext
         return
     for p in params:
         p.data = p.data.float()
-    device_type = params[0].device.type if params else "cpu"
     try:
         yield lambda: torch.autocast(device_type=device_type, dtype=dtype)
     finally:
