@@ -5,7 +5,9 @@
         [--relearn-paragraphs 5 --epochs 1] [--questions 50] [--threads 2]
 
 Each attack runs on the original and on the erased model (the embedded model itself when
---erased is not given), as `obliviate attack` does. Relearning is timed on a few
+--erased is not given), as `obliviate attack` does. With --precision, the relearning step
+is also timed with bf16_autocast (bf16 products over float32 weights) against the plain
+float32 step on the same paragraphs, as a ratio in the same run. Relearning is timed on a few
 paragraphs and extrapolated to the reference attack (100 paragraphs x 2 epochs): its
 training cost is linear in paragraphs x epochs; its evaluation cost (test questions after
 each epoch) is measured separately. Prints a Markdown table with the machine's name.
@@ -22,9 +24,10 @@ import numpy as np
 import torch
 
 from obliviate import attacks
+from obliviate.attacks import relearning
 from obliviate.attacks.common import AttackContext
 from obliviate.pipeline.pair import erase_run_info, load_erased
-from obliviate.data.concepts import load_benchmark_concept
+from obliviate.data.concepts import load_benchmark_concept, load_relearn_paragraphs
 from obliviate.models.loading import load_model
 
 
@@ -46,6 +49,7 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--questions", type=int, default=50, help="test questions used (50 = all)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--precision", action="store_true", help="also time relearning with bf16_autocast")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -71,12 +75,28 @@ def main() -> None:
                         f"extrapolated to {full / 60:.1f} min")
             after = {r: result[r]["after"]["value"] for r in ("original", "erased") if r in result}
             rows.append((name, seconds, after, note))
+    if args.precision:
+        rows += precision_rows(original, data, Path(args.data), args)
     print(f"\nAttacks on {args.concept!r}, {args.questions} test questions; {machine()}\n")
     print("| attack | seconds (both models) | accuracy after (original / erased) | note |")
     print("| --- | --- | --- | --- |")
     for name, seconds, after, note in rows:
         values = " / ".join(f"{v:.3f}" for v in after.values()) if after else "n/a"
         print(f"| {name} | {seconds:.1f} | {values} | {note} |")
+
+
+def precision_rows(lm, data, data_dir: Path, args) -> list[tuple]:
+    """Seconds a relearning step, float32 products against bf16 ones, same paragraphs and model."""
+    paragraphs = load_relearn_paragraphs(data_dir, data.concept, args.relearn_paragraphs)
+    seconds = {}
+    for bf16 in (False, True):
+        config = relearning.Config(paragraphs=args.relearn_paragraphs, epochs=args.epochs, max_length=args.max_length,
+                                   bf16_autocast=bf16)
+        epochs = relearning.relearn(lm, paragraphs, config, lambda m: np.zeros(1), progress=False)
+        seconds[bf16] = sum(e["train_seconds"] for e in epochs) / (len(paragraphs) * args.epochs)
+    note = f"bf16 products {seconds[False] / seconds[True]:.2f}x faster a step (not the reference arithmetic)"
+    return [("relearn step, float32 / bf16_autocast", seconds[False] + seconds[True], {},
+             f"{seconds[False]:.2f} / {seconds[True]:.2f} s a paragraph; {note}")]
 
 
 if __name__ == "__main__":

@@ -107,3 +107,46 @@ def test_erase_with_pisces_through_the_api_writes_results(tiny_model_dir, data_d
     assert results["method"] == "pisces" and len(results["method_sweep"]) == 2
     assert results["details"]["pisces"]["features"]
     assert result.results["concept"] == "Golf"
+
+
+def test_under_a_plug_in_edit_features_are_read_on_the_vocabulary_before_it(tiny_lm, small_concept):
+    """The tied default gives edited tokens the mean output row; PISCES then reads the output
+    embedding from before the edit (MethodContext.vocabulary) and finds the plain model's features."""
+    from obliviate.methods import MethodContext
+    from obliviate.methods.features import build_token_set
+
+    config = pisces.Config(**TINY)
+    plain = pisces.fit(tiny_lm, small_concept, config, 42)
+    before = tiny_lm.model.get_output_embeddings().weight.detach().clone()
+    concept_ids = build_token_set(tiny_lm.tokenizer, small_concept.concept_sentences, small_concept.neutral_sentences,
+                                  small_concept.contrast_sentences).ids
+    with torch.no_grad():  # what EMBER's tied policy does to the concept tokens' output rows
+        tiny_lm.model.get_output_embeddings().weight[concept_ids] = before.mean(0)
+    blind = pisces.fit(tiny_lm, small_concept, config, 42)
+    seeing = pisces.fit(tiny_lm, small_concept, config, 42, MethodContext(progress=False, vocabulary=before))
+    assert [f.index for f in seeing.features] == [f.index for f in plain.features] and plain.features
+    assert [f.index for f in blind.features] != [f.index for f in plain.features]
+
+
+def test_the_pipeline_hands_a_base_method_the_vocabulary_from_before_the_plug_in(tiny_model_dir, data_dir, tmp_path,
+                                                                                 monkeypatch):
+    import obliviate
+    from obliviate import methods
+
+    seen = []
+    plain = pisces.fit
+
+    def spy(lm, data, config, seed=42, context=None, judge=None):
+        seen.append((context.vocabulary, lm.model.get_output_embeddings().weight.detach().clone()))
+        return plain(lm, data, config, seed, context, judge)
+
+    monkeypatch.setattr(methods.get("pisces"), "fit", spy)
+    original = obliviate.api.load_model(str(tiny_model_dir)).model.get_output_embeddings().weight.detach()
+    obliviate.erase("Golf", data=data_dir, out=tmp_path / "run", model={"name": str(tiny_model_dir)}, progress=False,
+                    save_model=False, method="pisces", with_ember=True,
+                    ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
+                    methods={"pisces": {**TINY, "ks": (0.3,), "values": (8.0,)}},
+                    evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50},
+                    data_options={"general_questions": 6})
+    (vocabulary, current), = seen
+    assert torch.equal(vocabulary, original) and not torch.equal(current, original)

@@ -30,6 +30,11 @@ class MethodContext:
     checkpoint_dir: Path | None = None  # a folder for resumable training state
     log: Callable[[str], None] = lambda _message: None  # one-line progress messages
     judge: Any = None  # a loaded judge model for EMBER's ``selection: judge`` (else loaded from the config)
+    # With a plug-in edit applied first: the output embedding as it was before it. The tied
+    # default gives the edited tokens the mean output row (leak-free outputs), so a method
+    # that finds concept features through the vocabulary (PISCES) reads this one instead,
+    # as it reads the untied reference's kept output rows.
+    vocabulary: Any = None
 
 
 class Fitted(Protocol):

@@ -184,11 +184,11 @@ def vocabulary_projection(atoms: torch.Tensor, rows: torch.Tensor, fraction: flo
 
 
 def concept_features(lm: LoadedModel, data: ConceptData, dictionary: Dictionary, used: torch.Tensor,
-                     config: Config, judge=None) -> tuple[list[FeatureInfo], int]:
+                     config: Config, judge=None, vocabulary: torch.Tensor | None = None) -> tuple[list[FeatureInfo], int]:
     """Selected atoms (FeatureInfo.index is the atom) among the ``used`` ones, and how many
-    were considered."""
+    were considered. ``vocabulary``: the output embedding to project on (default the model's)."""
     token_set = build_token_set(lm.tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)
-    weight = lm.model.get_output_embeddings().weight.detach()
+    weight = vocabulary if vocabulary is not None else lm.model.get_output_embeddings().weight.detach()
     rows = weight[torch.as_tensor(token_set.ids, device=weight.device)].cpu()
     candidates = torch.nonzero(used).flatten()
     projection = vocabulary_projection(dictionary.atoms[candidates], rows, config.projection_fraction)
@@ -268,7 +268,8 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     values, indices = dictionary.code(stacked / norms)
     used = torch.zeros(dictionary.atoms.shape[0], dtype=torch.bool)
     used[indices[values > 0]] = True
-    features, considered = concept_features(lm, data, dictionary, used, config, judge)
+    features, considered = concept_features(lm, data, dictionary, used, config, judge,
+                                            getattr(context, "vocabulary", None))
     selected = torch.tensor([f.index for f in features], dtype=torch.long)
     dense = _selected_codes(values, indices, selected)  # (all vectors, s)
     info = {"dictionary": {"atoms": int(dictionary.atoms.shape[0]), "topk": dictionary.topk,

@@ -10,7 +10,7 @@ leak-checked (outputs.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -197,6 +197,8 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
     choose; the chosen edit is composed with ``base_edit``. ``key`` names its grid in the
     checkpoint (one per stage, and per concept when several are erased)."""
     clock = time.perf_counter()
+    if base_edit is not None:
+        context = replace(context, vocabulary=lm.model.get_output_embeddings().weight.detach().clone())
     with applied(base_edit, lm.model):
         fitted = methods.get(stage.name).fit(lm, data, stage.config, config.seed, context)
     results, edits = sweep(key, fitted, evaluator, config, state, out, base_edit=base_edit,
