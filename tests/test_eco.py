@@ -175,11 +175,16 @@ def test_zeroth_order_step_moves_sigma_the_right_way():
     assert new == pytest.approx(1.0)
 
 
+def answers(accuracy: float, n: int = 50) -> np.ndarray:
+    """n questions of which round(accuracy * n) are answered correctly."""
+    return (np.arange(n) < round(accuracy * n)).astype(float)
+
+
 def test_learn_sigma_stops_near_chance_on_a_toy_accuracy_curve():
     curve = lambda s: 0.25 + 0.55 / (1 + (s / 3.0) ** 2)  # falls from 0.8 to chance around s ~ 3
-    trace = learn_sigma(curve, ZerothOrderConfig(lr=10.0, steps=30))
+    trace = learn_sigma(lambda s, draw: answers(curve(s)), ZerothOrderConfig(lr=10.0, steps=30))
     assert trace.stopped == "near_chance" and trace.objective <= 0.30 and trace.sigma > 3.0
-    sigmas = [step["sigma"] for step in trace.steps]
+    sigmas = [step["sigma"] for step in trace.steps if "gradient" in step]
     assert sigmas == sorted(sigmas)
 
 
@@ -266,6 +271,7 @@ def test_eco_edit_under_evaluator_leaves_model_clean(tiny_lm, small_concept):
 def test_too_few_sentences_is_a_clear_error(small_concept):
     small_concept.concept_sentences = small_concept.concept_sentences[:10]
     small_concept.questions["qa_train"] = small_concept.questions["qa_train"][:3]
+    small_concept.coherency_prompts, small_concept.data_dir = [], None  # no prompts, no open questions
     with pytest.raises(ObliviateError, match=rf"13 positive examples .* at least {MIN_POSITIVES}"):
         build_examples(small_concept)
 

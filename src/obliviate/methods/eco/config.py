@@ -1,4 +1,18 @@
-"""Settings of `obliviate eco fit` (one dataclass for the API and the CLI)."""
+"""Settings of `obliviate eco fit` (one dataclass for the API and the CLI).
+
+Defaults that differ from the reference (METHOD.md section 3), and why:
+- classifier: logistic regression on the model's own early hidden states (reference: a
+  fine-tuned RoBERTa), trained also on the concept's open questions, coherency prompts and
+  questions wrapped in jailbreak, framing and topic-hiding forms (forms.py): trained on
+  plain questions only it flagged 5-8% of a held-out concept's wrapped test questions.
+- corruption: Gaussian noise on every dimension with a learned sigma. The reference's
+  multiple-choice setting is one dimension at sigma 1e6: ``--dims 1 --sigma 1e6``.
+- sigma search stop: confirmed near chance by fresh-noise draws and a 95% upper bound
+  (reference: the first single evaluation near chance, ``--sigma-stop touch``), since
+  one evaluation of 50 questions stopped the search at a lucky 0.22 (sigma.py).
+- base near chance: sigma = near_chance_ratio x the prompt embeddings' RMS (the
+  reference would stay at s0 and corrupt nothing).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -6,6 +20,8 @@ from dataclasses import dataclass
 from obliviate.errors import ObliviateError
 from obliviate.settings import setting
 from obliviate.methods.eco.corruption import KINDS
+from obliviate.methods.eco.forms import FORMS, HELD_OUT_FORMS
+from obliviate.methods.eco.sigma import ZerothOrderConfig
 
 
 @dataclass(frozen=True)
@@ -23,6 +39,14 @@ class EcoConfig:
     zo_steps: int = setting(10, "zeroth-order steps of the sigma search")
     zo_s0: float = setting(0.1, "sigma the search starts from")
     zo_lr: float = setting(100.0, "learning rate of the sigma search")
+    sigma_stop: str = ZerothOrderConfig.stop_rule  # confirmed (fresh-noise draws, 95% upper bound) | touch (the reference)
+    confirm_draws: int = ZerothOrderConfig.confirm_draws  # fresh-noise evaluations that confirm a touch of chance
+    bound_tolerance: float = ZerothOrderConfig.bound_tolerance  # stop when the pooled 95% upper bound <= chance + this
+    # sigma when the uncorrupted train accuracy is within noise of chance, in units of the
+    # prompt embeddings' RMS (the concepts the model knows reached chance below it: README)
+    near_chance_ratio: float = 100.0
+    forms_per_question: int = 2  # wrapped forms per training question (forms.py)
+    held_out_forms: tuple[str, ...] = HELD_OUT_FORMS  # forms kept out of training, measured on TEST
     prompt_marker: str = "\nAnswer:"  # end of the prompt in "Question: q\nAnswer: option" scoring
     scoring: str = "auto"  # multiple-choice scoring for the sigma objective (auto | loglik | letter)
     seed: int = 42
@@ -38,5 +62,16 @@ class EcoConfig:
             raise ObliviateError(f"--corruption must be one of {', '.join(KINDS)}, got {self.corruption!r}.")
         if self.layer < 0 or self.dims < 0:
             raise ObliviateError("--layer and --dims must be >= 0 (0 = default / all dimensions).")
+        self.zeroth_order()  # the search's own checks, before any model loads
+        if self.near_chance_ratio <= 0:
+            raise ObliviateError(f"--near-chance-ratio must be > 0, got {self.near_chance_ratio}.")
+        unknown = [name for name in self.held_out_forms if name not in FORMS]
+        if unknown or self.forms_per_question < 0:
+            raise ObliviateError(f"--held-out-forms must name forms of {', '.join(FORMS)} (got unknown {unknown}) "
+                                 f"and --forms-per-question must be >= 0 (got {self.forms_per_question}).")
         if self.sigma is not None and self.sigma < 0:
             raise ObliviateError(f"--sigma must be >= 0, got {self.sigma}.")
+
+    def zeroth_order(self) -> ZerothOrderConfig:
+        return ZerothOrderConfig(s0=self.zo_s0, lr=self.zo_lr, steps=self.zo_steps, stop_rule=self.sigma_stop,
+                                 confirm_draws=self.confirm_draws, bound_tolerance=self.bound_tolerance)
