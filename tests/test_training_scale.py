@@ -367,3 +367,82 @@ def test_bf16_autocast_runs_the_products_in_bf16_over_float32_weights(tiny_token
     relearning.relearn(lm, FORGET, relearning.Config(epochs=1, lr=1e-3, max_length=24, bf16_autocast=True),
                        lambda m: scored.append(torch.is_autocast_enabled("cpu")) or np.array([1.0]), progress=False)
     assert scored == [False]
+
+
+# ---- lazy rows: AdamW on an untied embedding's sparse row gradients -----------------
+
+def test_lazy_row_adamw_gives_torch_adamws_weights():
+    """Rows that get a gradient late, rows that never do, and a settle in the middle."""
+    from obliviate.training.sparse_rows import LazyRowAdamW
+
+    generator = torch.Generator().manual_seed(0)
+    start = torch.randn(50, 8, generator=generator)
+    dense, lazy = torch.nn.Embedding(50, 8), torch.nn.Embedding(50, 8, sparse=True)
+    for module in (dense, lazy):
+        module.weight.data.copy_(start)
+    plain = torch.optim.AdamW(dense.parameters(), lr=1e-2, weight_decay=0.1)
+    ours = LazyRowAdamW(lazy.parameters(), lr=1e-2, weight_decay=0.1)
+    batches = [[1, 2, 3], [3, 4], [10, 1], [4], [20, 21, 22], [1]]
+    for step, rows in enumerate(batches):
+        ids = torch.tensor(rows)
+        target = torch.randn(len(rows), 8, generator=generator)
+        ours.settle_rows(ids)  # what the embedding's pre-hook does (optimizer_for)
+        for module, optimizer in ((dense, plain), (lazy, ours)):
+            ((module(ids) - target) ** 2).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        if step == 2:
+            ours.settle()
+            torch.testing.assert_close(lazy.weight.detach(), dense.weight.detach(), rtol=1e-6, atol=1e-7)
+    assert not torch.equal(lazy.weight.detach(), dense.weight.detach())  # rows 0, 5.. still owe their decay
+    ours.settle()
+    torch.testing.assert_close(lazy.weight.detach(), dense.weight.detach(), rtol=1e-6, atol=1e-7)
+    untouched = [r for r in range(50) if r not in {1, 2, 3, 4, 10, 20, 21, 22}]
+    torch.testing.assert_close(lazy.weight.detach()[untouched], start[untouched] * (1 - 1e-3) ** len(batches))
+
+
+def test_lazy_row_adamw_state_round_trips(tmp_path):
+    from obliviate.training.sparse_rows import LazyRowAdamW
+
+    module = torch.nn.Embedding(10, 4, sparse=True)
+    optimizer = LazyRowAdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
+    module(torch.tensor([1, 2])).sum().backward()
+    optimizer.step()
+    torch.save(optimizer.state_dict(), tmp_path / "state.pt")
+    again = LazyRowAdamW(module.parameters(), lr=1e-2, weight_decay=0.1)
+    again.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=False))
+    state = again.state[module.weight]
+    assert state["active"].dtype == torch.bool and state["active"].tolist() == [False, True, True] + [False] * 7
+    assert state["step"] == 1 and state["decayed"].dtype == torch.long
+
+
+def test_relearning_an_untied_model_with_lazy_rows_gives_the_plain_loops_weights(tiny_tokenizer, monkeypatch):
+    """The erased model of a tied one is untied: its input embedding takes the lazy rows
+    (sparse gradients while training); the weights after each epoch match plain AdamW's;
+    a tied model keeps the plain optimizer."""
+    from obliviate.training import sparse_rows
+
+    def run():
+        lm = make_tiny_lm(tiny_tokenizer, "gemma3", tie=False)
+        seen = []
+
+        def evaluate(m):
+            seen.append({n: p.detach().clone() for n, p in m.model.named_parameters()})
+            seen[-1]["sparse"] = m.model.get_input_embeddings().sparse
+            return np.zeros(1)
+
+        relearning.relearn(lm, FORGET, relearning.Config(epochs=2, lr=1e-3, max_length=24), evaluate, progress=False)
+        assert not lm.model.get_input_embeddings().sparse  # switched back
+        return seen
+
+    lazy = run()
+    monkeypatch.setattr(sparse_rows, "sparse_input_rows", lambda model: None)
+    plain = run()
+    assert [e.pop("sparse") for e in lazy] == [True, True] and [e.pop("sparse") for e in plain] == [False, False]
+    for lazy_epoch, plain_epoch in zip(lazy, plain, strict=True):
+        for name, value in plain_epoch.items():
+            torch.testing.assert_close(lazy_epoch[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    monkeypatch.undo()
+    tied = make_tiny_lm(tiny_tokenizer, "gemma3")
+    with sparse_rows.optimizer_for("adamw", tied.model, list(tied.model.parameters()), 1e-3, 0.0) as optimizer:
+        assert isinstance(optimizer, torch.optim.AdamW)

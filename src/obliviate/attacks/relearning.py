@@ -38,7 +38,8 @@ from obliviate.io import fingerprint as run_fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training import sharding
 from obliviate.training.loop import checkpointing, checkpointing_choice, plan_stage, trainable
-from obliviate.training.optim import check_choice, make_optimizer, training_precision
+from obliviate.training.optim import check_choice, training_precision
+from obliviate.training.sparse_rows import optimizer_for, settle
 from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, prepared_test,
                                       recovered_fraction)
 from obliviate.data.concepts import load_relearn_paragraphs
@@ -151,8 +152,8 @@ def relearn(
                        unit="paragraph", disable=not progress)
     try:
         with trainable(model, params), training_precision(name, params.values(), config.bf16_autocast) as autocast, \
-                checkpointing(model, on):
-            optimizer = make_optimizer(name, params.values(), config.lr, config.weight_decay)
+                checkpointing(model, on), \
+                optimizer_for(name, model, params.values(), config.lr, config.weight_decay) as optimizer:
             if weights is not None:
                 from safetensors.torch import load_model
 
@@ -177,6 +178,7 @@ def relearn(
                     bar.update(len(ids))
                     bar.set_postfix(epoch=epoch + 1, loss=f"{losses[-1]:.3f}")
                 model.eval()
+                settle(optimizer)  # rows without a gradient so far get their weight decay now
                 train_seconds = time.perf_counter() - clock
                 with (nullcontext() if config.bf16_autocast else autocast()):  # score as the model was scored before
                     correct = np.asarray(evaluate(lm), dtype=float)
