@@ -5,7 +5,8 @@ arm erases every concept, then the white-box attacks run on its output.
         [--arms ember,rmu+ember] [--concepts Gambling,Gun,...] \
         [--attacks tied-restore,embedding-repair,repair-relearn]
 
-An arm is a method name, with "+ember" for EMBER first. Runs go to OUT/<arm>/<concept>/
+An arm is a method name, with "+ember" for EMBER first (its delta fixed to the one the
+"ember" arm's grid chose, when that arm comes first). Runs go to OUT/<arm>/<concept>/
 (erase, patch-only) and OUT/<arm>/<concept>/attack/ (the attacks); finished ones are
 skipped, so an interrupted table resumes, and an existing erase run can be linked there.
 Prints, on TEST questions with 95% intervals: accuracy of the original, of the erased
@@ -34,11 +35,15 @@ def slug(concept: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
-def erase_run(arm: str, concept: str, data: str, folder: Path) -> dict:
+def erase_run(arm: str, concept: str, data: str, folder: Path, ember_delta: float | None = None) -> dict:
+    """The arm's erase run (made if missing). ``ember_delta``: EMBER's strength in a plug-in
+    arm, fixed (the delta the EMBER arm's own grid chose), so both arms carry the same
+    EMBER edit and the plug-in run skips a second delta grid."""
     if not (folder / "results.json").exists():
         method, _, ember = arm.partition("+")
-        obliviate.erase(concept, data=data, out=folder, save_model=False, method=method,
-                        with_ember=bool(ember) and method != "ember")
+        plug_in = bool(ember) and method != "ember"
+        obliviate.erase(concept, data=data, out=folder, save_model=False, method=method, with_ember=plug_in,
+                        **({"ember": {"delta": ember_delta}} if plug_in and ember_delta is not None else {}))
     return json.loads((folder / "results.json").read_text())
 
 
@@ -116,7 +121,8 @@ def main() -> None:
     for arm in args.arms.split(","):
         for concept in args.concepts.split(","):
             folder = Path(args.out) / arm / slug(concept)
-            erased = erase_run(arm, concept, args.data, folder)
+            ember = [e for e, _ in arms.get("ember", []) if e["concept"] == concept]
+            erased = erase_run(arm, concept, args.data, folder, ember[0]["delta"] if ember else None)
             arms.setdefault(arm, []).append((erased, attack_run(folder, args.data, args.attacks)))
     header = ["arm", "concept", "QA original", "QA erased", *(f"after {a}" for a in attacks)]
     header += ["original after repair-relearn"] if "repair-relearn" in attacks else []

@@ -132,6 +132,7 @@ def test_the_pipeline_hands_a_base_method_the_vocabulary_from_before_the_plug_in
                                                                                  monkeypatch):
     import obliviate
     from obliviate import methods
+    from obliviate.models.loading import load_model
 
     seen = []
     plain = pisces.fit
@@ -141,7 +142,7 @@ def test_the_pipeline_hands_a_base_method_the_vocabulary_from_before_the_plug_in
         return plain(lm, data, config, seed, context, judge)
 
     monkeypatch.setattr(methods.get("pisces"), "fit", spy)
-    original = obliviate.api.load_model(str(tiny_model_dir)).model.get_output_embeddings().weight.detach()
+    original = load_model(str(tiny_model_dir)).model.get_output_embeddings().weight.detach()
     obliviate.erase("Golf", data=data_dir, out=tmp_path / "run", model={"name": str(tiny_model_dir)}, progress=False,
                     save_model=False, method="pisces", with_ember=True,
                     ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
