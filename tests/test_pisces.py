@@ -130,7 +130,6 @@ def test_under_a_plug_in_edit_features_are_read_on_the_vocabulary_before_it(tiny
 
 def test_the_pipeline_hands_a_base_method_the_vocabulary_from_before_the_plug_in(tiny_model_dir, data_dir, tmp_path,
                                                                                  monkeypatch):
-    import obliviate
     from obliviate import methods
     from obliviate.models.loading import load_model
 
