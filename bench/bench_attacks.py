@@ -5,9 +5,10 @@
         [--relearn-paragraphs 5 --epochs 1] [--questions 50] [--threads 2]
 
 Each attack runs on the original and on the erased model (the embedded model itself when
---erased is not given), as `obliviate attack` does. With --precision, the relearning step
-is also timed with bf16_autocast (bf16 products over float32 weights) against the plain
-float32 step on the same paragraphs, as a ratio in the same run. Relearning is timed on a few
+--erased is not given), as `obliviate attack` does. With --steps, the relearning step on the
+erased model is timed three ways on the same paragraphs, as ratios in one run: AdamW over
+every embedding row (the plain loop), the lazy rows (the default: the same weights) and
+bf16 products on top (bf16_autocast: not the reference arithmetic). Relearning is timed on a few
 paragraphs and extrapolated to the reference attack (100 paragraphs x 2 epochs): its
 training cost is linear in paragraphs x epochs; its evaluation cost (test questions after
 each epoch) is measured separately. Prints a Markdown table with the machine's name.
@@ -15,6 +16,7 @@ each epoch) is measured separately. Prints a Markdown table with the machine's n
 from __future__ import annotations
 
 import argparse
+from contextlib import contextmanager
 import platform
 import tempfile
 import time
@@ -25,6 +27,7 @@ import torch
 
 from obliviate import attacks
 from obliviate.attacks import relearning
+from obliviate.training import sparse_rows
 from obliviate.attacks.common import AttackContext
 from obliviate.pipeline.pair import erase_run_info, load_erased
 from obliviate.data.concepts import load_benchmark_concept, load_relearn_paragraphs
@@ -49,7 +52,8 @@ def main() -> None:
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--questions", type=int, default=50, help="test questions used (50 = all)")
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--precision", action="store_true", help="also time relearning with bf16_autocast")
+    parser.add_argument("--steps", action="store_true",
+                        help="also time the relearning step: dense rows, lazy rows, lazy rows + bf16 products")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -62,7 +66,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ctx = AttackContext(models={"original": original, "erased": erased}, data=data, data_dir=Path(args.data),
                             bootstrap=200, out=Path(tmp), progress=False)
-        for name in attacks.parse_names(args.attacks):
+        for name in attacks.parse_names(args.attacks) if args.attacks else []:
             clock = time.perf_counter()
             result = attacks.run(name, ctx, settings.get(name))
             seconds = time.perf_counter() - clock
@@ -75,8 +79,8 @@ def main() -> None:
                         f"extrapolated to {full / 60:.1f} min")
             after = {r: result[r]["after"]["value"] for r in ("original", "erased") if r in result}
             rows.append((name, seconds, after, note))
-    if args.precision:
-        rows += precision_rows(original, data, Path(args.data), args)
+    if args.steps:
+        rows += step_rows(erased, data, Path(args.data), args)
     print(f"\nAttacks on {args.concept!r}, {args.questions} test questions; {machine()}\n")
     print("| attack | seconds (both models) | accuracy after (original / erased) | note |")
     print("| --- | --- | --- | --- |")
@@ -85,18 +89,35 @@ def main() -> None:
         print(f"| {name} | {seconds:.1f} | {values} | {note} |")
 
 
-def precision_rows(lm, data, data_dir: Path, args) -> list[tuple]:
-    """Seconds a relearning step, float32 products against bf16 ones, same paragraphs and model."""
+def step_rows(lm, data, data_dir: Path, args) -> list[tuple]:
+    """Seconds a relearning step on ``lm`` (the erased model when given: untied, so its input
+    embedding takes the lazy rows), same paragraphs, as ratios in one run: dense AdamW on
+    every row (the plain loop), the lazy rows (the default, the same weights), and bf16
+    products on top (not the reference arithmetic)."""
     paragraphs = load_relearn_paragraphs(data_dir, data.concept, args.relearn_paragraphs)
+    variants = {"dense rows": (False, False), "lazy rows (default)": (True, False), "lazy rows + bf16": (True, True)}
     seconds = {}
-    for bf16 in (False, True):
+    for name, (lazy, bf16) in variants.items():
         config = relearning.Config(paragraphs=args.relearn_paragraphs, epochs=args.epochs, max_length=args.max_length,
                                    bf16_autocast=bf16)
-        epochs = relearning.relearn(lm, paragraphs, config, lambda m: np.zeros(1), progress=False)
-        seconds[bf16] = sum(e["train_seconds"] for e in epochs) / (len(paragraphs) * args.epochs)
-    note = f"bf16 products {seconds[False] / seconds[True]:.2f}x faster a step (not the reference arithmetic)"
-    return [("relearn step, float32 / bf16_autocast", seconds[False] + seconds[True], {},
-             f"{seconds[False]:.2f} / {seconds[True]:.2f} s a paragraph; {note}")]
+        with _rows(lazy):
+            epochs = relearning.relearn(lm, paragraphs, config, lambda m: np.zeros(1), progress=False)
+        seconds[name] = sum(e["train_seconds"] for e in epochs) / (len(paragraphs) * args.epochs)
+    base = seconds["dense rows"]
+    return [(f"relearn step, {name}", value * len(paragraphs) * args.epochs, {},
+             f"{value:.2f} s a paragraph, {base / value:.2f}x the dense step") for name, value in seconds.items()]
+
+
+@contextmanager
+def _rows(lazy: bool):
+    """The plain loop's dense AdamW on every row when ``lazy`` is False."""
+    plain = sparse_rows.sparse_input_rows
+    if not lazy:
+        sparse_rows.sparse_input_rows = lambda model: None
+    try:
+        yield
+    finally:
+        sparse_rows.sparse_input_rows = plain
 
 
 if __name__ == "__main__":
