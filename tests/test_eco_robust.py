@@ -34,10 +34,12 @@ def test_augmented_positives_hold_the_attack_forms_but_not_the_held_out_ones(sma
     for name in HELD:
         prefix = TEMPLATES[name].format(concept=concept)
         assert not any(prefix in t for t in texts), f"held-out template {name} leaked into training"
-    # the open TRAIN questions and the coherency prompts are positives; TEST questions are not
+    # the open TRAIN questions are positives; TEST questions and the coherency prompts (what
+    # fluency on concept text is measured on) are not
     groups = {e.group for e in positives}
-    assert {"concept_open_questions", "coherency_prompts", "concept_questions"} <= groups
+    assert {"concept_open_questions", "concept_questions"} <= groups
     assert not any(q.question in t for q in small_concept.questions["qa_test"] for t in texts)
+    assert small_concept.coherency_prompts and not set(small_concept.coherency_prompts) & {e.text for e in examples}
     # a source's texts (a question and its forms) all fall in one split
     splits: dict[int, set[str]] = {}
     for e in examples:

@@ -2,7 +2,7 @@
 
 Defaults that differ from the reference (METHOD.md section 3), and why:
 - classifier: logistic regression on the model's own early hidden states (reference: a
-  fine-tuned RoBERTa), trained also on the concept's open questions, coherency prompts and
+  fine-tuned RoBERTa), trained also on the concept's open TRAIN questions and
   questions wrapped in jailbreak, framing and topic-hiding forms (forms.py): trained on
   plain questions only it flagged 5-8% of a held-out concept's wrapped test questions.
 - corruption: Gaussian noise on every dimension with a learned sigma. The reference's

@@ -2,8 +2,9 @@
 
 Examples (each question raw, as the scoring prompt "Question: q\\nAnswer:", and in
 ``forms_per_question`` wrapped forms of forms.py):
-  positives: the concept's sentences, its TRAIN questions, its open TRAIN questions and
-             its coherency prompts (where the benchmark has them);
+  positives: the concept's sentences, its TRAIN questions and its open TRAIN questions
+             (where the benchmark has them); not its coherency prompts, which the
+             evaluation's fluency on concept text is measured on;
   negatives: neutral sentences, other concepts' sentences and questions, and the
              similar-domain (SimDom) TRAIN questions and open questions, the hardest
              negatives (wrapped only in forms that do not name the concept, so that
@@ -113,7 +114,6 @@ def _sources(data: ConceptData, seed: int, augmentation: Augmentation) -> list[S
         _sentence_sources(data.concept_sentences, 1, "concept_sentences"),
         _question_sources(mc(data.questions.get("qa_train", [])), 1, "concept_questions", data, augmentation, rng),
         _question_sources(opened.get("qa_train", []), 1, "concept_open_questions", data, augmentation, rng),
-        _sentence_sources(data.coherency_prompts, 1, "coherency_prompts"),
         _sentence_sources(data.neutral_sentences, 0, "neutral_sentences"),
         _sentence_sources(contrast[:CONTRAST_SENTENCES], 0, "other_concept_sentences"),
         _question_sources(mc(data.general.get("train", [])), 0, "other_questions", data, augmentation, rng),
