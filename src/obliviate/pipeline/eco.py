@@ -123,6 +123,8 @@ def evaluate(lm: LoadedModel, data: ConceptData, artifact: EcoArtifact, eval_con
     results["eco"]["hook_stats"] = hook.stats.as_dict()
     say("classifier recall and false positives")
     results["classifier"] = classifier_report(hook, lm, data)
+    # recall per form and the held-out FPR with their 95% intervals, measured when it was fitted
+    results["classifier_at_fit"] = artifact.info.get("classifier_report")
     say("side effects on unflagged prompts")
     neutral = data.questions.get("simdom_test", []) + data.general.get("test", [])
     results["side_effects"] = side_effects(hook, lm, neutral, eval_config.scoring, seed)
