@@ -121,3 +121,35 @@ def test_attacks_run_on_a_patch_only_erase_run(tiny_model_dir, data_dir, tmp_pat
     repair = results["embedding-repair"]["erased"]
     assert repair["edited_rows"] > 0 and {"before", "after", "flagged", "precision", "recall"} <= set(repair)
     assert results["erase_results"]["leak_check"]["passed"]
+
+
+def test_a_patch_only_run_of_a_base_method_on_ember_loads_both_edits(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """--no-save-model with --ember writes the embedding patch and the base method's weight
+    delta; the attack's erased model carries both (it used to get the patch alone), and a
+    delta made for other weights is refused."""
+    import obliviate
+    from obliviate.pipeline import erase as pipeline
+    from obliviate.edits.weights import apply_weight_delta_file
+    from obliviate.errors import ObliviateError
+    from obliviate.models.loading import load_model
+    from obliviate.pipeline.pair import erase_run_info, load_erased
+
+    monkeypatch.setattr(pipeline, "choose", lambda results, rule="best": 0)  # a random tiny model passes no gate
+    result = obliviate.erase("Golf", data=data_dir, out=tmp_path / "run", model={"name": str(tiny_model_dir)},
+                             progress=False, save_model=False, method="grad_diff", with_ember=True,
+                             ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
+                             methods={"grad_diff": {"steps": 2, "batch_size": 2, "max_length": 24, "lr": (1e-2,)}},
+                             evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50},
+                             data_options={"general_questions": 6})
+    assert (tmp_path / "run" / "weight_delta.safetensors").is_file()
+    loaded = load_erased(*erase_run_info(str(tmp_path / "run")))
+    in_memory = dict(result.lm.model.named_parameters())
+    for name, value in loaded.model.named_parameters():
+        assert torch.equal(value, in_memory[name]), name  # the erase run's model, both edits applied
+    other = load_model(str(tiny_model_dir))
+    with torch.no_grad():
+        next(p for n, p in other.model.named_parameters() if "mlp" in n).add_(1.0)
+        for p in other.model.parameters():
+            p.add_(0.5)
+    with pytest.raises(ObliviateError, match="made for another model"):
+        apply_weight_delta_file(other.model, tmp_path / "run" / "weight_delta.safetensors")

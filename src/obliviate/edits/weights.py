@@ -19,6 +19,8 @@ from obliviate.errors import ObliviateError
 from obliviate.edits.protocol import ALL_ROWS
 from obliviate.io import load_tensors, save_tensors, tensor_sha256
 
+WEIGHT_DELTA_FILE = "weight_delta.safetensors"  # a forward-only ParameterDelta: new values, originals' sha256
+
 
 def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
     params = dict(model.named_parameters())
@@ -72,7 +74,7 @@ class ParameterDelta:
 
     def save_to(self, folder: Path) -> list[Path]:
         """Forward-only: the new values and a sha256 of the originals (never the originals)."""
-        path = Path(folder) / "weight_delta.safetensors"
+        path = Path(folder) / WEIGHT_DELTA_FILE
         names = self.changed_parameters()
         save_tensors(path, {n: self.new[n].contiguous() for n in names},
                      {**self.metadata, "original_sha256": tensor_sha256({n: self.original[n] for n in names})})
@@ -96,6 +98,21 @@ class ParameterDelta:
         original = {k[len("original."):]: v for k, v in tensors.items() if k.startswith("original.")}
         new = {k[len("new."):]: v for k, v in tensors.items() if k.startswith("new.")}
         return cls(original=original, new=new, metadata=metadata)
+
+
+def apply_weight_delta_file(model: torch.nn.Module, path: str | Path) -> list[str]:
+    """Write a forward-only ``weight_delta.safetensors`` (ParameterDelta.save_to) into
+    ``model``: its new values, after checking that the model's current values are the
+    originals it was made from (their sha256). Returns the parameter names written."""
+    tensors, metadata = load_tensors(path, "Weight delta")
+    params = _parameters(model, tensors)
+    expected = metadata.get("original_sha256")
+    current = tensor_sha256({name: param.detach() for name, param in params.items()})
+    if expected is not None and current != expected:
+        raise ObliviateError(f"{path} was made for another model: the weights it replaces differ from the ones it "
+                             "was made from. Apply it to the original model its erase run recorded.")
+    ParameterDelta(original={n: p.detach().to("cpu", copy=True) for n, p in params.items()}, new=tensors).apply(model)
+    return sorted(tensors)
 
 
 @dataclass

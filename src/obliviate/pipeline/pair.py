@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_file
+from obliviate.edits.weights import WEIGHT_DELTA_FILE, apply_weight_delta_file
 from obliviate.errors import ObliviateError
 from obliviate.io import read_json
 from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
@@ -25,14 +26,14 @@ def erase_run_info(spec: str | None) -> tuple[str | None, dict]:
     """(model spec to load, the erase run's results) for a folder written by `erase`.
 
     A folder with model/ loads that model; one saved with --no-save-model (results.json
-    and the embedding patch only) loads the original it records and applies the patch.
+    and the edit files only) loads the original it records and applies them.
     """
     folder = Path(spec) if spec else None
     if folder is None or not (folder / "results.json").is_file():
         return spec, {}
     if (folder / "model" / "config.json").is_file():
         return str(folder / "model"), read_json(folder / "results.json")
-    if (folder / PATCH_FILE).is_file():
+    if saved_edits(folder):
         return spec, read_json(folder / "results.json")
     return spec, {}
 
@@ -61,14 +62,21 @@ def resolve_base(spec: str | None, base: str | None, hooked_model: str | None = 
 def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device_map=None,
                 allow_pickle: bool = False) -> LoadedModel:
     """The model to evaluate: a model folder / hub id, or the recorded original with the
-    erase run's embedding patch applied (folders written with --no-save-model)."""
-    patch_file = Path(model_spec) / PATCH_FILE
-    if not recorded or not patch_file.is_file() or (Path(model_spec) / "config.json").is_file():
+    erase run's edit files applied (folders written with --no-save-model): its embedding
+    patch and its base method's weight delta, whichever it has."""
+    edits = saved_edits(Path(model_spec))
+    if not recorded or not edits or (Path(model_spec) / "config.json").is_file():
         return load_model(model_spec, device, dtype, device_map, allow_pickle)
     erased = load_model(recorded["model"], device, dtype, device_map, allow_pickle)
-    apply_patch_file(erased.model, patch_file)
-    erased.name = f"{recorded['model']}+{patch_file}"
+    for path in edits:
+        (apply_patch_file if path.name == PATCH_FILE else apply_weight_delta_file)(erased.model, path)
+    erased.name = "+".join([recorded["model"], *(str(path) for path in edits)])
     return erased
+
+
+def saved_edits(folder: Path) -> list[Path]:
+    """The forward-only edit files of a patch-only erase run, in the order they apply."""
+    return [path for path in (folder / PATCH_FILE, folder / WEIGHT_DELTA_FILE) if path.is_file()]
 
 
 def load_pair(config, base: str | None, hooked_model: str | None = None) -> ModelPair:
