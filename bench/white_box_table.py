@@ -78,7 +78,7 @@ def concept_rows(arm: str, rows: list[tuple[dict, dict]], attacks: list[str]) ->
     for erased, attacked in rows:
         cells = [cell(erased["qa_test"]["base"]), cell(erased["qa_test"]["edited"])]
         cells += [cell(attacked[a]["erased"]["after"]) for a in attacks]
-        if "repair-relearn" in attacked:
+        if "repair-relearn" in attacks:
             cells.append(cell(attacked["repair-relearn"]["original"]["after"]))
         flagged = attacked.get("embedding-repair", {}).get("erased", {})
         found = (f"{flagged['flagged']} ({flagged.get('touched_and_edited', '?')}/{flagged.get('edited_rows', '?')})"
