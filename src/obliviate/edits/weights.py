@@ -22,6 +22,12 @@ from obliviate.io import load_tensors, save_tensors, tensor_sha256
 WEIGHT_DELTA_FILE = "weight_delta.safetensors"  # a forward-only ParameterDelta: new values, originals' sha256
 
 
+def _write(model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, param in _parameters(model, values).items():
+            param.copy_(values[name].to(device=param.device, dtype=param.dtype))
+
+
 def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
     params = dict(model.named_parameters())
     missing = [name for name in names if name not in params]
@@ -52,16 +58,11 @@ class ParameterDelta:
         new = {name: param.detach().to("cpu", copy=True) for name, param in current.items()}
         return cls(original=original, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()})
 
-    def _write(self, model: torch.nn.Module, values: dict[str, torch.Tensor]) -> None:
-        with torch.no_grad():
-            for name, param in _parameters(model, values).items():
-                param.copy_(values[name].to(device=param.device, dtype=param.dtype))
-
     def apply(self, model: torch.nn.Module) -> None:
-        self._write(model, self.new)
+        _write(model, self.new)
 
     def revert(self, model: torch.nn.Module) -> None:
-        self._write(model, self.original)
+        _write(model, self.original)
 
     def changed_token_ids(self) -> None:
         return None  # transformer weights: any prediction may move
@@ -111,7 +112,7 @@ def apply_weight_delta_file(model: torch.nn.Module, path: str | Path) -> list[st
     if expected is not None and current != expected:
         raise ObliviateError(f"{path} was made for another model: the weights it replaces differ from the ones it "
                              "was made from. Apply it to the original model its erase run recorded.")
-    ParameterDelta(original={n: p.detach().to("cpu", copy=True) for n, p in params.items()}, new=tensors).apply(model)
+    _write(model, tensors)
     return sorted(tensors)
 
 
@@ -146,7 +147,7 @@ class LoraAdapter:
     def revert(self, model: torch.nn.Module) -> None:
         if self._originals is None:
             raise ObliviateError("This adapter was never applied to the model, so there is nothing to revert.")
-        ParameterDelta(original=self._originals, new=self._originals).revert(model)
+        _write(model, self._originals)
 
     def changed_token_ids(self) -> None:
         return None
