@@ -3,7 +3,7 @@ arm erases every concept, then the white-box attacks run on its output.
 
     python bench/white_box_table.py --data ../shared/data/ember-benchmark --out runs/white-box \
         [--arms ember,rmu+ember] [--concepts Gambling,Gun,...] \
-        [--attacks tied-restore,embedding-repair,repair-relearn]
+        [--attacks tied-restore,embedding-repair,repair-relearn,gcg]
 
 An arm is a method name, with "+ember" for EMBER first (its delta fixed to the one the
 "ember" arm's grid chose, when that arm comes first). Runs go to OUT/<arm>/<concept>/
@@ -48,12 +48,23 @@ def erase_run(arm: str, concept: str, data: str, folder: Path, ember_delta: floa
 
 
 def attack_run(folder: Path, data: str, attacks: str) -> dict:
-    out = folder / "attack"
-    if not (out / "results.json").exists():
-        code = cli(["attack", "--model", str(folder), "--data", data, "--attacks", attacks, "--out", str(out)])
-        if code:
-            raise SystemExit(f"attack on {folder} failed with exit code {code}")
-    return json.loads((out / "results.json").read_text())
+    """The attacks' results on one erase run: those in OUT/.../attack/ plus, for an attack
+    asked later, its own folder attack-<name>/ (so a table grows without rerunning)."""
+    results: dict = {}
+    for name in attacks.split(","):
+        if name in results:
+            continue
+        found = [f / "results.json" for f in (folder / "attack", folder / f"attack-{name}")
+                 if (f / "results.json").exists() and name in json.loads((f / "results.json").read_text())]
+        if not found:
+            out = folder / ("attack" if not (folder / "attack").exists() else f"attack-{name}")
+            asked = attacks if out.name == "attack" else name
+            code = cli(["attack", "--model", str(folder), "--data", data, "--attacks", asked, "--out", str(out)])
+            if code:
+                raise SystemExit(f"attack on {folder} failed with exit code {code}")
+            found = [out / "results.json"]
+        results.update(json.loads(found[0].read_text()))
+    return results
 
 
 def after(result: dict, role: str = "erased") -> list[int]:
@@ -64,9 +75,15 @@ def after(result: dict, role: str = "erased") -> list[int]:
 
 def attacked_arm(erased: dict, result: dict) -> Arm:
     """The erase run's arm whose 'relearned' answers are those after this attack, so the
-    pooled 'regained' is the share of the original's knowledge the attack brings back."""
+    pooled 'regained' is the share of the original's knowledge the attack brings back.
+    An attack measured on part of the questions (gcg: those its suffixes were not tuned
+    on) keeps only those."""
     arm = arm_from_results(erased)
-    return Arm(arm.concept, arm.method, arm.questions, arm.prompts, arm.near_chance, np.asarray(after(result), float))
+    questions = dict(arm.questions)
+    kept = result["erased"].get("held_out_questions")
+    if kept is not None:
+        questions["qa"] = {key: values[kept] for key, values in arm.questions["qa"].items()}
+    return Arm(arm.concept, arm.method, questions, arm.prompts, arm.near_chance, np.asarray(after(result), float))
 
 
 def cell(interval: dict) -> str:

@@ -28,7 +28,7 @@ def _interval_ok(x: dict) -> bool:
 
 def test_registry_lists_valid_names_on_error():
     assert attacks.available() == ["relearn", "relearn-strong", "in-context", "adversarial", "probe",
-                                   "tied-restore", "embedding-repair", "repair-relearn"]
+                                   "tied-restore", "embedding-repair", "repair-relearn", "gcg"]
     with pytest.raises(ObliviateError, match="relearn, relearn-strong, in-context, adversarial, probe, tied-restore"):
         attacks.parse_names("relearn,jailbreak")
     assert attacks.parse_names("probe, relearn,probe") == ["probe", "relearn"]

@@ -27,6 +27,7 @@ register("probe", "obliviate.attacks.probe")
 register("tied-restore", "obliviate.attacks.white_box")
 register("embedding-repair", "obliviate.attacks.white_box")
 register("repair-relearn", "obliviate.attacks.white_box")
+register("gcg", "obliviate.attacks.gcg")
 
 
 def get(name: str):

@@ -23,7 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
     group.add_argument("--attacks", default="relearn,in-context,adversarial,probe",
                        help="comma-separated: relearn, relearn-strong, in-context, adversarial, probe, and the "
-                            "white-box tied-restore, embedding-repair, repair-relearn (default: the first four)")
+                            "white-box tied-restore, embedding-repair, repair-relearn, gcg (default: the first four)")
     group.add_argument("--relearn-paragraphs", type=int, default=None, help="relearning paragraphs (default 100)")
     group.add_argument("--epochs", type=int, default=None, help="relearning epochs (default 2)")
     group.add_argument("--max-length", type=int, default=None, help="relearning tokens per paragraph (default 256)")

@@ -78,17 +78,33 @@ class PreparedQuestions:
         return np.array([i for i, ids in enumerate(self.token_sets) if ids & token_ids], dtype=int)
 
 
-def prepare(lm: LoadedModel, questions: Sequence[MCQuestion], mode: str = "auto", seed: int = 0) -> PreparedQuestions:
+def question_prompt(question: MCQuestion, seed: int, mode: str, suffix: str = "") -> tuple[str, list[str], int]:
+    """How a question is asked: (prompt text, options in their shuffled order, index of
+    the correct one). ``loglik``: the prompt is the context the options continue (each as
+    " {option}"); ``letter``: the user turn of a chat prompt. ``suffix`` is appended to the
+    question text (an attack's suffix) without changing the option order."""
+    order = shuffled_order(question, seed)
+    options = [question.options[i] for i in order]
+    text = question.question + suffix
+    if mode == "loglik":
+        prompt = f"Question: {text}\nAnswer:"
+    else:
+        lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
+        prompt = f"{text}\n{lines}\nAnswer with the letter of the correct option only."
+    return prompt, options, order.index(question.answer)
+
+
+def prepare(lm: LoadedModel, questions: Sequence[MCQuestion], mode: str = "auto", seed: int = 0,
+            suffix: str = "") -> PreparedQuestions:
     mode = resolve_mode(lm, mode)
     tok = lm.tokenizer
     answers, items, item_question, chars, token_sets = [], [], [], [], []
     letter_ids = [tok(f"{letter}", add_special_tokens=False).input_ids[-1] for letter in LETTERS]
     for index, question in enumerate(questions):
-        order = shuffled_order(question, seed)
-        options = [question.options[i] for i in order]
-        answers.append(order.index(question.answer))
+        prompt, options, answer = question_prompt(question, seed, mode, suffix)
+        answers.append(answer)
         if mode == "loglik":
-            context = tok(f"Question: {question.question}\nAnswer:").input_ids
+            context = tok(prompt).input_ids
             for option in options:
                 continuation = tok(f" {option}", add_special_tokens=False).input_ids
                 items.append((context, continuation))
@@ -96,8 +112,6 @@ def prepare(lm: LoadedModel, questions: Sequence[MCQuestion], mode: str = "auto"
                 chars.append(len(option) + 1)
             ids = set(context).union(*(c for _, c in items[-len(options):]))
         else:
-            lines = "\n".join(f"{LETTERS[i]}. {option}" for i, option in enumerate(options))
-            prompt = f"{question.question}\n{lines}\nAnswer with the letter of the correct option only."
             context = chat_prompt_ids(lm, prompt)
             items.append((context, []))
             item_question.append(index)

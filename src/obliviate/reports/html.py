@@ -22,7 +22,8 @@ from pathlib import Path
 from obliviate.errors import ObliviateError
 from obliviate.io import atomic_path, read_json, write_text
 
-ATTACKS = ("relearn", "relearn-strong", "in-context", "adversarial", "tied-restore", "embedding-repair", "repair-relearn")
+ATTACKS = ("relearn", "relearn-strong", "in-context", "adversarial", "tied-restore", "embedding-repair", "repair-relearn",
+           "gcg")
 # summary.csv columns: (column, where in results, what it means)
 COLUMNS = [
     ("qa_base", ("qa_test", "base"), "QA test accuracy of the original model"),
@@ -39,6 +40,7 @@ COLUMNS = [
     ("relearn_recovered", ("relearn", "recovered_frac"), "share of the original knowledge relearning brings back"),
     ("in_context_after", ("in-context", "erased", "after"), "QA accuracy with concept paragraphs in context"),
     ("adversarial_worst", ("adversarial", "erased", "after"), "QA accuracy under the worst adversarial prefix"),
+    ("gcg_after", ("gcg", "erased", "after"), "QA accuracy on held-out questions with the best GCG suffix"),
     ("probe_original", ("probe", "original", "after"), "best-layer probe accuracy, original (chance 0.5)"),
     ("probe_erased", ("probe", "erased", "after"), "best-layer probe accuracy, erased (chance 0.5)"),
     ("open_match_erased", ("open_ended", "qa_test", "edited", "match"), "open-ended QA answers matching the gold"),

@@ -33,7 +33,8 @@ SCORES = (("efficacy", "1 - share of the above-chance concept knowledge left"),
 ATTACKS = {"relearn": "relearning (fine-tuning on concept paragraphs)", "relearn-strong": "relearning, stronger",
            "in-context": "concept paragraphs in the prompt", "adversarial": "worst adversarial prefix",
            "tied-restore": "restore tied output rows", "embedding-repair": "embedding repair",
-           "repair-relearn": "repair, then relearning", "probe": "linear probe on hidden states (chance 0.5)"}
+           "repair-relearn": "repair, then relearning", "gcg": "best GCG suffix, held-out questions",
+           "probe": "linear probe on hidden states (chance 0.5)"}
 PUSH_IGNORE = [".checkpoint.json", "checkpoints/*", "*.partial/*", "model/*"]  # model/ is pushed on its own
 
 
