@@ -55,6 +55,19 @@ def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir
     assert result["concept"] == "Golf"
 
 
+def test_the_grid_skips_concept_fluency_unless_asked_and_chooses_the_same(tiny_model_dir, data_dir, tmp_path):
+    """EMBER's grid ranks on general coherence: the concept's prompts are generated for
+    every candidate only when asked; the scores, the choice and the TEST numbers agree."""
+    plain = run(tiny_model_dir, data_dir, tmp_path / "plain")
+    asked = run(tiny_model_dir, data_dir, tmp_path / "asked",
+                evaluation={**FAST["evaluation"], "grid_concept_fluency": True})
+    assert all("concept_fluency" not in c["metrics"] and "coherence" in c["metrics"] for c in plain["delta_sweep"])
+    assert all("concept_fluency" in c["metrics"] for c in asked["delta_sweep"])
+    assert [(c["params"], c["score"]) for c in plain["delta_sweep"]] == [(c["params"], c["score"]) for c in asked["delta_sweep"]]
+    assert plain["delta"] == asked["delta"] and "concept_fluency" in plain.results
+    assert plain["concept_fluency"] == asked["concept_fluency"]
+
+
 def test_fixed_delta_and_patch_apply_revert_through_the_api(tiny_model_dir, data_dir, tmp_path):
     result = run(tiny_model_dir, data_dir, tmp_path / "run", ember={**FAST["ember"], "delta": 7.0}, save_model=False)
     assert not (tmp_path / "run" / "model").exists()

@@ -62,6 +62,11 @@ class EvalConfig:
     # localized cost); gating on them (at coherence_gate) is an opt-in, never the default.
     gate_concept_fluency: bool = setting(
         False, "also score 0 a candidate whose fluency on concept text is below the coherence gate")
+    # Off by default (ours; the reference's grid has no such column): the chosen candidate's
+    # concept fluency is always measured on TEST, and regenerating the concept prompts for
+    # every candidate was two thirds of EMBER's grid time on the embedded model.
+    grid_concept_fluency: bool = setting(
+        False, "also measure fluency on concept text for every EMBER grid candidate (the grid table's diagnostic column)")
     # EMBER's own grid (reference): reject general-knowledge fraction < 0.9, score 0 below
     # coherence 0.9, rank by harmonic(efficacy, specificity, coherence).
     general_gate: float = setting(0.9, "EMBER: reject a delta whose general-knowledge fraction is below this")

@@ -20,7 +20,6 @@ legacy tuple layout that transformers 5 removed).
 """
 from __future__ import annotations
 
-import logging
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 from typing import Iterator
@@ -65,7 +64,6 @@ def _nanogcg():
     except ImportError as error:
         raise ObliviateError("The gcg attack needs the nanogcg package: pip install --no-deps nanogcg==0.3.0 "
                              "(it declares transformers<=4.47.1 but runs on transformers 5).") from error
-    logging.getLogger("nanogcg").setLevel(logging.WARNING)
     return nanogcg
 
 
@@ -146,10 +144,11 @@ def search_suffixes(lm: LoadedModel, prepared: PreparedQuestions, attacked: np.n
                     seed: int) -> list[dict]:
     """One GCG search per attacked question: [{question, suffix, loss}]."""
     nanogcg = _nanogcg()
+    # verbosity ERROR: its float32 and CPU hints do not apply (the view runs bf16 products)
     settings = nanogcg.GCGConfig(
         num_steps=config.num_steps, search_width=config.search_width, topk=config.topk,
         batch_size=config.batch_size, optim_str_init=" ".join(["x"] * config.suffix_tokens),
-        use_prefix_cache=False, seed=seed, verbosity="WARNING",
+        use_prefix_cache=False, seed=seed, verbosity="ERROR",
     )
     view = GcgView(lm.model, config.bf16_autocast)
     found = []

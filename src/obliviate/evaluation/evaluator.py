@@ -143,12 +143,15 @@ class Evaluator:
         return {name: float(correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)]).mean())
                 for name in self.question_sets(split)}
 
-    def evaluate(self, split: str, edit: Edit | None, coherence: bool = True) -> SplitOutcome:
+    def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True) -> SplitOutcome:
         """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted).
-        ``coherence=False`` skips the prompt sets (the base methods' grids rank without it)."""
+        ``coherence=False`` skips the prompt sets (the base methods' grids rank without it);
+        ``concept_fluency=False`` skips only the concept's own prompts (EMBER's grid ranks on
+        general coherence, and regenerating every concept prompt was most of its time)."""
         token_ids = self.input_tokens(edit)
         sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)}
-        references = {kind: self.prompt_set(split, kind) for kind in self.prompts(split)} if coherence else {}
+        kinds = [kind for kind in self.prompts(split) if coherence and (concept_fluency or kind != "concept")]
+        references = {kind: self.prompt_set(split, kind) for kind in kinds}
         old_rows = self._before_output_edit(split, sets, token_ids, edit)
         correct, rescored, generated = {}, {}, {}
         if edit is not None:

@@ -168,7 +168,9 @@ def sweep(
         else:
             outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
             if evaluator.data.has_questions:
-                outcome = evaluator.evaluate("train", edit, coherence=ember_rule)
+                ev = config.evaluation
+                outcome = evaluator.evaluate("train", edit, coherence=ember_rule,
+                                             concept_fluency=ev.grid_concept_fluency or ev.gate_concept_fluency)
                 outcome_metrics = outcome.as_dict()["metrics"]
                 score, se, rejected = rule(outcome, config.evaluation)
             results.append(CandidateResult(params, outcome_metrics, score, se, rejected))
