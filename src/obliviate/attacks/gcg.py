@@ -72,8 +72,9 @@ class GcgView(torch.nn.Module):
     module's scale, bf16 products when asked, and float32 logits at the last ``keep``
     positions only (``keep`` = target length + 1 covers every position nanogcg reads: it
     slices the logits that predict the target from the end). The positions before are left
-    unwritten in an uninitialized tensor: computing the 262k-word head there was most
-    of a search step, and nothing reads them. ``keep=None``: every position."""
+    unwritten in an uninitialized tensor: the 262k-word head there would cost a product
+    and gigabytes of float32 logits per candidate batch that nothing reads.
+    ``keep=None``: every position."""
 
     def __init__(self, model: torch.nn.Module, bf16_autocast: bool) -> None:
         super().__init__()
