@@ -147,7 +147,7 @@ class Evaluator:
         """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted).
         ``coherence=False`` skips the prompt sets (the base methods' grids rank without it);
         ``concept_fluency=False`` skips only the concept's own prompts (EMBER's grid ranks on
-        general coherence, and regenerating every concept prompt was most of its time)."""
+        general coherence, and regenerating every concept prompt was half of its time)."""
         token_ids = self.input_tokens(edit)
         sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)}
         kinds = [kind for kind in self.prompts(split) if coherence and (concept_fluency or kind != "concept")]
