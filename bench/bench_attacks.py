@@ -6,9 +6,10 @@
 
 Each attack runs on the original and on the erased model (the embedded model itself when
 --erased is not given), as `obliviate attack` does. With --steps, the relearning step on the
-erased model is timed three ways on the same paragraphs, as ratios in one run: AdamW over
-every embedding row (the plain loop), the lazy rows (the default: the same weights) and
-bf16 products on top (bf16_autocast: not the reference arithmetic). Relearning is timed on a few
+erased model is timed four ways on the same paragraphs, as ratios in one run: the plain
+loop (AdamW over every embedding row, autograd's fresh output-layer gradient each step),
+lazy rows, lazy rows with the output layer's gradient in a kept buffer (the default: the
+same weights) and bf16 products on top (bf16_autocast: not the reference arithmetic). Relearning is timed on a few
 paragraphs and extrapolated to the reference attack (100 paragraphs x 2 epochs): its
 training cost is linear in paragraphs x epochs; its evaluation cost (test questions after
 each epoch) is measured separately. Prints a Markdown table with the machine's name.
@@ -16,7 +17,7 @@ each epoch) is measured separately. Prints a Markdown table with the machine's n
 from __future__ import annotations
 
 import argparse
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 import platform
 import tempfile
 import time
@@ -53,7 +54,7 @@ def main() -> None:
     parser.add_argument("--questions", type=int, default=50, help="test questions used (50 = all)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--steps", action="store_true",
-                        help="also time the relearning step: dense rows, lazy rows, lazy rows + bf16 products")
+                        help="also time the relearning step: plain loop, lazy rows, kept head gradient, bf16")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -91,33 +92,39 @@ def main() -> None:
 
 def step_rows(lm, data, data_dir: Path, args) -> list[tuple]:
     """Seconds a relearning step on ``lm`` (the erased model when given: untied, so its input
-    embedding takes the lazy rows), same paragraphs, as ratios in one run: dense AdamW on
-    every row (the plain loop), the lazy rows (the default, the same weights), and bf16
-    products on top (not the reference arithmetic)."""
+    embedding takes the lazy rows), same paragraphs, as ratios in one run: the plain loop
+    (dense AdamW on every row, autograd's fresh output-layer gradient), lazy rows, lazy rows
+    with the output layer's gradient in a kept buffer (the default; the same weights), and
+    bf16 products on top (not the reference arithmetic)."""
     paragraphs = load_relearn_paragraphs(data_dir, data.concept, args.relearn_paragraphs)
-    variants = {"dense rows": (False, False), "lazy rows (default)": (True, False), "lazy rows + bf16": (True, True)}
+    variants = {"plain loop": (False, False, False), "lazy rows": (True, False, False),
+                "lazy rows + kept head gradient (default)": (True, True, False),
+                "lazy rows + kept head gradient + bf16": (True, True, True)}
     seconds = {}
-    for name, (lazy, bf16) in variants.items():
+    for name, (lazy, kept, bf16) in variants.items():
         config = relearning.Config(paragraphs=args.relearn_paragraphs, epochs=args.epochs, max_length=args.max_length,
                                    bf16_autocast=bf16)
-        with _rows(lazy):
+        with _shortcuts(lazy, kept):
             epochs = relearning.relearn(lm, paragraphs, config, lambda m: np.zeros(1), progress=False)
         seconds[name] = sum(e["train_seconds"] for e in epochs) / (len(paragraphs) * args.epochs)
-    base = seconds["dense rows"]
+    base = seconds["plain loop"]
     return [(f"relearn step, {name}", value * len(paragraphs) * args.epochs, {},
-             f"{value:.2f} s a paragraph, {base / value:.2f}x the dense step") for name, value in seconds.items()]
+             f"{value:.2f} s a paragraph, {base / value:.2f}x the plain loop's step") for name, value in seconds.items()]
 
 
 @contextmanager
-def _rows(lazy: bool):
-    """The plain loop's dense AdamW on every row when ``lazy`` is False."""
-    plain = sparse_rows.sparse_input_rows
+def _shortcuts(lazy: bool, kept: bool):
+    """Turn off the exact shortcuts the relearning step takes: the lazy rows (dense AdamW on
+    every row) and the kept output-layer gradient (autograd's fresh tensor each step)."""
+    plain_rows, plain_head = sparse_rows.sparse_input_rows, relearning.kept_head_gradient
     if not lazy:
         sparse_rows.sparse_input_rows = lambda model: None
+    if not kept:
+        relearning.kept_head_gradient = lambda model: nullcontext()
     try:
         yield
     finally:
-        sparse_rows.sparse_input_rows = plain
+        sparse_rows.sparse_input_rows, relearning.kept_head_gradient = plain_rows, plain_head
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ their bf16 update fidelity, the memory plan and its refusal, the relearning atta
 a second copy of the model, and two processes (FSDP2 over gloo) against one."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
@@ -418,7 +419,8 @@ def test_lazy_row_adamw_state_round_trips(tmp_path):
 
 def test_relearning_an_untied_model_with_lazy_rows_gives_the_plain_loops_weights(tiny_tokenizer, monkeypatch):
     """The erased model of a tied one is untied: its input embedding takes the lazy rows
-    (sparse gradients while training); the weights after each epoch match plain AdamW's;
+    (sparse gradients while training) and its output layer's gradient a kept buffer; the
+    weights after each epoch match the plain loop's (dense AdamW, autograd's gradients);
     a tied model keeps the plain optimizer."""
     from obliviate.training import sparse_rows
 
@@ -437,6 +439,7 @@ def test_relearning_an_untied_model_with_lazy_rows_gives_the_plain_loops_weights
 
     lazy = run()
     monkeypatch.setattr(sparse_rows, "sparse_input_rows", lambda model: None)
+    monkeypatch.setattr(relearning, "kept_head_gradient", lambda model: contextlib.nullcontext())
     plain = run()
     assert [e.pop("sparse") for e in lazy] == [True, True] and [e.pop("sparse") for e in plain] == [False, False]
     for lazy_epoch, plain_epoch in zip(lazy, plain, strict=True):
@@ -446,3 +449,41 @@ def test_relearning_an_untied_model_with_lazy_rows_gives_the_plain_loops_weights
     tied = make_tiny_lm(tiny_tokenizer, "gemma3")
     with sparse_rows.optimizer_for("adamw", tied.model, list(tied.model.parameters()), 1e-3, 0.0) as optimizer:
         assert isinstance(optimizer, torch.optim.AdamW)
+
+
+# ---- the output layer's gradient in a kept buffer ------------------------------------
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_kept_head_gradient_gives_autograds_gradients_in_one_reused_buffer(tiny_tokenizer, tie):
+    """Same loss and gradients as plain autograd (tied: the input embedding's share is added
+    to the same buffer); the second step's gradient lands in the first step's memory; two
+    backward passes accumulate; outside the block the layer is its own class's again."""
+    from obliviate.training.kept_head_grad import kept_head_gradient
+
+    lm = make_tiny_lm(tiny_tokenizer, "gemma3", tie=tie)
+    model = lm.model
+    ids = torch.tensor([tiny_tokenizer(text).input_ids[:10] for text in FORGET[:2]])  # a batch of two
+
+    def gradients(times: int = 1) -> dict[str, torch.Tensor]:
+        model.zero_grad(set_to_none=True)
+        for _ in range(times):
+            model(input_ids=ids, labels=ids).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain, plain_twice = gradients(), gradients(2)
+    head = model.get_output_embeddings()
+    with kept_head_gradient(model):
+        assert "forward" in head.__dict__
+        kept = gradients()
+        first = head.weight.grad.data_ptr()
+        again = gradients()
+        assert head.weight.grad.data_ptr() == first
+        kept_twice = gradients(2)
+    assert "forward" not in head.__dict__ and head.weight.grad is None
+    assert set(kept) == set(plain)
+    for name, value in plain.items():
+        torch.testing.assert_close(kept[name], value, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(again[name], value, rtol=1e-6, atol=1e-7, msg=name)
+        torch.testing.assert_close(kept_twice[name], plain_twice[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert not torch.allclose(plain_twice["lm_head.weight" if not tie else "model.embed_tokens.weight"],
+                              plain["lm_head.weight" if not tie else "model.embed_tokens.weight"])

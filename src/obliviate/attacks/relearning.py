@@ -11,7 +11,10 @@ answers are kept), the attack fine-tunes the model's own weights in place, and t
 original weights come back from a copy in host memory when it ends (also on an error), so
 the caller's model leaves as it came. The optimizer (``optimizer``, training/optim.py) and
 gradient checkpointing are chosen by the memory plan (training/memory_plan.py), printed before
-training; a plan that cannot fit is refused with the settings that would.
+training; a plan that cannot fit is refused with the settings that would. Two exact
+shortcuts keep the step cheap on a CPU: an untied input embedding's rows are updated
+lazily (training/sparse_rows.py) and the output layer's gradient goes into a buffer kept
+across steps (training/kept_head_grad.py); the weights are the plain loop's.
 
 Resumable per epoch: after each finished epoch (but the last) the weights and AdamW state
 go to ``checkpoints/relearn/<role>/epoch-N`` (written as ``.partial`` and renamed); the
@@ -37,6 +40,7 @@ from obliviate.progress import progress_bar, write_line
 from obliviate.io import fingerprint as run_fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training import sharding
+from obliviate.training.kept_head_grad import kept_head_gradient
 from obliviate.training.loop import checkpointing, checkpointing_choice, plan_stage, trainable
 from obliviate.training.optim import check_choice, training_precision
 from obliviate.training.sparse_rows import optimizer_for, settle
@@ -152,7 +156,7 @@ def relearn(
                        unit="paragraph", disable=not progress)
     try:
         with trainable(model, params), training_precision(name, params.values(), config.bf16_autocast) as autocast, \
-                checkpointing(model, on), \
+                checkpointing(model, on), kept_head_gradient(model), \
                 optimizer_for(name, model, params.values(), config.lr, config.weight_decay) as optimizer:
             if weights is not None:
                 from safetensors.torch import load_model
