@@ -72,17 +72,24 @@ def test_options_sharing_a_context_score_as_if_run_whole(tiny_lm, tiny_llama):
         long = tok("Question: a much longer question about the golf clubs of Scotland?\nAnswer:").input_ids
         options = [tok(f" {o}", add_special_tokens=False).input_ids for o in ("a wizard", "iron", "the river of the north")]
         items = [(short, o) for o in options] + [(long, o) for o in options[:2]] + [(tok("Q:").input_ids, options[2])]
-        fed = []  # real (non-pad) tokens of every forward call the scorer makes
+        fed, projected = [], []  # real (non-pad) tokens of every forward call; the output layer's rows
         pad = tok.pad_token_id
         hook = lm.model.register_forward_pre_hook(
             lambda _m, _a, kwargs: fed.append(int((kwargs["input_ids"] != pad).sum())), with_kwargs=True)
+        head = lm.model.get_output_embeddings().register_forward_hook(
+            lambda _m, _a, out: projected.append(out.shape[0] * out.shape[1]))
         try:
             for budget in (24, 4096):  # one context per batch, and all together
                 fed.clear()
+                projected.clear()
                 shared = continuation_logprobs(lm, items, Batching(budget)).numpy()
                 # each distinct context is fed once, each option once
                 assert sum(fed) == len(short) + len(long) + len(tok("Q:").input_ids) + sum(len(x) for _, x in items)
+                # the output layer runs once per scored token, never on padding: a shared
+                # context's last position predicts its options' first tokens
+                assert sum(projected) == 2 + sum(len(x) - 1 for _, x in items[:5]) + len(items[5][1])
                 naive = np.array([naive_logprob(lm, c, x) for c, x in items])
                 np.testing.assert_allclose(shared, naive, rtol=1e-4, atol=1e-4)
         finally:
             hook.remove()
+            head.remove()
