@@ -9,7 +9,9 @@ lr 1e-5) follows on the erased model. Finished concepts are skipped, so an inter
 run resumes. Prints Markdown tables: per concept (base and edited test accuracies with 95%
 intervals, efficacy, specificity, general coherence, fluency on concept text, the share of
 QA questions that contain an edited token, delta, tokens), then the pooled rows (stratified
-bootstrap over concepts, near-chance concepts left out and named).
+bootstrap over concepts, near-chance concepts left out and named), then the seconds each
+concept took. A concept where no edit was applied (nothing measurable to erase) skips the
+relearning attack: its "erased" model is the original.
 """
 from __future__ import annotations
 
@@ -25,8 +27,7 @@ from obliviate.attacks.common import AttackContext
 from obliviate.pipeline.pair import load_erased
 from obliviate.data.concepts import list_concepts
 from obliviate.evaluation.pooled import arm_from_results, paired_difference, pooled_metrics
-from obliviate.io import write_json
-from obliviate.models.loading import load_model
+from obliviate.io import read_json, write_json
 from obliviate.pipeline.inputs import load_concept_data
 
 
@@ -34,24 +35,33 @@ def slug(concept: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
+NOTHING_APPLIED = "no edit was applied: the erased model is the original, so its relearning says nothing of an erasure"
+
+
 def run_concept(concept: str, data: str, out: Path, extra: dict, paragraphs: int) -> dict:
     folder = out / slug(concept)
-    lm = None
+    lm, times = None, read_json(folder / "times.json") if (folder / "times.json").exists() else {}
     if not (folder / "results.json").exists():
         start = time.perf_counter()
         lm = obliviate.erase(concept, data=data, out=folder, save_model=False, **extra).lm
-        print(f"[{concept}] erase {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        times["erase"] = time.perf_counter() - start
+        write_json(folder / "times.json", times)
+        print(f"[{concept}] erase {times['erase']:.0f}s", file=sys.stderr)
     if paragraphs and not (folder / "relearn.json").exists():
         start = time.perf_counter()
         results = json.loads((folder / "results.json").read_text())
-        # the original with the run's patch applied (no patch: nothing was edited)
-        lm = lm or (load_erased(str(folder), results) if results.get("edited_token_count") and results.get("delta")
-                    else load_model(results["model"]))
-        config = obliviate.api.make_config(None, concept=concept, data={"data": data}, out=str(folder))
-        ctx = AttackContext(models={"erased": lm}, data=load_concept_data(config), data_dir=Path(data),
-                            scoring="auto", seed=42, bootstrap=1000, out=folder, progress=True)
-        write_json(folder / "relearn.json", relearning.run(ctx, relearning.Config(paragraphs=paragraphs)))
-        print(f"[{concept}] relearning {time.perf_counter() - start:.0f}s", file=sys.stderr)
+        if not (results.get("edited_token_count") and results.get("delta")):
+            write_json(folder / "relearn.json", {"skipped": NOTHING_APPLIED})
+        else:
+            # the original with the run's patch applied
+            lm = lm or load_erased(str(folder), results)
+            config = obliviate.api.make_config(None, concept=concept, data={"data": data}, out=str(folder))
+            ctx = AttackContext(models={"erased": lm}, data=load_concept_data(config), data_dir=Path(data),
+                                scoring="auto", seed=42, bootstrap=1000, out=folder, progress=True)
+            write_json(folder / "relearn.json", relearning.run(ctx, relearning.Config(paragraphs=paragraphs)))
+        times["relearn"] = time.perf_counter() - start
+        write_json(folder / "times.json", times)
+        print(f"[{concept}] relearning {times['relearn']:.0f}s", file=sys.stderr)
     return _with_relearn(folder)
 
 
@@ -59,7 +69,23 @@ def _with_relearn(folder: Path) -> dict:
     results = json.loads((folder / "results.json").read_text())
     if (folder / "relearn.json").exists():
         results["relearn"] = json.loads((folder / "relearn.json").read_text())
+    results["times"] = read_json(folder / "times.json") if (folder / "times.json").exists() else {}
     return results
+
+
+def time_table(rows: list[dict]) -> str:
+    """Seconds per concept (this run's or an earlier, resumed one's) and the total."""
+    lines = ["| concept | erase (s) | relearning (s) | total (s) |", "| --- | --- | --- | --- |"]
+    totals = {"erase": 0.0, "relearn": 0.0}
+    for r in rows:
+        t = r.get("times", {})
+        for part in totals:
+            totals[part] += t.get(part, 0.0)
+        cell = lambda part: f"{t[part]:.0f}" if part in t else "-"  # noqa: E731
+        lines.append(f"| {r['concept']} | {cell('erase')} | {cell('relearn')} | {sum(t.values()):.0f} |")
+    lines.append(f"| all ({len(rows)}) | {totals['erase']:.0f} | {totals['relearn']:.0f} | "
+                 f"{sum(totals.values()):.0f} ({sum(totals.values()) / 60:.1f} min) |")
+    return "\n".join(lines)
 
 
 def _interval(entry: dict) -> str:
@@ -119,6 +145,7 @@ def main() -> None:
     print(concept_table(rows))
     text, pooled = pooled_table(rows)
     print("\n" + text)
+    print("\n" + time_table(rows))
     write_json(Path(args.out) / "pooled.json", pooled)
 
 
