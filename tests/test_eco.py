@@ -361,3 +361,34 @@ def test_evaluate_reports_eco_ember_and_exact_side_effects(tiny_lm, small_concep
     assert results["classifier"]["recall_test_questions"] == pytest.approx(expected)
     assert not hasattr(tiny_lm.model, "_obliviate_eco")
     assert torch.equal(tiny_lm.model.get_input_embeddings().weight[ids], weight[ids]), "patch reverted"
+
+
+def test_evaluator_reruns_only_what_the_hook_flags_and_keeps_the_rest_exact(tiny_lm, tiny_tokenizer, small_concept,
+                                                                             monkeypatch):
+    """Prompts the classifier does not flag run bit-identical to the plain model, so the
+    Evaluator keeps the original's answers for them and runs only the flagged questions and
+    prompts again; the numbers equal a run that scores everything again."""
+    from obliviate.config import EvalConfig
+    from obliviate.evaluation.evaluator import Evaluator
+
+    config = EvalConfig(scoring="loglik", coherence_new_tokens=4, neutral_coherence_prompts=1, bootstrap=10, cache=False)
+    hook = word_hook(tiny_tokenizer, 32)
+    edit = EcoEdit(hook)
+    evaluator = Evaluator(tiny_lm, small_concept, config)
+    flagged = {}  # questions with the flagged word in their context or in an option (no marker here)
+    for name in evaluator.question_sets("test"):
+        prepared = evaluator._prepared_set("test", name)
+        flagged[name] = len({int(prepared.item_question[i]) for i, (c, x) in enumerate(prepared.items)
+                             if hook.flag_id in c + x})
+    outcome = evaluator.evaluate("test", edit)
+    assert 0 < flagged["qa"] == outcome.rescored["qa"]
+    assert all(outcome.rescored[name] == flagged[name] for name in flagged)
+    assert outcome.rescored["general"] < len(evaluator.question_sets("test")["general"])
+    monkeypatch.delattr(EcoEdit, "affected")
+    everything = Evaluator(tiny_lm, small_concept, config).evaluate("test", EcoEdit(word_hook(tiny_tokenizer, 32)))
+    assert everything.rescored["general"] == len(evaluator.question_sets("test")["general"])
+    for name, rows in outcome.correct.items():
+        np.testing.assert_array_equal(rows[1], everything.correct[name][1], err_msg=name)
+        np.testing.assert_allclose(rows[3], everything.correct[name][3], rtol=1e-5, atol=1e-6, err_msg=name)
+    for kind, rows in outcome.prompt_rows.items():
+        np.testing.assert_allclose(rows[0], everything.prompt_rows[kind][0], rtol=1e-5, atol=1e-6, err_msg=kind)

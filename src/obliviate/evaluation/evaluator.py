@@ -11,7 +11,9 @@ For an edit that only changes some tokens' embedding rows, a question or prompt 
 none of those tokens has exactly the original's hidden states, so only the touched ones
 are run again: with untied embeddings the rest keep the original's answers; with tied
 ones their answers are corrected exactly for the changed output rows (output_rows.py).
-Any other edit re-runs everything. Coverage (the share of questions and prompts that contain an edited token,
+An edit that can tell which inputs it changes (ECO's hook: prompts its classifier does not
+flag run bit-identical to the plain model; ``affected``) re-runs only those. Any other
+edit re-runs everything. Coverage (the share of questions and prompts that contain an edited token,
 and accuracy on touched and untouched questions) is reported for every edit that names
 the tokens it changed.
 """
@@ -159,9 +161,9 @@ class Evaluator:
         try:
             change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
             for name, prepared in sets.items():
-                correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change)
+                correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change, edit)
             for kind, reference in references.items():
-                which = self._prompts_to_rerun(reference, token_ids, change)
+                which = self._prompts_to_rerun(reference, token_ids, change, edit)
                 generated[kind] = (which, greedy_generate(
                     self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens, self.batching))
         finally:
@@ -253,9 +255,10 @@ class Evaluator:
                          "lengths": hidden["lengths"],
                          "log_norm": pack([states[i].log_norm for i in items], torch.float64)["values"]})
 
-    def _score_set(self, split: str, name: str, prepared: PreparedQuestions, token_ids, change) -> tuple[tuple, int]:
+    def _score_set(self, split: str, name: str, prepared: PreparedQuestions, token_ids, change,
+                   edit: Edit | None = None) -> tuple[tuple, int]:
         base_scores = self._base_scores[(split, name)]
-        which = set(prepared.touching(token_ids).tolist())
+        which = self._questions_to_rerun(prepared, token_ids, edit)
         scores = base_scores.copy()
         if change is not None:
             which |= self._shift_untouched(self._states[(split, name)], prepared, which, change, scores)
@@ -265,6 +268,17 @@ class Evaluator:
         rows = accuracy_pair(correct_from_scores(prepared, base_scores), correct_from_scores(prepared, scores),
                              correct_probability(prepared, base_scores), correct_probability(prepared, scores))
         return rows, int(len(which))
+
+    def _questions_to_rerun(self, prepared: PreparedQuestions, token_ids, edit: Edit | None) -> set[int]:
+        """Questions using an edited token; for an edit that tells which token sequences it
+        changes, those whose context or any context + option it changes (the scorer feeds
+        either); every question otherwise."""
+        if token_ids is None and hasattr(edit, "affected"):
+            contexts, whole = [c for c, _ in prepared.items], [c + x for c, x in prepared.items]
+            flags = np.asarray(edit.affected(self.lm.model, contexts + whole), dtype=bool)
+            items = np.nonzero(flags[:len(contexts)] | flags[len(contexts):])[0]
+            return {int(prepared.item_question[i]) for i in items}
+        return set(prepared.touching(token_ids).tolist())
 
     def _shift_untouched(self, states: dict[int, OutputStates], prepared: PreparedQuestions, touched: set[int],
                          change: OutputChange, scores: np.ndarray) -> set[int]:
@@ -286,9 +300,12 @@ class Evaluator:
                 scores[question] += shift  # every letter's log-probability moves by -(Z' - Z)
         return unsafe
 
-    def _prompts_to_rerun(self, reference: coh.CoherenceSet, token_ids, change) -> np.ndarray:
+    def _prompts_to_rerun(self, reference: coh.CoherenceSet, token_ids, change, edit: Edit | None = None) -> np.ndarray:
         """Prompts whose greedy continuation may differ: those using an edited token, and
-        (tied models) those where an edited token's new logit overtakes the original's choice."""
+        (tied models) those where an edited token's new logit overtakes the original's choice;
+        for an edit that tells which prompts it changes, those."""
+        if token_ids is None and hasattr(edit, "affected"):
+            return np.nonzero(np.asarray(edit.affected(self.lm.model, reference.prompt_ids), dtype=bool))[0]
         which = set(reference.touching(token_ids).tolist())
         if change is not None:
             for i, (steps, continuation) in enumerate(zip(reference.steps, reference.original_continuations)):

@@ -179,8 +179,9 @@ class EcoHook:
 class EcoEdit:
     """The hook as an ``Edit`` (edits.py) for the Evaluator: apply installs, revert removes.
 
-    It changes no weights, but any output may change, so ``changed_token_ids`` is None
-    (every question and prompt is scored again)."""
+    It changes no weights and no token's rows (``changed_token_ids`` is None), but it can
+    tell which inputs it changes (``affected``): the Evaluator runs only those again and
+    keeps the original's answers for the rest, which the hook leaves bit-identical."""
 
     hook: EcoHook
     artifact: Any = None  # the EcoArtifact it came from (what ``save_to`` writes)
@@ -193,6 +194,14 @@ class EcoEdit:
 
     def changed_token_ids(self) -> None:
         return None
+
+    def affected(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray:
+        """Per token sequence fed as a prefill, whether the hook corrupts it: its prompt part
+        (through the marker) is flagged and longer than one token, as ``_plan_prefill`` decides."""
+        prompts = [tuple(s[:prompt_length(s, self.hook.marker_ids)]) for s in sequences]
+        if not prompts:
+            return np.zeros(0, dtype=bool)
+        return np.asarray(self.hook.decide(model, prompts), dtype=bool) & np.array([len(p) > 1 for p in prompts])
 
     def expected_changes(self, model: nn.Module) -> dict:
         return {}  # no weight changes: the hook corrupts flagged prompts at inference
