@@ -64,8 +64,9 @@ class Config:
     # auto | adamw | adamw-fp32 | adamw-sr | adamw8bit | adamw8bit-bnb (training/optim.py);
     # auto: adamw for fp32 weights (unchanged), for bf16 the most faithful one that fits.
     optimizer: str = "auto"
-    # Forward passes in bfloat16 over float32 weights: about twice as fast on a CPU with
-    # AVX-512 BF16 (bench/bench_attacks.py), but not the reference attack's arithmetic.
+    # Forward passes in bfloat16 over float32 weights; not the reference attack's arithmetic,
+    # and on the CPU no faster than the exact default step (the kept head gradient does not
+    # apply under autocast: bench/bench_attacks.py --steps). For GPUs with fast bf16.
     bf16_autocast: bool = False
 
     def __post_init__(self) -> None:
