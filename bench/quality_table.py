@@ -40,7 +40,7 @@ NOTHING_APPLIED = "no edit was applied: the erased model is the original, so its
 
 def run_concept(concept: str, data: str, out: Path, extra: dict, paragraphs: int) -> dict:
     folder = out / slug(concept)
-    lm, times = None, read_json(folder / "times.json") if (folder / "times.json").exists() else {}
+    lm, times = None, _times(folder)
     if not (folder / "results.json").exists():
         start = time.perf_counter()
         lm = obliviate.erase(concept, data=data, out=folder, save_model=False, **extra).lm
@@ -69,8 +69,13 @@ def _with_relearn(folder: Path) -> dict:
     results = json.loads((folder / "results.json").read_text())
     if (folder / "relearn.json").exists():
         results["relearn"] = json.loads((folder / "relearn.json").read_text())
-    results["times"] = read_json(folder / "times.json") if (folder / "times.json").exists() else {}
+    results["times"] = _times(folder)
     return results
+
+
+def _times(folder: Path) -> dict:
+    """Seconds of each finished part of a concept's run (kept so a resumed run adds up)."""
+    return read_json(folder / "times.json") if (folder / "times.json").exists() else {}
 
 
 def time_table(rows: list[dict]) -> str:

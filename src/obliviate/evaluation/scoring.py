@@ -101,12 +101,18 @@ def _whole_sequence_logprobs(lm: LoadedModel, items: Sequence[tuple[list[int], l
         offset = torch.arange(keep)
         select = (offset >= keep - 1 - n[:, None]) & (offset < keep - 1)
         targets = torch.cat([torch.tensor(items[i][1], dtype=torch.long) for i in batch])
-        with _output_layer_at(lm.model, select):
-            logits = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep,
-                              use_cache=False).logits[0]
-        picked = _token_logprobs(logits, targets.to(logits.device)).double().cpu()
-        totals[batch] = torch.zeros(len(batch), dtype=torch.float64).index_add_(0, select.nonzero()[:, 0], picked)
+        totals[batch] = _marked_sums(lm, select, targets, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                     logits_to_keep=keep, use_cache=False)
     return totals
+
+
+def _marked_sums(lm: LoadedModel, select: torch.Tensor, targets: torch.Tensor, **inputs) -> torch.Tensor:
+    """Per row of ``select``, the sum of log p(target) over its marked positions (``targets``
+    in row-major order), from one forward pass whose output layer runs there only."""
+    with _output_layer_at(lm.model, select):
+        logits = lm.model(**inputs).logits[0]
+    picked = _token_logprobs(logits, targets.to(logits.device)).double().cpu()
+    return torch.zeros(select.shape[0], dtype=torch.float64).index_add_(0, select.nonzero()[:, 0], picked)
 
 
 @contextmanager
@@ -157,22 +163,13 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
         # position t-1: the output layer runs at a row's positions 0 .. n-2 only.
         n = cont_mask.sum(dim=1)
         select = torch.arange(width) < (n - 1)[:, None]
-        later = _token_logprobs_after(lm, cont, cont_mask, select, positions[rows, -1:], mask[rows], cache, cache_name)
+        device = ids.device
+        later = _marked_sums(lm, select, cont[:, 1:][select[:, :-1]], input_ids=cont.to(device),
+                             attention_mask=torch.cat([mask[rows], cont_mask.to(device)], dim=1),
+                             position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device),
+                             use_cache=True, **{cache_name: cache})
         first = _token_logprobs(out.logits[rows, -1], cont[:, 0].to(out.logits.device)).double().cpu() * (n > 0)
-        totals[members] = first.index_add_(0, select.nonzero()[:, 0], later)
-
-
-def _token_logprobs_after(lm, cont, cont_mask, select, last_positions, context_mask, cache, cache_name) -> torch.Tensor:
-    """log p of each continuation token after the first, in ``select``'s row-major order."""
-    device = last_positions.device
-    targets = cont[:, 1:][select[:, :-1]]
-    with _output_layer_at(lm.model, select):
-        logits = lm.model(
-            input_ids=cont.to(device), attention_mask=torch.cat([context_mask, cont_mask.to(device)], dim=1),
-            position_ids=last_positions + 1 + torch.arange(cont.shape[1], device=device),
-            use_cache=True, **{cache_name: cache},
-        ).logits[0]
-    return _token_logprobs(logits, targets.to(logits.device)).double().cpu()
+        totals[members] = first + later
 
 
 @torch.no_grad()
