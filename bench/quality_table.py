@@ -16,66 +16,27 @@ relearning attack: its "erased" model is the original.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-import time
 from pathlib import Path
 
 import obliviate
 from obliviate.attacks import relearning
-from obliviate.attacks.common import AttackContext
-from obliviate.pipeline.pair import load_erased
 from obliviate.data.concepts import list_concepts
 from obliviate.evaluation.pooled import arm_from_results, paired_difference, pooled_metrics
-from obliviate.io import read_json, write_json
-from obliviate.pipeline.inputs import load_concept_data
+from obliviate.io import write_json
+from obliviate.pipeline.cells import run_cell
 
 
 def slug(concept: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
-NOTHING_APPLIED = "no edit was applied: the erased model is the original, so its relearning says nothing of an erasure"
-
-
 def run_concept(concept: str, data: str, out: Path, extra: dict, paragraphs: int) -> dict:
-    folder = out / slug(concept)
-    lm, times = None, _times(folder)
-    if not (folder / "results.json").exists():
-        start = time.perf_counter()
-        lm = obliviate.erase(concept, data=data, out=folder, save_model=False, **extra).lm
-        times["erase"] = time.perf_counter() - start
-        write_json(folder / "times.json", times)
-        print(f"[{concept}] erase {times['erase']:.0f}s", file=sys.stderr)
-    if paragraphs and not (folder / "relearn.json").exists():
-        start = time.perf_counter()
-        results = json.loads((folder / "results.json").read_text())
-        if not (results.get("edited_token_count") and results.get("delta")):
-            write_json(folder / "relearn.json", {"skipped": NOTHING_APPLIED})
-        else:
-            # the original with the run's patch applied
-            lm = lm or load_erased(str(folder), results)
-            config = obliviate.api.make_config(None, concept=concept, data={"data": data}, out=str(folder))
-            ctx = AttackContext(models={"erased": lm}, data=load_concept_data(config), data_dir=Path(data),
-                                scoring="auto", seed=42, bootstrap=1000, out=folder, progress=True)
-            write_json(folder / "relearn.json", relearning.run(ctx, relearning.Config(paragraphs=paragraphs)))
-        times["relearn"] = time.perf_counter() - start
-        write_json(folder / "times.json", times)
-        print(f"[{concept}] relearning {times['relearn']:.0f}s", file=sys.stderr)
-    return _with_relearn(folder)
-
-
-def _with_relearn(folder: Path) -> dict:
-    results = json.loads((folder / "results.json").read_text())
-    if (folder / "relearn.json").exists():
-        results["relearn"] = json.loads((folder / "relearn.json").read_text())
-    results["times"] = _times(folder)
+    config = obliviate.make_config(None, concept=concept, out=str(out / slug(concept)), data={"data": data},
+                                   save_model=False, **extra)
+    results = run_cell(config, relearning.Config(paragraphs=paragraphs) if paragraphs else None)
+    print(f"[{concept}] " + ", ".join(f"{part} {s:.0f}s" for part, s in results["times"].items()), file=sys.stderr)
     return results
-
-
-def _times(folder: Path) -> dict:
-    """Seconds of each finished part of a concept's run (kept so a resumed run adds up)."""
-    return read_json(folder / "times.json") if (folder / "times.json").exists() else {}
 
 
 def time_table(rows: list[dict]) -> str:

@@ -3,6 +3,9 @@ erase runs and the relearning attack are replaced by fakes: they are tested else
 from __future__ import annotations
 
 import csv
+import json
+from dataclasses import asdict
+from pathlib import Path
 
 import pytest
 
@@ -36,7 +39,8 @@ def test_one_set_syntax_for_methods_and_attacks():
 
 
 def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
-    import obliviate.pipeline.erase as pipeline
+    from obliviate.attacks import relearning
+    from obliviate.pipeline import cells
 
     calls = []
 
@@ -46,15 +50,15 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
             self.results = {"efficacy": {"value": eff}, "specificity": {"value": 0.9}, "coherence": {"value": 1.0},
                             "harmonic": {"value": 0.6}, "delta": 5.0 if config.with_ember else None, "params": {"lr": 1e-4},
                             "qa_test": {"base": {"value": 0.7}, "edited": {"value": 0.3}}}
-            self.lm, self.out = None, None
+            self.lm = object()
 
-    def fake_erase(config):
+    def fake_erase(config, progress=True):
         calls.append((config.concept, config.method, config.with_ember, config.methods))
         return Fake(config)
 
-    monkeypatch.setattr(pipeline, "erase", fake_erase)
+    monkeypatch.setattr(cells, "erase", fake_erase)
     curve = [{"value": v, "low": v, "high": v} for v in (0.3, 0.5, 0.6)]
-    monkeypatch.setattr(compare, "relearn_attack", lambda result, *a: {"erased": {"curve": curve}})
+    monkeypatch.setattr(relearning, "run", lambda ctx, config: {"erased": {"curve": curve}, "settings": asdict(config)})
     code = main(["compare", "--methods", "rmu", "--concepts", "Golf,Gun", "--with-and-without-ember",
                  "--data", str(data_dir), "--out", str(tmp_path), "--set", "rmu.steps=2"])
     assert code == 0
@@ -64,8 +68,70 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
     assert len(rows) == 4 and rows[1]["ember"] == "True" and float(rows[1]["efficacy"]) == 0.8
     assert float(rows[0]["qa_after_relearn_epoch_2"]) == 0.6 and "qa_after_relearn_epoch_1" in rows[0]
     assert float(rows[0]["relearn_regained"]) == pytest.approx((0.6 - 0.25) / (0.7 - 0.25))
+    assert {"seconds_erase", "seconds_relearn"} <= set(rows[0])
     assert (tmp_path / "compare.md").read_text().count("\n") == 6
     assert "Golf" in (tmp_path / "report.html").read_text()
+
+
+def _fake_parts(monkeypatch, tmp_path, params: dict):
+    """run_cell with the erase run and the attack replaced by counting fakes (both are tested
+    elsewhere); the fake erase writes results.json as the real one does."""
+    from obliviate.attacks import relearning
+    from obliviate.io import write_json
+    from obliviate.pipeline import cells
+
+    counts = {"erase": 0, "attack": 0}
+
+    class Run:
+        lm = object()
+
+        def __init__(self, config):
+            self.results = {"config_fingerprint": cells.config_fingerprint(config), "params": params, "delta": None}
+            write_json(Path(config.out) / "results.json", self.results)
+
+    def fake_erase(config, progress=True):
+        counts["erase"] += 1
+        return Run(config)
+
+    def fake_attack(ctx, config):
+        counts["attack"] += 1
+        return {"settings": {**asdict(config), "paragraphs_used": config.paragraphs}, "erased": {"curve": []}}
+
+    monkeypatch.setattr(cells, "erase", fake_erase)
+    monkeypatch.setattr(relearning, "run", fake_attack)
+    monkeypatch.setattr(cells, "_attack_context", lambda *a: None)
+    monkeypatch.setattr(cells, "load_erased", lambda folder, results: counts.update(loaded=counts.get("loaded", 0) + 1))
+    return counts
+
+
+def test_a_cell_reads_back_its_finished_parts_and_reruns_what_changed(tmp_path, monkeypatch):
+    from obliviate.api import make_config
+    from obliviate.attacks import relearning
+    from obliviate.pipeline.cells import run_cell
+
+    counts = _fake_parts(monkeypatch, tmp_path, {"lr": 1e-4})
+    config = make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell"))
+    first = run_cell(config, relearning.Config(paragraphs=5))
+    assert counts == {"erase": 1, "attack": 1} and set(first["times"]) == {"erase", "relearn"}
+    again = run_cell(config, relearning.Config(paragraphs=5))
+    assert counts == {"erase": 1, "attack": 1} and again["times"] == first["times"]
+    assert again["relearn"]["settings"]["paragraphs"] == 5
+    run_cell(config, relearning.Config(paragraphs=6))  # another attack: the erase stays, the attack reruns
+    assert counts == {"erase": 1, "attack": 2, "loaded": 1}  # on the erased model loaded from the folder
+    run_cell(make_config(None, concept="Golf", method="rmu", seed=7, out=str(tmp_path / "cell")), None)
+    assert counts == {"erase": 2, "attack": 2, "loaded": 1}  # another erase config: rerun (no attack asked)
+
+
+def test_a_cell_where_nothing_was_applied_skips_the_attack(tmp_path, monkeypatch):
+    from obliviate.api import make_config
+    from obliviate.attacks import relearning
+    from obliviate.pipeline.cells import SKIPPED, run_cell
+
+    counts = _fake_parts(monkeypatch, tmp_path, {})
+    results = run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")),
+                       relearning.Config(paragraphs=5))
+    assert counts == {"erase": 1, "attack": 0} and results["relearn"]["skipped"] == SKIPPED
+    assert json.loads((tmp_path / "cell" / "relearn.json").read_text())["skipped"] == SKIPPED
 
 
 def test_a_grid_that_chooses_nothing_says_so_and_why():

@@ -1,10 +1,12 @@
 """`obliviate compare`: methods x concepts, with and without EMBER, each cell attacked by
 relearning, into one table (compare.csv and compare.md in --out).
 
-Each cell is an ordinary `erase` run in DIR/<concept>/<method>[+ember] (so an interrupted
-comparison resumes cell by cell), followed by the relearning attack on the erased model
-(obliviate.attacks.relearning): test QA accuracy after each relearning epoch and the share
-of the original model's knowledge it regains; report.html plots them all. After the last
+Each cell is an ordinary `erase` run in DIR/<concept>/<method>[+ember], followed by the
+relearning attack on the erased model (obliviate.pipeline.cells; a finished erase or attack
+is read back, so an interrupted comparison resumes cell by cell): test QA accuracy after
+each relearning epoch, the share of the original model's knowledge it regains, and the
+seconds of each part; report.html plots them all. A cell where no edit was applied skips
+the attack (its "erased" model is the original). After the last
 cell, metrics pooled over concepts and paired differences (obliviate summarize's) go to
 compare.md's "Pooled" section and pooled.json.
 """
@@ -51,26 +53,14 @@ def plan(method_list: str, concept_list: str, both: bool) -> list[tuple[str, str
     return [(c, m, e) for c in concepts for m in names for e in variants if not (m == "ember" and e)]
 
 
-def relearn_attack(result, config, epochs: int, paragraphs: int, progress: bool) -> dict:
-    """The relearning attack on the cell's erased model (the attack suite's own code):
-    test QA accuracy before and after each epoch, as in `obliviate attack` results."""
-    from obliviate.attacks import relearning
-    from obliviate.attacks.common import AttackContext
-    from obliviate.pipeline.inputs import load_concept_data
-
-    data = load_concept_data(config)
-    ctx = AttackContext(models={"erased": result.lm}, data=data, data_dir=data.data_dir,
-                        scoring=config.evaluation.scoring, seed=config.seed, bootstrap=config.evaluation.bootstrap,
-                        out=result.out, progress=progress)
-    return relearning.run(ctx, relearning.Config(epochs=epochs, paragraphs=paragraphs))
-
-
 def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     value = lambda name: results.get(name, {}).get("value", "")  # noqa: E731
     base = results.get("qa_test", {}).get("base", {}).get("value")
     row = {"concept": concept, "method": method, "ember": ember, "delta": results.get("delta"),
            "params": results.get("params"), **{name: value(name) for name in SHOWN}, "qa_test_base": base,
            "qa_test_edited": results.get("qa_test", {}).get("edited", {}).get("value", "")}
+    for part, seconds in results.get("times", {}).items():
+        row[f"seconds_{part}"] = round(seconds)
     curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
     for epoch, point in enumerate(curve[1:], start=1):
         row[f"qa_after_relearn_epoch_{epoch}"] = point["value"]
@@ -112,7 +102,8 @@ def pooled_section(out: Path, runs: list[dict]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
-    from obliviate.pipeline.erase import erase
+    from obliviate.attacks import relearning
+    from obliviate.pipeline.cells import run_cell
 
     if args.relearn_epochs < 0 or args.relearn_paragraphs < 1:
         raise ObliviateError("--relearn-epochs must be >= 0 and --relearn-paragraphs >= 1.")
@@ -120,21 +111,18 @@ def run(args: argparse.Namespace) -> int:
     settings = parse_settings(args.settings)
     overrides = collect_overrides(args)
     out = Path(overrides.pop("out", None) or "runs/compare")
+    attack = relearning.Config(epochs=args.relearn_epochs, paragraphs=args.relearn_paragraphs) if args.relearn_epochs else None
     with exclusive_output(out):  # one writer per comparison folder
         rows, runs = [], []
         for concept, method, ember in cells:
             cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
             config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
                                                       "with_ember": ember, "out": str(cell), "methods": settings})
-            result = erase(config)
-            results = dict(result.results)
-            if args.relearn_epochs:
-                results["relearn"] = relearn_attack(result, config, args.relearn_epochs, args.relearn_paragraphs, True)
+            results = run_cell(config, attack)
             rows.append(cell_row(concept, method, ember, results))
             runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})
             write_table(out, rows)  # after every cell, so a partial comparison is readable
             write_report(runs, out)  # report.html (plots) and summary.csv
-            del result
             gc.collect()
         write_table(out, rows, pooled_section(out, runs))
     print(f"\n{len(rows)} runs -> {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'report.html'}")

@@ -35,6 +35,13 @@ HEADLINE = tuple(METRICS)
 SET_LABELS = {"qa": "concept QA", "simdom": "similar domain", "general": "general knowledge"}
 
 
+def nothing_applied(results: Mapping[str, Any]) -> bool:
+    """No edit was applied: EMBER chose strength 0 and no base method's grid point was chosen
+    (none passed the gates, or the concept is at chance on the base model), so the "erased"
+    model is its base."""
+    return not results.get("delta") and not results.get("params")
+
+
 def set_key(name: str) -> str:
     """results.json key of a question set's test accuracies ("qa" -> "qa_test")."""
     return f"{name}_test"

@@ -17,6 +17,7 @@ from typing import Any, Mapping
 
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import CHANCE
+from obliviate.evaluation.results import nothing_applied
 from obliviate.io import write_text
 
 # What `--model embedded` is on the hub: Gemma 3 270M (shipped as a Q4_K_M GGUF on PyPI,
@@ -164,12 +165,6 @@ def _attack_rows(results: Mapping[str, Any], attacks: Mapping[str, Any] | None) 
     lines += ["", "Accuracies on TEST questions with 95% intervals. An erasure that relearning brings back quickly hid "
               "the knowledge rather than removing it."]
     return lines
-
-
-def nothing_applied(results: Mapping[str, Any]) -> bool:
-    """EMBER alone chose delta 0 (no candidate passed the gates, or the concept is at chance):
-    the saved model equals its base."""
-    return results.get("delta") == 0 and not results.get("params")
 
 
 NOTHING_APPLIED = ("**No edit was applied**: no candidate passed the selection gates (or the concept's questions are at "

@@ -1,0 +1,84 @@
+"""One cell of a comparison: an erase run in its own folder, then the relearning attack on
+the erased model. Each finished part stays in the folder (results.json, relearn.json) with
+its seconds (times.json) and is read back, so a comparison of many cells resumes cell by
+cell and part by part, and its time table still adds up."""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+from obliviate.attacks import relearning
+from obliviate.attacks.common import AttackContext
+from obliviate.config import RunConfig
+from obliviate.evaluation.results import nothing_applied
+from obliviate.evaluation.scoring import Batching
+from obliviate.io import read_json, write_json
+from obliviate.pipeline.erase import config_fingerprint, erase
+from obliviate.pipeline.inputs import load_concept_data
+from obliviate.pipeline.pair import load_erased
+
+RESULTS, RELEARN, TIMES = "results.json", "relearn.json", "times.json"
+SKIPPED = "no edit was applied: the erased model is the original, so its relearning says nothing of an erasure"
+
+
+def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: bool = True) -> dict:
+    """The erase run's results in ``config.out``, with ``relearn`` (the attack's results, or
+    why it was skipped) and ``times`` (seconds of each part) added. A part finished by an
+    earlier run with the same settings is read back, not run again."""
+    folder = Path(config.out)
+    times = _times(folder)
+    results, lm = _finished_erase(folder, config), None
+    if results is None:
+        clock = time.perf_counter()
+        run = erase(config, progress)
+        results, lm = dict(run.results), run.lm
+        _record(folder, times, "erase", clock)
+    if relearn is not None:
+        outcome = _finished_relearn(folder, relearn)
+        if outcome is None:
+            clock = time.perf_counter()
+            if nothing_applied(results):
+                outcome = {"skipped": SKIPPED, "settings": asdict(relearn)}
+            else:
+                lm = lm or load_erased(str(folder), results)
+                outcome = relearning.run(_attack_context(config, lm, folder, progress), relearn)
+            write_json(folder / RELEARN, outcome)
+            _record(folder, times, "relearn", clock)
+        results["relearn"] = outcome
+    results["times"] = times
+    return results
+
+
+def _finished_erase(folder: Path, config: RunConfig) -> dict | None:
+    path = folder / RESULTS
+    if not path.is_file():
+        return None
+    results = read_json(path)
+    return results if results.get("config_fingerprint") == config_fingerprint(config) else None
+
+
+def _finished_relearn(folder: Path, relearn: relearning.Config) -> dict | None:
+    """relearn.json when it holds this attack's settings (the attack adds notes of its own to them)."""
+    path = folder / RELEARN
+    if not path.is_file():
+        return None
+    outcome, wanted = read_json(path), asdict(relearn)
+    recorded = outcome.get("settings", {})
+    return outcome if {k: recorded.get(k) for k in wanted} == wanted else None
+
+
+def _attack_context(config: RunConfig, lm, folder: Path, progress: bool) -> AttackContext:
+    data = load_concept_data(config)
+    return AttackContext(models={"erased": lm}, data=data, data_dir=data.data_dir, scoring=config.evaluation.scoring,
+                         seed=config.seed, bootstrap=config.evaluation.bootstrap,
+                         batching=Batching(config.evaluation.batch_tokens), out=folder, progress=progress)
+
+
+def _times(folder: Path) -> dict:
+    return read_json(folder / TIMES) if (folder / TIMES).is_file() else {}
+
+
+def _record(folder: Path, times: dict, part: str, clock: float) -> None:
+    times[part] = time.perf_counter() - clock
+    write_json(folder / TIMES, times)
