@@ -10,8 +10,8 @@ run resumes. Prints Markdown tables: per concept (base and edited test accuracie
 intervals, efficacy, specificity, general coherence, fluency on concept text, the share of
 QA questions that contain an edited token, delta, tokens), then the pooled rows (stratified
 bootstrap over concepts, near-chance concepts left out and named), then the seconds each
-concept took. A concept where no edit was applied (nothing measurable to erase) skips the
-relearning attack: its "erased" model is the original.
+concept took. The relearning attack is skipped where it would measure nothing: no edit was
+applied, or the original's QA is near chance (obliviate.pipeline.cells).
 """
 from __future__ import annotations
 

@@ -73,7 +73,7 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
     assert "Golf" in (tmp_path / "report.html").read_text()
 
 
-def _fake_parts(monkeypatch, tmp_path, params: dict):
+def _fake_parts(monkeypatch, tmp_path, params: dict, near_chance: bool = False):
     """run_cell with the erase run and the attack replaced by counting fakes (both are tested
     elsewhere); the fake erase writes results.json as the real one does."""
     from obliviate.attacks import relearning
@@ -86,7 +86,8 @@ def _fake_parts(monkeypatch, tmp_path, params: dict):
         lm = object()
 
         def __init__(self, config):
-            self.results = {"config_fingerprint": cells.config_fingerprint(config), "params": params, "delta": None}
+            self.results = {"config_fingerprint": cells.config_fingerprint(config), "params": params, "delta": None,
+                            "near_chance": {"qa": near_chance, "simdom": False}}
             write_json(Path(config.out) / "results.json", self.results)
 
     def fake_erase(config, progress=True):
@@ -122,16 +123,17 @@ def test_a_cell_reads_back_its_finished_parts_and_reruns_what_changed(tmp_path, 
     assert counts == {"erase": 2, "attack": 2, "loaded": 1}  # another erase config: rerun (no attack asked)
 
 
-def test_a_cell_where_nothing_was_applied_skips_the_attack(tmp_path, monkeypatch):
+@pytest.mark.parametrize("params, near_chance, reason", [({}, False, "SKIPPED"), ({"lr": 1e-4}, True, "AT_CHANCE")])
+def test_a_cell_where_relearning_measures_nothing_skips_it(tmp_path, monkeypatch, params, near_chance, reason):
     from obliviate.api import make_config
     from obliviate.attacks import relearning
-    from obliviate.pipeline.cells import SKIPPED, run_cell
+    from obliviate.pipeline import cells
 
-    counts = _fake_parts(monkeypatch, tmp_path, {})
-    results = run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")),
-                       relearning.Config(paragraphs=5))
-    assert counts == {"erase": 1, "attack": 0} and results["relearn"]["skipped"] == SKIPPED
-    assert json.loads((tmp_path / "cell" / "relearn.json").read_text())["skipped"] == SKIPPED
+    counts = _fake_parts(monkeypatch, tmp_path, params, near_chance)
+    results = cells.run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")),
+                             relearning.Config(paragraphs=5))
+    assert counts == {"erase": 1, "attack": 0} and results["relearn"]["skipped"] == getattr(cells, reason)
+    assert json.loads((tmp_path / "cell" / "relearn.json").read_text())["skipped"] == getattr(cells, reason)
 
 
 def test_a_grid_that_chooses_nothing_says_so_and_why():

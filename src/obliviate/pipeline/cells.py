@@ -1,7 +1,9 @@
 """One cell of a comparison: an erase run in its own folder, then the relearning attack on
 the erased model. Each finished part stays in the folder (results.json, relearn.json) with
 its seconds (times.json) and is read back, so a comparison of many cells resumes cell by
-cell and part by part, and its time table still adds up."""
+cell and part by part, and its time table still adds up. The attack is skipped, with the
+reason in relearn.json, where it could measure nothing: no edit was applied, or the
+original model's QA is near chance (no knowledge to regain)."""
 from __future__ import annotations
 
 import time
@@ -20,6 +22,8 @@ from obliviate.pipeline.pair import load_erased
 
 RESULTS, RELEARN, TIMES = "results.json", "relearn.json", "times.json"
 SKIPPED = "no edit was applied: the erased model is the original, so its relearning says nothing of an erasure"
+AT_CHANCE = ("the original model's QA is near chance: it holds no knowledge of the concept to regain, and pooled "
+             "statistics leave such a concept out")
 
 
 def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: bool = True) -> dict:
@@ -38,8 +42,9 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
         outcome = _finished_relearn(folder, relearn)
         if outcome is None:
             clock = time.perf_counter()
-            if nothing_applied(results):
-                outcome = {"skipped": SKIPPED, "settings": asdict(relearn)}
+            skip = why_no_attack(results)
+            if skip:
+                outcome = {"skipped": skip, "settings": asdict(relearn)}
             else:
                 lm = lm or load_erased(str(folder), results)
                 outcome = relearning.run(_attack_context(config, lm, folder, progress), relearn)
@@ -48,6 +53,13 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
         results["relearn"] = outcome
     results["times"] = times
     return results
+
+
+def why_no_attack(results: dict) -> str | None:
+    """Why relearning would measure nothing on this cell (None: run it)."""
+    if nothing_applied(results):
+        return SKIPPED
+    return AT_CHANCE if results.get("near_chance", {}).get("qa") else None
 
 
 def _finished_erase(folder: Path, config: RunConfig) -> dict | None:
