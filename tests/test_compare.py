@@ -18,6 +18,16 @@ def test_plan_covers_every_cell():
     cells = compare.plan("rmu,npo", "Golf,Gun", True)
     assert len(cells) == 8 and ("Gun", "npo", True) in cells and ("Golf", "rmu", False) in cells
     assert compare.plan("ember", "Golf", True) == [("Golf", "ember", False)]
+    assert compare.plan("rmu", "all", False, ["Golf", "Gun"]) == [("Golf", "rmu", False), ("Gun", "rmu", False)]
+
+
+def test_unknown_or_unresolvable_concepts_fail_before_any_run(capsys, tmp_path, data_dir):
+    with pytest.raises(ObliviateError, match="needs --data"):
+        compare.plan("rmu", "all", False)
+    assert main(["compare", "--methods", "rmu", "--concepts", "Golf,Golff", "--data", str(data_dir),
+                 "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "'Golff'" in err and "Gambling" in err and not (tmp_path / "c").exists()
 
 
 def test_unknown_method_exit_2(capsys):

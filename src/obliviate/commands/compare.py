@@ -34,7 +34,7 @@ COLUMNS = ("concept", "method", "ember", "delta", "params", *SHOWN, "qa_test_bas
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, one_concept=False)
     parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(methods.available())}")
-    parser.add_argument("--concepts", required=True, help="comma-separated benchmark concepts")
+    parser.add_argument("--concepts", required=True, help="comma-separated benchmark concepts, or all (every concept in --data)")
     parser.add_argument("--with-and-without-ember", action="store_true",
                         help="run every method twice: alone and on top of the EMBER edit")
     parser.add_argument("--relearn-epochs", type=int, default=2, help="relearning attack epochs (0: no attack; reference 2)")
@@ -42,11 +42,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser, "METHOD", "rmu.steps=10")
 
 
-def plan(method_list: str, concept_list: str, both: bool) -> list[tuple[str, str, bool]]:
+def plan(method_list: str, concept_list: str, both: bool, available: list[str] | None = None) -> list[tuple[str, str, bool]]:
+    """The cells, concept by concept. ``available``: the benchmark's concepts (from --data),
+    which "all" stands for and every named concept must be one of (checked before any run)."""
     names = [m.strip() for m in method_list.split(",") if m.strip()]
     for name in names:
         methods.get(name)  # unknown names: a clear error listing the methods
     concepts = [c.strip() for c in concept_list.split(",") if c.strip()]
+    if concepts == ["all"]:
+        if available is None:
+            raise ObliviateError("--concepts all needs --data (the benchmark folder whose concepts it means).")
+        concepts = list(available)
+    unknown = [c for c in concepts if available is not None and c not in available]
+    if unknown:
+        raise ObliviateError(f"Unknown concept(s) {', '.join(map(repr, unknown))}; the benchmark has: "
+                             f"{', '.join(sorted(available))} (or --concepts all).")
     if not names or not concepts:
         raise ObliviateError("--methods and --concepts each need at least one name.")
     variants = (False, True) if both else (False,)
@@ -103,13 +113,15 @@ def pooled_section(out: Path, runs: list[dict]) -> str:
 def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
     from obliviate.attacks import relearning
+    from obliviate.data.concepts import list_concepts
     from obliviate.pipeline.cells import run_cell
 
     if args.relearn_epochs < 0 or args.relearn_paragraphs < 1:
         raise ObliviateError("--relearn-epochs must be >= 0 and --relearn-paragraphs >= 1.")
-    cells = plan(args.methods, args.concepts, args.with_and_without_ember)
     settings = parse_settings(args.settings)
     overrides = collect_overrides(args)
+    data_dir = make_config(args.config_file, **overrides).data.data  # --data, or the YAML's
+    cells = plan(args.methods, args.concepts, args.with_and_without_ember, list_concepts(data_dir) if data_dir else None)
     out = Path(overrides.pop("out", None) or "runs/compare")
     attack = relearning.Config(epochs=args.relearn_epochs, paragraphs=args.relearn_paragraphs) if args.relearn_epochs else None
     with exclusive_output(out):  # one writer per comparison folder
