@@ -78,7 +78,9 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
     assert len(rows) == 4 and rows[1]["ember"] == "True" and float(rows[1]["efficacy"]) == 0.8
     assert float(rows[0]["qa_after_relearn_epoch_2"]) == 0.6 and "qa_after_relearn_epoch_1" in rows[0]
     assert float(rows[0]["relearn_regained"]) == pytest.approx((0.6 - 0.25) / (0.7 - 0.25))
-    assert {"seconds_erase", "seconds_relearn"} <= set(rows[0])
+    times = list(csv.DictReader(open(tmp_path / "times.csv")))
+    assert [t["cell"] for t in times] == ["Golf/rmu", "Golf/rmu+ember", "Gun/rmu", "Gun/rmu+ember"]
+    assert all(t["erase_seconds"] and t["relearn_seconds"] for t in times) and "erase" not in rows[0]
     assert (tmp_path / "compare.md").read_text().count("\n") == 6
     assert "Golf" in (tmp_path / "report.html").read_text()
 
@@ -144,6 +146,9 @@ def test_a_cell_where_relearning_measures_nothing_skips_it(tmp_path, monkeypatch
                              relearning.Config(paragraphs=5))
     assert counts == {"erase": 1, "attack": 0} and results["relearn"]["skipped"] == getattr(cells, reason)
     assert json.loads((tmp_path / "cell" / "relearn.json").read_text())["skipped"] == getattr(cells, reason)
+    asked = cells.run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")),
+                           relearning.Config(paragraphs=5), near_chance_too=True)
+    assert counts["attack"] == (0 if reason == "SKIPPED" else 1) and ("skipped" in asked["relearn"]) == (reason == "SKIPPED")
 
 
 def test_a_grid_that_chooses_nothing_says_so_and_why():

@@ -5,8 +5,9 @@ Each cell is an ordinary `erase` run in DIR/<concept>/<method>[+ember], followed
 relearning attack on the erased model (obliviate.pipeline.cells; a finished erase or attack
 is read back, so an interrupted comparison resumes cell by cell): test QA accuracy after
 each relearning epoch, the share of the original model's knowledge it regains, and the
-seconds of each part; report.html plots them all. The attack is skipped where it would
-measure nothing: no edit was applied, or the original's QA is near chance. After the last
+seconds of each part (times.csv); report.html plots them all. The attack is skipped where it would
+measure nothing: no edit was applied, or the original's QA is near chance (unless
+--relearn-near-chance). After the last
 cell, metrics pooled over concepts and paired differences (obliviate summarize's) go to
 compare.md's "Pooled" section and pooled.json.
 """
@@ -39,6 +40,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="run every method twice: alone and on top of the EMBER edit")
     parser.add_argument("--relearn-epochs", type=int, default=2, help="relearning attack epochs (0: no attack; reference 2)")
     parser.add_argument("--relearn-paragraphs", type=int, default=100, help="relearning paragraphs (reference 100)")
+    parser.add_argument("--relearn-near-chance", action="store_true",
+                        help="also attack concepts whose original QA is near chance (skipped by default: no knowledge "
+                             "to regain, and pooled statistics leave them out)")
     add_set_argument(parser, "METHOD", "rmu.steps=10")
 
 
@@ -69,14 +73,23 @@ def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     row = {"concept": concept, "method": method, "ember": ember, "delta": results.get("delta"),
            "params": results.get("params"), **{name: value(name) for name in SHOWN}, "qa_test_base": base,
            "qa_test_edited": results.get("qa_test", {}).get("edited", {}).get("value", "")}
-    for part, seconds in results.get("times", {}).items():
-        row[f"seconds_{part}"] = round(seconds)
     curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
     for epoch, point in enumerate(curve[1:], start=1):
         row[f"qa_after_relearn_epoch_{epoch}"] = point["value"]
     if curve and base is not None and base > CHANCE:  # at chance there is nothing to regain
         row["relearn_regained"] = knowledge_fraction(curve[-1]["value"], base)
     return row
+
+
+def write_times(out: Path, names: list[str], runs: list[dict]) -> None:
+    """times.csv: each cell's seconds per part (apart from the tables: no two runs share them)."""
+    text = io.StringIO()
+    writer = csv.writer(text)
+    writer.writerow(["cell", "erase_seconds", "relearn_seconds"])
+    for name, results in zip(names, runs):
+        times = results.get("times", {})
+        writer.writerow([name, *(f"{times[part]:.0f}" if part in times else "" for part in ("erase", "relearn"))])
+    write_text(out / "times.csv", text.getvalue())
 
 
 def write_table(out: Path, rows: list[dict], appendix: str = "") -> None:
@@ -130,10 +143,11 @@ def run(args: argparse.Namespace) -> int:
             cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
             config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
                                                       "with_ember": ember, "out": str(cell), "methods": settings})
-            results = run_cell(config, attack)
+            results = run_cell(config, attack, near_chance_too=args.relearn_near_chance)
             rows.append(cell_row(concept, method, ember, results))
             runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})
             write_table(out, rows)  # after every cell, so a partial comparison is readable
+            write_times(out, [r["_name"] for r in runs], runs)
             write_report(runs, out)  # report.html (plots) and summary.csv
             gc.collect()
         write_table(out, rows, pooled_section(out, runs))

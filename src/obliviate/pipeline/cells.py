@@ -26,10 +26,12 @@ AT_CHANCE = ("the original model's QA is near chance: it holds no knowledge of t
              "statistics leave such a concept out")
 
 
-def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: bool = True) -> dict:
+def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: bool = True,
+             near_chance_too: bool = False) -> dict:
     """The erase run's results in ``config.out``, with ``relearn`` (the attack's results, or
     why it was skipped) and ``times`` (seconds of each part) added. A part finished by an
-    earlier run with the same settings is read back, not run again."""
+    earlier run with the same settings is read back, not run again. ``near_chance_too``:
+    attack a concept whose original QA is near chance as well."""
     folder = Path(config.out)
     times = _times(folder)
     results, lm = _finished_erase(folder, config), None
@@ -39,10 +41,10 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
         results, lm = dict(run.results), run.lm
         _record(folder, times, "erase", clock)
     if relearn is not None:
+        skip = why_no_attack(results, near_chance_too)
         outcome = _finished_relearn(folder, relearn)
-        if outcome is None:
+        if outcome is None or outcome.get("skipped") != skip:  # an attack skipped before may be asked for now
             clock = time.perf_counter()
-            skip = why_no_attack(results)
             if skip:
                 outcome = {"skipped": skip, "settings": asdict(relearn)}
             else:
@@ -55,11 +57,11 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
     return results
 
 
-def why_no_attack(results: dict) -> str | None:
+def why_no_attack(results: dict, near_chance_too: bool = False) -> str | None:
     """Why relearning would measure nothing on this cell (None: run it)."""
     if nothing_applied(results):
         return SKIPPED
-    return AT_CHANCE if results.get("near_chance", {}).get("qa") else None
+    return AT_CHANCE if results.get("near_chance", {}).get("qa") and not near_chance_too else None
 
 
 def _finished_erase(folder: Path, config: RunConfig) -> dict | None:
