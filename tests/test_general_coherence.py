@@ -217,8 +217,8 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     class CoherenceByEdit:
         calls: list = []
 
-        def evaluate(self, split, edit, coherence=True):
-            self.calls.append((split, edit, coherence))
+        def evaluate(self, split, edit, coherence=True, questions=True):
+            self.calls.append((split, edit, coherence, questions))
             return outcome(coherence={"a": 0.95, "b": 0.60, "c": 0.99}[edit], concept_fluency=0.4)
 
     results = [CandidateResult({"lr": lr}, {"harmonic": {"value": s, "low": s, "high": s}}, s, 0.0, rejected)
@@ -227,6 +227,7 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     evaluator = CoherenceByEdit()
     measure_top_coherence(results, edits, evaluator, RunConfig(evaluation=EvalConfig(method_coherence_top=2)), {}, None)
     assert [c[1] for c in evaluator.calls] == ["b", "a"]  # the two best unrejected cells, best first
+    assert all(c[2] and not c[3] for c in evaluator.calls)  # prompts only: the sweep scored the questions
     assert results[1].metrics["coherence"]["value"] == 0.60 and "coherence" not in results[0].metrics
     assert results[1].score == 0.8 and choose(results) == 1  # no coherence gate by default (reference)
     evaluator.calls.clear()
@@ -234,6 +235,24 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     measure_top_coherence(results, edits, evaluator, gated, {}, None)
     assert evaluator.calls == []  # already measured: not run again
     assert results[1].score == 0.0 and choose(results) == 3
+
+
+def test_coherence_alone_equals_the_full_evaluation_s_coherence(tiny_lm, small_concept):
+    from obliviate.config import EvalConfig as Config
+    from obliviate.edits.weights import ParameterDelta
+
+    small_concept.general_prompts = {"train": ["The weather today", "In 1990 the", "Question: Why?\nAnswer:"]}
+    evaluator = Evaluator(tiny_lm, small_concept, Config(bootstrap=50, coherence_new_tokens=6))
+    name, weight = next((n, p) for n, p in tiny_lm.model.named_parameters() if "mlp.down_proj" in n)
+    noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5
+    edit = ParameterDelta(original={name: weight.detach().clone()}, new={name: weight.detach() + noise})
+    full = evaluator.evaluate("train", edit)
+    alone = evaluator.evaluate("train", edit, questions=False)
+    for metric in ("coherence", "concept_fluency"):
+        assert alone.metrics[metric].value == full.metrics[metric].value
+    assert not alone.correct and "efficacy" not in alone.metrics
+    assert alone.rescored["general_prompts"] == full.rescored["general_prompts"] > 0
+    assert set(full.rescored) - set(alone.rescored) == set(full.correct)  # no question set ran
 
 
 def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concept):

@@ -145,13 +145,16 @@ class Evaluator:
         return {name: float(correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)]).mean())
                 for name in self.question_sets(split)}
 
-    def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True) -> SplitOutcome:
+    def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True,
+                 questions: bool = True) -> SplitOutcome:
         """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted).
         ``coherence=False`` skips the prompt sets (the base methods' grids rank without it);
         ``concept_fluency=False`` skips only the concept's own prompts (EMBER's grid ranks on
-        general coherence, and regenerating every concept prompt was half of its time)."""
+        general coherence, and regenerating every concept prompt was half of its time);
+        ``questions=False`` skips the question sets (a grid cell whose questions were scored
+        already and now needs only its coherence)."""
         token_ids = self.input_tokens(edit)
-        sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)}
+        sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)} if questions else {}
         kinds = [kind for kind in self.prompts(split) if coherence and (concept_fluency or kind != "concept")]
         references = {kind: self.prompt_set(split, kind) for kind in kinds}
         old_rows = self._before_output_edit(split, sets, token_ids, edit)

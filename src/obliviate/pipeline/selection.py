@@ -198,7 +198,7 @@ def measure_top_coherence(results: list[CandidateResult], edits: list, evaluator
     for index in ranked:
         result = results[index]
         if "coherence" not in result.metrics:
-            outcome = evaluator.evaluate("train", edits[index], coherence=True)
+            outcome = evaluator.evaluate("train", edits[index], coherence=True, questions=False)  # scored in the sweep
             result.metrics.update({k: v.as_dict() for k, v in outcome.metrics.items()
                                    if k in COHERENCE_METRICS})
             save_state(out, state)
