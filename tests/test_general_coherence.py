@@ -255,6 +255,29 @@ def test_coherence_alone_equals_the_full_evaluation_s_coherence(tiny_lm, small_c
     assert set(full.rescored) - set(alone.rescored) == set(full.correct)  # no question set ran
 
 
+def test_continuations_the_edit_left_unchanged_keep_the_original_s_scores(tiny_lm, small_concept, monkeypatch):
+    from obliviate.config import EvalConfig as Config
+    from obliviate.edits.weights import ParameterDelta
+    from obliviate.evaluation import coherence as coh
+
+    small_concept.general_prompts = {"train": ["The weather today", "In 1990 the", "Question: Why?\nAnswer:"]}
+    evaluator = Evaluator(tiny_lm, small_concept, Config(bootstrap=20, coherence_new_tokens=6))
+    reference = evaluator.prompt_set("train", "general")
+    scored = []
+    real = coh.mean_loglik
+    monkeypatch.setattr(coh, "mean_loglik", lambda lm, prompts, texts, b: scored.append(len(texts)) or real(lm, prompts, texts, b))
+    which = np.arange(len(reference.prompts))
+    same = [list(c) for c in reference.original_continuations]
+    rows = evaluator._coherence_rows(reference, which, same)
+    assert scored == [] and np.array_equal(rows[0], reference.original_ll)  # nothing moved: nothing rescored
+    moved = [same[0][:-1] + [(same[0][-1] + 1) % 50]] + same[1:]
+    rows = evaluator._coherence_rows(reference, which, moved)
+    assert scored == [1]  # only the continuation that changed
+    expected = real(tiny_lm, [reference.prompt_ids[0]], moved[:1], coh.Batching())
+    np.testing.assert_allclose(rows[0][0], expected[0], atol=1e-6)
+    assert np.array_equal(rows[0][1:], reference.original_ll[1:])
+
+
 def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concept):
     """An untied model whose patch also sets the edited tokens' output rows (to the mean
     row): untouched inputs are corrected exactly, as for a tied edit."""

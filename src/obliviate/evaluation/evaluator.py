@@ -323,12 +323,16 @@ class Evaluator:
         return (split if kind == "general" else "any", kind)  # the concept's prompts serve every split
 
     def _coherence_rows(self, reference: coh.CoherenceSet, which: np.ndarray, continuations) -> tuple[np.ndarray, ...]:
-        """Score the edited continuations with the ORIGINAL model (the edit is reverted)."""
+        """Score the edited continuations with the ORIGINAL model (the edit is reverted). A
+        continuation the edit left as the original's keeps the original's scores: the same
+        tokens under the same model (a small weight edit leaves many greedy texts unchanged)."""
         edited_ll, edited_distinct = reference.original_ll.copy(), reference.original_distinct.copy()
-        if len(which):
-            prompt_ids = [reference.prompt_ids[i] for i in which]
-            edited_ll[which] = coh.mean_loglik(self.lm, prompt_ids, continuations, self.batching)
-            edited_distinct[which] = [coh.distinct_bigrams(c) for c in continuations]
+        moved = [(i, c) for i, c in zip(which, continuations) if list(c) != list(reference.original_continuations[i])]
+        if moved:
+            rows = np.array([i for i, _ in moved], dtype=int)
+            texts = [c for _, c in moved]
+            edited_ll[rows] = coh.mean_loglik(self.lm, [reference.prompt_ids[i] for i in rows], texts, self.batching)
+            edited_distinct[rows] = [coh.distinct_bigrams(c) for c in texts]
         return coh.coherence_rows(edited_ll, edited_distinct, reference)
 
     def _examples(self, reference: coh.CoherenceSet, which: np.ndarray, continuations) -> list[dict]:
