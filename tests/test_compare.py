@@ -131,8 +131,12 @@ def test_a_cell_reads_back_its_finished_parts_and_reruns_what_changed(tmp_path, 
     assert again["relearn"]["settings"]["paragraphs"] == 5
     run_cell(config, relearning.Config(paragraphs=6))  # another attack: the erase stays, the attack reruns
     assert counts == {"erase": 1, "attack": 2, "loaded": 1}  # on the erased model loaded from the folder
-    run_cell(make_config(None, concept="Golf", method="rmu", seed=7, out=str(tmp_path / "cell")), None)
+    reseeded = make_config(None, concept="Golf", method="rmu", seed=7, out=str(tmp_path / "cell"))
+    run_cell(reseeded, None)
     assert counts == {"erase": 2, "attack": 2, "loaded": 1}  # another erase config: rerun (no attack asked)
+    assert not (tmp_path / "cell" / "relearn.json").exists()  # the attack on the old erase is gone
+    run_cell(reseeded, relearning.Config(paragraphs=5))
+    assert counts == {"erase": 2, "attack": 3, "loaded": 2}
 
 
 @pytest.mark.parametrize("params, near_chance, reason", [({}, False, "SKIPPED"), ({"lr": 1e-4}, True, "AT_CHANCE")])

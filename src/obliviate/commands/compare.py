@@ -5,11 +5,10 @@ Each cell is an ordinary `erase` run in DIR/<concept>/<method>[+ember], followed
 relearning attack on the erased model (obliviate.pipeline.cells; a finished erase or attack
 is read back, so an interrupted comparison resumes cell by cell): test QA accuracy after
 each relearning epoch, the share of the original model's knowledge it regains, and the
-seconds of each part (times.csv); report.html plots them all. The attack is skipped where it would
-measure nothing: no edit was applied, or the original's QA is near chance (unless
---relearn-near-chance). After the last
-cell, metrics pooled over concepts and paired differences (obliviate summarize's) go to
-compare.md's "Pooled" section and pooled.json.
+seconds of each part (times.csv); report.html plots them all. The attack is skipped where
+it would measure nothing: no edit was applied, or the original's QA is near chance (unless
+--relearn-near-chance). After the last cell, metrics pooled over concepts and paired
+differences (obliviate summarize's) go to compare.md's "Pooled" section and pooled.json.
 """
 from __future__ import annotations
 
