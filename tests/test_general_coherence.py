@@ -257,7 +257,6 @@ def test_coherence_alone_equals_the_full_evaluation_s_coherence(tiny_lm, small_c
 
 def test_continuations_the_edit_left_unchanged_keep_the_original_s_scores(tiny_lm, small_concept, monkeypatch):
     from obliviate.config import EvalConfig as Config
-    from obliviate.edits.weights import ParameterDelta
     from obliviate.evaluation import coherence as coh
 
     small_concept.general_prompts = {"train": ["The weather today", "In 1990 the", "Question: Why?\nAnswer:"]}
