@@ -238,11 +238,10 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
 
 
 def test_coherence_alone_equals_the_full_evaluation_s_coherence(tiny_lm, small_concept):
-    from obliviate.config import EvalConfig as Config
     from obliviate.edits.weights import ParameterDelta
 
     small_concept.general_prompts = {"train": ["The weather today", "In 1990 the", "Question: Why?\nAnswer:"]}
-    evaluator = Evaluator(tiny_lm, small_concept, Config(bootstrap=50, coherence_new_tokens=6))
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(bootstrap=50, coherence_new_tokens=6))
     name, weight = next((n, p) for n, p in tiny_lm.model.named_parameters() if "mlp.down_proj" in n)
     noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(0)) * 0.5
     edit = ParameterDelta(original={name: weight.detach().clone()}, new={name: weight.detach() + noise})
@@ -256,11 +255,10 @@ def test_coherence_alone_equals_the_full_evaluation_s_coherence(tiny_lm, small_c
 
 
 def test_continuations_the_edit_left_unchanged_keep_the_original_s_scores(tiny_lm, small_concept, monkeypatch):
-    from obliviate.config import EvalConfig as Config
     from obliviate.evaluation import coherence as coh
 
     small_concept.general_prompts = {"train": ["The weather today", "In 1990 the", "Question: Why?\nAnswer:"]}
-    evaluator = Evaluator(tiny_lm, small_concept, Config(bootstrap=20, coherence_new_tokens=6))
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(bootstrap=20, coherence_new_tokens=6))
     reference = evaluator.prompt_set("train", "general")
     scored = []
     real = coh.mean_loglik
