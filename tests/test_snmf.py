@@ -115,7 +115,7 @@ def test_fit_leaves_the_model_alone_and_edits_change_only_the_named_weights(tiny
     fitted = get("snmf").fit(tiny_lm, small_concept, snmf.Config(**TINY), 42, None)
     assert all(torch.equal(p, before[n]) for n, p in tiny_lm.model.named_parameters())
     points = [p for p, _ in fitted.candidates()]
-    assert len(points) == 6 and points[0] == {"w_mode": "out", "in_delta": 0.0, "out_delta": 1.0,
+    assert len(points) == 6 and points[0] == {"w_mode": "out", "in_delta": 0.0, "out_delta": 4.0,
                                               "in_layers": "0-1", "out_layers": "1-3"}
     for params, edit in fitted.candidates():
         assert isinstance(edit, LowRankDelta) and edit.changed_token_ids() is None

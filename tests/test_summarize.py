@@ -111,20 +111,20 @@ def test_old_results_without_per_question_exit_2(tmp_path, capsys):
 
 
 def test_compare_writes_a_pooled_section(tmp_path, monkeypatch, data_dir):
-    import obliviate.pipeline.erase as pipeline
-    from obliviate.commands import compare
+    from obliviate.attacks import relearning
+    from obliviate.pipeline import cells
 
     class Fake:
-        def __init__(self, config):
+        def __init__(self, config, progress=True):
             method = config.method + ("+ember" if config.with_ember else "")
-            self.results = {**results(method, config.concept), "efficacy": {"value": 0.5},
+            self.results = {**results(method, config.concept), "efficacy": {"value": 0.5}, "params": {"lr": 1e-4},
                             "qa_test": {"base": {"value": 1.0}, "edited": {"value": 0.5}}}
-            self.lm, self.out = None, None
+            self.lm = object()
 
-    monkeypatch.setattr(pipeline, "erase", Fake)
+    monkeypatch.setattr(cells, "erase", Fake)
     curve_correct = [[0.0] * 4, [1.0, 1.0, 0.0, 0.0]]  # regained (0.5 - 0.25) / 0.75 after relearning
     curve = [{"value": v, "low": v, "high": v} for v in (0.0, 0.5)]
-    monkeypatch.setattr(compare, "relearn_attack", lambda *a: {"erased": {"curve": curve, "curve_correct": curve_correct}})
+    monkeypatch.setattr(relearning, "run", lambda ctx, config: {"erased": {"curve": curve, "curve_correct": curve_correct}})
     code = main(["compare", "--methods", "rmu", "--concepts", "Golf,Gun", "--with-and-without-ember",
                  "--data", str(data_dir), "--out", str(tmp_path)])
     assert code == 0
