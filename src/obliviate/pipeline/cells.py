@@ -36,11 +36,10 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
     times = _times(folder)
     results, lm = _finished_erase(folder, config), None
     if results is None:
-        clock = time.perf_counter()
+        (folder / RELEARN).unlink(missing_ok=True)  # an attack on an earlier erase is not this one's
+        clock, times = time.perf_counter(), {}
         run = erase(config, progress)
         results, lm = dict(run.results), run.lm
-        (folder / RELEARN).unlink(missing_ok=True)  # an attack on an earlier erase is not this one's
-        times = {}
         _record(folder, times, "erase", clock)
     if relearn is not None:
         skip = why_no_attack(results, near_chance_too)
