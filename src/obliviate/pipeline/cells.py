@@ -36,14 +36,13 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
     times = _times(folder)
     results, lm = _finished_erase(folder, config), None
     if results is None:
-        (folder / RELEARN).unlink(missing_ok=True)  # an attack on an earlier erase is not this one's
         clock, times = time.perf_counter(), {}
         run = erase(config, progress)
         results, lm = dict(run.results), run.lm
         _record(folder, times, "erase", clock)
     if relearn is not None:
         skip = why_no_attack(results, near_chance_too)
-        outcome = _finished_relearn(folder, relearn)
+        outcome = _finished_relearn(folder, relearn, results.get("config_fingerprint"))
         if outcome is None or outcome.get("skipped") != skip:  # an attack skipped before may be asked for now
             clock = time.perf_counter()
             if skip:
@@ -51,7 +50,7 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
             else:
                 lm = lm or load_erased(str(folder), results)
                 outcome = relearning.run(_attack_context(config, lm, folder, progress), relearn)
-            write_json(folder / RELEARN, outcome)
+            write_json(folder / RELEARN, {**outcome, "erase_fingerprint": results.get("config_fingerprint")})
             _record(folder, times, "relearn", clock)
         results["relearn"] = outcome
     results["times"] = times
@@ -73,14 +72,17 @@ def _finished_erase(folder: Path, config: RunConfig) -> dict | None:
     return results if results.get("config_fingerprint") == config_fingerprint(config) else None
 
 
-def _finished_relearn(folder: Path, relearn: relearning.Config) -> dict | None:
-    """relearn.json when it holds this attack's settings (the attack adds notes of its own to them)."""
+def _finished_relearn(folder: Path, relearn: relearning.Config, erase_fingerprint: str | None) -> dict | None:
+    """relearn.json when it holds this attack on this erase (the attack adds notes of its
+    own to the settings)."""
     path = folder / RELEARN
     if not path.is_file():
         return None
     outcome, wanted = read_json(path), asdict(relearn)
     recorded = outcome.get("settings", {})
-    return outcome if {k: recorded.get(k) for k in wanted} == wanted else None
+    same_attack = {k: recorded.get(k) for k in wanted} == wanted
+    # files written before the fingerprint was recorded attacked the erase in their folder
+    return outcome if same_attack and outcome.get("erase_fingerprint", erase_fingerprint) == erase_fingerprint else None
 
 
 def _attack_context(config: RunConfig, lm, folder: Path, progress: bool) -> AttackContext:
