@@ -192,3 +192,32 @@ def test_snmf_finds_gambling_features_and_its_in_edit_lowers_qa_on_the_embedded_
     outcome = evaluator.evaluate("train", fitted.edit(fitted.points()[0]))
     assert outcome.value("qa_edited") < outcome.value("qa_base") - 0.05, outcome.metrics
     assert all(torch.equal(p, before[n]) for n, p in embedded_lm.model.named_parameters() if n in before)
+
+
+def test_under_ember_the_features_are_read_on_the_model_before_the_edit(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """SNMF reads its features off activations: the pipeline fits it on the model as it was
+    before the plug-in edit, then stacks its MLP edits on EMBER's (the final model has both)."""
+    import obliviate
+    from obliviate import methods
+    from obliviate.models.loading import load_model
+
+    seen = []
+    plain = snmf.fit
+
+    def spy(lm, data, config, seed=42, context=None):
+        seen.append(lm.model.get_input_embeddings().weight.detach().clone())
+        return plain(lm, data, config, seed, context)
+
+    monkeypatch.setattr(methods.get("snmf"), "fit", spy)
+    original = load_model(str(tiny_model_dir)).model.get_input_embeddings().weight.detach()
+    result = obliviate.erase("Golf", data=data_dir, out=tmp_path / "run", model={"name": str(tiny_model_dir)},
+                             progress=False, save_model=False, method="snmf", with_ember=True,
+                             ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
+                             methods={"snmf": {**TINY, "w_modes": ("out",), "deltas": (4.0,)}},
+                             evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50,
+                                         "method_max_qa_frac": 1.0, "method_general_gate": 0.0},
+                             data_options={"general_questions": 6})
+    (at_fit,) = seen
+    assert torch.equal(at_fit, original)  # EMBER's rows were not in place while SNMF read its features
+    assert result.results["edited_token_count"] > 0  # ... and they are in the erased model
+    assert not torch.equal(result.lm.model.get_input_embeddings().weight.detach(), original)

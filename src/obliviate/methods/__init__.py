@@ -10,8 +10,10 @@ A method module (``methods/<name>.py``, or a package for a large one like ``eco/
               an ``Edit``, edits/protocol.py: applied, evaluated, reverted, saved and verified
               the same way whatever its kind) and ``Fitted.report()`` describes the fit.
 EMBER is one method among them; "EMBER as a plug-in" is composition (the pipeline fits the
-base method with EMBER's chosen edit applied). Modules load lazily so `obliviate --help`
-stays fast. To add a method: write its module and register it below.
+base method with EMBER's chosen edit applied, unless the module sets ``FITS_BEFORE_PLUG_IN
+= True``: a method that reads the concept's features off the model's activations then reads
+them as the model had them, and its edits still stack on EMBER's). Modules load lazily so
+`obliviate --help` stays fast. To add a method: write its module and register it below.
 """
 from __future__ import annotations
 

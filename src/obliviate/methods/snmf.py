@@ -36,6 +36,14 @@ SELECTIONS = ("contrast", "reference")
 CONCEPT, NEUTRAL, CONTRAST = 0, 1, 2  # activation sources
 
 
+# Under a plug-in edit (``--ember``) the features are read on the model as it was. Read on
+# the EMBER-edited model, the contrast rule took the edit's own traces for the concept
+# (Gambling: 724 features selected instead of 3, and every grid cell then failed the
+# general-knowledge gate, general fraction 0.10-0.67). The edits act on MLP weights, which
+# EMBER leaves alone, and stack on EMBER's.
+FITS_BEFORE_PLUG_IN = True
+
+
 @dataclass(frozen=True)
 class Config:
     rank: int = 100  # K features per block (the reference's rank)

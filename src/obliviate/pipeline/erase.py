@@ -199,8 +199,9 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
     clock = time.perf_counter()
     if base_edit is not None:
         context = replace(context, vocabulary=lm.model.get_output_embeddings().weight.detach().clone())
-    with applied(base_edit, lm.model):
-        fitted = methods.get(stage.name).fit(lm, data, stage.config, config.seed, context)
+    method = methods.get(stage.name)
+    with applied(None if getattr(method, "FITS_BEFORE_PLUG_IN", False) else base_edit, lm.model):
+        fitted = method.fit(lm, data, stage.config, config.seed, context)
     results, edits = sweep(key, fitted, evaluator, config, state, out, base_edit=base_edit,
                            ember_rule=stage.plug_in, stop_on_reject=stage.plug_in and not stage.fixed)
     if not stage.plug_in:
