@@ -84,9 +84,16 @@ def test_a_compare_folder_is_walked(tmp_path):
     for method in ("rmu", "rmu+ember"):
         for concept in ("Golf", "Gun"):
             write_json(tmp_path / "cmp" / concept / method / "results.json", results(method, concept))
+    # each cell's relearning attack sits beside its results: (0.5 - 0.25) / 0.75 regained
+    # where it attacked this erase; a file naming another erase is not read
+    attack = {"erased": {"curve_correct": [[0.0] * 4, [1.0, 1.0, 0.0, 0.0]]}}
+    write_json(tmp_path / "cmp" / "Golf" / "rmu" / "relearn.json", attack)
+    write_json(tmp_path / "cmp" / "Gun" / "rmu" / "relearn.json", {**attack, "erase_fingerprint": "another"})
     assert main(["summarize", str(tmp_path / "cmp"), "--n-resamples", "20"]) == 0
     summary = json.loads((tmp_path / "cmp" / "summary_pooled.json").read_text())
     assert summary["methods"]["rmu+ember"]["concepts"] == ["Golf", "Gun"]
+    regained = summary["methods"]["rmu"]["metrics"]["regained"]
+    assert regained["value"] == pytest.approx(1 / 3) and regained["included"] == ["Golf"]
 
 
 def written(root) -> list:

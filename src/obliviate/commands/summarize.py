@@ -15,7 +15,7 @@ from typing import Mapping, Sequence
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import CHANCE
 from obliviate.evaluation.pooled import ORIGINAL, Arm, arm_from_results, paired_difference, pooled_metrics
-from obliviate.io import read_json, write_json, write_text
+from obliviate.io import write_json, write_text
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
@@ -111,7 +111,9 @@ def default_out(runs: Sequence[str]) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
-    arms = [arm_from_results(read_json(path), where=str(path)) for path in results_files(args.runs)]
+    from obliviate.pipeline.cells import read_cell
+
+    arms = [arm_from_results(read_cell(path), where=str(path)) for path in results_files(args.runs)]
     summary = summarize(arms, args.baseline_method, args.n_resamples, args.seed)
     out = Path(args.out) if args.out else default_out(args.runs)
     text = markdown(summary)

@@ -57,6 +57,18 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
     return results
 
 
+def read_cell(results_file: Path) -> dict:
+    """An erase run's results.json with its cell's relearning attack (relearn.json beside it,
+    when that attacked this erase) as ``relearn``, as ``run_cell`` returns them."""
+    results = read_json(results_file)
+    attack = results_file.parent / RELEARN
+    if attack.is_file():
+        outcome = read_json(attack)
+        if _attacked(outcome, results.get("config_fingerprint")):
+            results["relearn"] = outcome
+    return results
+
+
 def why_no_attack(results: dict, near_chance_too: bool = False) -> str | None:
     """Why relearning would measure nothing on this cell (None: run it)."""
     if nothing_applied(results):
@@ -81,8 +93,13 @@ def _finished_relearn(folder: Path, relearn: relearning.Config, erase_fingerprin
     outcome, wanted = read_json(path), asdict(relearn)
     recorded = outcome.get("settings", {})
     same_attack = {k: recorded.get(k) for k in wanted} == wanted
-    # files written before the fingerprint was recorded attacked the erase in their folder
-    return outcome if same_attack and outcome.get("erase_fingerprint", erase_fingerprint) == erase_fingerprint else None
+    return outcome if same_attack and _attacked(outcome, erase_fingerprint) else None
+
+
+def _attacked(outcome: dict, erase_fingerprint: str | None) -> bool:
+    """The attack in ``outcome`` ran on this erase (files written before the fingerprint was
+    recorded attacked the erase in their folder)."""
+    return outcome.get("erase_fingerprint", erase_fingerprint) == erase_fingerprint
 
 
 def _attack_context(config: RunConfig, lm, folder: Path, progress: bool) -> AttackContext:
