@@ -276,7 +276,7 @@ class Evaluator:
         """Questions using an edited token; for an edit that tells which token sequences it
         changes, those whose context or any context + option it changes (the scorer feeds
         either); every question otherwise."""
-        if token_ids is None and hasattr(edit, "affected"):
+        if _tells_affected(token_ids, edit):
             contexts, whole = [c for c, _ in prepared.items], [c + x for c, x in prepared.items]
             flags = np.asarray(edit.affected(self.lm.model, contexts + whole), dtype=bool)
             items = np.nonzero(flags[:len(contexts)] | flags[len(contexts):])[0]
@@ -307,7 +307,7 @@ class Evaluator:
         """Prompts whose greedy continuation may differ: those using an edited token, and
         (tied models) those where an edited token's new logit overtakes the original's choice;
         for an edit that tells which prompts it changes, those."""
-        if token_ids is None and hasattr(edit, "affected"):
+        if _tells_affected(token_ids, edit):
             return np.nonzero(np.asarray(edit.affected(self.lm.model, reference.prompt_ids), dtype=bool))[0]
         which = set(reference.touching(token_ids).tolist())
         if change is not None:
@@ -370,3 +370,8 @@ class Evaluator:
         statistic = lambda s: {"base": float(s["q"][0].mean()), "edited": float(s["q"][1].mean())}  # noqa: E731
         intervals = bootstrap(statistic, {"q": (rows[0][mask], rows[1][mask])}, self.config.bootstrap, self.seed)
         return {name: interval.as_dict() for name, interval in intervals.items()}
+
+
+def _tells_affected(token_ids: set[int] | None, edit: Edit | None) -> bool:
+    """An edit that changes no token rows but says which inputs it changes (ECO's hook)."""
+    return token_ids is None and hasattr(edit, "affected")

@@ -141,6 +141,16 @@ class EcoHook:
         seen = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
         return int(seen) == 0
 
+    def prefill_decision(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """Per token sequence fed as a prefill: the length of its prompt part (through the
+        marker), whether the classifier flags that part, and whether the hook corrupts it
+        (flagged and longer than one token)."""
+        lengths = [prompt_length(s, self.marker_ids) for s in sequences]
+        if not lengths:
+            return [], np.zeros(0, dtype=bool), np.zeros(0, dtype=bool)
+        flags = np.asarray(self.decide(model, [tuple(s[:n]) for s, n in zip(sequences, lengths)]), dtype=bool)
+        return lengths, flags, flags & (np.array(lengths) > 1)
+
     def _plan_prefill(self, model: nn.Module, args: tuple, kwargs: dict) -> None:
         self._plan = None
         if self._busy:
@@ -152,13 +162,12 @@ class EcoHook:
         rows = ids.cpu().tolist()
         positions = [torch.nonzero(real[r]).flatten() for r in range(len(rows))]
         tokens = [tuple(rows[r][p] for p in positions[r].tolist()) for r in range(len(rows))]
-        lengths = [prompt_length(t, self.marker_ids) for t in tokens]
-        flags = self.decide(model, [t[:n] for t, n in zip(tokens, lengths)])
+        lengths, flags, corrupt = self.prefill_decision(model, tokens)
         self.last_flags = flags
         self.stats.calls += 1
         self.stats.sequences += len(rows)
         self.stats.flagged += int(flags.sum())
-        plan = [(r, positions[r][: lengths[r] - 1]) for r in range(len(rows)) if flags[r] and lengths[r] > 1]
+        plan = [(r, positions[r][: lengths[r] - 1]) for r in range(len(rows)) if corrupt[r]]
         if plan:
             self._plan = (tuple(ids.shape), plan)
         return None
@@ -196,12 +205,8 @@ class EcoEdit:
         return None
 
     def affected(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        """Per token sequence fed as a prefill, whether the hook corrupts it: its prompt part
-        (through the marker) is flagged and longer than one token, as ``_plan_prefill`` decides."""
-        prompts = [tuple(s[:prompt_length(s, self.hook.marker_ids)]) for s in sequences]
-        if not prompts:
-            return np.zeros(0, dtype=bool)
-        return np.asarray(self.hook.decide(model, prompts), dtype=bool) & np.array([len(p) > 1 for p in prompts])
+        """Per token sequence fed as a prefill, whether the hook corrupts it (its own decision)."""
+        return self.hook.prefill_decision(model, sequences)[2]
 
     def expected_changes(self, model: nn.Module) -> dict:
         return {}  # no weight changes: the hook corrupts flagged prompts at inference
