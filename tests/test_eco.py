@@ -2,6 +2,8 @@
 the CLI's bad-input paths, and (slow) the whole thing on the embedded model."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -28,6 +30,7 @@ from obliviate.methods.eco.sigma import ZerothOrderConfig
 from obliviate.methods.eco.sigma import learn_sigma
 from obliviate.methods.eco.sigma import zeroth_order_step
 from obliviate.errors import ObliviateError
+from obliviate.models.layers import block_outputs
 
 from conftest import make_tiny_lm
 
@@ -219,9 +222,25 @@ def test_classifier_separates_hidden_states_and_hook_uses_it(tiny_lm, tiny_token
     assert hook.last_flags.tolist() == [True, False]
 
 
-def artifact_for(lm, threshold=0.7) -> EcoArtifact:
-    d = lm.model.config.hidden_size
-    classifier = PromptClassifier(torch.randn(d), torch.zeros(1), torch.zeros(d), torch.ones(d), 1, threshold)
+def test_mean_max_pooling_keeps_a_question_behind_a_long_wrapper(tiny_lm, tiny_tokenizer):
+    ids = [tiny_tokenizer(t).input_ids for t in ("the wizard cast a spell",
+                                                 "the train was late again and the coffee had gone cold " * 3)]
+    both = pooled_hidden(tiny_lm.model, ids, layer=2, pooling="mean+max")
+    mean = pooled_hidden(tiny_lm.model, ids, layer=2)
+    assert both.shape == (2, 64) and torch.allclose(both[:, :32], mean, atol=1e-6)
+    hidden = block_outputs(tiny_lm.model, [1], input_ids=torch.tensor([ids[0]]))[1][0].float()
+    assert torch.allclose(both[0, 32:], hidden.amax(0), atol=1e-5), "the max is over the prompt's own tokens"
+    assert torch.allclose(pooled_hidden(tiny_lm.model, ids[:1], layer=2, pooling="mean+max")[0], both[0], atol=1e-5), \
+        "left padding enters neither statistic"
+    classifier = train_logistic(both, np.array([1, 0]), layer=2, pooling="mean+max")
+    assert classifier.pooling == "mean+max" and classifier.score(tiny_lm.model, ids).shape == (2,)
+    with pytest.raises(ObliviateError, match="pooling must be one of"):
+        pooled_hidden(tiny_lm.model, ids, layer=2, pooling="max")
+
+
+def artifact_for(lm, threshold=0.7, pooling="mean") -> EcoArtifact:
+    d = lm.model.config.hidden_size * (2 if pooling == "mean+max" else 1)
+    classifier = PromptClassifier(torch.randn(d), torch.zeros(1), torch.zeros(d), torch.ones(d), 1, threshold, pooling)
     return EcoArtifact(classifier, Corruption("gaussian", 0, 3.0), lm.name, lm.source, model_identity(lm.model),
                        probe_rows(lm.model), (5, 6), 0, {"concept": "Harry Potter"})
 
@@ -248,6 +267,22 @@ def test_artifact_round_trip_and_wrong_model_refused(tiny_lm, tiny_tokenizer, tm
         wrap(other, tmp_path / "eco")
     with pytest.raises(ObliviateError, match="not an ECO artifact"):
         wrap(tiny_lm, tmp_path)
+
+
+def test_artifact_keeps_its_pooling_and_refuses_tensors_of_another_width(tiny_lm, tmp_path):
+    artifact_for(tiny_lm, pooling="mean+max").save(tmp_path / "eco")
+    loaded = EcoArtifact.load(tmp_path / "eco")
+    assert loaded.classifier.pooling == "mean+max" and loaded.classifier.weight.shape == (2 * tiny_lm.model.config.hidden_size,)
+    config = json.loads((tmp_path / "eco" / "config.json").read_text())
+    config["classifier"]["pooling"] = "mean"  # tensors twice as wide as a mean-pooled classifier's
+    (tmp_path / "eco" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ObliviateError, match="damaged ECO artifact.*weight"):
+        EcoArtifact.load(tmp_path / "eco")
+    artifact_for(tiny_lm).save(tmp_path / "old")  # an artifact from before pooling was a setting reads as mean
+    old = json.loads((tmp_path / "old" / "config.json").read_text())
+    del old["classifier"]["pooling"]
+    (tmp_path / "old" / "config.json").write_text(json.dumps(old))
+    assert EcoArtifact.load(tmp_path / "old").classifier.pooling == "mean"
 
 
 def test_eco_edit_under_evaluator_leaves_model_clean(tiny_lm, small_concept):

@@ -20,7 +20,7 @@ from torch import nn
 
 from obliviate.errors import ObliviateError
 from obliviate.io import load_tensors, read_json, save_tensors, write_json
-from obliviate.methods.eco.classifier import PromptClassifier
+from obliviate.methods.eco.classifier import PromptClassifier, check_pooling, pooled_width
 from obliviate.methods.eco.corruption import Corruption
 from obliviate.methods.eco.hook import EcoHook
 
@@ -52,10 +52,12 @@ def probe_rows(model: nn.Module) -> torch.Tensor:
     return weight[ids].detach().float().cpu()
 
 
-def check_tensors(tensors: dict[str, torch.Tensor], hidden: int, vocab: int) -> None:
+def check_tensors(tensors: dict[str, torch.Tensor], hidden: int, vocab: int, pooling: str = "mean") -> None:
     """The classifier's tensors have the shapes and float dtypes of a model with ``hidden``
-    dimensions and ``vocab`` tokens, and finite values (a damaged file fails here, not mid-run)."""
-    expected = {"weight": (hidden,), "bias": (1,), "mean": (hidden,), "std": (hidden,),
+    dimensions and ``vocab`` tokens pooled by ``pooling``, and finite values (a damaged file
+    fails here, not mid-run)."""
+    features = pooled_width(hidden, pooling)
+    expected = {"weight": (features,), "bias": (1,), "mean": (features,), "std": (features,),
                 "probe_rows": (len(probe_ids(vocab)), hidden)}
     for name, shape in expected.items():
         tensor = tensors.get(name)
@@ -86,7 +88,7 @@ class EcoArtifact:
             "format": FORMAT,
             "model": {"name": self.model_name, "source": self.model_source, **self.identity},
             "classifier": {"kind": "hidden_logistic", "layer": self.classifier.layer,
-                           "threshold": self.classifier.threshold},
+                           "threshold": self.classifier.threshold, "pooling": self.classifier.pooling},
             "corruption": self.corruption.as_dict(),
             "marker_ids": list(self.marker_ids),
             "pad_token_id": self.pad_token_id,
@@ -132,12 +134,14 @@ class EcoArtifact:
     def _from_parts(cls, config: dict, tensors: dict) -> "EcoArtifact":
         model = dict(config["model"])
         name, source = model.pop("name"), model.pop("source")
-        check_tensors(tensors, int(model["hidden_size"]), int(model["vocab_size"]))
+        pooling = config["classifier"].get("pooling", "mean")  # artifacts before pooling was a setting
+        check_pooling(pooling)
+        check_tensors(tensors, int(model["hidden_size"]), int(model["vocab_size"]), pooling)
         layer = int(config["classifier"]["layer"])
         if not 0 <= layer <= int(model["num_hidden_layers"]):
             raise ValueError(f"classifier layer {layer} is outside 0..{model['num_hidden_layers']}")
         classifier = PromptClassifier(tensors["weight"], tensors["bias"], tensors["mean"], tensors["std"],
-                                      layer=layer, threshold=float(config["classifier"]["threshold"]))
+                                      layer=layer, threshold=float(config["classifier"]["threshold"]), pooling=pooling)
         known = {"format", "model", "classifier", "corruption", "marker_ids", "pad_token_id"}
         return cls(classifier, Corruption(**config["corruption"]), name, source, model, tensors["probe_rows"],
                    tuple(int(i) for i in config.get("marker_ids", ())), config.get("pad_token_id"),

@@ -1,6 +1,7 @@
-"""The prompt classifier: logistic regression on mean-pooled early-layer hidden states of
-the target model itself (no extra download), with a threshold calibrated on held-out
-negatives.
+"""The prompt classifier: logistic regression on pooled early-layer hidden states of the
+target model itself (no extra download), with a threshold calibrated on held-out
+negatives. Pooling is the mean over the prompt's tokens, or ("mean+max") the mean and each
+dimension's maximum: text wrapped around a question dilutes the mean, not the maximum.
 
 Features are computed with an early exit: a forward hook on decoder layer ``layer``
 stores its output and stops the forward pass, so the classifier costs about
@@ -20,14 +21,37 @@ from obliviate.errors import ObliviateError
 from obliviate.models.layers import block_outputs, depth, left_pad, model_device
 
 
+POOLINGS = ("mean", "mean+max")
+
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise ObliviateError(f"Classifier pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}.")
+
+
+def pooled_width(hidden: int, pooling: str) -> int:
+    """Features per prompt: the hidden size once per pooled statistic."""
+    return hidden * len(pooling.split("+"))
+
+
+def pool(hidden: torch.Tensor, mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """(batch, tokens, d) -> (batch, d) mean over real tokens, with "mean+max" (batch, 2d)."""
+    real = mask.unsqueeze(-1).bool()
+    mean = (hidden * real).sum(1) / real.sum(1)
+    if pooling == "mean":
+        return mean
+    return torch.cat([mean, hidden.masked_fill(~real, float("-inf")).amax(1)], dim=1)
+
+
 @torch.no_grad()
 def pooled_hidden_layers(model: nn.Module, sequences: Sequence[Sequence[int]], layers: Sequence[int],
-                         batch_size: int = 32) -> dict[int, torch.Tensor]:
-    """Mean over real tokens of each hidden state ``layer`` (hidden-state numbering, see
-    models/layers.py: layer L is block L-1's output), float32, (n, d).
+                         batch_size: int = 32, pooling: str = "mean") -> dict[int, torch.Tensor]:
+    """Pooled real tokens of each hidden state ``layer`` (hidden-state numbering, see
+    models/layers.py: layer L is block L-1's output), float32, (n, pooled_width).
 
     One pass per batch, stopped right after the deepest requested layer.
     """
+    check_pooling(pooling)
     count = depth(model)
     for layer in layers:
         if not 1 <= layer <= count:
@@ -39,15 +63,15 @@ def pooled_hidden_layers(model: nn.Module, sequences: Sequence[Sequence[int]], l
         ids, mask, positions = left_pad(sequences[start:start + batch_size], 0, device)
         outputs = block_outputs(model, sorted(set(blocks.values())), input_ids=ids, attention_mask=mask,
                                 position_ids=positions)
-        weights = mask.unsqueeze(-1).float()
         for layer, block in blocks.items():
-            pooled[layer].append(((outputs[block].float() * weights).sum(1) / weights.sum(1)).cpu())
+            pooled[layer].append(pool(outputs[block].float(), mask, pooling).cpu())
     return {layer: torch.cat(chunks) for layer, chunks in pooled.items()}
 
 
-def pooled_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], layer: int, batch_size: int = 32) -> torch.Tensor:
-    """Mean over real tokens of decoder layer ``layer``'s output (1-based), float32, (n, d)."""
-    return pooled_hidden_layers(model, sequences, [layer], batch_size)[layer]
+def pooled_hidden(model: nn.Module, sequences: Sequence[Sequence[int]], layer: int, batch_size: int = 32,
+                  pooling: str = "mean") -> torch.Tensor:
+    """Pooled real tokens of decoder layer ``layer``'s output (1-based), float32, (n, pooled_width)."""
+    return pooled_hidden_layers(model, sequences, [layer], batch_size, pooling)[layer]
 
 
 def candidate_layers(model: nn.Module) -> list[int]:
@@ -68,16 +92,18 @@ class PromptClassifier:
     std: torch.Tensor  # (d,)
     layer: int
     threshold: float = 0.5
+    pooling: str = "mean"
 
     def __post_init__(self) -> None:
         check_threshold(self.threshold)
+        check_pooling(self.pooling)
 
     def probabilities(self, features: torch.Tensor) -> torch.Tensor:
         z = (features.float().cpu() - self.mean) / self.std
         return torch.sigmoid(z @ self.weight + self.bias)
 
     def score(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray:
-        return self.probabilities(pooled_hidden(model, sequences, self.layer)).numpy()
+        return self.probabilities(pooled_hidden(model, sequences, self.layer, pooling=self.pooling)).numpy()
 
     def flags(self, model: nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray:
         return self.score(model, sequences) >= self.threshold
@@ -92,7 +118,7 @@ def check_threshold(threshold: float) -> None:
 
 
 def train_logistic(features: torch.Tensor, labels: np.ndarray, layer: int, c: float = 1.0, seed: int = 0,
-                   sample_weight: np.ndarray | None = None) -> PromptClassifier:
+                   sample_weight: np.ndarray | None = None, pooling: str = "mean") -> PromptClassifier:
     """Class-weighted logistic regression (the reference weights classes too); explicit
     ``sample_weight`` replaces the class weights."""
     from sklearn.linear_model import LogisticRegression
@@ -106,7 +132,7 @@ def train_logistic(features: torch.Tensor, labels: np.ndarray, layer: int, c: fl
     return PromptClassifier(
         weight=torch.tensor(model.coef_[0], dtype=torch.float32),
         bias=torch.tensor(model.intercept_, dtype=torch.float32),
-        mean=mean.float(), std=std.float(), layer=layer,
+        mean=mean.float(), std=std.float(), layer=layer, pooling=pooling,
     )
 
 

@@ -1,10 +1,11 @@
 """Settings of `obliviate eco fit` (one dataclass for the API and the CLI).
 
 Defaults that differ from the reference (METHOD.md section 3), and why:
-- classifier: logistic regression on the model's own early hidden states (reference: a
-  fine-tuned RoBERTa), trained also on the concept's open TRAIN questions and
-  questions wrapped in jailbreak, framing and topic-hiding forms (forms.py): trained on
-  plain questions only it flagged 5-8% of a held-out concept's wrapped test questions.
+- classifier: logistic regression on the model's own early hidden states, pooled by mean
+  and max over the prompt's tokens (reference: a fine-tuned RoBERTa), trained also on
+  the concept's open TRAIN questions and questions wrapped in jailbreak, framing and
+  topic-hiding forms (forms.py): trained on plain questions only it flagged 5-8% of a
+  held-out concept's wrapped test questions.
 - corruption: Gaussian noise on every dimension with a learned sigma. The reference's
   multiple-choice setting is one dimension at sigma 1e6: ``--dims 1 --sigma 1e6``.
 - sigma search stop: confirmed near chance by fresh-noise draws and a 95% upper bound
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 
 from obliviate.errors import ObliviateError
 from obliviate.settings import setting
+from obliviate.methods.eco.classifier import check_pooling
 from obliviate.methods.eco.corruption import KINDS
 from obliviate.methods.eco.forms import FORMS, HELD_OUT_FORMS
 from obliviate.methods.eco.sigma import ZerothOrderConfig
@@ -32,6 +34,9 @@ class EcoConfig:
     conformal_alpha: float | None = None  # split-conformal instead: bounds FPR on new negatives by alpha
     threshold: float | None = None  # fixed threshold in (0, 1): skip calibration
     regularization: float = 1.0  # C of the logistic regression
+    # mean+max raised recall behind unseen wrappers on concepts ECO was not developed on,
+    # at the same FPR (README)
+    pooling: str = setting("mean+max", "how the classifier pools the prompt's hidden states: mean | mean+max")
     corruption: str = "gaussian"  # gaussian | zero_out | sign_flip
     dims: int = 0  # first n dims (gaussian, sign_flip) or top-k dims (zero_out); 0 = all
     sigma: float | None = None  # fixed sigma: skip the zeroth-order search
@@ -62,6 +67,7 @@ class EcoConfig:
             raise ObliviateError(f"--corruption must be one of {', '.join(KINDS)}, got {self.corruption!r}.")
         if self.layer < 0 or self.dims < 0:
             raise ObliviateError("--layer and --dims must be >= 0 (0 = default / all dimensions).")
+        check_pooling(self.pooling)
         self.zeroth_order()  # the search's own checks, before any model loads
         if self.near_chance_ratio <= 0:
             raise ObliviateError(f"--near-chance-ratio must be > 0, got {self.near_chance_ratio}.")

@@ -218,7 +218,8 @@ def fit_classifier(lm: LoadedModel, data: ConceptData, config: EcoConfig, marker
     cheaper layer). The held-out part is only used for the reported rates."""
     examples = build_examples(data, config.seed, Augmentation.of(config))
     layers = [config.layer] if config.layer else candidate_layers(lm.model)
-    features = pooled_hidden_layers(lm.model, prompt_ids(lm, [e.text for e in examples], marker), layers)
+    features = pooled_hidden_layers(lm.model, prompt_ids(lm, [e.text for e in examples], marker), layers,
+                                    pooling=config.pooling)
     labels = np.array([e.label for e in examples])
     part = {s: np.array([e.split == s for e in examples]) for s in SPLITS}
     calibration_negatives = part["calibration"] & (labels == 0)
@@ -226,7 +227,8 @@ def fit_classifier(lm: LoadedModel, data: ConceptData, config: EcoConfig, marker
     best, layer_report = None, {}
     for layer in layers:
         classifier = train_logistic(features[layer][part["fit"]], labels[part["fit"]], layer, config.regularization,
-                                    config.seed, group_weights([e for e, f in zip(examples, part["fit"]) if f]))
+                                    config.seed, group_weights([e for e, f in zip(examples, part["fit"]) if f]),
+                                    config.pooling)
         scores = classifier.probabilities(features[layer]).numpy()
         classifier.threshold, method = _threshold(classifier, scores, calibration_negatives, config)
         recall = float((scores[calibration_positives] >= classifier.threshold).mean())
