@@ -63,17 +63,20 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
             self.lm = object()
 
     def fake_erase(config, progress=True):
-        calls.append((config.concept, config.method, config.with_ember, config.methods))
+        calls.append((config.concept, config.method, config.with_ember, config.methods, config.ember.k))
         return Fake(config)
 
     monkeypatch.setattr(cells, "erase", fake_erase)
     curve = [{"value": v, "low": v, "high": v} for v in (0.3, 0.5, 0.6)]
     monkeypatch.setattr(relearning, "run", lambda ctx, config: {"erased": {"curve": curve}, "settings": asdict(config)})
     code = main(["compare", "--methods", "rmu", "--concepts", "Golf,Gun", "--with-and-without-ember",
-                 "--data", str(data_dir), "--out", str(tmp_path), "--set", "rmu.steps=2"])
+                 "--data", str(data_dir), "--out", str(tmp_path), "--set", "rmu.steps=2", "--set", "npo.lr=1e-3",
+                 "--set", "ember.k=50"])
     assert code == 0
     assert [c[:3] for c in calls] == [("Golf", "rmu", False), ("Golf", "rmu", True), ("Gun", "rmu", False), ("Gun", "rmu", True)]
-    assert calls[0][3] == {"rmu": {"steps": "2"}}
+    # a cell runs with its own method's settings (and EMBER's when EMBER runs first): another
+    # method's setting must not change its fingerprint
+    assert calls[0][3:] == ({"rmu": {"steps": "2"}}, 100) and calls[1][3:] == ({"rmu": {"steps": "2"}}, 50)
     rows = list(csv.DictReader(open(tmp_path / "compare.csv")))
     assert len(rows) == 4 and rows[1]["ember"] == "True" and float(rows[1]["efficacy"]) == 0.8
     assert float(rows[0]["qa_after_relearn_epoch_2"]) == 0.6 and "qa_after_relearn_epoch_1" in rows[0]

@@ -188,7 +188,7 @@ def run_config_from_dict(payload: dict, where: str = "config") -> RunConfig:
         raise ObliviateError(f"Unknown section(s) {', '.join(sorted(unknown))} in {where}. Known: {', '.join(sorted(top))}.")
     kwargs = {}
     hints = typing.get_type_hints(RunConfig)
-    for name, value in payload.items():
+    for name, value in plug_in_settings_as_section(payload).items():
         if name in SECTIONS:
             kwargs[name] = build_section(SECTIONS[name], value, f"{where}.{name}")
         elif name == "methods":
@@ -198,8 +198,20 @@ def run_config_from_dict(payload: dict, where: str = "config") -> RunConfig:
     return RunConfig(**kwargs)
 
 
+def plug_in_settings_as_section(overrides: dict) -> dict:
+    """EMBER's settings given among the methods' (``--set ember.KEY=VALUE``, or ``methods:
+    ember:`` in YAML) moved to its own section, which is where the run reads them."""
+    plug_in = method_registry.PLUG_IN
+    if plug_in not in (overrides.get("methods") or {}):
+        return overrides
+    methods = dict(overrides["methods"])
+    settings = methods.pop(plug_in)
+    return {**overrides, "methods": methods, plug_in: {**(overrides.get(plug_in) or {}), **settings}}
+
+
 def merge(base: RunConfig, overrides: dict) -> RunConfig:
     """Apply {section: {field: value}} and {field: value} overrides on top of ``base``."""
+    overrides = plug_in_settings_as_section(overrides)
     kwargs = {}
     hints = typing.get_type_hints(RunConfig)
     for name, value in overrides.items():

@@ -45,6 +45,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_set_argument(parser, "METHOD", "rmu.steps=10")
 
 
+def cell_settings(settings: dict[str, dict], method: str, ember: bool) -> dict[str, dict]:
+    """The --set settings one cell runs with: its method's, and EMBER's when it runs EMBER
+    first. Another method's setting must not change the cell (its fingerprint decides
+    whether a finished cell is read back)."""
+    return {name: values for name, values in settings.items() if name == method or (ember and name == methods.PLUG_IN)}
+
+
 def plan(method_list: str, concept_list: str, both: bool, available: list[str] | None = None) -> list[tuple[str, str, bool]]:
     """The cells, concept by concept. ``available``: the benchmark's concepts (from --data),
     which "all" stands for and every named concept must be one of (checked before any run)."""
@@ -141,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
         for concept, method, ember in cells:
             cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
             config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
-                                                      "with_ember": ember, "out": str(cell), "methods": settings})
+                                                      "with_ember": ember, "out": str(cell),
+                                                      "methods": cell_settings(settings, method, ember)})
             results = run_cell(config, attack, near_chance_too=args.relearn_near_chance)
             rows.append(cell_row(concept, method, ember, results))
             runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})

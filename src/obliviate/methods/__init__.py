@@ -54,7 +54,8 @@ class Method(Protocol):
 _REGISTRY = LazyRegistry("method", "_", "Available methods", sort=True, protocol=Method)
 register, available, get = _REGISTRY.register, _REGISTRY.available, _REGISTRY.get
 
-register("ember", "obliviate.methods.ember")
+PLUG_IN = "ember"  # the method that can run first under any other
+register(PLUG_IN, "obliviate.methods.ember")
 register("rmu", "obliviate.methods.rmu")
 register("elm", "obliviate.methods.elm")
 register("grad_diff", "obliviate.methods.grad_diff")

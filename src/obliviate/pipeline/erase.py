@@ -31,7 +31,7 @@ from obliviate.progress import write_line
 from obliviate.pipeline.selection import (CandidateResult, applied, choose, measure_top_coherence, selection_rules,
                                           sweep)
 
-PLUG_IN = "ember"  # the method that can run first under any other
+PLUG_IN = methods.PLUG_IN
 
 
 @dataclass(frozen=True)
