@@ -86,10 +86,10 @@ def candidate_layers(model: nn.Module) -> list[int]:
 class PromptClassifier:
     """p(concept | prompt) = sigmoid(w . (x - mean) / std + b); flagged when p >= threshold."""
 
-    weight: torch.Tensor  # (d,)
+    weight: torch.Tensor  # (pooled_width,): the hidden size, twice it with mean+max
     bias: torch.Tensor  # (1,)
-    mean: torch.Tensor  # (d,)
-    std: torch.Tensor  # (d,)
+    mean: torch.Tensor  # (pooled_width,)
+    std: torch.Tensor  # (pooled_width,)
     layer: int
     threshold: float = 0.5
     pooling: str = "mean"
