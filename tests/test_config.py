@@ -45,7 +45,6 @@ def test_method_settings_are_checked_when_the_config_is_built(tmp_path):
     assert config.method_config().steps == 3 and config.method_config("ember") is config.ember
 
 
-
 def test_ember_settings_given_as_a_method_setting_reach_embers_section(tmp_path):
     """--set ember.k=50 (or YAML methods: ember:) lands among the methods' settings; the run
     reads EMBER's from its own section, so it must arrive there, checked like the flags."""
@@ -57,6 +56,7 @@ def test_ember_settings_given_as_a_method_setting_reach_embers_section(tmp_path)
     assert config.ember.delta_grid == (1.0, 5.0) and config.methods == {"rmu": {"steps": 3}}
     with pytest.raises(ObliviateError, match="Unknown setting.*kk"):
         make_config(methods={"ember": {"kk": "3"}})
+
 
 def test_bad_method_setting_on_the_cli_exits_2_and_writes_nothing(tmp_path, capsys):
     from obliviate.cli import main
