@@ -3,7 +3,8 @@
     python bench/bench_elm_guidance.py --data ../shared/data/ember-benchmark \
         --concepts Gambling,Gun,Cannabis,Golf [--model embedded] [--templates 2]
 
-ELM's erase target is the original's next-token distribution re-weighted by
+``erase --method elm`` runs the same check per concept before training
+(``guidance_templates``). ELM's erase target is the original's next-token distribution re-weighted by
 (P(x | novice prefix) / P(x | expert prefix))^eta (methods/elm.py). It can teach ignorance
 only where the model, told it is a novice, knows less than when told it is an expert. This
 measures exactly that, on each concept's TRAIN questions (option log-likelihood, as the
@@ -19,20 +20,10 @@ import argparse
 import numpy as np
 
 from obliviate.api import make_config
-from obliviate.data.concepts import MCQuestion
 from obliviate.evaluation.metrics import bootstrap
-from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare
-from obliviate.methods.elm import EXPERT, NOVICE
+from obliviate.methods.elm import accuracy_under, guidance_difference, persona_accuracy
 from obliviate.models.loading import load_model
 from obliviate.pipeline.inputs import load_concept_data
-
-
-def accuracy_under(lm, questions: list[MCQuestion], prefix: str) -> np.ndarray:
-    """Per-question correctness with ``prefix`` before each question (option order is
-    irrelevant to log-likelihood scoring, so the prefix changes only the context)."""
-    asked = [MCQuestion(f"{prefix} {q.question}".strip(), q.options, q.answer) for q in questions]
-    prepared = prepare(lm, asked, "loglik", 42)
-    return correct_from_scores(prepared, option_scores(lm, prepared)).astype(float)
 
 
 def main() -> None:
@@ -43,20 +34,18 @@ def main() -> None:
     parser.add_argument("--templates", type=int, default=2, help="expert and novice templates each (of 10)")
     args = parser.parse_args()
     lm = load_model(args.model, "cpu", "float32", None)
-    picks = np.linspace(0, len(EXPERT) - 1, args.templates).round().astype(int)
     rows, differences = [], {}
     for concept in args.concepts.split(","):
         data = load_concept_data(make_config(None, concept=concept, data={"data": args.data}))
         questions = data.questions["qa_train"]
         plain = accuracy_under(lm, questions, "")
-        expert = np.mean([accuracy_under(lm, questions, EXPERT[i].format(c=concept)) for i in picks], axis=0)
-        novice = np.mean([accuracy_under(lm, questions, NOVICE[i].format(c=concept)) for i in picks], axis=0)
+        expert, novice = persona_accuracy(lm, questions, concept, args.templates)
         differences[concept] = (novice - expert,)
-        d = bootstrap(lambda s: {"d": float(s["d"][0].mean())}, {"d": (novice - expert,)}, 2000, 0)["d"]
+        d = guidance_difference(expert, novice)
         rows.append(f"| {concept} | {len(questions)} | {plain.mean():.2f} | {expert.mean():.2f} | {novice.mean():.2f} | "
                     f"{d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] |")
     pooled = bootstrap(lambda s: {"d": float(np.mean([a[0].mean() for a in s.values()]))}, differences, 2000, 0)["d"]
-    print(f"| concept | TRAIN questions | no prefix | expert prefix ({len(picks)}) | novice prefix ({len(picks)}) | "
+    print(f"| concept | TRAIN questions | no prefix | expert prefix ({args.templates}) | novice prefix ({args.templates}) | "
           "novice - expert [95% CI] |")
     print("| --- | --- | --- | --- | --- | --- |")
     print("\n".join(rows))

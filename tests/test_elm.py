@@ -3,6 +3,7 @@ tokens of the plain recompute, its cache is reused and invalidated by exactly it
 and each loss term moves the adapted model the right way after a step."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,3 +152,32 @@ def test_fit_reuses_the_generated_consistency_text_across_the_grid(tiny_lm, smal
                             MethodContext(progress=False, checkpoint_dir=tmp_path))
         list(fitted.candidates())
     assert len(calls) == SMALL["consistency_prompts"]
+
+
+def test_guidance_check_scores_each_question_under_both_personas(tiny_lm, small_concept):
+    logged = []
+    found = elm.guidance_check(tiny_lm, small_concept, 2, logged.append)
+    expert, novice = elm.persona_accuracy(tiny_lm, small_concept.questions["qa_train"], small_concept.concept, 2)
+    assert expert.shape == novice.shape == (len(small_concept.questions["qa_train"]),)
+    assert set(np.unique(np.concatenate([expert, novice]))) <= {0.0, 0.5, 1.0}  # the mean of two templates
+    d = found["novice_minus_expert"]
+    assert d["value"] == pytest.approx(novice.mean() - expert.mean())
+    assert d["low"] <= d["value"] <= d["high"]
+    assert (len(logged) == 1) == (d["high"] >= 0)
+
+
+def test_guidance_check_reports_no_difference_where_the_personas_are_the_same(tiny_lm, small_concept, monkeypatch):
+    monkeypatch.setattr(elm, "NOVICE", elm.EXPERT)
+    logged = []
+    d = elm.guidance_check(tiny_lm, small_concept, 3, logged.append)["novice_minus_expert"]
+    assert d == {"value": 0.0, "low": 0.0, "high": 0.0}
+    assert len(logged) == 1 and "no knowledge difference" in logged[0]
+    assert elm.guidance_check(tiny_lm, small_concept, 0, logged.append) == {}
+
+
+def test_fit_reports_the_guidance_check_and_the_setting_is_checked(tiny_lm, small_concept, tmp_path):
+    fitted = methods.get("elm").fit(tiny_lm, small_concept, config(guidance_templates=1), 0,
+                                    MethodContext(progress=False, checkpoint_dir=tmp_path))
+    assert fitted.report()["guidance"]["questions"] == len(small_concept.questions["qa_train"])
+    with pytest.raises(Exception, match="guidance_templates"):
+        config(guidance_templates=11)

@@ -11,17 +11,26 @@ Three losses, each weight 1 in the reference:
       once per run and cached beside the checkpoints.
 The trained adapter is saved as a normal peft adapter folder (``PeftModel.from_pretrained``
 loads it); the edit merges it into the base weights.
+
+The erase target can teach ignorance only where the model, told it is a novice, knows
+less than when told it is an expert. Before training, ``fit`` measures that on the
+concept's TRAIN questions (``persona_accuracy``) and says so where the difference is not
+shown: on the embedded base model it is +0.007 [-0.015, +0.033] pooled over four concepts,
+and ELM there moves accuracy only with damage (README, "ELM on the CPU").
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from obliviate.training import losses
-from obliviate.data.concepts import ConceptData
+from obliviate.data.concepts import ConceptData, MCQuestion
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import bootstrap
+from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare
 from obliviate.io import fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
@@ -30,6 +39,7 @@ from obliviate.training.loop import (
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
 from obliviate.models.layers import PROJECTIONS, cache_argument, decoder_layers, model_device, resolve_layer
 from obliviate.edits.weights import LoraAdapter
+from obliviate.settings import setting
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
     "As an expert in {c}:", "Written by a leading authority on {c}:", "From an encyclopedia entry on {c}:",
@@ -69,9 +79,14 @@ class Config(LoopConfig):
     steps: int = 20  # reference ~3000 samples / (batch 1 x accumulation 4) = 750; CPU-scale default
     batch_size: int = 4
     grad_accum: int = 1  # reference 4
+    guidance_templates: int = setting(2, "expert and novice prefixes (each) under which the TRAIN questions are "
+                                         "scored before training, to measure whether the guidance carries a "
+                                         "knowledge difference on this model (0: skip)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if not 0 <= self.guidance_templates <= len(EXPERT):
+            raise ObliviateError(f"guidance_templates must be 0..{len(EXPERT)}, got {self.guidance_templates}.")
         for name in ("rank", "top_k"):
             if getattr(self, name) < 1:
                 raise ObliviateError(f"{name} must be >= 1, got {getattr(self, name)}.")
@@ -197,6 +212,46 @@ def _adapter_weights(named: dict[str, torch.Tensor]) -> dict[str, tuple[torch.Te
     return {name: (p["A"], p["B"]) for name, p in pairs.items()}
 
 
+def accuracy_under(lm: LoadedModel, questions: list[MCQuestion], prefix: str) -> np.ndarray:
+    """Per-question correctness with ``prefix`` before each question, scored by option
+    log-likelihood (option order does not matter to it, so only the context changes)."""
+    asked = [MCQuestion(f"{prefix} {q.question}".strip(), q.options, q.answer) for q in questions]
+    prepared = prepare(lm, asked, "loglik", 0)
+    return correct_from_scores(prepared, option_scores(lm, prepared)).astype(float)
+
+
+def persona_accuracy(lm: LoadedModel, questions: list[MCQuestion], concept: str,
+                     templates: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per-question accuracy under ``templates`` expert prefixes and as many novice ones
+    (spread over the ten of each), averaged over the templates."""
+    picks = np.linspace(0, len(EXPERT) - 1, templates).round().astype(int)
+    expert = np.mean([accuracy_under(lm, questions, EXPERT[i].format(c=concept)) for i in picks], axis=0)
+    novice = np.mean([accuracy_under(lm, questions, NOVICE[i].format(c=concept)) for i in picks], axis=0)
+    return expert, novice
+
+
+def guidance_difference(expert: np.ndarray, novice: np.ndarray):
+    """Mean novice minus expert accuracy, paired over questions, with its 95% bootstrap interval."""
+    return bootstrap(lambda s: {"d": float(s["d"][0].mean())}, {"d": (novice - expert,)}, 2000, 0)["d"]
+
+
+def guidance_check(lm: LoadedModel, data: ConceptData, templates: int, log) -> dict:
+    """Novice minus expert accuracy on the TRAIN questions, paired over questions (95%
+    bootstrap); logs why ELM will not erase where that difference is not below 0."""
+    questions = data.questions.get("qa_train") or []
+    if not templates or not questions:
+        return {}
+    expert, novice = persona_accuracy(lm, questions, data.concept, templates)
+    d = guidance_difference(expert, novice)
+    found = {"questions": len(questions), "expert_accuracy": float(expert.mean()),
+             "novice_accuracy": float(novice.mean()), "novice_minus_expert": d.as_dict()}
+    if d.high >= 0:
+        log(f"ELM's guidance shows no knowledge difference on this model: TRAIN accuracy as a novice minus as an "
+            f"expert is {d.value:+.3f} [{d.low:+.3f}, {d.high:+.3f}] (95%), so its erase target points at nothing "
+            f"the model knows less of; expect it to lower accuracy only with damage to neighbouring knowledge.")
+    return found
+
+
 def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> TrainedGrid:
     from peft import LoraConfig
 
@@ -206,6 +261,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     for layer in layers:
         resolve_layer(layer, 0, depth)
     check_target_modules(lm.model, config.target_modules, layers)
+    guidance = guidance_check(lm, data, config.guidance_templates, getattr(context, "log", lambda _m: None))
     folder = getattr(context, "checkpoint_dir", None)
     base_folder = folder / "elm" / fingerprint(["elm", config.__dict__, seed, model_fingerprint(lm.model)]) if folder else None
     examples = consistency_examples(lm, data, config, seed, folder)
@@ -217,7 +273,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
         return train_adapter(lm, data, config, lora, examples, point, seed, where, getattr(context, "progress", True))
 
     return TrainedGrid("elm", grid_points(lr=config.lr), run_point,
-                       info={"layers": layers, "consistency_examples": len(examples)})
+                       info={"layers": layers, "consistency_examples": len(examples), "guidance": guidance})
 
 
 def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, progress):
