@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from obliviate import methods
+from obliviate.errors import ObliviateError
 from obliviate.methods import MethodContext, elm
 from obliviate.settings import build_section
 from obliviate.training.loop import tokenize
@@ -179,5 +180,15 @@ def test_fit_reports_the_guidance_check_and_the_setting_is_checked(tiny_lm, smal
     fitted = methods.get("elm").fit(tiny_lm, small_concept, config(guidance_templates=1), 0,
                                     MethodContext(progress=False, checkpoint_dir=tmp_path))
     assert fitted.report()["guidance"]["questions"] == len(small_concept.questions["qa_train"])
-    with pytest.raises(Exception, match="guidance_templates"):
+    with pytest.raises(ObliviateError, match="guidance_templates"):
         config(guidance_templates=11)
+
+
+def test_the_guidance_check_setting_reuses_the_trained_adapter(tiny_lm, small_concept, tmp_path):
+    cached = []
+    for templates in (0, 1):
+        fitted = methods.get("elm").fit(tiny_lm, small_concept, config(guidance_templates=templates), 0,
+                                        MethodContext(progress=False, checkpoint_dir=tmp_path))
+        list(fitted.candidates())
+        cached.append(fitted.report()["candidates"][0]["cached"])
+    assert cached == [False, True]

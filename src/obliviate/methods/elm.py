@@ -29,7 +29,7 @@ import torch
 from obliviate.training import losses
 from obliviate.data.concepts import ConceptData, MCQuestion
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.metrics import bootstrap
+from obliviate.evaluation.metrics import Interval, bootstrap
 from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare
 from obliviate.io import fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
@@ -230,7 +230,7 @@ def persona_accuracy(lm: LoadedModel, questions: list[MCQuestion], concept: str,
     return expert, novice
 
 
-def guidance_difference(expert: np.ndarray, novice: np.ndarray):
+def guidance_difference(expert: np.ndarray, novice: np.ndarray) -> Interval:
     """Mean novice minus expert accuracy, paired over questions, with its 95% bootstrap interval."""
     return bootstrap(lambda s: {"d": float(s["d"][0].mean())}, {"d": (novice - expert,)}, 2000, 0)["d"]
 
@@ -263,7 +263,8 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     check_target_modules(lm.model, config.target_modules, layers)
     guidance = guidance_check(lm, data, config.guidance_templates, getattr(context, "log", lambda _m: None))
     folder = getattr(context, "checkpoint_dir", None)
-    base_folder = folder / "elm" / fingerprint(["elm", config.__dict__, seed, model_fingerprint(lm.model)]) if folder else None
+    trained_by = {k: v for k, v in config.__dict__.items() if k != "guidance_templates"}  # the check trains nothing
+    base_folder = folder / "elm" / fingerprint(["elm", trained_by, seed, model_fingerprint(lm.model)]) if folder else None
     examples = consistency_examples(lm, data, config, seed, folder)
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), layers_to_transform=layers, bias="none")
