@@ -8,11 +8,13 @@ from safetensors.torch import load_file
 import obliviate
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
-from obliviate.pipeline.selection import CandidateResult, choose
+from obliviate import methods
+from obliviate.pipeline.selection import NOTHING_TO_ERASE, CandidateResult, choose
 
 FAST = dict(
     ember={"k": 20, "ratio_threshold": 1.0, "delta_grid": (1.0, 50.0)},
-    evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50},
+    # a random model is at chance on every split: sweep the grids anyway (a user's model would not be)
+    evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50, "fit_at_chance": True},
     data_options={"general_questions": 6},
 )
 
@@ -53,6 +55,30 @@ def test_erase_writes_every_output_and_a_loadable_model(tiny_model_dir, data_dir
     else:
         assert len(changed) == 0
     assert result["concept"] == "Golf"
+
+
+def test_a_concept_the_original_answers_at_chance_is_not_fitted(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """No candidate can win where the original's TRAIN QA is at chance (a random model's is):
+    neither stage is fitted or swept and nothing is applied; a fixed delta still is."""
+    at_chance = {**FAST["evaluation"], "fit_at_chance": False}
+
+    def must_not_fit(*args, **kwargs):
+        raise AssertionError("fitted although nothing can be erased")
+
+    with monkeypatch.context() as patched:
+        for name in ("ember", "snmf"):
+            patched.setattr(methods.get(name), "fit", must_not_fit)
+        result = run(tiny_model_dir, data_dir, tmp_path / "skip", method="snmf", with_ember=True,
+                     evaluation=at_chance, save_model=False)
+    assert result.edit is None and result["delta"] == 0.0
+    assert result["delta_sweep"] == [] and result["method_sweep"] == []
+    assert result["details"]["ember"]["skipped"] == result["details"]["snmf"]["skipped"] == NOTHING_TO_ERASE
+    assert result["qa_test"]["edited"]["value"] == result["qa_test"]["base"]["value"]
+    assert not list((tmp_path / "skip").glob("*.safetensors"))
+
+    fixed = run(tiny_model_dir, data_dir, tmp_path / "fixed", ember={**FAST["ember"], "delta": 7.0},
+                evaluation=at_chance, save_model=False)
+    assert fixed["delta"] == 7.0 and (tmp_path / "fixed" / "embedding_patch.safetensors").exists()
 
 
 def test_the_grid_skips_concept_fluency_unless_asked_and_chooses_the_same(tiny_model_dir, data_dir, tmp_path):
@@ -222,7 +248,8 @@ def test_train_only_then_the_same_command_evaluates_without_training_again(tiny_
     out = tmp_path / "run"
     argv = ["erase", "--concept", "Golf", "--data", str(data_dir), "--model", str(tiny_model_dir), "--out", str(out),
             "--method", "grad_diff", "--set", "steps=1", "--set", "batch_size=2", "--set", "max_length=16",
-            "--set", "lr=1e-3,1e-2", "--coherence-new-tokens", "2", "--neutral-coherence-prompts", "1",
+            "--set", "lr=1e-3,1e-2", "--fit-at-chance", "--coherence-new-tokens", "2",
+            "--neutral-coherence-prompts", "1",
             "--general-prompts", "2", "--general-questions", "4", "--bootstrap", "20", "--no-save-model"]
     assert main([*argv, "--train-only"]) == 0, capsys.readouterr().err
     assert "2 candidate(s) of grad_diff trained" in capsys.readouterr().out

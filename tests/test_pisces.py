@@ -101,7 +101,7 @@ def test_erase_with_pisces_through_the_api_writes_results(tiny_model_dir, data_d
     result = obliviate.erase(
         "Golf", data=data_dir, out=tmp_path / "run", model={"name": str(tiny_model_dir)}, progress=False,
         method="pisces", save_model=False, methods={"pisces": {**TINY, "ks": (0.5,), "values": (4.0, 24.0)}},
-        evaluation={"coherence_new_tokens": 2, "neutral_coherence_prompts": 1, "bootstrap": 20},
+        evaluation={"coherence_new_tokens": 2, "neutral_coherence_prompts": 1, "bootstrap": 20, "fit_at_chance": True},
         data_options={"general_questions": 4})
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert results["method"] == "pisces" and len(results["method_sweep"]) == 2
@@ -146,7 +146,8 @@ def test_the_pipeline_hands_a_base_method_the_vocabulary_from_before_the_plug_in
                     save_model=False, method="pisces", with_ember=True,
                     ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
                     methods={"pisces": {**TINY, "ks": (0.3,), "values": (8.0,)}},
-                    evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50},
+                    evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50,
+                                "fit_at_chance": True},
                     data_options={"general_questions": 6})
     (vocabulary, current), = seen
     assert torch.equal(vocabulary, original) and not torch.equal(current, original)

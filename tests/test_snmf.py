@@ -160,7 +160,8 @@ def test_erase_with_snmf_through_the_cli_writes_results(tiny_model_dir, data_dir
         "rank": 6, "sparsity": 0.25, "ratio_threshold": 1.0, "max_iterations": 30, "in_layers": "0-1",
         "out_layers": "1-3", "deltas": "1,10", "w_modes": "out,both", "max_tokens": 200, "max_sentences": 30}.items()]
     argv = ["erase", "--method", "snmf", "--concept", "Golf", "--data", str(data_dir), "--model", str(tiny_model_dir),
-            "--out", str(out), "--no-save-model", "--coherence-new-tokens", "2", "--neutral-coherence-prompts", "1",
+            "--out", str(out), "--no-save-model", "--fit-at-chance", "--coherence-new-tokens", "2",
+            "--neutral-coherence-prompts", "1",
             "--general-prompts", "2", "--bootstrap", "20", "--general-questions", "4"]
     for setting in settings:
         argv += ["--set", setting]
@@ -215,6 +216,7 @@ def test_under_ember_the_features_are_read_on_the_model_before_the_edit(tiny_mod
                              ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
                              methods={"snmf": {**TINY, "w_modes": ("out",), "deltas": (4.0,)}},
                              evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50,
+                                         "fit_at_chance": True,
                                          "method_max_qa_frac": 1.0, "method_general_gate": 0.0},
                              data_options={"general_questions": 6})
     (at_fit,) = seen

@@ -139,7 +139,8 @@ def test_a_patch_only_run_of_a_base_method_on_ember_loads_both_edits(tiny_model_
                              progress=False, save_model=False, method="grad_diff", with_ember=True,
                              ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
                              methods={"grad_diff": {"steps": 2, "batch_size": 2, "max_length": 24, "lr": (1e-2,)}},
-                             evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50},
+                             evaluation={"coherence_new_tokens": 4, "neutral_coherence_prompts": 1, "bootstrap": 50,
+                                         "fit_at_chance": True},
                              data_options={"general_questions": 6})
     assert (tmp_path / "run" / "weight_delta.safetensors").is_file()
     loaded = load_erased(*erase_run_info(str(tmp_path / "run")))

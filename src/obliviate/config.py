@@ -91,6 +91,12 @@ class EvalConfig:
     choice: str = setting(
         "best", "which candidate wins: best (the reference) or one-se (the first within one standard error of the best)")
     bootstrap: int = 1000  # resamples for 95% intervals
+    # Ours (the reference sweeps regardless): where the original answers the TRAIN QA within
+    # noise of chance, no candidate can win (selection.py), so the method is neither fitted
+    # nor swept and nothing is applied; on the embedded model that is 6 of the 13 concepts.
+    fit_at_chance: bool = setting(
+        False, "fit and sweep the grid even when the original's TRAIN QA is at chance (no candidate can win; "
+               "to inspect the grid, or on a random test model)")
     cache: bool = setting(
         True, "keep the ORIGINAL model's answers, continuations and relearning curve in the user's cache folder "
               "and reuse them (--no-cache: recompute, write nothing)")

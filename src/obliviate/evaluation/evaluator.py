@@ -145,6 +145,12 @@ class Evaluator:
         return {name: float(correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)]).mean())
                 for name in self.question_sets(split)}
 
+    def original_near_chance(self, split: str) -> frozenset[str]:
+        """The question sets the ORIGINAL model answers within noise of chance on ``split``."""
+        return near_chance_sets({name: (correct_from_scores(self._prepared_set(split, name),
+                                                            self._base_scores[(split, name)]),)
+                                 for name in self.question_sets(split)})
+
     def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True,
                  questions: bool = True) -> SplitOutcome:
         """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted).

@@ -28,8 +28,8 @@ from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, publish, save_outputs
 from obliviate.training.sharding import world
 from obliviate.progress import write_line
-from obliviate.pipeline.selection import (CandidateResult, applied, choose, measure_top_coherence, selection_rules,
-                                          sweep)
+from obliviate.pipeline.selection import (NOTHING_TO_ERASE, CandidateResult, applied, choose, measure_top_coherence,
+                                          selection_rules, sweep)
 
 PLUG_IN = methods.PLUG_IN
 
@@ -79,6 +79,7 @@ def config_fingerprint(config: RunConfig) -> str:
     payload.pop("push_to_hub", None)  # where the result goes, not what it is
     payload.pop("private", None)
     payload["evaluation"].pop("cache", None)  # where the original's numbers come from, not what they are
+    payload["evaluation"].pop("fit_at_chance", None)  # sweeps a grid no candidate can win: same result
     return fingerprint(payload)
 
 
@@ -197,6 +198,11 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
     choose; the chosen edit is composed with ``base_edit``. ``key`` names its grid in the
     checkpoint (one per stage, and per concept when several are erased)."""
     clock = time.perf_counter()
+    if nothing_to_erase(stage, data, evaluator, config):
+        # no candidate can win (selection.py), so fitting and sweeping the grid is wasted work
+        context.log(f"{key}: not fitted: {NOTHING_TO_ERASE} (TRAIN questions)")
+        timings["ember_grid" if stage.plug_in else "method_grid"] = time.perf_counter() - clock
+        return StageOutcome([], base_edit, {}, {"skipped": NOTHING_TO_ERASE})
     if base_edit is not None:
         context = replace(context, vocabulary=lm.model.get_output_embeddings().weight.detach().clone())
     method = methods.get(stage.name)
@@ -214,6 +220,13 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
     if stage.plug_in and results:  # the strength in force (0: nothing applied)
         report.update(params or {key: 0.0 for key in results[0].params})
     return StageOutcome(results, edits[pick] if pick is not None else base_edit, params, report)
+
+
+def nothing_to_erase(stage: Stage, data: ConceptData, evaluator: Evaluator, config: RunConfig) -> bool:
+    """The original answers the TRAIN QA within noise of chance: no candidate of the stage's
+    grid can win, so it is not fitted (unless the strength is fixed or the user asks)."""
+    return (not stage.fixed and data.has_questions and not config.evaluation.fit_at_chance
+            and "qa" in evaluator.original_near_chance("train"))
 
 
 def each_concept(names: list[str], evaluators: dict[str, Evaluator], edit, concept_rows: dict[str, set[int]]) -> dict:
@@ -248,7 +261,7 @@ def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data
     parts = {
         "model_source": lm.source,
         "config_fingerprint": run_fingerprint,
-        "delta": ember_report.get("delta"),
+        "delta": ember_report.get("delta", 0.0) if plug_in else None,  # 0: nothing applied
         "params": base.params if base else {},
         "features": ember_report.get("features", []),
         "edited_token_count": ember_report.get("edited_token_count", 0),
