@@ -8,7 +8,7 @@ coefficient edited and is reconstructed (METHOD.md section 2). No pretrained dis
 exists for our models, so we train one on the model's own MLP vectors (the columns of
 every down-projection): a top-k sparse dictionary, each unit-norm vector coded by
 ``topk`` of ``dictionary_factor * d_model`` atoms. It depends only on the weights, so it
-is cached per model (about 1-2 minutes on Gemma 3 270M on one CPU core; then seconds).
+is cached per model (24 s on Gemma 3 270M at two CPU threads, then 3 s: bench_snmf_pisces.py).
 
 Concept features, judge-free: each atom's vocabulary projection (cosine with the output
 embedding rows of the concept and neutral sentences' tokens, the top 1% kept) is read by
