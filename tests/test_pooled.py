@@ -141,8 +141,10 @@ def test_regained_fraction_uses_the_last_relearning_epoch():
                             "relearn": {"erased": {"curve_correct": [edited, relearned]}}})
     draws = concept_draws(arm, draw_indices(arm, 10, np.random.default_rng(0)))
     assert draws["regained"][0] == pytest.approx((0.5 - 0.25) / (1 - 0.25))
-    excluded = pooled_metrics([Arm("Golf", "rmu", arm.questions)], n_resamples=10)["regained"].excluded
-    assert excluded == {"Golf": "no per-question relearning curve"}
+    assert draws["relearned_qa"][0] == pytest.approx(0.5)  # test QA after the attack, as measured
+    unattacked = pooled_metrics([Arm("Golf", "rmu", arm.questions)], n_resamples=10)
+    for metric in ("regained", "relearned_qa"):
+        assert unattacked[metric].excluded == {"Golf": "no per-question relearning curve"}
 
 
 def test_results_without_per_question_are_refused():

@@ -25,7 +25,7 @@ from obliviate.evaluation.metrics import QUESTION_SETS, Interval, coherence_stat
 
 QUESTION_KEYS = ("base_correct", "edited_correct", "base_prob", "edited_prob")
 PROMPT_KEYS = ("edited_ll", "original_ll", "edited_distinct", "original_distinct")
-METRICS = ("efficacy", "specificity", "coherence", "concept_fluency", "regained",
+METRICS = ("efficacy", "specificity", "coherence", "concept_fluency", "regained", "relearned_qa",
            *(f"drop_{s}" for s in QUESTION_SETS), *(f"prob_drop_{s}" for s in QUESTION_SETS))
 # 1.96 + 0.84: z of a two-sided alpha of 0.05 plus z of 80% power; a true difference of
 # 2.8 standard errors is detected (interval excludes 0) four times out of five.
@@ -165,8 +165,9 @@ def concept_metrics(arm: Arm, means: Mapping[str, float]) -> dict[str, float]:
         out[f"prob_drop_{name}"] = means[f"{name}/base_prob"] - means[f"{name}/edited_prob"]
     if "qa" in arm.questions:
         out["efficacy"] = 1.0 - fraction(means["qa/edited_correct"], means["qa/base_correct"])
-        if "qa/relearned" in means:
+        if "qa/relearned" in means:  # the raw accuracy needs no base above chance; the fraction does
             out["regained"] = knowledge_fraction(means["qa/relearned"], means["qa/base_correct"])
+            out["relearned_qa"] = means["qa/relearned"]
     kept = specificity_sets(arm)
     if kept:
         out["specificity"] = harmonic(*[fraction(means[f"{s}/edited_correct"], means[f"{s}/base_correct"]) for s in kept])
@@ -189,7 +190,7 @@ def concept_draws(arm: Arm, indices: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 def exclusion(arm: Arm, metric: str) -> str | None:
     """Why a concept has no value of ``metric`` (None: it has one)."""
-    needs = {"efficacy": "qa", "regained": "qa", "coherence": "prompt:general", "concept_fluency": "prompt:concept"}
+    needs = {"efficacy": "qa", "regained": "qa", "relearned_qa": "qa", "coherence": "prompt:general", "concept_fluency": "prompt:concept"}
     needed = needs.get(metric, metric.rsplit("_", 1)[-1])
     if needed.startswith("prompt:") and needed[7:] not in arm.prompts:
         return f"no {needed[7:]} prompts"
@@ -197,9 +198,9 @@ def exclusion(arm: Arm, metric: str) -> str | None:
         return f"no {needed} questions"
     if metric in ("efficacy", "regained") and arm.near_chance.get("qa", False):
         return NEAR_CHANCE.format("qa")
-    if metric == "regained" and arm.method == ORIGINAL:
+    if metric in ("regained", "relearned_qa") and arm.method == ORIGINAL:
         return "the original model is not attacked"
-    if metric == "regained" and arm.relearned is None:
+    if metric in ("regained", "relearned_qa") and arm.relearned is None:
         return "no per-question relearning curve"
     if metric == "specificity" and not specificity_sets(arm):
         return "simdom and general are both absent or near chance"
