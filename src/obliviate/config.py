@@ -93,7 +93,7 @@ class EvalConfig:
     bootstrap: int = 1000  # resamples for 95% intervals
     # Ours (the reference sweeps regardless): where the original answers the TRAIN QA within
     # noise of chance, no candidate can win (selection.py), so the method is neither fitted
-    # nor swept and nothing is applied; on the embedded model that is 6 of the 13 concepts.
+    # nor swept and nothing is applied; on the embedded model that is 5 of the 13 concepts.
     fit_at_chance: bool = setting(
         False, "fit and sweep the grid even when the original's TRAIN QA is at chance (no candidate can win; "
                "to inspect the grid, or on a random test model)")

@@ -190,7 +190,8 @@ def concept_draws(arm: Arm, indices: Mapping[str, np.ndarray]) -> dict[str, np.n
 
 def exclusion(arm: Arm, metric: str) -> str | None:
     """Why a concept has no value of ``metric`` (None: it has one)."""
-    needs = {"efficacy": "qa", "regained": "qa", "relearned_qa": "qa", "coherence": "prompt:general", "concept_fluency": "prompt:concept"}
+    needs = {"efficacy": "qa", "regained": "qa", "relearned_qa": "qa", "coherence": "prompt:general",
+             "concept_fluency": "prompt:concept"}
     needed = needs.get(metric, metric.rsplit("_", 1)[-1])
     if needed.startswith("prompt:") and needed[7:] not in arm.prompts:
         return f"no {needed[7:]} prompts"
