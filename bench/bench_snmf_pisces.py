@@ -72,13 +72,16 @@ def erase_split(method: str, concept: str, data_dir: str) -> dict[str, float]:
 
 
 def finished_splits(root: Path) -> list[tuple[str, dict[str, float]]]:
-    """(label, split) of every finished snmf/pisces run under ``root``; a run's total is the
-    sum of its recorded stages (loading, the grids with their fits, the test numbers, saving)."""
+    """(label, split) of every finished snmf/pisces run in ``root`` (an erase folder, a folder
+    of them, or a compare folder; links followed) that fitted its method; a run's total is
+    the sum of its recorded stages (loading, the grids with their fits, the test numbers, saving)."""
     rows = []
-    for path in sorted(root.rglob("results.json")):
+    for path in sorted({*root.glob("results.json"), *root.glob("*/results.json"), *root.glob("*/*/results.json")}):
         results = json.loads(path.read_text())
         if results.get("method", "").split("+")[0] not in ("snmf", "pisces"):
             continue
+        if any(isinstance(stage, dict) and stage.get("skipped") for stage in results.get("details", {}).values()):
+            continue  # not fitted (the original at chance): seconds of loading, nothing to split
         timings = results.get("timings", {})
         total = sum(float(timings.get(k, 0.0)) for k in ("load", "ember_grid", "method_grid", "test_evaluation", "save"))
         rows.append((f"{results['concept']} / {results['method']}", split_timings(timings, total)))
