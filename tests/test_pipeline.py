@@ -6,9 +6,9 @@ import torch
 from safetensors.torch import load_file
 
 import obliviate
+from obliviate import methods
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
-from obliviate import methods
 from obliviate.pipeline.selection import NOTHING_TO_ERASE, CandidateResult, choose
 
 FAST = dict(
