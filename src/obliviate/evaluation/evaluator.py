@@ -141,15 +141,17 @@ class Evaluator:
         None: every prediction may move and everything runs again)."""
         return set() if edit is None else edit.changed_token_ids()
 
-    def base_accuracy(self, split: str) -> dict[str, float]:
-        return {name: float(correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)]).mean())
+    def _original_correct(self, split: str) -> dict[str, np.ndarray]:
+        """Which questions of each set the ORIGINAL model answers correctly on ``split``."""
+        return {name: correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)])
                 for name in self.question_sets(split)}
+
+    def base_accuracy(self, split: str) -> dict[str, float]:
+        return {name: float(correct.mean()) for name, correct in self._original_correct(split).items()}
 
     def original_near_chance(self, split: str) -> frozenset[str]:
         """The question sets the ORIGINAL model answers within noise of chance on ``split``."""
-        return near_chance_sets({name: (correct_from_scores(self._prepared_set(split, name),
-                                                            self._base_scores[(split, name)]),)
-                                 for name in self.question_sets(split)})
+        return near_chance_sets({name: (correct,) for name, correct in self._original_correct(split).items()})
 
     def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True,
                  questions: bool = True) -> SplitOutcome:
