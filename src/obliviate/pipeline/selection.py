@@ -40,7 +40,6 @@ class CandidateResult:
         return self.metrics.get(name, {}).get("value", float("nan"))
 
 
-
 def selection_rules(config: RunConfig) -> dict:
     """The gates and ranking the grids used, as results.json records them."""
     ev = config.evaluation
@@ -147,7 +146,6 @@ def _under(base_edit, model, candidates: Iterator) -> Iterator:
             except StopIteration:
                 return
         yield params, (CompositeEdit([base_edit, edit]) if base_edit is not None else edit)
-
 
 
 def sweep(
