@@ -59,7 +59,8 @@ def split_timings(timings: dict, total: float) -> dict[str, float]:
     and the test numbers) and the rest."""
     fit = sum(float(v) for k, v in timings.items() if k.split("_")[0] in FITTED and not k.endswith("_grid"))
     grids = float(timings.get("ember_grid", 0.0)) + float(timings.get("method_grid", 0.0))  # include the fits
-    evaluation = max(grids - fit, 0.0) + float(timings.get("test_evaluation", 0.0))
+    evaluation = (max(grids - fit, 0.0) + float(timings.get("test_evaluation", 0.0))
+                  + float(timings.get("resumed_grid", 0.0)))  # an interrupted run's grid cells, read back
     load = float(timings.get("load", 0.0))
     return {"total": total, "load": load, "fit": fit, "evaluation": evaluation,
             "other": max(total - load - fit - evaluation, 0.0)}
@@ -83,7 +84,8 @@ def finished_splits(root: Path) -> list[tuple[str, dict[str, float]]]:
         if any(isinstance(stage, dict) and stage.get("skipped") for stage in results.get("details", {}).values()):
             continue  # not fitted (the original at chance): seconds of loading, nothing to split
         timings = results.get("timings", {})
-        total = sum(float(timings.get(k, 0.0)) for k in ("load", "ember_grid", "method_grid", "test_evaluation", "save"))
+        total = sum(float(timings.get(k, 0.0)) for k in ("load", "ember_grid", "method_grid", "test_evaluation", "save",
+                                                        "resumed_grid"))
         rows.append((f"{results['concept']} / {results['method']}", split_timings(timings, total)))
     return rows
 

@@ -141,6 +141,24 @@ def test_a_cell_reads_back_its_finished_parts_and_reruns_what_changed(tmp_path, 
     assert counts == {"erase": 2, "attack": 3, "loaded": 2}
 
 
+def test_a_resumed_erase_counts_the_seconds_its_interrupted_run_spent_on_the_grid(tmp_path, monkeypatch):
+    from obliviate.api import make_config
+    from obliviate.pipeline import cells
+
+    _fake_parts(monkeypatch, tmp_path, {"lr": 1e-4})
+    real = cells.erase
+
+    def resumed_erase(config, progress=True):
+        run = real(config, progress)
+        run.results["timings"] = {"resumed_grid": 120.0}  # what erase records when it read candidates back
+        return run
+
+    monkeypatch.setattr(cells, "erase", resumed_erase)
+    results = cells.run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")), None)
+    assert 120.0 <= results["times"]["erase"] < 130.0
+    assert json.loads((tmp_path / "cell" / "times.json").read_text())["erase"] == results["times"]["erase"]
+
+
 @pytest.mark.parametrize("params, near_chance, reason", [({}, False, "SKIPPED"), ({"lr": 1e-4}, True, "AT_CHANCE")])
 def test_a_cell_where_relearning_measures_nothing_skips_it(tmp_path, monkeypatch, params, near_chance, reason):
     from obliviate.api import make_config

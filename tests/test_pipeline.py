@@ -135,8 +135,14 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(tiny_model_dir, data_
     assert not (tmp_path / "resumed" / "results.json").exists()  # nothing that looks complete
     monkeypatch.setattr(pipeline.Evaluator, "evaluate", real)
     resumed = run(tiny_model_dir, data_dir, tmp_path / "resumed", save_model=False).results
-    assert resumed["delta_sweep"] == full["delta_sweep"]
+    without_seconds = lambda sweep: [{k: v for k, v in c.items() if k != "seconds"} for c in sweep]  # noqa: E731
+    assert without_seconds(resumed["delta_sweep"]) == without_seconds(full["delta_sweep"])
     assert resumed["qa_test"] == full["qa_test"]
+    # the candidate read back keeps the seconds the interrupted run spent on it, and they count
+    earlier = checkpoint["sweeps"]["ember"][0]["seconds"]
+    assert earlier > 0 and resumed["delta_sweep"][0]["seconds"] == earlier
+    assert resumed["timings"]["resumed_grid"] == pytest.approx(earlier)
+    assert "resumed_grid" not in full["timings"] and all(c["seconds"] > 0 for c in full["delta_sweep"])
 
 
 def test_an_out_folder_with_another_run_is_refused(tiny_model_dir, data_dir, tmp_path):

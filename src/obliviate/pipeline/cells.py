@@ -39,7 +39,7 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
         clock, times = time.perf_counter(), {}
         run = erase(config, progress)
         results, lm = dict(run.results), run.lm
-        _record(folder, times, "erase", clock)
+        _record(folder, times, "erase", clock, earlier=results.get("timings", {}).get("resumed_grid", 0.0))
     if relearn is not None:
         skip = why_no_attack(results, near_chance_too)
         outcome = _finished_relearn(folder, relearn, results.get("config_fingerprint"))
@@ -113,6 +113,8 @@ def _times(folder: Path) -> dict:
     return read_json(folder / TIMES) if (folder / TIMES).is_file() else {}
 
 
-def _record(folder: Path, times: dict, part: str, clock: float) -> None:
-    times[part] = time.perf_counter() - clock
+def _record(folder: Path, times: dict, part: str, clock: float, earlier: float = 0.0) -> None:
+    """The part's seconds since ``clock``, plus ``earlier``: what an interrupted run spent on
+    work this one read back."""
+    times[part] = time.perf_counter() - clock + earlier
     write_json(folder / TIMES, times)

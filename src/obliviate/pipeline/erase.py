@@ -29,7 +29,7 @@ from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, pu
 from obliviate.training.sharding import world
 from obliviate.progress import write_line
 from obliviate.pipeline.selection import (NOTHING_TO_ERASE, CandidateResult, applied, choose, measure_top_coherence,
-                                          selection_rules, sweep)
+                                          seconds_before_resume, selection_rules, sweep)
 
 PLUG_IN = methods.PLUG_IN
 
@@ -208,6 +208,9 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
     method = methods.get(stage.name)
     with applied(None if getattr(method, "FITS_BEFORE_PLUG_IN", False) else base_edit, lm.model):
         fitted = method.fit(lm, data, stage.config, config.seed, context)
+    earlier = seconds_before_resume(state, key)
+    if earlier:  # candidates an interrupted run evaluated: read back, their seconds still count
+        timings["resumed_grid"] = timings.get("resumed_grid", 0.0) + earlier
     results, edits = sweep(key, fitted, evaluator, config, state, out, base_edit=base_edit,
                            ember_rule=stage.plug_in, stop_on_reject=stage.plug_in and not stage.fixed)
     if not stage.plug_in:

@@ -14,6 +14,7 @@ measurable to erase, so no candidate can win on it. If every score is 0, no edit
 """
 from __future__ import annotations
 
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ class CandidateResult:
     score: float
     score_se: float
     rejected: str | None = None
+    seconds: float = 0.0  # its evaluation on TRAIN (an interrupted earlier run's, when read back)
 
     def value(self, name: str) -> float:
         return self.metrics.get(name, {}).get("value", float("nan"))
@@ -165,13 +167,14 @@ def sweep(
             results.append(CandidateResult(**done[index]))
         else:
             outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
+            clock = time.perf_counter()
             if evaluator.data.has_questions:
                 ev = config.evaluation
                 outcome = evaluator.evaluate("train", edit, coherence=ember_rule,
                                              concept_fluency=ev.grid_concept_fluency or ev.gate_concept_fluency)
                 outcome_metrics = outcome.as_dict()["metrics"]
                 score, se, rejected = rule(outcome, config.evaluation)
-            results.append(CandidateResult(params, outcome_metrics, score, se, rejected))
+            results.append(CandidateResult(params, outcome_metrics, score, se, rejected, time.perf_counter() - clock))
             done.append(results[-1].__dict__)
             save_state(out, state)
         bar.update(1)
@@ -196,9 +199,17 @@ def measure_top_coherence(results: list[CandidateResult], edits: list, evaluator
     for index in ranked:
         result = results[index]
         if "coherence" not in result.metrics:
+            clock = time.perf_counter()
             outcome = evaluator.evaluate("train", edits[index], coherence=True, questions=False)  # scored in the sweep
             result.metrics.update({k: v.as_dict() for k, v in outcome.metrics.items()
                                    if k in COHERENCE_METRICS})
+            result.seconds += time.perf_counter() - clock
             save_state(out, state)
         if fails_coherence(result.metrics, ev, ev.method_coherence_gate):
             result.score, result.score_se = 0.0, 0.0
+
+
+def seconds_before_resume(state: dict, name: str) -> float:
+    """What an interrupted earlier run spent evaluating the candidates of grid ``name`` that
+    this run reads back from the checkpoint instead of evaluating again."""
+    return sum(float(done.get("seconds", 0.0)) for done in state["sweeps"].get(name, []))
