@@ -145,6 +145,9 @@ def test_resume_from_checkpoint_matches_uninterrupted(tiny_lm, small_concept, tm
     cached = next(again.candidates())[1]
     assert again.report()["candidates"][0]["cached"] is True
     assert all(torch.equal(cached.new[n], resumed.new[n]) for n in full.new)
+    trained_with = {k: fitted.report()["candidates"][0][k] for k in ("optimizer", "memory_plan")}
+    assert all(trained_with.values())  # a candidate read back says what it was trained with, as when it was
+    assert {k: again.report()["candidates"][0][k] for k in trained_with} == trained_with
 
 
 def test_parameter_delta_save_load(tiny_lm, small_concept, tmp_path):

@@ -394,4 +394,5 @@ def cached_log(folder: Path | None) -> TrainLog | None:
         return None
     payload = json.loads((folder / "log.json").read_text(encoding="utf-8"))
     return TrainLog(losses=payload["losses"], steps=payload["steps"], seconds=payload["seconds"],
-                    resumed_from=payload["resumed_from"], cached=True)
+                    resumed_from=payload["resumed_from"], cached=True, optimizer=payload.get("optimizer", ""),
+                    memory_plan=payload.get("memory_plan", ""))  # what it was trained with, as when it was
