@@ -60,7 +60,7 @@ def split_timings(timings: dict, total: float) -> dict[str, float]:
     fit = sum(float(v) for k, v in timings.items() if k.split("_")[0] in FITTED and not k.endswith("_grid"))
     grids = float(timings.get("ember_grid", 0.0)) + float(timings.get("method_grid", 0.0))  # include the fits
     evaluation = (max(grids - fit, 0.0) + float(timings.get("test_evaluation", 0.0))
-                  + float(timings.get("resumed_grid", 0.0)))  # an interrupted run's grid cells, read back
+                  + float(timings.get("resumed_grid", 0.0)))  # an interrupted run's grid points, read back
     load = float(timings.get("load", 0.0))
     return {"total": total, "load": load, "fit": fit, "evaluation": evaluation,
             "other": max(total - load - fit - evaluation, 0.0)}
