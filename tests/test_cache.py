@@ -9,7 +9,10 @@ import torch
 
 from obliviate.config import EvalConfig, RunConfig
 from obliviate.edits.embedding import EmbeddingPatch
+from obliviate.errors import ObliviateError
+from obliviate.evaluation import cache
 from obliviate.evaluation.cache import OriginalCache, results_dir, weights_fingerprint
+from obliviate.io import load_tensors, save_tensors
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.pipeline.erase import config_fingerprint
 
@@ -156,6 +159,84 @@ def test_a_damaged_entry_is_a_miss_and_is_rewritten(tiny_lm, concept, cache_fold
     again = Evaluator(tiny_lm, concept, CONFIG)
     again.evaluate("train", None)
     assert again.cache.hits and not again.cache.misses
+
+
+def encode_values(values):
+    return {"values": torch.tensor(values, dtype=torch.float64)}, {}
+
+
+def decode_values(tensors, _):
+    return tensors["values"].tolist()
+
+
+@pytest.mark.parametrize("error", [KeyError, ValueError, RuntimeError, TypeError])
+def test_a_decoder_bug_raises_instead_of_being_a_silent_miss(tiny_lm, cache_folder, error):
+    computed = []
+
+    def compute():
+        computed.append(1)
+        return [1.0, 2.0]
+
+    assert OriginalCache(tiny_lm).fetch("values", [1], compute, encode_values, decode_values) == [1.0, 2.0]
+    assert computed == [1]
+
+    def buggy(tensors, extra):
+        raise error("decoder bug")
+
+    again = OriginalCache(tiny_lm)
+    with pytest.raises(error, match="decoder bug"):
+        again.fetch("values", [1], compute, encode_values, buggy)
+    assert computed == [1] and again.hits == ["values"] and not again.misses  # read, not recomputed
+    assert OriginalCache(tiny_lm).fetch("values", [1], compute, encode_values, decode_values) == [1.0, 2.0]
+
+
+def test_an_entry_of_another_format_is_a_miss_and_is_replaced(tiny_lm, cache_folder, monkeypatch):
+    first = OriginalCache(tiny_lm)
+    assert first.fetch_json("values", [1], lambda: [1, 2]) == [1, 2]
+    (entry,) = cache_folder.rglob("*.safetensors")
+    assert load_tensors(entry, "test")[1]["format"] == str(cache.FORMAT)
+    monkeypatch.setattr(cache, "FORMAT", cache.FORMAT + 1)  # the layout changed since the entry was written
+    newer = OriginalCache(tiny_lm)
+    assert newer.path(newer.key("values", [1])) == entry  # the same entry: its format is checked, not hashed
+    assert newer.fetch_json("values", [1], lambda: [3]) == [3]
+    assert newer.misses == ["values"] and not newer.hits
+    assert list(cache_folder.rglob("*.safetensors")) == [entry]  # replaced in place
+    assert load_tensors(entry, "test")[1]["format"] == str(cache.FORMAT)
+    latest = OriginalCache(tiny_lm)
+    assert latest.fetch_json("values", [1], lambda: pytest.fail("recomputed")) == [3]
+    assert latest.hits == ["values"] and not latest.misses
+
+
+def test_an_entry_written_before_formats_were_stored_is_a_miss(tiny_lm, cache_folder):
+    old = OriginalCache(tiny_lm)
+    key = old.key("values", [1])
+    save_tensors(old.path(key), {}, {"key": key, "kind": "values", "extra": '{"value": [1, 2]}'})  # no "format"
+    assert old.fetch_json("values", [1], lambda: [5]) == [5]
+    assert old.misses == ["values"] and not old.hits
+
+
+def test_only_a_damaged_file_is_an_unreadable_entry(tmp_path, monkeypatch):
+    """load_tensors names a damaged file; an error of its own (a bug) is not disguised as one."""
+    path = tmp_path / "entry.safetensors"
+    save_tensors(path, {"a": torch.ones(2)}, {"key": "k"})
+    assert load_tensors(path, "test")[1] == {"key": "k"}
+    path.write_bytes(path.read_bytes()[:-4])  # truncated
+    with pytest.raises(ObliviateError, match="is not a readable safetensors file"):
+        load_tensors(path, "test")
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.ones(2)}, str(path), metadata={"obliviate": "[1, 2]"})  # metadata not an object
+    with pytest.raises(ObliviateError, match="not a JSON object|not an object"):
+        load_tensors(path, "test")
+    save_tensors(path, {"a": torch.ones(2)}, {"key": "k"})
+    import safetensors.torch
+
+    def bug(*args, **kwargs):
+        raise AttributeError("a bug in the reader")
+
+    monkeypatch.setattr(safetensors.torch, "load_file", bug)
+    with pytest.raises(AttributeError, match="a bug in the reader"):
+        load_tensors(path, "test")
 
 
 def test_the_folder_and_the_fingerprint(tiny_lm, cache_folder):

@@ -13,6 +13,7 @@ from obliviate import attacks
 from obliviate.attacks import gcg
 from obliviate.attacks.common import AttackContext, prepared_test
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import knowledge_fraction
 from obliviate.models.loading import parameter_fingerprints
 
 from conftest import make_tiny_lm
@@ -63,7 +64,11 @@ def test_attack_reports_held_out_questions_and_leaves_the_caller_alone(ctx, monk
         assert out["forced"]["after"] == pytest.approx(np.mean([s["correct_after"] for s in out["suffixes"]]))
         assert all(s["suffix"] and np.isfinite(s["loss"]) for s in out["suffixes"])
         assert all(torch.equal(before[role][k], v) for k, v in parameter_fingerprints(ctx.models[role].model).items())
-    assert 0 <= result["recovered_frac"]["value"] <= 1
+    # the share of the original's above-chance knowledge the erased model gets back on held-out questions
+    recovered = result["recovered_frac"]
+    assert recovered["value"] == pytest.approx(knowledge_fraction(np.mean(result["erased"]["correct_after"]),
+                                                                  np.mean(result["original"]["correct_before"])))
+    assert recovered["low"] <= recovered["value"] <= recovered["high"]
     assert getattr(tokenizer, "chat_template", None) == template  # nanogcg sets one; it is given back
     assert torch.are_deterministic_algorithms_enabled() == deterministic
     assert len(calls) == 2

@@ -99,6 +99,31 @@ def test_summary_rows_and_csv(tmp_path):
     assert set(METRICS) <= set(table[0])
 
 
+def test_near_chance_is_the_evaluations_rule_with_each_runs_chance():
+    """One rule (metrics.near_chance: the original's 95% Wilson interval over its questions
+    reaches chance), against the chance level the run recorded (1 / options)."""
+    def run(base: float, chance: float | None = None, **extra) -> dict:
+        found = {**erase_results(), **attack_results(), "_name": f"x{base}", **extra,
+                 "qa_test": {"base": iv(base), "edited": iv(0.3)}}  # 50 QA test questions (its coverage)
+        found.pop("erase_results")
+        if chance is not None:
+            found["test"] = {"chance": {"qa": chance}}
+        return found
+
+    rows = summary_rows([run(0.40), run(0.40, 1 / 3), run(0.36), run(0.55, 0.2), run(0.29)])
+    assert [bool(r["note"]) for r in rows] == [False, True, True, False, True]
+    assert [r["relearn_recovered"] for r in rows] == [0.7, None, None, 0.7, None]
+    assert rows[1]["note"] == "original QA accuracy 0.40 is near chance (0.333): recovered fractions are undefined"
+    assert "near chance (0.25)" in rows[2]["note"]  # 0.36 of 50: within noise of 0.25 (a fixed 0.30 cut said not)
+    # no question count in results.json: the flag the evaluation recorded
+    bare = run(0.45, near_chance={"qa": True})
+    bare.pop("coverage")
+    assert summary_rows([bare])[0]["relearn_recovered"] is None
+    bare["near_chance"] = {"qa": False}
+    assert summary_rows([bare])[0]["relearn_recovered"] == 0.7
+    assert "(chance 0.333)" in render_html([run(0.40, 1 / 3)]) and "(chance 0.25)" in render_html([run(0.40)])
+
+
 def test_report_of_a_run_without_plots_still_parses(tmp_path):
     write_report([{"concept": "Golf", "method": "rmu", "_name": "bare"}], tmp_path)
     parsed = parse((tmp_path / "report.html").read_text())
@@ -190,9 +215,61 @@ def test_lm_eval_results_side_by_side():
     assert "-0.320</span> <span class='ci'>[-0.48, -0.16]</span>" in page
 
 
-def test_page_is_made_for_phones_too():
-    page = render_html([{**erase_results(), "_name": "hp"}])
-    assert "name='viewport'" in page and "minmax(min(440px,100%),1fr)" in page and "@media (max-width:600px)" in page
+class Ancestry(HTMLParser):
+    """For every element of interest: the classes of the elements it sits in; and <head>'s
+    viewport and style text."""
+
+    def __init__(self):
+        super().__init__()
+        self.stack, self.found, self.viewport, self.style = [], [], None, ""
+
+    def handle_starttag(self, tag, attrs):
+        attrs = dict(attrs)
+        classes = tuple((attrs.get("class") or "").split())
+        if tag in ("table", "img"):
+            self.found.append((tag, [c for _, cls in self.stack for c in cls]))
+        if tag == "meta" and attrs.get("name") == "viewport":
+            self.viewport = (attrs.get("content"), [t for t, _ in self.stack])
+        if tag not in VOID:
+            self.stack.append((tag, classes))
+
+    def handle_endtag(self, tag):
+        while self.stack and self.stack.pop()[0] != tag:
+            pass
+
+    def handle_data(self, data):
+        if self.stack and self.stack[-1][0] == "style":
+            self.style += data
+
+
+def css_rule(css: str, selector: str) -> str:
+    import re
+
+    found = re.search(r"(?:^|[\s}])" + re.escape(selector) + r"\{([^}]*)\}", css)
+    assert found, f"no CSS rule for {selector}"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_page_is_made_for_phones_too(several):
+    runs = [{**erase_results(), "_name": "hp"}] + ([{**attack_results(), "_name": "hp-attack"}] if several else [])
+    parsed = Ancestry()
+    parsed.feed(render_html(runs))
+    content, where = parsed.viewport
+    assert content == "width=device-width, initial-scale=1" and where == ["html", "head"]
+    tables = [classes for tag, classes in parsed.found if tag == "table"]
+    images = [classes for tag, classes in parsed.found if tag == "img"]
+    assert len(tables) >= 2 and len(images) == (5 if several else 2)
+    # every table scrolls sideways inside its card instead of widening the page
+    assert all("wide" in classes and "card" in classes for classes in tables)
+    assert "overflow-x:auto" in css_rule(parsed.style, ".wide")
+    # every plot is a card of the grid, and shrinks to the card
+    assert all(classes[:2] == ["grid", "card"] for classes in images)
+    assert "max-width:100%" in css_rule(parsed.style, "img")
+    grid = css_rule(parsed.style, ".grid")
+    assert "display:grid" in grid and "repeat(auto-fit,minmax(min(440px,100%),1fr))" in grid  # one column on a phone
+    assert "min-width:0" in css_rule(parsed.style, ".card")  # a card may shrink below its content's width
+    assert "@media (max-width:600px)" in parsed.style
 
 
 def _browser_probe(page, width: int, tmp_path) -> dict:

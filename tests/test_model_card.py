@@ -56,6 +56,14 @@ def test_card_metadata_and_sections():
     assert "Shakespeare" in card
 
 
+def test_the_card_states_the_chance_level_the_run_recorded():
+    assert "chance accuracy is 0.25. " in mc.model_card(results())  # a run that recorded none: four options
+    assert "chance accuracy is 0.25. " in mc.model_card(results(test={"chance": {"qa": 0.25, "simdom": 0.25}}))
+    assert "chance accuracy is 0.333. " in mc.model_card(results(test={"chance": {"qa": 1 / 3, "simdom": 1 / 3}}))
+    mixed = mc.model_card(results(test={"chance": {"qa": 1 / 3, "simdom": 0.2}}))
+    assert "chance accuracy is qa 0.333, simdom 0.2. " in mixed
+
+
 def test_attacks_are_reported_with_their_intervals():
     attack = {"original": {"after": iv(0.66)}, "erased": {"before": iv(0.31), "after": iv(0.52)},
               "recovered_frac": iv(0.54)}

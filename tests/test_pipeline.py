@@ -114,7 +114,7 @@ def test_an_interrupted_grid_resumes_with_the_same_numbers(tiny_model_dir, data_
 
     # A random tiny model answers at chance, which stops the grid at its first point (nothing
     # measurable to erase); this plumbing test needs the grid to go on.
-    monkeypatch.setattr("obliviate.evaluation.evaluator.near_chance_sets", lambda samples: frozenset())
+    monkeypatch.setattr("obliviate.evaluation.evaluator.near_chance_sets", lambda samples, chance=None: frozenset())
     full = run(tiny_model_dir, data_dir, tmp_path / "full", save_model=False).results
     assert len(full["delta_sweep"]) == 2
     calls = {"n": 0}

@@ -74,6 +74,8 @@ def test_edit_moves_exactly_the_chosen_vectors_along_their_features(tiny_lm, sma
     fitted = pisces.fit(tiny_lm, small_concept, pisces.Config(**TINY), 42)
     k, value = 0.5, 10.0
     edit = fitted.edit(k, value)
+    checked = [name for name in fitted.names.values() if name in edit.factors]
+    assert checked  # the loop below checks at least one edited matrix
     for layer, name in fitted.names.items():
         if name not in edit.factors:
             continue

@@ -30,10 +30,39 @@ def random_arm(concept: str, seed: int, method: str = "rmu", n: int = 40, near_c
 
 def test_identical_arms_differ_by_exactly_zero():
     arms = [random_arm("Golf", 1), random_arm("Gun", 2)]
-    for diff in paired_difference(arms, arms, n_resamples=200).values():
-        if diff.pooled.included:
-            assert (diff.pooled.interval.value, diff.pooled.interval.low, diff.pooled.interval.high) == (0, 0, 0)
-            assert not diff.significant and diff.minimum_detectable == 0
+    diffs = paired_difference(arms, arms, n_resamples=200)
+    measured = {"efficacy", "specificity", "coherence", *(f"{kind}_{s}" for kind in ("drop", "prob_drop")
+                                                            for s in ("qa", "simdom", "general"))}
+    assert set(diffs) == measured | {"concept_fluency", "regained", "relearned_qa"}
+    for name in measured:  # every metric the arms have, over both concepts: exactly 0
+        diff = diffs[name]
+        assert diff.pooled.included == ("Golf", "Gun") and not diff.pooled.excluded, name
+        assert (diff.pooled.interval.value, diff.pooled.interval.low, diff.pooled.interval.high) == (0, 0, 0), name
+        assert not diff.significant and diff.minimum_detectable == 0 and diff.pooled.standard_error == 0, name
+    # the metrics they have no data for: no concept, each left out with its reason, no number
+    reasons = {"concept_fluency": "no concept prompts", "regained": "no per-question relearning curve",
+               "relearned_qa": "no per-question relearning curve"}
+    for name, why in reasons.items():
+        diff = diffs[name]
+        assert diff.pooled.included == () and diff.pooled.excluded == {"Golf": why, "Gun": why}, name
+        assert np.isnan(diff.pooled.interval.value) and not diff.significant, name
+
+
+@pytest.mark.parametrize("chance, expected", [(None, 0.25), ({"qa": 1 / 3, "simdom": 0.2}, None)])
+def test_pooled_fractions_use_the_chance_the_run_recorded(chance, expected):
+    base, edited = [1.0] * 9 + [0.0], [1.0] * 5 + [0.0] * 5  # 0.9 -> 0.5
+    per_question = {name: {k: list(v) for k, v in question_set(base, edited).items()} for name in ("qa", "simdom")}
+    results = {"concept": "Golf", "method": "rmu", "per_question": per_question}
+    if chance is not None:
+        results["test"] = {"chance": chance}
+    arm = arm_from_results(results)
+    levels = chance or {"qa": expected, "simdom": expected}
+    assert {name: arm.chance_of(name) for name in ("qa", "simdom")} == pytest.approx(levels)
+    pooled = pooled_metrics([arm], n_resamples=20)
+    kept = {name: (0.5 - level) / (0.9 - level) for name, level in levels.items()}
+    assert pooled["efficacy"].interval.value == pytest.approx(1 - kept["qa"])
+    assert pooled["specificity"].interval.value == pytest.approx(kept["simdom"])  # the only specificity set
+    assert pooled["drop_qa"].interval.value == pytest.approx(0.4)  # accuracies do not depend on chance
 
 
 def test_one_concept_gives_the_plain_metric():

@@ -70,6 +70,24 @@ def test_pooled_numbers_by_hand(tmp_path):
     assert ember_alone["specificity"]["value"] == 0.0 and not ember_alone["specificity"]["significant"]
     assert ember_alone["regained"]["value"] is None  # no concept has a relearning curve: no number, not NaN
     assert "### rmu+ember minus rmu (paired)" in (out / "summary_pooled.md").read_text()
+    assert summary["chance"] == 0.25 and "; chance = 0.25." in (out / "summary_pooled.md").read_text()
+
+
+def test_the_summary_states_the_runs_chance_levels():
+    from obliviate.commands.summarize import summarize
+    from obliviate.evaluation.pooled import arm_from_results
+
+    def arm(concept: str, chance: dict | None) -> object:
+        found = results("rmu", concept)
+        return arm_from_results({**found, "test": {"chance": chance}} if chance else found)
+
+    three = {"qa": 1 / 3, "simdom": 1 / 3, "general": 1 / 3}
+    assert summarize([arm("Golf", three), arm("Gun", three)], n_resamples=10)["chance"] == pytest.approx(1 / 3)
+    mixed = summarize([arm("Golf", three), arm("Gun", None)], n_resamples=10)
+    assert mixed["chance"] == ("Golf/qa 0.333, Golf/simdom 0.333, Golf/general 0.333, Gun/qa 0.25, Gun/simdom 0.25, "
+                               "Gun/general 0.25")
+    # Golf's efficacy against 1/3: acc 0.5 of base 1.0 keeps (0.5 - 1/3) / (2/3) = 1/4
+    assert mixed["methods"]["rmu"]["metrics"]["efficacy"]["value"] == pytest.approx((0.75 + 1.0) / 2)
 
 
 def test_baseline_method_adds_comparisons(tmp_path):

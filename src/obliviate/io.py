@@ -121,7 +121,7 @@ def save_tensors(path: str | Path, tensors: dict, metadata: dict | None = None) 
 
 def load_tensors(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
     """(tensors, metadata) of a safetensors file; a clear error when it is missing or broken."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
@@ -132,7 +132,11 @@ def load_tensors(path: str | Path, what: str) -> tuple[dict, dict[str, str]]:
         tensors = load_file(str(path))
         if set(metadata) == {METADATA_KEY}:
             metadata = json.loads(metadata[METADATA_KEY])
-    except Exception as err:  # safetensors raises its own error type for a damaged header
+            if not isinstance(metadata, dict):
+                raise ValueError(f"its metadata is JSON {type(metadata).__name__}, not an object")
+    except (SafetensorError, OSError, ValueError) as err:
+        # A damaged or truncated file: SafetensorError (its header), OSError (reading it),
+        # ValueError (our metadata is not a JSON object). Anything else is a bug: it propagates.
         raise ObliviateError(f"{what} file {path} is not a readable safetensors file ({err}).") from err
     return tensors, metadata  # without METADATA_KEY: written by an older version, one string per key
 

@@ -1,7 +1,7 @@
-"""Progress that stays visible when the output is not a terminal (issue 19).
+"""Progress that stays visible when the output is not a terminal.
 
 tqdm redraws one line with carriage returns; under nohup, in CI logs or in a notebook that
-is either silence or a wall of fragments, and a 10-minute relearning attack looked dead.
+is either silence or a wall of fragments, and a 10-minute relearning attack looks dead.
 ``progress_bar`` is tqdm on a terminal and, anywhere else, a plain line every ``interval``
 seconds (from a timer, so a long step still reports) with the elapsed time and an ETA:
 

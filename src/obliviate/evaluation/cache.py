@@ -22,9 +22,11 @@ An entry's key is the sha256 of:
   scores by float rounding only, far below any reported digit.
 
 Entries are safetensors files (no pickle) written atomically (io.save_tensors), named by
-their full key, which is stored inside and checked on reading; an unreadable or
-mismatching entry is a miss, never an error. ``enabled=False`` (``--no-cache``) neither
-reads nor writes.
+their full key, which is stored inside and checked on reading, with the ``FORMAT`` they
+were written in. An absent or unreadable entry, another key, or another format (an entry
+written before its layout changed) is a miss, never an error; the fresh entry then
+replaces it. An entry of the current format that its decoder cannot read is a bug, and
+raises. ``enabled=False`` (``--no-cache``) neither reads nor writes.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ from obliviate.errors import ObliviateError
 from obliviate.io import load_tensors, save_tensors
 from obliviate.models.loading import LoadedModel, cache_dir
 
-FORMAT = 1  # bump when what an entry holds changes: old entries then miss
+# The layout of an entry (its tensors and metadata, as the decoders read them). Bump it when
+# that changes: entries written in another format are then a miss, not a decoding error.
+FORMAT = 1
 ENV_FOLDER = "OBLIVIATE_RESULTS_CACHE"
 
 
@@ -95,7 +99,7 @@ class OriginalCache:
         self.folder = folder or results_dir()
         self.hits: list[str] = []
         self.misses: list[str] = []
-        self._base = digest([FORMAT, weights_fingerprint(lm.model), environment(lm)]) if self.enabled else ""
+        self._base = digest([weights_fingerprint(lm.model), environment(lm)]) if self.enabled else ""
 
     def key(self, kind: str, payload: Any) -> str:
         return digest([self._base, kind, payload])
@@ -104,7 +108,8 @@ class OriginalCache:
         return self.folder / key[:2] / f"{key}.safetensors"
 
     def load(self, kind: str, payload: Any) -> tuple[dict[str, torch.Tensor], dict] | None:
-        """(tensors, metadata) of an entry, or None (a miss: absent, unreadable or another key)."""
+        """(tensors, metadata) of an entry, or None (a miss: absent, unreadable, another key
+        or another ``FORMAT``)."""
         if not self.enabled:
             return None
         key = self.key(kind, payload)
@@ -113,7 +118,7 @@ class OriginalCache:
         except ObliviateError:
             self.misses.append(kind)
             return None
-        if metadata.get("key") != key:
+        if metadata.get("key") != key or metadata.get("format") != str(FORMAT):
             self.misses.append(kind)
             return None
         self.hits.append(kind)
@@ -126,19 +131,19 @@ class OriginalCache:
         key = self.key(kind, payload)
         try:
             save_tensors(self.path(key), {k: t.detach().cpu() for k, t in tensors.items()},
-                         {"key": key, "kind": kind, "extra": json.dumps(extra or {}, sort_keys=True)})
+                         {"key": key, "kind": kind, "format": FORMAT,
+                          "extra": json.dumps(extra or {}, sort_keys=True)})
         except ObliviateError:
             pass  # the results stand; only the next command recomputes them
 
     def fetch(self, kind: str, payload: Any, compute: Callable[[], Any], encode: Callable[[Any], tuple[dict, dict]],
               decode: Callable[[dict, dict], Any]) -> Any:
-        """The cached value, else ``compute()`` saved for next time."""
+        """The cached value, else ``compute()`` saved for next time. ``decode`` reads an entry
+        of the current ``FORMAT`` (other formats are a miss), so an error it raises is a bug
+        and propagates: swallowed, it would be a silent miss on every run."""
         found = self.load(kind, payload)
         if found is not None:
-            try:
-                return decode(*found)
-            except (KeyError, ValueError, RuntimeError, TypeError):
-                pass  # an entry of another layout: recompute it
+            return decode(*found)
         value = compute()
         self.save(kind, payload, *encode(value))
         return value

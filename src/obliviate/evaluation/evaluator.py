@@ -29,7 +29,8 @@ from obliviate.edits.protocol import Edit
 from obliviate.models.loading import LoadedModel, embeddings_are_tied
 from obliviate.evaluation import coherence as coh
 from obliviate.evaluation.cache import OriginalCache, pack, unpack
-from obliviate.evaluation.metrics import Interval, accuracy_pair, bootstrap, erasure_metrics, near_chance_sets
+from obliviate.evaluation.metrics import (Interval, accuracy_pair, bootstrap, chance_level, erasure_metrics,
+                                          near_chance_sets)
 from obliviate.evaluation.multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
                               prepare)
 from obliviate.evaluation.output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
@@ -49,6 +50,7 @@ class SplitOutcome:
     rescored: dict[str, int] = field(default_factory=dict)  # how many items actually ran
     near_chance: frozenset[str] = frozenset()
     coverage: dict = field(default_factory=dict)
+    chance: dict[str, float] = field(default_factory=dict)  # set -> its chance level (mean of 1 / options)
     prompt_rows: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)  # kind -> coherence rows
     examples: dict[str, list[dict]] = field(default_factory=dict)  # kind -> a few generations
 
@@ -60,12 +62,13 @@ class SplitOutcome:
             "metrics": {name: interval.as_dict() for name, interval in self.metrics.items()},
             "rescored": self.rescored,
             "near_chance": {name: name in self.near_chance for name in self.correct},
+            "chance": dict(self.chance),
             "coverage": self.coverage,
         }
 
     def results(self) -> SplitResults:
         return SplitResults(dict(self.metrics), {name: name in self.near_chance for name in self.correct},
-                            {"rescored": self.rescored, "coverage": self.coverage})
+                            {"rescored": self.rescored, "coverage": self.coverage, "chance": dict(self.chance)})
 
     def per_question(self) -> dict:
         keys = ("base_correct", "edited_correct", "base_prob", "edited_prob")
@@ -149,9 +152,15 @@ class Evaluator:
     def base_accuracy(self, split: str) -> dict[str, float]:
         return {name: float(correct.mean()) for name, correct in self._original_correct(split).items()}
 
+    def chance(self, split: str) -> dict[str, float]:
+        """Each question set's chance level on ``split``: the mean of 1 / options."""
+        return {name: chance_level(len(q.options) for q in questions)
+                for name, questions in self.question_sets(split).items()}
+
     def original_near_chance(self, split: str) -> frozenset[str]:
         """The question sets the ORIGINAL model answers within noise of chance on ``split``."""
-        return near_chance_sets({name: (correct,) for name, correct in self._original_correct(split).items()})
+        return near_chance_sets({name: (correct,) for name, correct in self._original_correct(split).items()},
+                                self.chance(split))
 
     def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True,
                  questions: bool = True) -> SplitOutcome:
@@ -183,10 +192,11 @@ class Evaluator:
         prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
         rescored.update({f"{kind}_prompts": int(len(generated[kind][0])) for kind in references})
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
-        near_chance = near_chance_sets(correct)
-        metrics = erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance)
+        chance = {name: level for name, level in self.chance(split).items() if name in correct}
+        near_chance = near_chance_sets(correct, chance)
+        metrics = erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance, chance)
         return SplitOutcome(
-            metrics=metrics, correct=correct, rescored=rescored, near_chance=near_chance,
+            metrics=metrics, correct=correct, rescored=rescored, near_chance=near_chance, chance=chance,
             coverage=self._coverage(token_ids, sets, correct, references), prompt_rows=prompt_rows,
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
@@ -206,10 +216,11 @@ class Evaluator:
         generated = {kind: self._candidate_continuations(candidate, reference) for kind, reference in references.items()}
         prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
-        near_chance = near_chance_sets(correct)
+        chance = {name: level for name, level in self.chance(split).items() if name in correct}
+        near_chance = near_chance_sets(correct, chance)
         return SplitOutcome(
-            metrics=erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance), correct=correct,
-            rescored={name: len(rows[0]) for name, rows in correct.items()}, near_chance=near_chance,
+            metrics=erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance, chance), correct=correct,
+            rescored={name: len(rows[0]) for name, rows in correct.items()}, near_chance=near_chance, chance=chance,
             prompt_rows=prompt_rows,
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )

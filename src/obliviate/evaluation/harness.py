@@ -1,4 +1,4 @@
-"""lm-evaluation-harness, both ways (issue 19).
+"""lm-evaluation-harness, both ways.
 
 1. ``run_harness``: any harness tasks on the original and the erased model, side by side,
    with the harness's own standard errors. The in-memory models go through the harness's

@@ -1,6 +1,7 @@
 """Erasure metrics (METHOD.md section 4) with bootstrap intervals.
 
-base = the original model's accuracy on the same questions:
+base = the original model's accuracy on the same questions, chance = the mean of
+1 / options over the set's questions (0.25 when every question has four):
   frac = clip((acc - chance) / (base - chance), 0, 1); efficacy = 1 - qa_frac;
   specificity = harmonic(simdom_frac, general_frac); harmonic = harmonic(efficacy, specificity).
 With 50 questions a split an accuracy near 0.45 has a standard error near 0.07, so every
@@ -10,11 +11,22 @@ answers paired, and every derived metric is recomputed on each resample.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 
-CHANCE = 0.25
+CHANCE = 0.25  # four options (the benchmark's): the chance level where the option counts are unknown
+
+
+def chance_level(option_counts: Iterable[int]) -> float:
+    """Chance accuracy of a question set: the mean of 1 / options over its questions
+    (exactly 0.25 for four options each); ``CHANCE`` for a set without questions."""
+    counts = np.asarray(list(option_counts), dtype=float)
+    if not len(counts):
+        return CHANCE
+    if (counts < 2).any():
+        raise ValueError(f"a multiple-choice question needs at least 2 options, got {int(counts.min())}")
+    return float(np.mean(1.0 / counts))
 
 
 @dataclass(frozen=True)
@@ -85,34 +97,50 @@ def accuracy_pair(base_correct: np.ndarray, edited_correct: np.ndarray,
 def wilson_low(correct: np.ndarray, z: float = 1.96) -> float:
     """Lower end of the Wilson 95% interval of an accuracy (closed form, stable at small n)."""
     n = len(correct)
-    if n == 0:
-        return float("nan")
-    p = float(np.mean(correct))
+    return _wilson_low(float(np.mean(correct)), n, z) if n else float("nan")
+
+
+def _wilson_low(p: float, n: int, z: float = 1.96) -> float:
     centre = p + z * z / (2 * n)
     spread = z * np.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
     return float((centre - spread) / (1 + z * z / n))
 
 
-def near_chance_sets(samples: Samples, chance: float = CHANCE) -> frozenset[str]:
-    """Question sets whose ORIGINAL accuracy is within noise of chance (its 95% interval
-    reaches chance): their fraction's denominator is noise, so it may not veto or win."""
-    return frozenset(name for name in QUESTION_SETS
-                     if name in samples and len(samples[name][0]) and wilson_low(samples[name][0]) <= chance)
+def near_chance(accuracy: float, n: int, chance: float = CHANCE) -> bool:
+    """THE rule for "the original model's accuracy is within noise of chance": the 95%
+    Wilson interval of ``accuracy`` over ``n`` questions reaches ``chance`` (a set's
+    ``chance_level``). Such a set's fraction divides by noise: it may not veto or win a
+    selection, and its efficacy, specificity or regained share is not informative.
+    Never true without questions (n = 0)."""
+    return n > 0 and _wilson_low(float(accuracy), n) <= chance
 
 
-def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset()) -> dict[str, float]:
+def near_chance_sets(samples: Samples, chance: Mapping[str, float] | None = None) -> frozenset[str]:
+    """The question sets whose ORIGINAL accuracy (``samples[set][0]``) is ``near_chance``;
+    ``chance``: each set's chance level (``CHANCE`` where not given)."""
+    chance = chance or {}
+    original = {name: samples[name][0] for name in QUESTION_SETS if name in samples and len(samples[name][0])}
+    return frozenset(name for name, correct in original.items()
+                     if near_chance(float(np.mean(correct)), len(correct), chance.get(name, CHANCE)))
+
+
+def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset(),
+                      chance: Mapping[str, float] | None = None) -> dict[str, float]:
     """Accuracies and derived metrics from paired question rows (and prompt rows).
 
     Expected samples: "qa", "simdom", "general" -> ``accuracy_pair`` rows; optional
     "coherence" (general prompts) and "concept_fluency" (the concept's own prompts) ->
     rows for ``coherence_statistic``. Sets that are absent give no metrics rather than
     invented ones. Specificity leaves out the sets in ``near_chance`` (unless all are).
+    ``chance``: each set's chance level (``chance_level`` of its option counts; ``CHANCE``
+    where not given).
     """
+    chance = chance or {}
     out: dict[str, float] = {}
     fracs = {}
     for name in QUESTION_SETS:
         if name in samples and len(samples[name][0]):
-            out.update(_set_statistic(name, samples[name]))
+            out.update(_set_statistic(name, samples[name], chance.get(name, CHANCE)))
             fracs[name] = out[f"{name}_frac"]
     if "qa" in fracs:
         out["efficacy"] = 1.0 - fracs["qa"]
@@ -131,10 +159,10 @@ def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset(
     return out
 
 
-def _set_statistic(name: str, rows: tuple[np.ndarray, ...]) -> dict[str, float]:
+def _set_statistic(name: str, rows: tuple[np.ndarray, ...], chance: float = CHANCE) -> dict[str, float]:
     base, edited = rows[0].mean(), rows[1].mean()
     out = {f"{name}_base": float(base), f"{name}_edited": float(edited), f"{name}_drop": float(base - edited),
-           f"{name}_frac": knowledge_fraction(edited, base)}
+           f"{name}_frac": knowledge_fraction(edited, base, chance)}
     if len(rows) == 4:
         out[f"{name}_prob_base"], out[f"{name}_prob_edited"] = float(rows[2].mean()), float(rows[3].mean())
         out[f"{name}_prob_drop"] = float(rows[2].mean() - rows[3].mean())
@@ -149,12 +177,7 @@ def coherence_statistic(rows: tuple[np.ndarray, ...]) -> dict[str, float]:
 
 
 def erasure_metrics(samples: Samples, n_resamples: int = 1000, seed: int = 0,
-                    near_chance: frozenset[str] = frozenset()) -> dict[str, Interval]:
-    return bootstrap(lambda s: erasure_statistic(s, near_chance), samples, n_resamples, seed)
+                    near_chance: frozenset[str] = frozenset(),
+                    chance: Mapping[str, float] | None = None) -> dict[str, Interval]:
+    return bootstrap(lambda s: erasure_statistic(s, near_chance, chance), samples, n_resamples, seed)
 
-
-def drop_is_significant(base_correct: np.ndarray, edited_correct: np.ndarray, n_resamples: int = 2000, seed: int = 0) -> bool:
-    """True when the paired 95% interval of (base - edited) accuracy lies above zero."""
-    diff = np.asarray(base_correct, float) - np.asarray(edited_correct, float)
-    interval = bootstrap(lambda s: {"d": float(s["d"][0].mean())}, {"d": (diff,)}, n_resamples, seed)["d"]
-    return interval.low > 0

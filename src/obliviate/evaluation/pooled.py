@@ -21,7 +21,8 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.metrics import QUESTION_SETS, Interval, coherence_statistic, harmonic, knowledge_fraction
+from obliviate.evaluation.metrics import (CHANCE, QUESTION_SETS, Interval, coherence_statistic, harmonic,
+                                          knowledge_fraction)
 
 QUESTION_KEYS = ("base_correct", "edited_correct", "base_prob", "edited_prob")
 PROMPT_KEYS = ("edited_ll", "original_ll", "edited_distinct", "original_distinct")
@@ -45,6 +46,10 @@ class Arm:
     prompts: Mapping[str, Mapping[str, np.ndarray]] = field(default_factory=dict)  # set -> PROMPT_KEYS
     near_chance: Mapping[str, bool] = field(default_factory=dict)
     relearned: np.ndarray | None = None  # qa correctness after the last relearning epoch
+    chance: Mapping[str, float] = field(default_factory=dict)  # set -> chance level (CHANCE where absent)
+
+    def chance_of(self, name: str) -> float:
+        return float(self.chance.get(name, CHANCE))
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,11 @@ def arm_from_results(results: Mapping, where: str = "results.json") -> Arm:
         raise ObliviateError(f"{where}: per-question or per-prompt results lack {missing}; rerun it.") from None
     curve = results.get("relearn", {}).get("erased", {}).get("curve_correct")
     relearned = np.asarray(curve[-1], dtype=float) if curve else None
+    # Each set's chance level as the evaluation measured it (a run that recorded none was
+    # measured against CHANCE, four options).
+    chance = {k: float(v) for k, v in results.get("test", {}).get("chance", {}).items()}
     arm = Arm(str(results["concept"]), str(results["method"]), questions, prompts,
-              {k: bool(v) for k, v in results.get("near_chance", {}).items()}, relearned)
+              {k: bool(v) for k, v in results.get("near_chance", {}).items()}, relearned, chance)
     check_arrays(arm, where)
     return arm
 
@@ -123,7 +131,7 @@ def original_arm(arm: Arm) -> Arm:
                  for name, a in arm.questions.items()}
     prompts = {name: {**r, "edited_ll": r["original_ll"], "edited_distinct": r["original_distinct"]}
                for name, r in arm.prompts.items()}
-    return Arm(arm.concept, ORIGINAL, questions, prompts, arm.near_chance, None)
+    return Arm(arm.concept, ORIGINAL, questions, prompts, arm.near_chance, None, arm.chance)
 
 
 def draw_indices(arm: Arm, n_resamples: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -146,10 +154,10 @@ def resampled_means(arm: Arm, indices: Mapping[str, np.ndarray]) -> dict[str, np
     return means
 
 
-def fraction(edited: float, base: float) -> float:
+def fraction(edited: float, base: float, chance: float = CHANCE) -> float:
     # An unchanged model keeps all its knowledge, even in a draw where its base dips to
     # chance (where knowledge_fraction's clip would say 0): the original arm stays exact.
-    return 1.0 if edited == base else knowledge_fraction(edited, base)
+    return 1.0 if edited == base else knowledge_fraction(edited, base, chance)
 
 
 def specificity_sets(arm: Arm) -> list[str]:
@@ -164,13 +172,14 @@ def concept_metrics(arm: Arm, means: Mapping[str, float]) -> dict[str, float]:
         out[f"drop_{name}"] = base - edited
         out[f"prob_drop_{name}"] = means[f"{name}/base_prob"] - means[f"{name}/edited_prob"]
     if "qa" in arm.questions:
-        out["efficacy"] = 1.0 - fraction(means["qa/edited_correct"], means["qa/base_correct"])
+        out["efficacy"] = 1.0 - fraction(means["qa/edited_correct"], means["qa/base_correct"], arm.chance_of("qa"))
         if "qa/relearned" in means:  # the raw accuracy needs no base above chance; the fraction does
-            out["regained"] = knowledge_fraction(means["qa/relearned"], means["qa/base_correct"])
+            out["regained"] = knowledge_fraction(means["qa/relearned"], means["qa/base_correct"], arm.chance_of("qa"))
             out["relearned_qa"] = means["qa/relearned"]
     kept = specificity_sets(arm)
     if kept:
-        out["specificity"] = harmonic(*[fraction(means[f"{s}/edited_correct"], means[f"{s}/base_correct"]) for s in kept])
+        out["specificity"] = harmonic(*[fraction(means[f"{s}/edited_correct"], means[f"{s}/base_correct"],
+                                                 arm.chance_of(s)) for s in kept])
     for name, metric in (("general", "coherence"), ("concept", "concept_fluency")):
         if name in arm.prompts:
             # coherence_statistic reads only the means of its rows; concept fluency is the

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from obliviate.evaluation.metrics import QUESTION_SETS, Interval
+from obliviate.evaluation.metrics import CHANCE, QUESTION_SETS, Interval, near_chance
 
 
 @dataclass(frozen=True)
@@ -31,8 +31,6 @@ METRICS: dict[str, Metric] = {
     "score": Metric("score", meaning="harmonic(efficacy, specificity, coherence): EMBER's selection score"),
 }
 HEADLINE = tuple(METRICS)
-# Per question set: the original's and the edited model's accuracy, and the kept fraction.
-SET_LABELS = {"qa": "concept QA", "simdom": "similar domain", "general": "general knowledge"}
 
 
 def nothing_applied(results: Mapping[str, Any]) -> bool:
@@ -45,6 +43,48 @@ def nothing_applied(results: Mapping[str, Any]) -> bool:
 def set_key(name: str) -> str:
     """results.json key of a question set's test accuracies ("qa" -> "qa_test")."""
     return f"{name}_test"
+
+
+def chance_levels(results: Mapping[str, Any]) -> dict[str, float]:
+    """Each TEST question set's chance level (mean of 1 / options) as results.json records
+    it; a run that recorded none was measured against ``CHANCE`` (four options)."""
+    recorded = results.get("test", {}).get("chance") if isinstance(results.get("test"), Mapping) else None
+    if isinstance(recorded, Mapping) and recorded:
+        return {name: float(level) for name, level in recorded.items()}
+    return {name: CHANCE for name in QUESTION_SETS if set_key(name) in results}
+
+
+def chance_text(levels: Mapping[str, float]) -> str:
+    """"0.25" where every set has one chance level (or none is known), else each set's."""
+    distinct = sorted({round(level, 4) for level in levels.values()})
+    if len(distinct) <= 1:
+        return f"{distinct[0] if distinct else CHANCE:.3g}"
+    return ", ".join(f"{name} {level:.3g}" for name, level in levels.items())
+
+
+def question_count(results: Mapping[str, Any], name: str = "qa") -> int | None:
+    """How many TEST questions of a set a run's accuracies are over, where results.json
+    tells: its per-question rows, the relearning attack's per-question curve (QA), or its
+    coverage; None where it does not."""
+    rows = results.get("per_question", {}).get(name, {}).get("base_correct")
+    if rows:
+        return len(rows)
+    curve = results.get("relearn", {}).get("original", {}).get("curve_correct") if name == "qa" else None
+    if curve:
+        return len(curve[0])
+    total = results.get("coverage", {}).get(name, {}).get("total")
+    return int(total) if total else None
+
+
+def original_near_chance(results: Mapping[str, Any], accuracy: float, name: str = "qa") -> bool:
+    """The original model's TEST accuracy on a set of a run is within noise of chance, by
+    ``metrics.near_chance`` (the rule the evaluation flags sets with) over the run's
+    ``question_count`` and ``chance_levels``; where results.json does not say over how
+    many questions, the flag the evaluation recorded."""
+    n = question_count(results, name)
+    if n is None:
+        return bool(results.get("near_chance", {}).get(name, False))
+    return near_chance(accuracy, n, chance_levels(results).get(name, CHANCE))
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
 @dataclass(frozen=True)
 class Config:
     k: int = 100  # number of features K (paper: 100 for Gemma-2-2B, 200 for Llama-3.1-8B)
-    sparsity: float = 0.01  # sparsity penalty on the token codes G (reference g_sparsity)
+    sparsity: float = 0.01  # fraction of the tokens each feature keeps in G (winner-take-all; reference g_sparsity)
     max_iterations: int = setting(20000, "factorization iterations at most")
     patience: int = setting(500, "stop the factorization after this many iterations without improvement")
     reg: float = setting(1e-4, "ridge regularization of the factorization's updates")
@@ -123,6 +123,7 @@ class EmberFit:
                 "relative_loss": self.factorization.relative_loss,
                 "iterations": self.factorization.iterations,
                 "best_iteration": self.factorization.best_iteration, "reg": self.factorization.reg,
+                "polish": self.factorization.polish,
             },
         }
 

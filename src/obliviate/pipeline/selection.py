@@ -53,7 +53,8 @@ def selection_rules(config: RunConfig) -> dict:
                         "coherence_measured_on_top": ev.method_coherence_top,
                         "zero_coherence_below": ev.method_coherence_gate},
         "concept_fluency_gated": ev.gate_concept_fluency,
-        "near_chance": "a set whose original accuracy's 95% Wilson interval reaches chance (0.25) does not veto a "
+        "near_chance": "a set whose original accuracy's 95% Wilson interval reaches chance (1 / options, averaged over "
+                       "its questions: 0.25 for four) does not veto a "
                        "candidate and is left out of specificity; a QA set at chance means nothing measurable to "
                        "erase (no candidate wins)",
         "choice": {"best": "the highest score, ties to the earlier candidate (reference)",

@@ -24,7 +24,7 @@ def print_summary(results: dict, model_label: str = "edited") -> None:
             print(f"  {name:15s} {fmt(results[name])}")
     flagged = [name for name, near in results.get("near_chance", {}).items() if near]
     if flagged:
-        print(f"  near chance (original accuracy within noise of 0.25): {', '.join(flagged)}")
+        print(f"  near chance (original accuracy within noise of chance): {', '.join(flagged)}")
 
 
 def _accuracy_rows(results: dict) -> list[str]:
@@ -89,7 +89,7 @@ def _noise_lines(results: dict) -> list[str]:
             lines.append(f"- {name}: accuracy drop {fmt(metrics[f'{name}_drop'])}{prob}")
     flagged = [name for name, near in results.get("near_chance", {}).items() if near]
     if flagged:
-        lines.append(f"- near chance (the original's 95% interval reaches 0.25; its fraction is noise and is left "
+        lines.append(f"- near chance (the original's 95% interval reaches chance; its fraction is noise and is left "
                      f"out of specificity and pooled efficacy): {', '.join(flagged)}")
     return ["", *lines] if lines else []
 

@@ -1,5 +1,5 @@
 """The output folder as a Hugging Face model repository: README.md as a model card, and
-``push_to_hub`` (issue 19).
+``push_to_hub``.
 
 The card is written from a run's results.json: YAML metadata (base_model, library_name,
 tags), the erased concept(s), the method and its settings, the TEST numbers with their 95%
@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.metrics import CHANCE
-from obliviate.evaluation.results import nothing_applied
+from obliviate.evaluation.results import chance_levels, chance_text, nothing_applied
 from obliviate.io import write_text
 
 # What `--model embedded` is on the hub: Gemma 3 270M (shipped as a Q4_K_M GGUF on PyPI,
@@ -128,7 +127,8 @@ def _test_table(results: Mapping[str, Any]) -> list[str]:
         lines += ["| accuracy on TEST questions | original | erased |", "| --- | --- | --- |", *rows, ""]
     if scores:
         lines += ["| score | value [95% interval] |", "| --- | --- |", *scores, ""]
-    lines.append(f"Intervals are 95% bootstrap intervals over questions; chance accuracy is {CHANCE}. The delta or "
+    lines.append(f"Intervals are 95% bootstrap intervals over questions; chance accuracy is "
+                 f"{chance_text(chance_levels(results))}. The delta or "
                  "grid was chosen on TRAIN questions; these numbers were measured once on TEST questions.")
     if results.get("near_chance"):
         flagged = [k for k, v in results["near_chance"].items() if v] if isinstance(results["near_chance"], Mapping) else []

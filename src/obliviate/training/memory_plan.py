@@ -1,4 +1,4 @@
-"""The memory plan of a training stage (issue 18): what the weights, gradients, optimizer
+"""The memory plan of a training stage: what the weights, gradients, optimizer
 state, activations and logits of a trained method or the relearning attack take on each
 device, computed before the first step from shapes only (the model may live on "meta"), and
 a refusal that names the settings that would fit. training/loop.py prints it before every

@@ -134,7 +134,7 @@ class EcoArtifact:
     def _from_parts(cls, config: dict, tensors: dict) -> "EcoArtifact":
         model = dict(config["model"])
         name, source = model.pop("name"), model.pop("source")
-        pooling = config["classifier"].get("pooling", "mean")  # artifacts before pooling was a setting
+        pooling = config["classifier"].get("pooling", "mean")  # an artifact that names none was mean-pooled
         check_pooling(pooling)
         check_tensors(tensors, int(model["hidden_size"]), int(model["vocab_size"]), pooling)
         layer = int(config["classifier"]["layer"])

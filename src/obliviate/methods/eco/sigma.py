@@ -24,7 +24,7 @@ Our choices, each recorded in the trace:
 - Robust stop (``stop_rule="confirmed"``, default). One evaluation of 50 questions is a
   noisy number: on a held-out concept the search stopped at a single touch of 0.22 while
   the corrupted accuracy was far above chance (the test accuracy did not fall). A touch
-  of chance + tolerance now only triggers a confirmation: ``confirm_draws`` more
+  of chance + tolerance only triggers a confirmation: ``confirm_draws`` more
   evaluations at the same s with fresh corruption noise (other seeds), and the search
   stops only when the 95% Wilson upper bound of the pooled accuracy (every draw's
   answers, 3 x 50 rows by default) is at or below chance + ``bound_tolerance`` (0.12:
