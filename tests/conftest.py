@@ -11,11 +11,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from obliviate.data import benchmark_dir
 from obliviate.data.concepts import ConceptData, load_benchmark_concept
 from obliviate.models.loading import LoadedModel
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("OBLIVIATE_DATA", REPO.parent / "shared" / "data" / "ember-benchmark"))
+# The benchmark shipped in the package, so a clone anywhere passes; OBLIVIATE_DATA: another copy.
+DATA_DIR = Path(os.environ.get("OBLIVIATE_DATA") or benchmark_dir())
+# The full benchmark, with relearn_paragraphs.json (not shipped), where a checkout has it beside.
+FULL_DATA_DIR = REPO.parent / "shared" / "data" / "ember-benchmark"
 
 
 def _train_tiny_tokenizer():
@@ -95,6 +99,16 @@ def data_dir() -> Path:
     if not (DATA_DIR / "concept_sentences.json").exists():
         pytest.skip(f"EMBER benchmark data not found at {DATA_DIR} (set OBLIVIATE_DATA)")
     return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def full_data_dir(data_dir) -> Path:
+    """A benchmark folder WITH relearn_paragraphs.json (the packaged copy has none): DATA_DIR
+    when it has the file, else the full copy beside the clone; the test is skipped without one."""
+    for folder in (data_dir, FULL_DATA_DIR):
+        if (folder / "relearn_paragraphs.json").is_file():
+            return folder
+    pytest.skip(f"no benchmark folder with relearn_paragraphs.json (set OBLIVIATE_DATA; tried {data_dir}, {FULL_DATA_DIR})")
 
 
 def shrink(data: ConceptData, questions: int = 6, general: int = 8, prompts: int = 3) -> ConceptData:

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from obliviate.data import benchmark_dir
 from obliviate.errors import ObliviateError
 from obliviate.settings import build_section, coerce, setting
 from obliviate import methods as method_registry
@@ -34,7 +35,10 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    data: str | None = None  # the EMBER benchmark folder
+    # None (not the packaged folder's path) so that a run's fingerprint, results and YAML do not
+    # depend on where obliviate is installed; ``data_dir()`` resolves it.
+    data: str | None = setting(
+        None, "a benchmark folder in the EMBER format (default: the EMBER benchmark shipped with obliviate)")
     concept_sentences: str | None = None  # a custom concept: one sentence a line or a JSON list
     neutral_sentences: str | None = setting(None, "a custom concept's neutral sentences (one a line or a JSON list)")
     questions: str | None = None  # MC questions in the benchmark's schema
@@ -46,6 +50,13 @@ class DataConfig:
     # other concepts' open questions ("Question: {q}\nAnswer:") plus neutral openings.
     coherence_prompts: str | None = setting(
         None, "general prompts for coherence: Alpaca-style JSON, a JSON list or one a line (default: other concepts' open questions)")
+
+    def data_dir(self) -> Path | None:
+        """The benchmark folder a run reads: ``data``, else the one shipped with obliviate; None
+        for a concept of the user's own without ``data`` (only its own files are read, as before)."""
+        if self.data:
+            return Path(self.data)
+        return None if self.concept_sentences else benchmark_dir()
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from pathlib import Path
 from obliviate.errors import ObliviateError
 
 PATH_WORDS = ("file", "path", "dir", "folder", "data", "sentences", "questions", "prompts", "model", "patch")
+FOLDER_NAMES = ("data",)  # flags that take a folder, never a file (--data DIR)
 
 
 def field_comments(cls: type) -> dict[str, str]:
@@ -66,6 +67,8 @@ def metavar_for(name: str, annotation: typing.Any, help_text: str = "") -> str:
         return "N"
     if kind is float:
         return "X"
+    if name in FOLDER_NAMES:
+        return "DIR"
     if any(word in name for word in PATH_WORDS):
         return "PATH"
     return "MODE" if " | " in help_text or " or " in help_text else "TEXT"
@@ -154,6 +157,19 @@ def parse_settings(pairs: list[str], default_owner: str | None = None) -> dict[s
             raise ObliviateError(f"--set expects NAME.KEY=VALUE (e.g. rmu.steps=10 or relearn.lr=1e-5), got {pair!r}.")
         settings.setdefault(owner, {})[match.group(2).replace("-", "_")] = match.group(3)
     return settings
+
+
+def default_out(overrides: dict, kind: str) -> str:
+    """runs/<concept>-<what>: the folder a command writes when --out is not given (erase:
+    the method; eval and attack: the command), the same rule for every command."""
+    concept = str(overrides.get("concept") or "run")
+    what = overrides.get("method", "ember") if kind == "erase" else kind
+    name = re.sub(r"[^0-9a-z]+", "-", f"{concept}-{what}".lower()).strip("-")
+    return str(Path("runs") / name)
+
+
+def announce_out(out: str) -> None:
+    print(f"writing to {out}/ (--out DIR to choose)", flush=True)
 
 
 def guard_out(out: str, model: str | None) -> None:

@@ -6,8 +6,8 @@ from contextlib import nullcontext
 
 from obliviate import methods
 from obliviate.errors import ObliviateError
-from obliviate.commands.arguments import (add_dataclass_arguments, add_run_arguments, add_set_argument,
-                                          collect_overrides, parse_settings)
+from obliviate.commands.arguments import (add_dataclass_arguments, add_run_arguments, add_set_argument, announce_out,
+                                          collect_overrides, default_out, parse_settings)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,6 +42,7 @@ def run(args: argparse.Namespace) -> int:
     from obliviate.reports.markdown import fmt, no_candidate_chosen, print_summary
 
     overrides = collect_overrides(args)
+    overrides.setdefault("out", default_out(overrides, "erase"))
     config = make_config(args.config_file, **overrides)
     settings = parse_settings(args.settings, default_owner=config.method)
     if args.optimizer is not None:
@@ -57,6 +58,8 @@ def run(args: argparse.Namespace) -> int:
         raise ObliviateError("Name the concept to erase with --concept (e.g. --concept 'Harry Potter').")
     if config.train_only:
         return run_training(config)
+    if config.out:
+        announce_out(config.out)
     with exclusive_output(config.out) if config.out else nullcontext():
         result = erase(config)
     r = result.results
@@ -70,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     nothing_chosen = no_candidate_chosen(r)
     if nothing_chosen:
         print(f"  {nothing_chosen}")
+    if config.out:
+        print(f"\nnext: obliviate report {config.out}    (an HTML page of the run)\n"
+              f"      obliviate attack --model {config.out} --attacks cheap    (does it stay erased?)")
     return 0
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from obliviate.commands.arguments import add_run_arguments, collect_overrides
+from obliviate.commands.arguments import add_run_arguments, announce_out, collect_overrides, default_out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -31,9 +31,10 @@ def run(args: argparse.Namespace) -> int:
     from obliviate.commands.arguments import guard_out
 
     overrides = collect_overrides(args)
-    overrides.setdefault("out", "runs/eval")
+    overrides.setdefault("out", default_out(overrides, "eval"))
     config = make_config(args.config_file, **overrides)
     guard_out(config.out, config.model.name)
+    announce_out(config.out)
     with exclusive_output(config.out):
         harness = {"tasks": args.lm_eval, "include": args.lm_eval_include, "limit": args.lm_eval_limit} if args.lm_eval else None
         r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,

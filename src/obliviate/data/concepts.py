@@ -1,9 +1,11 @@
 """Benchmark and user-concept loading, with schema checks that name the file and field.
 
 The EMBER benchmark folder holds concept_sentences.json, neutral_sentences.json,
-mc_questions.json, open_questions.json, relearn_paragraphs.json and
-coherency_prompts.json (see its README). A user concept comes as a sentences file plus,
-optionally, questions in the benchmark's schema.
+mc_questions.json, open_questions.json, coherency_prompts.json and, optionally,
+relearn_paragraphs.json (see its README); the package ships one without the last
+(``obliviate.data.benchmark_dir``), the default ``--data``. A user concept comes as a
+sentences file plus, optionally, questions in the benchmark's schema. Concept names are
+matched without regard to case, in one place: ``resolve_concept``.
 """
 from __future__ import annotations
 
@@ -61,7 +63,8 @@ class ConceptData:
 
 def _read_json(path: Path) -> Any:
     if not path.is_file():
-        raise ObliviateError(f"Data file {path} is missing: point --data at the EMBER benchmark folder.")
+        raise ObliviateError(f"Data file {path} is missing: --data must name a folder in the EMBER benchmark's "
+                             "format (leave --data out to use the benchmark shipped with obliviate).")
     try:
         return json.loads(_read_text(path), object_pairs_hook=lambda pairs: _unique_keys(pairs, path))
     except json.JSONDecodeError as err:
@@ -150,8 +153,42 @@ def parse_open_questions(items: Any, path: Path, where: str) -> list[OpenQuestio
     return out
 
 
+def check_data_dir(data_dir: str | Path) -> Path:
+    """``data_dir`` as a Path, if it is a folder (a clear error for a file or a wrong path)."""
+    path = Path(data_dir)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ObliviateError(f"--data {path} is a file: it must be a folder holding the benchmark's files "
+                             "(concept_sentences.json, mc_questions.json, ...), or leave --data out to use the "
+                             "EMBER benchmark shipped with obliviate.")
+    raise ObliviateError(f"Data folder {path} does not exist: check the path, or leave --data out to use the "
+                         "EMBER benchmark shipped with obliviate.")
+
+
+def resolve_concept(concept: str, available: Collection[str]) -> str:
+    """The name in ``available`` that ``concept`` means: itself, else the one that matches
+    without regard to case (`gambling` -> "Gambling"); a clear error listing them otherwise."""
+    if concept in available:
+        return concept
+    matches = [name for name in available if name.casefold() == concept.strip().casefold()]
+    if len(matches) == 1:
+        return matches[0]
+    if matches:
+        raise ObliviateError(f"Concept {concept!r} matches {', '.join(map(repr, sorted(matches)))} "
+                             "(they differ only in case): give the exact name.")
+    raise _unknown_concept(concept, list(available))
+
+
+def _canonical(names: Collection[str], available: Collection[str]) -> set[str]:
+    """``names`` as spelled in ``available`` where they match it without regard to case
+    (a concept of the user's own, in no benchmark, stays as it is)."""
+    folded = {name.casefold(): name for name in available}
+    return {name if name in available else folded.get(name.strip().casefold(), name) for name in names}
+
+
 def list_concepts(data_dir: str | Path) -> list[str]:
-    path = Path(data_dir) / "concept_sentences.json"
+    path = check_data_dir(data_dir) / "concept_sentences.json"
     entries = _read_json(path)
     _require(isinstance(entries, list), path, "the top level must be a list of {concept, sentences}")
     _require(all(isinstance(e, dict) and "concept" in e for e in entries), path, "every entry needs 'concept'")
@@ -160,7 +197,8 @@ def list_concepts(data_dir: str | Path) -> list[str]:
 
 def _unknown_concept(concept: str, available: list[str]) -> ObliviateError:
     return ObliviateError(
-        f"Concept {concept!r} is not in the benchmark. Available: {', '.join(sorted(available))}. "
+        f"Concept {concept!r} is not in the benchmark. Available: {', '.join(sorted(available))} "
+        "(case does not matter; `obliviate concepts` lists them). "
         "For another concept pass --concept-sentences FILE (and optionally --questions FILE)."
     )
 
@@ -175,6 +213,40 @@ def _benchmark_sentences(data_dir: Path) -> dict[str, list[str]]:
         _require(entry["concept"] not in out, path, f"entry {index}: concept {entry['concept']!r} appears twice")
         out[entry["concept"]] = _clean_sentences(entry.get("sentences"), path, f"entry {index}.sentences")
     return out
+
+
+@dataclass(frozen=True)
+class ConceptSizes:
+    """How much data a benchmark folder holds for one concept (``obliviate concepts``)."""
+
+    concept: str
+    sentences: int
+    qa_train: int
+    qa_test: int
+    open_questions: int | None  # QA_train + QA_test of open_questions.json; None without the file
+
+
+def concept_sizes(data_dir: str | Path) -> list[ConceptSizes]:
+    """Every concept of a benchmark folder with its sizes, read and validated as a run reads
+    them (a malformed folder fails here, not minutes into a run)."""
+    data_dir = check_data_dir(data_dir)
+    sentences = _benchmark_sentences(data_dir)
+    mc_path = data_dir / "mc_questions.json"
+    mc_raw = _read_json(mc_path)
+    _require(isinstance(mc_raw, dict), mc_path, "the top level must map concept names to splits")
+    open_path = data_dir / "open_questions.json"
+    open_raw = _read_json(open_path) if open_path.is_file() else None
+    _require(open_raw is None or isinstance(open_raw, dict), open_path,
+             "the top level must map concept names to splits")
+    sizes = []
+    for concept, group in sentences.items():
+        mc = _mc_splits(mc_raw[concept], mc_path, concept) if concept in mc_raw else {}
+        opened = None
+        if open_raw is not None and isinstance(open_raw.get(concept), dict):
+            opened = sum(len(parse_open_questions(open_raw[concept].get(split, []), open_path, f"{concept}.{split}"))
+                         for split in ("QA_train", "QA_test"))
+        sizes.append(ConceptSizes(concept, len(group), len(mc.get("qa_train", [])), len(mc.get("qa_test", [])), opened))
+    return sizes
 
 
 def load_neutral_sentences(path: str | Path) -> list[str]:
@@ -209,8 +281,8 @@ def _mc_splits(entry: Any, path: Path, where: str) -> dict[str, list[MCQuestion]
     return splits
 
 
-def _excluded(exclude: str | Collection[str]) -> set[str]:
-    return {exclude} if isinstance(exclude, str) else set(exclude)
+def _excluded(exclude: str | Collection[str], available: Collection[str]) -> set[str]:
+    return _canonical({exclude} if isinstance(exclude, str) else set(exclude), available)
 
 
 def sample_general_questions(
@@ -222,7 +294,8 @@ def sample_general_questions(
     Sampled evenly across the other concepts with a fixed seed so the set is the same in
     every run.
     """
-    others = sorted(name for name in mc_by_concept if name not in _excluded(exclude))
+    excluded = _excluded(exclude, mc_by_concept)
+    others = sorted(name for name in mc_by_concept if name not in excluded)
     rng = random.Random(seed)
     return {split: _round_robin([list(mc_by_concept[name].get(f"qa_{split}", [])) for name in others], per_split, rng)
             for split in ("train", "test")}
@@ -263,13 +336,10 @@ def load_benchmark_concept(
 ) -> ConceptData:
     """One concept of the EMBER benchmark, with other concepts as contrast and general sets
     (``erased_too``: concepts erased from the same model, in neither)."""
-    excluded = {concept, *erased_too}
-    data_dir = Path(data_dir)
-    if not data_dir.is_dir():
-        raise ObliviateError(f"Data folder {data_dir} does not exist: pass --data with the EMBER benchmark folder.")
+    data_dir = check_data_dir(data_dir)
     sentences = _benchmark_sentences(data_dir)
-    if concept not in sentences:
-        raise _unknown_concept(concept, list(sentences))
+    concept = resolve_concept(concept, sentences)
+    excluded = _canonical({concept, *erased_too}, sentences)
     mc_path = data_dir / "mc_questions.json"
     mc_raw = _read_json(mc_path)
     _require(isinstance(mc_raw, dict), mc_path, "the top level must map concept names to splits")
@@ -313,6 +383,8 @@ def load_user_concept(
 ) -> ConceptData:
     """A concept the benchmark does not have: the user's sentences (and maybe questions)."""
     excluded = {concept, *erased_too}
+    if data_dir is not None:
+        data_dir = check_data_dir(data_dir)
     if neutral_sentences is None:
         if data_dir is None:
             raise ObliviateError("A custom concept needs neutral sentences: pass --neutral-sentences FILE or --data DIR.")
@@ -325,12 +397,14 @@ def load_user_concept(
     )
     if data_dir is not None and (Path(data_dir) / "concept_sentences.json").exists():
         others = _benchmark_sentences(Path(data_dir))
+        excluded = _canonical(excluded, others)
         data.contrast_sentences = [s for name, group in others.items() if name not in excluded for s in group]
     if questions is not None:
         path = Path(questions)
         payload = _read_json(path)
-        if isinstance(payload, dict) and concept in payload:
-            payload = payload[concept]
+        named = _canonical({concept}, payload).pop() if isinstance(payload, dict) else None
+        if isinstance(payload, dict) and named in payload:
+            payload = payload[named]
         data.questions = _mc_splits(payload, path, concept)
     if general_file is not None:
         data.general, data.general_source = load_general_file(general_file, seed), f"file:{general_file}"
@@ -345,20 +419,20 @@ def load_user_concept(
 
 
 def load_open_questions(data_dir: str | Path, concept: str) -> dict[str, list[OpenQuestion]]:
-    path = Path(data_dir) / "open_questions.json"
+    path = check_data_dir(data_dir) / "open_questions.json"
     payload = _read_json(path)
-    if concept not in payload:
-        raise _unknown_concept(concept, list(payload))
+    _require(isinstance(payload, dict), path, "the top level must map concept names to splits")
+    concept = resolve_concept(concept, payload)
     return {ours: parse_open_questions(payload[concept][theirs], path, f"{concept}.{theirs}")
             for ours, theirs in MC_SPLITS.items() if theirs in payload[concept]}
 
 
 def load_relearn_paragraphs(data_dir: str | Path, concept: str, limit: int = 100) -> list[str]:
     """The relearning attack's text: the first ``limit`` paragraphs (the paper uses 100)."""
-    path = Path(data_dir) / "relearn_paragraphs.json"
+    path = check_data_dir(data_dir) / "relearn_paragraphs.json"
     payload = _read_json(path)
-    if concept not in payload:
-        raise _unknown_concept(concept, list(payload))
+    _require(isinstance(payload, dict), path, "the top level must map concept names to {RelearnParagraphs}")
+    concept = resolve_concept(concept, payload)
     paragraphs = payload[concept].get("RelearnParagraphs")
     return _clean_sentences(paragraphs, path, f"{concept}.RelearnParagraphs")[:limit]
 
@@ -376,11 +450,12 @@ def sample_general_prompts(data_dir: str | Path, exclude: str | Collection[str],
     payload = _read_json(path)
     _require(isinstance(payload, dict), path, "the top level must map concept names to splits")
     rng = random.Random(seed)
+    excluded = _excluded(exclude, payload)
     prompts = {}
     for split in ("train", "test"):
         pools = [[GENERAL_PROMPT_TEMPLATE.format(question=q.question)
                   for q in parse_open_questions(payload[name].get(f"QA_{split}", []), path, f"{name}.QA_{split}")]
-                 for name in sorted(payload) if name not in _excluded(exclude)]
+                 for name in sorted(payload) if name not in excluded]
         prompts[split] = _round_robin(pools, per_split, rng)
     return prompts
 

@@ -59,10 +59,10 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     }
     method = pair.recorded.get("method", "external") + ("+eco" if eco else "")
     results = RunResults("eval", concept, method, config.model.name, config.seed, test.results(), parts).to_dict()
-    if config.data.data:
+    if config.data.data_dir() is not None:
         clock = time.perf_counter()
         judge_obj = open_ended.make_judge(judge, judge_model, config.model.device)
-        open_questions = load_open_questions(config.data.data, concept)
+        open_questions = load_open_questions(config.data.data_dir(), concept)
         results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match"}
         batching = Batching(config.evaluation.batch_tokens)
         for split in ("qa_test", "simdom_test"):

@@ -1,10 +1,10 @@
-"""A run's concept data, from the benchmark folder or the user's own files, with the general
-prompts its coherence is measured on attached (every command that runs models starts here)."""
+"""A run's concept data, from the benchmark folder (``--data``, else the one shipped with
+obliviate) or the user's own files, with the general prompts its coherence is measured on
+attached (every command that runs models starts here)."""
 from __future__ import annotations
 
 from obliviate.config import RunConfig
 from obliviate.data.concepts import ConceptData, attach_general_prompts, load_benchmark_concept, load_user_concept
-from obliviate.errors import ObliviateError
 
 
 def load_concept_data(config: RunConfig, concept: str | None = None) -> ConceptData:
@@ -17,10 +17,9 @@ def load_concept_data(config: RunConfig, concept: str | None = None) -> ConceptD
             concept, d.concept_sentences, d.neutral_sentences, d.data, d.questions,
             d.coherency_prompts, d.general_questions_file, d.general_questions, config.seed, others,
         )
-    elif not d.data:
-        raise ObliviateError("Pass --data with the EMBER benchmark folder, or --concept-sentences for your own concept.")
-    else:
-        data = load_benchmark_concept(concept, d.data, d.general_questions, d.general_questions_file, config.seed, others)
+    else:  # a benchmark concept, named without regard to case
+        data = load_benchmark_concept(concept, d.data_dir(), d.general_questions, d.general_questions_file, config.seed,
+                                      others)
     ev = config.evaluation
     attach_general_prompts(data, d.coherence_prompts, ev.general_prompts, ev.neutral_coherence_prompts, config.seed,
                            others)
