@@ -1,156 +1,170 @@
-"""Which defences hold against an adversary who holds the erased weights (issue 14): each
-arm erases every concept, then the white-box attacks run on its output.
+"""Does the erasure hold? Each arm erases every concept, then the attack battery runs on its
+output; the table is each attack's recovered fraction and the worst case, per concept and
+pooled, with the arms paired against each other.
 
-    python bench/white_box_table.py --data ../shared/data/ember-benchmark --out runs/white-box \
-        [--arms ember,rmu+ember] [--concepts Gambling,Gun,...] \
-        [--attacks tied-restore,embedding-repair,repair-relearn,gcg]
+    python bench/battery_table.py --out runs/battery --arms ember --concepts Gambling,Gun \
+        --attacks cheap --write docs/results/attacks.md
 
 An arm is a method name, with "+ember" for EMBER first (its delta fixed to the one the
 "ember" arm's grid chose, when that arm comes first). Runs go to OUT/<arm>/<concept>/
 (erase, patch-only) and OUT/<arm>/<concept>/attack/ (the attacks); finished ones are
-skipped, so an interrupted table resumes, and an existing erase run can be linked there.
-Prints, on TEST questions with 95% intervals: accuracy of the original, of the erased
-model and after each attack, per concept; then per arm the pooled share of the original's
-knowledge each attack brings back, and the paired difference between the arms (the same
-question draws in both).
+skipped, so an interrupted table resumes, and attacks asked later go to their own
+attack-<name>/ folder. On TEST questions with 95% intervals: the share of the original's
+above-chance knowledge each attack brings back (recovered), per concept; per arm, each
+attack pooled over the concepts and the worst case over the battery (the maximum over
+attacks inside every bootstrap draw, evaluation/robustness.py); and the paired difference
+of the arms' worst cases (the same question draws in both).
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
+import os
+import shlex
+import sys
 from pathlib import Path
 
-import numpy as np
-
 import obliviate
+from obliviate import attacks as battery
+from obliviate.attacks.common import worst_case_recovered
 from obliviate.cli import main as cli
-from obliviate.evaluation.pooled import Arm, arm_from_results, paired_difference, pooled_metrics
-from obliviate.io import write_json
+from obliviate.evaluation.robustness import AttackedArm, attacked_arm, paired_worst_case, pooled_worst_case
+from obliviate.io import write_json, write_text
 
-CONCEPTS = "Gambling,Gun,Golf,Culture of Greece,Cannabis"  # the embedded model knows them (test QA >= 0.40)
-ATTACKS = "tied-restore,embedding-repair,repair-relearn"
+CONCEPTS = "Gambling,Gun,Golf,Culture of Greece,Cannabis,Ancient Rome,World War II"  # test QA >= 0.40 on the embedded model
 
 
 def slug(concept: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
-def erase_run(arm: str, concept: str, data: str, folder: Path, ember_delta: float | None = None) -> dict:
+def erase_run(arm: str, concept: str, data: str | None, folder: Path, ember_delta: float | None = None) -> dict:
     """The arm's erase run (made if missing). ``ember_delta``: EMBER's strength in a plug-in
     arm, fixed (the delta the EMBER arm's own grid chose), so both arms carry the same
     EMBER edit and the plug-in run skips a second delta grid."""
     if not (folder / "results.json").exists():
         method, _, ember = arm.partition("+")
         plug_in = bool(ember) and method != "ember"
-        obliviate.erase(concept, data=data, out=folder, save_model=False, method=method, with_ember=plug_in,
+        obliviate.erase(concept, out=folder, save_model=False, method=method, with_ember=plug_in,
+                        **({"data": data} if data else {}),
                         **({"ember": {"delta": ember_delta}} if plug_in and ember_delta is not None else {}))
     return json.loads((folder / "results.json").read_text())
 
 
-def attack_run(folder: Path, data: str, attacks: str) -> dict:
+def attack_run(folder: Path, data: str | None, names: list[str]) -> dict:
     """The attacks' results on one erase run: those in OUT/.../attack/ plus, for an attack
     asked later, its own folder attack-<name>/ (so a table grows without rerunning)."""
     results: dict = {}
-    for name in attacks.split(","):
+    data_flag = ["--data", data] if data else []
+    for name in names:
         if name in results:
             continue
         found = [f / "results.json" for f in (folder / "attack", folder / f"attack-{name}")
                  if (f / "results.json").exists() and name in json.loads((f / "results.json").read_text())]
         if not found:
             out = folder / ("attack" if not (folder / "attack").exists() else f"attack-{name}")
-            asked = attacks if out.name == "attack" else name
-            code = cli(["attack", "--model", str(folder), "--data", data, "--attacks", asked, "--out", str(out)])
+            asked = ",".join(names) if out.name == "attack" else name
+            code = cli(["attack", "--model", str(folder), *data_flag, "--attacks", asked, "--out", str(out),
+                        "--no-progress"])
             if code:
                 raise SystemExit(f"attack on {folder} failed with exit code {code}")
             found = [out / "results.json"]
         results.update(json.loads(found[0].read_text()))
+    results["attacks"] = names
     return results
 
 
-def after(result: dict, role: str = "erased") -> list[int]:
-    """Per-question answers after an attack (repair-relearn: after its last epoch)."""
-    entry = result[role]
-    return entry["curve_correct"][-1] if "curve_correct" in entry else entry["correct_after"]
-
-
-def attacked_arm(erased: dict, result: dict) -> Arm:
-    """The erase run's arm whose 'relearned' answers are those after this attack, so the
-    pooled 'regained' is the share of the original's knowledge the attack brings back.
-    An attack measured on part of the questions (gcg: those its suffixes were not tuned
-    on) keeps only those."""
-    arm = arm_from_results(erased)
-    questions = dict(arm.questions)
-    kept = result["erased"].get("held_out_questions")
-    if kept is not None:
-        questions["qa"] = {key: values[kept] for key, values in arm.questions["qa"].items()}
-    return Arm(arm.concept, arm.method, questions, arm.prompts, arm.near_chance, np.asarray(after(result), float))
-
-
-def cell(interval: dict) -> str:
+def cell(interval: dict | None) -> str:
+    if not interval or interval.get("value") is None:
+        return "-"
     return f"{interval['value']:.2f} [{interval['low']:.2f}, {interval['high']:.2f}]"
 
 
-def concept_rows(arm: str, rows: list[tuple[dict, dict]], attacks: list[str]) -> list[str]:
+def concept_rows(arm: str, rows: list[tuple[dict, dict]], names: list[str]) -> list[str]:
     lines = []
     for erased, attacked in rows:
-        cells = [cell(erased["qa_test"]["base"]), cell(erased["qa_test"]["edited"])]
-        cells += [cell(attacked[a]["erased"]["after"]) for a in attacks]
-        if "repair-relearn" in attacks:
-            cells.append(cell(attacked["repair-relearn"]["original"]["after"]))
-        flagged = attacked.get("embedding-repair", {}).get("erased", {})
-        found = (f"{flagged['flagged']} ({flagged.get('touched_and_edited', '?')}/{flagged.get('edited_rows', '?')})"
-                 if flagged else "-")
-        lines.append(f"| {arm} | {erased['concept']} | " + " | ".join(cells) + f" | {found} |")
+        worst = worst_case_recovered({n: attacked[n] for n in names})
+        cells = [cell(erased["qa_test"]["base"]), cell(erased["qa_test"]["edited"]), cell(erased.get("efficacy"))]
+        cells += [cell(attacked[n].get("recovered_frac")) for n in names]
+        cells.append(f"{cell(worst)} ({worst['attack']})" if worst else "-")
+        lines.append(f"| {arm} | {erased['concept']} | " + " | ".join(cells) + " |")
     return lines
 
 
-def pooled_lines(arms: dict[str, list[tuple[dict, dict]]], attacks: list[str]) -> tuple[list[str], dict]:
+def only(arm: AttackedArm, name: str) -> AttackedArm:
+    return AttackedArm(arm.concept, arm.method, arm.base, {name: arm.attacked[name]}, arm.left_out)
+
+
+def pooled_lines(arms: dict[str, list[AttackedArm]], names: list[str]) -> tuple[list[str], dict]:
     lines, record = [], {}
-    per_attack = {a: {arm: [attacked_arm(e, r[a]) for e, r in rows] for arm, rows in arms.items()} for a in attacks}
-    for attack in attacks:
-        for arm, arm_rows in per_attack[attack].items():
-            pooled = pooled_metrics(arm_rows)
-            record[f"{arm}/{attack}"] = {k: pooled[k].as_dict() for k in ("efficacy", "regained")}
-            p = pooled["regained"].as_dict()
-            left = ", ".join(p["excluded"]) or "-"
-            lines.append(f"| {arm} | {attack} | {cell(pooled['efficacy'].as_dict())} | {cell(p)} | "
-                         f"{p['n_concepts']} | {left} |")
-        names = list(per_attack[attack])
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                diff = paired_difference(per_attack[attack][a], per_attack[attack][b])["regained"].as_dict()
-                record[f"{a} minus {b}/{attack}"] = diff
-                lines.append(f"| {a} minus {b} | {attack} | | {cell(diff)} (paired) | {diff['n_concepts']} | "
-                             f"{'significant' if diff['significant'] else 'inside the noise'} |")
+    for arm, arm_rows in arms.items():
+        for name in names:
+            kept = [only(a, name) for a in arm_rows if name in a.attacked]
+            if not kept:
+                continue
+            pooled = pooled_worst_case(kept).as_dict()
+            record[f"{arm}/{name}"] = pooled
+            lines.append(f"| {arm} | {name} | {cell(pooled)} | {pooled['n_concepts']} | {', '.join(pooled['excluded']) or '-'} |")
+        pooled = pooled_worst_case(arm_rows).as_dict()
+        record[f"{arm}/worst case"] = pooled
+        lines.append(f"| {arm} | **worst case** | **{cell(pooled)}** | {pooled['n_concepts']} | "
+                     f"{', '.join(pooled['excluded']) or '-'} |")
+    pairs = [(a, b) for i, a in enumerate(arms) for b in list(arms)[i + 1:]]
+    for a, b in pairs:
+        diff = paired_worst_case(arms[a], arms[b]).as_dict()
+        record[f"{a} minus {b}/worst case"] = diff
+        lines.append(f"| {a} minus {b} | worst case (paired) | {cell(diff)} | {diff['n_concepts']} | "
+                     f"{'significant' if diff['significant'] else 'inside the noise'} |")
     return lines, record
+
+
+def page(command: str, arms: dict[str, list[tuple[dict, dict]]], names: list[str]) -> tuple[str, dict]:
+    robust = {arm: [attacked_arm({**r, "kind": "attack", "concept": e["concept"], "method": e["method"]})
+                    for e, r in rows] for arm, rows in arms.items()}
+    header = ["arm", "concept", "QA original", "QA erased", "efficacy", *(f"{n}" for n in names), "worst case"]
+    out = [f"Written by `{command}` on {datetime.date.today().isoformat()} ({os.cpu_count()} CPU cores, "
+           "the embedded Gemma 3 270M, seed 42). TEST questions, 95% intervals.", "",
+           "Recovered: the share of the original's above-chance knowledge the erased model answers with after "
+           "the attack (0: the erasure holds, 1: all of it back); the worst case is the largest over the attacks.", "",
+           "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for arm, rows in arms.items():
+        out += concept_rows(arm, rows, names)
+    lines, record = pooled_lines(robust, names)
+    out += ["", "Pooled over concepts (stratified bootstrap; the worst case takes the maximum over attacks inside "
+            "each draw; concepts whose original is near chance are left out):", "",
+            "| arm | attack | recovered, pooled | concepts | left out / paired |", "|" + " --- |" * 5, *lines]
+    left_out = {f"{a.concept}/{name}": why for arm_rows in robust.values() for a in arm_rows for name, why in a.left_out.items()}
+    if left_out:
+        out += ["", "Not in the pooled worst case: " + "; ".join(f"{k}: {v}" for k, v in sorted(left_out.items())) + "."]
+    return "\n".join(out) + "\n", record
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/ember-benchmark")
-    parser.add_argument("--out", default="runs/white-box")
-    parser.add_argument("--arms", default="ember,rmu+ember")
+    parser.add_argument("--data", default=None, help="the benchmark folder (default: the one the package ships)")
+    parser.add_argument("--out", default="runs/battery")
+    parser.add_argument("--arms", default="ember")
     parser.add_argument("--concepts", default=CONCEPTS)
-    parser.add_argument("--attacks", default=ATTACKS)
+    parser.add_argument("--attacks", default="cheap", help="attack names, 'cheap' or 'all'")
+    parser.add_argument("--write", default=None, metavar="PAGE", help="also write the tables to this markdown page")
     args = parser.parse_args()
-    attacks = args.attacks.split(",")
+    names = [n for n in battery.parse_names(args.attacks) if n != "probe"]  # the probe brings back no answers
     arms: dict[str, list[tuple[dict, dict]]] = {}
     for arm in args.arms.split(","):
         for concept in args.concepts.split(","):
             folder = Path(args.out) / arm / slug(concept)
             ember = [e for e, _ in arms.get("ember", []) if e["concept"] == concept]
             erased = erase_run(arm, concept, args.data, folder, ember[0]["delta"] if ember else None)
-            arms.setdefault(arm, []).append((erased, attack_run(folder, args.data, args.attacks)))
-    header = ["arm", "concept", "QA original", "QA erased", *(f"after {a}" for a in attacks)]
-    header += ["original after repair-relearn"] if "repair-relearn" in attacks else []
-    header += ["rows flagged (edited among them)"]
-    print("| " + " | ".join(header) + " |\n|" + " --- |" * len(header))
-    for arm, rows in arms.items():
-        print("\n".join(concept_rows(arm, rows, attacks)))
-    lines, record = pooled_lines(arms, attacks)
-    print("\n| arm | attack | pooled efficacy | pooled knowledge back | concepts | left out |\n|" + " --- |" * 6)
-    print("\n".join(lines))
+            if "qa_test" not in erased:  # nothing was erased (the original at chance): nothing to attack
+                continue
+            arms.setdefault(arm, []).append((erased, attack_run(folder, args.data, names)))
+    command = "python bench/battery_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    text, record = page(command, arms, names)
+    print(text)
     write_json(Path(args.out) / "pooled.json", record)
+    if args.write:
+        write_text(Path(args.write), text)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from obliviate import attacks
 from obliviate.attacks.common import AttackContext, splice_prefix
 from obliviate.attacks.relearning import Config as RelearnConfig, epoch_order, relearn
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import knowledge_fraction
 from obliviate.evaluation.multiple_choice import prepare
 from obliviate.models.loading import parameter_fingerprints
 
@@ -28,7 +29,9 @@ def _interval_ok(x: dict) -> bool:
 
 def test_registry_lists_valid_names_on_error():
     assert attacks.available() == ["relearn", "relearn-strong", "in-context", "adversarial", "probe",
-                                   "tied-restore", "embedding-repair", "repair-relearn", "gcg"]
+                                   "tied-restore", "embedding-repair", "repair-relearn", "gcg", "respell", "quantize",
+                                   "finetune-unrelated", "finetune-retain", "relearn-sweep", "ablate-direction",
+                                   "logit-lens"]
     with pytest.raises(ObliviateError, match="relearn, relearn-strong, in-context, adversarial, probe, tied-restore"):
         attacks.parse_names("relearn,jailbreak")
     assert attacks.parse_names("probe, relearn,probe") == ["probe", "relearn"]
@@ -54,12 +57,20 @@ def test_every_attack_runs_with_expected_shapes(ctx):
         assert set(adversarial["per_template"]) == set(attacks.get("adversarial").TEMPLATES)
         worst = adversarial["per_template"][adversarial["worst_template"]]["value"]
         assert worst == max(t["value"] for t in adversarial["per_template"].values()) == adversarial["after"]["value"]
-        assert len(results["probe"][role]["per_layer"]) == n_layers + 1
-        assert all(0 <= a <= 1 for a in results["probe"][role]["per_layer"])
+        probe, held_out = results["probe"][role], results["probe"]["settings"]["test"]
+        assert len(probe["per_layer"]) == n_layers + 1
+        # each layer's accuracy is a share of the held-out sentences; "after" is the best layer's
+        assert all(0 <= a <= 1 and a * held_out == pytest.approx(round(a * held_out)) for a in probe["per_layer"])
+        assert probe["best_layer"] == int(np.argmax(probe["per_layer"]))
+        assert probe["after"]["value"] == pytest.approx(max(probe["per_layer"]))
         # the caller's models are never changed by any attack
         assert all(torch.equal(before[role][k], v) for k, v in parameter_fingerprints(ctx.models[role].model).items())
     for name in ("relearn", "in-context", "adversarial"):
-        assert _interval_ok(results[name]["recovered_frac"])
+        # the share of the original's above-chance knowledge the attacked erased model has
+        recovered = results[name]["recovered_frac"]
+        assert _interval_ok(recovered)
+        assert recovered["value"] == pytest.approx(knowledge_fraction(results[name]["erased"]["after"]["value"],
+                                                                      results[name]["original"]["before"]["value"]))
     # checkpoints of a finished relearning attack keep only the small state file
     assert not list((ctx.out / "checkpoints" / "relearn" / "erased").glob("epoch-*"))
 

@@ -22,8 +22,9 @@ def test_plan_covers_every_cell():
 
 
 def test_unknown_or_unresolvable_concepts_fail_before_any_run(capsys, tmp_path, data_dir):
-    with pytest.raises(ObliviateError, match="needs --data"):
+    with pytest.raises(ObliviateError, match="needs a benchmark folder"):
         compare.plan("rmu", "all", False)
+    assert compare.plan("rmu", "golf,GUN", False, ["Golf", "Gun"]) == [("Golf", "rmu", False), ("Gun", "rmu", False)]
     assert main(["compare", "--methods", "rmu", "--concepts", "Golf,Golff", "--data", str(data_dir),
                  "--out", str(tmp_path / "c")]) == 2
     err = capsys.readouterr().err
@@ -86,6 +87,29 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
     assert all(t["erase_seconds"] and t["relearn_seconds"] for t in times) and "erase" not in rows[0]
     assert (tmp_path / "compare.md").read_text().count("\n") == 6
     assert "Golf" in (tmp_path / "report.html").read_text()
+
+
+def test_the_regained_share_uses_the_runs_chance_and_the_one_near_chance_rule():
+    from obliviate.commands.compare import cell_row
+
+    curve = [{"value": v} for v in (0.3, 0.5, 0.6)]
+
+    def results(base: float, chance: float | None = None, n: int = 50) -> dict:
+        found = {"qa_test": {"base": {"value": base}, "edited": {"value": 0.3}},
+                 "relearn": {"erased": {"curve": curve}},
+                 "per_question": {"qa": {"base_correct": [1.0] * n}}}
+        if chance is not None:
+            found["test"] = {"chance": {"qa": chance}}
+        return found
+
+    row = lambda r: cell_row("Golf", "rmu", False, r)  # noqa: E731
+    assert row(results(0.7))["relearn_regained"] == pytest.approx((0.6 - 0.25) / (0.7 - 0.25))  # four options
+    assert row(results(0.7, 1 / 3))["relearn_regained"] == pytest.approx((0.6 - 1 / 3) / (0.7 - 1 / 3))
+    assert row(results(0.7, 0.2))["relearn_regained"] == pytest.approx((0.6 - 0.2) / (0.7 - 0.2))
+    # within noise of chance over its questions: nothing to regain (base > 0.25 was the cut before)
+    assert "relearn_regained" not in row(results(0.36))
+    assert "relearn_regained" not in row(results(0.45, 1 / 3))
+    assert row(results(0.45, 1 / 3, n=400))["relearn_regained"] == 1.0  # 0.6 > 0.45: all of it, clipped
 
 
 def _fake_parts(monkeypatch, tmp_path, params: dict, near_chance: bool = False):

@@ -93,7 +93,7 @@ def test_embedding_repair_reports_precision_recall_and_leaves_models_alone(plant
 
 def test_repair_relearn_and_the_strong_preset(planted_ctx):
     strong = attacks.get("relearn-strong")
-    assert (strong.Config().lr, strong.Config().epochs) == (1e-4, 3) and strong.run is relearning.run
+    assert (strong.Config().lr, strong.Config().epochs) == (1e-4, 3) and strong.run.func is relearning.run
     assert attacks.get("relearn").Config().lr == 1e-5  # the reference stays as it was
     settings = {"paragraphs": 2, "epochs": 1, "max_length": 16}
     result = attacks.run("repair-relearn", planted_ctx, settings)

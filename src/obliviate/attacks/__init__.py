@@ -7,7 +7,7 @@ Modules load lazily so `obliviate --help` stays fast.
 
     from obliviate import attacks
     attacks.get("relearn")          # the module
-    attacks.parse_names("relearn,probe")
+    attacks.parse_names("relearn,probe")   # or "cheap", "all"
 """
 from __future__ import annotations
 
@@ -28,6 +28,18 @@ register("tied-restore", "obliviate.attacks.white_box")
 register("embedding-repair", "obliviate.attacks.white_box")
 register("repair-relearn", "obliviate.attacks.white_box")
 register("gcg", "obliviate.attacks.gcg")
+register("respell", "obliviate.attacks.respell")
+register("quantize", "obliviate.attacks.quantize")
+register("finetune-unrelated", "obliviate.attacks.relearning")
+register("finetune-retain", "obliviate.attacks.relearning")
+register("relearn-sweep", "obliviate.attacks.relearning")
+register("ablate-direction", "obliviate.attacks.activations")
+register("logit-lens", "obliviate.attacks.activations")
+
+# No training (forward passes only): `--attacks cheap`, minutes each on the embedded model on 2 CPU cores.
+CHEAP = ("respell", "quantize", "in-context", "probe", "tied-restore", "embedding-repair", "ablate-direction",
+         "logit-lens")
+DEFAULT = "relearn,in-context,adversarial,probe"
 
 
 def get(name: str):
@@ -38,9 +50,12 @@ def get(name: str):
 
 
 def parse_names(spec: str | list[str] | None) -> list[str]:
-    """'relearn,probe' -> ['relearn', 'probe'] (checked); None or 'all' -> every attack."""
+    """'relearn,probe' -> ['relearn', 'probe'] (checked); None or 'all' -> every attack;
+    'cheap' -> the attacks that need no training (CHEAP)."""
     if spec is None or spec == "all":
         return available()
+    if spec == "cheap":
+        return list(CHEAP)
     names = [n.strip() for n in (spec.split(",") if isinstance(spec, str) else spec) if n.strip()]
     if not names:
         raise ObliviateError(f"--attacks is empty. Valid attacks: {', '.join(available())}.")
@@ -58,4 +73,4 @@ def run(name: str, ctx: AttackContext, settings: dict | None = None) -> dict:
     return get(name).run(ctx, make_config(name, settings))
 
 
-__all__ = ["AttackContext", "available", "get", "make_config", "parse_names", "register", "run"]
+__all__ = ["CHEAP", "DEFAULT", "AttackContext", "available", "get", "make_config", "parse_names", "register", "run"]

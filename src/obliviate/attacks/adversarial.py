@@ -53,6 +53,8 @@ def run(ctx: AttackContext, config: Config) -> dict:
             "after": accuracy_interval(corrects[role][worst], ctx.bootstrap, ctx.seed),  # worst case
             "worst_template": worst,
             "per_template": {n: accuracy_interval(corrects[role][n], ctx.bootstrap, ctx.seed) for n in config.templates},
+            "correct_before": corrects[role]["none"].astype(int).tolist(),  # per question, for pooled statistics
+            "correct_after": corrects[role][worst].astype(int).tolist(),
         }
     if "original" in corrects and "erased" in corrects:
         worst = out["erased"]["worst_template"]

@@ -7,13 +7,14 @@ numbers on test) and always carries a 95% bootstrap interval over questions, in 
 """
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Literal
 
 import numpy as np
 
-from obliviate.data.concepts import ConceptData, MCQuestion
+from obliviate.data.concepts import ConceptData, MCQuestion, load_relearn_paragraphs
 from obliviate.evaluation.cache import OriginalCache
 from obliviate.evaluation.metrics import bootstrap, erasure_metrics
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
@@ -21,8 +22,6 @@ from obliviate.evaluation.scoring import Batching
 from obliviate.models.loading import LoadedModel
 from obliviate.errors import ObliviateError
 from obliviate.training import sharding
-
-ROLES = ("original", "erased")  # every attack runs on both, side by side
 
 
 @dataclass
@@ -107,3 +106,66 @@ def cached_for_original(ctx: AttackContext, lm: LoadedModel, prepared: PreparedQ
     payload = {**settings, "seed": ctx.seed, "items": prepared.items, "answers": prepared.answers,
                "mode": prepared.mode, "letter_ids": prepared.letter_ids, "budget": ctx.batching.budget(lm)}
     return cache.fetch_json(kind, payload, compute)
+
+
+def each_role(ctx: AttackContext, out: dict, measure: Callable) -> dict:
+    """Run ``measure(role, lm, prepared, before) -> (after, details)`` on each model: test
+    accuracy before and after the attack, and the share of the original's knowledge the
+    erased model gets back."""
+    corrects = {}
+    for role, lm in ctx.models.items():
+        prepared = prepared_test(ctx, lm)
+        before = correct_on(lm, prepared, ctx.batching)
+        after, details = measure(role, lm, prepared, before)
+        corrects[role] = (before, after)
+        out[role] = {"before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
+                     "after": accuracy_interval(after, ctx.bootstrap, ctx.seed),
+                     "correct_before": np.asarray(before).astype(int).tolist(),  # per question, for pooled statistics
+                     "correct_after": np.asarray(after).astype(int).tolist(), **details}
+    if "original" in corrects and "erased" in corrects:
+        out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed)
+    return out
+
+
+def worst_case_recovered(results: dict[str, dict]) -> dict | None:
+    """The largest recovered fraction over the attacks that report one: {attack, value,
+    low, high}; None when no attack measured a recovered fraction."""
+    measured = {name: r["recovered_frac"] for name, r in results.items()
+                if isinstance(r, dict) and r.get("recovered_frac", {}).get("value") is not None}
+    if not measured:
+        return None
+    worst = max(measured, key=lambda name: measured[name]["value"])
+    return {"attack": worst, **measured[worst]}
+
+
+TextSource = Literal["concept", "unrelated", "retain"]
+TEXT_SOURCES: tuple[str, ...] = ("concept", "unrelated", "retain")
+SENTENCES_A_PARAGRAPH = 3  # sentence lists become paragraphs of this many, to match the relearning text's length
+
+
+def attack_text(ctx: AttackContext, source: TextSource, count: int) -> tuple[list[str], str]:
+    """(up to ``count`` paragraphs, where they come from) for an attack that reads or trains on text.
+
+    ``concept``: the benchmark's relearning paragraphs where the data folder has them, else
+    the concept's own sentences; ``unrelated``: other concepts' sentences (text that never
+    names this concept); ``retain``: the neutral sentences the trained methods keep the
+    model on. Sentences are shuffled with the seed (not for ``concept``) and joined in threes.
+    """
+    data = ctx.data
+    if source == "concept":
+        path = ctx.data_dir / "relearn_paragraphs.json" if ctx.data_dir is not None else None
+        if path is not None and path.is_file():
+            return load_relearn_paragraphs(ctx.data_dir, data.concept, count), "relearn_paragraphs.json"
+        return paragraphs_of(data.concept_sentences, count), "the concept's sentences"
+    sentences = list(data.contrast_sentences if source == "unrelated" else data.neutral_sentences)
+    if not sentences:
+        what = "other concepts' sentences" if source == "unrelated" else "neutral sentences"
+        raise ObliviateError(f"The {source} text is empty: {data.concept!r} has no {what}.")
+    random.Random(ctx.seed).shuffle(sentences)
+    where = "other concepts' sentences" if source == "unrelated" else "the neutral (retain) sentences"
+    return paragraphs_of(sentences, count), where
+
+
+def paragraphs_of(sentences: list[str], count: int) -> list[str]:
+    step = SENTENCES_A_PARAGRAPH
+    return [" ".join(sentences[i:i + step]) for i in range(0, len(sentences), step)][:count]

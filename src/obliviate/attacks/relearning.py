@@ -27,7 +27,8 @@ import gc
 import shutil
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable
@@ -44,9 +45,8 @@ from obliviate.training.kept_head_grad import kept_head_gradient
 from obliviate.training.loop import checkpointing, checkpointing_choice, plan_stage, trainable
 from obliviate.training.optim import check_choice, training_precision
 from obliviate.training.sparse_rows import optimizer_for, settle
-from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, prepared_test,
-                                      recovered_fraction)
-from obliviate.data.concepts import load_relearn_paragraphs
+from obliviate.attacks.common import (TEXT_SOURCES, AttackContext, accuracy_interval, attack_text, cached_for_original,
+                                      correct_on, prepared_test, recovered_fraction)
 
 NAME = "relearn"
 
@@ -68,9 +68,14 @@ class Config:
     # and on the CPU no faster than the exact default step (the kept head gradient does not
     # apply under autocast: bench/bench_attacks.py --steps). For GPUs with fast bf16.
     bf16_autocast: bool = False
+    # What the attacker trains on (common.attack_text): concept (the reference attack),
+    # unrelated (other concepts' text) or retain (the neutral sentences).
+    text: str = "concept"
 
     def __post_init__(self) -> None:
         check_choice(self.optimizer)
+        if self.text not in TEXT_SOURCES:
+            raise ObliviateError(f"relearn text must be one of {', '.join(TEXT_SOURCES)}, got {self.text!r}.")
         object.__setattr__(self, "gradient_checkpointing", checkpointing_choice(self.gradient_checkpointing))
         for name in ("paragraphs", "epochs", "batch_size", "max_length"):
             if getattr(self, name) < 1:
@@ -209,13 +214,12 @@ def relearn(
     return state["epochs"]
 
 
-def run(ctx: AttackContext, config: Config) -> dict:
+def run(ctx: AttackContext, config: Config, name: str = NAME) -> dict:
     """Relearn on both models; accuracy before and after each epoch, and how much of the
     original model's knowledge the erased model gets back (``recovered_frac``)."""
-    if ctx.data_dir is None:
-        raise ObliviateError("The relearning attack reads relearn_paragraphs.json: pass --data with the benchmark folder.")
-    paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
-    out = {"settings": {**asdict(config), "paragraphs_used": len(paragraphs), "trained": "all parameters"}}
+    paragraphs, source = attack_text(ctx, config.text, config.paragraphs)
+    out = {"settings": {**asdict(config), "paragraphs_used": len(paragraphs), "text_source": source,
+                        "trained": "all parameters"}}
     curves = {}
     for role, lm in ctx.models.items():
         clock = time.perf_counter()
@@ -224,7 +228,7 @@ def run(ctx: AttackContext, config: Config) -> dict:
         def attack(lm=lm, prepared=prepared, role=role) -> tuple:
             before = correct_on(lm, prepared, ctx.batching)
             return before, relearn(lm, paragraphs, config, lambda m: correct_on(m, prepared, ctx.batching), ctx.seed,
-                                   ctx.checkpoint_dir(NAME, role), ctx.progress, role=role)
+                                   ctx.checkpoint_dir(name, role), ctx.progress, role=role)
 
         before, epochs = _original_curve(ctx, lm, prepared, paragraphs, config, attack) if role == "original" else attack()
         curves[role] = [before] + [np.asarray(e["correct"]) for e in epochs]  # epoch 0 = before
@@ -269,4 +273,65 @@ class StrongConfig(Config):
     lr: float = 1e-4
 
 
-ATTACKS = {"relearn-strong": SimpleNamespace(Config=StrongConfig, run=run)}
+@dataclass(frozen=True)
+class UnrelatedConfig(Config):
+    """``finetune-unrelated``: the same training on text that never names the concept
+    (Łucki et al. 2024: a few unrelated examples bring back much of RMU's erased capability)."""
+    text: str = "unrelated"
+
+
+@dataclass(frozen=True)
+class RetainConfig(Config):
+    """``finetune-retain``: the same training on the retain (neutral) text only: relearning
+    with zero forget examples."""
+    text: str = "retain"
+
+
+@dataclass(frozen=True)
+class SweepConfig(Config):
+    """``relearn-sweep``: the relearning attack at each learning rate, scored after every
+    epoch: len(lrs) x epochs cells, the reference (1e-5, 2 epochs) among them; the worst
+    cell (the most knowledge back on the erased model) is the attack's result."""
+    lrs: tuple[float, ...] = (1e-5, 1e-4)
+    epochs: int = 3
+
+    def __post_init__(self) -> None:
+        lrs = (self.lrs,) if isinstance(self.lrs, (int, float)) else tuple(float(lr) for lr in self.lrs)
+        if not lrs or any(not lr > 0 for lr in lrs):
+            raise ObliviateError(f"relearn-sweep lrs must be positive, got {self.lrs}.")
+        object.__setattr__(self, "lrs", lrs)
+        super().__post_init__()
+
+    def cells(self) -> list[Config]:
+        base = {f.name: getattr(self, f.name) for f in fields(Config)}
+        return [Config(**{**base, "lr": lr}) for lr in self.lrs]
+
+
+def run_sweep(ctx: AttackContext, config: SweepConfig) -> dict:
+    """One relearning run a learning rate; every (lr, epoch) cell's recovered fraction; the worst."""
+    runs = {lr: run(ctx, cell, f"relearn-sweep/lr-{lr:g}") for lr, cell in zip(config.lrs, config.cells())}
+    grid, worst = [], None
+    for lr, result in runs.items():
+        base = np.asarray(result["original"]["curve_correct"][0], dtype=float)
+        for epoch in range(1, config.epochs + 1):
+            erased = np.asarray(result["erased"]["curve_correct"][epoch], dtype=float)
+            recovered = recovered_fraction(base, erased, ctx.bootstrap, ctx.seed)
+            grid.append({"lr": lr, "epoch": epoch, "recovered_frac": recovered,
+                         "original": result["original"]["curve"][epoch], "erased": result["erased"]["curve"][epoch]})
+            if worst is None or recovered["value"] > worst["recovered_frac"]["value"]:
+                worst = grid[-1]
+    out = {"settings": asdict(config), "grid": grid, "worst_cell": {"lr": worst["lr"], "epoch": worst["epoch"]},
+           "recovered_frac": worst["recovered_frac"]}
+    for role in ("original", "erased"):
+        curve = runs[worst["lr"]][role]["curve_correct"]
+        out[role] = {"before": runs[worst["lr"]][role]["before"], "after": worst[role],
+                     "correct_before": curve[0], "correct_after": curve[worst["epoch"]]}
+    return out
+
+
+ATTACKS = {  # the same training, each with its own checkpoint folder
+    "relearn-strong": SimpleNamespace(Config=StrongConfig, run=partial(run, name="relearn-strong")),
+    "finetune-unrelated": SimpleNamespace(Config=UnrelatedConfig, run=partial(run, name="finetune-unrelated")),
+    "finetune-retain": SimpleNamespace(Config=RetainConfig, run=partial(run, name="finetune-retain")),
+    "relearn-sweep": SimpleNamespace(Config=SweepConfig, run=run_sweep),
+}

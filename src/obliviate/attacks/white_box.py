@@ -25,11 +25,10 @@ import numpy as np
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, prepared_test,
-                                      recovered_fraction)
+from obliviate.attacks.common import (AttackContext, accuracy_interval, attack_text, cached_for_original, correct_on,
+                                      each_role)
 from obliviate.attacks.relearning import Config as RelearnConfig
 from obliviate.attacks.relearning import relearn, tokenized
-from obliviate.data.concepts import load_relearn_paragraphs
 
 MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation for normal data
 SAME_ROW_COSINE = 0.999  # a mirrored row (bf16-rounded copies included)
@@ -86,7 +85,7 @@ def run_tied_restore(ctx: AttackContext, config: TiedRestoreConfig) -> dict:
             **_against_edits(ctx, role, mirror["token_ids"] if mirror else torch.empty(0, dtype=torch.long)),
         }
 
-    return _each_role(ctx, {"settings": asdict(config)}, measure)
+    return each_role(ctx, {"settings": asdict(config)}, measure)
 
 
 # ---- embedding-repair ---------------------------------------------------------------
@@ -178,7 +177,7 @@ def run_embedding_repair(ctx: AttackContext, config: RepairConfig) -> dict:
             **_against_edits(ctx, role, ids),
         }
 
-    return _each_role(ctx, {"settings": asdict(config)}, measure)
+    return each_role(ctx, {"settings": asdict(config)}, measure)
 
 
 # ---- repair-relearn -----------------------------------------------------------------
@@ -213,9 +212,7 @@ class RepairRelearnConfig:
 
 def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
 
-    if ctx.data_dir is None:
-        raise ObliviateError("repair-relearn reads relearn_paragraphs.json: pass --data with the benchmark folder.")
-    paragraphs = load_relearn_paragraphs(ctx.data_dir, ctx.data.concept, config.paragraphs)
+    paragraphs, source = attack_text(ctx, "concept", config.paragraphs)
     repair = RepairConfig(config.z_threshold, tuple(dict.fromkeys((config.reconstruction, "mean"))), config.ridge)
 
     def repair_and_relearn(role, lm, prepared) -> dict:
@@ -246,7 +243,8 @@ def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
             "reconstruction": found["reconstruction"], "flagged": found["flagged"],
         }
 
-    return _each_role(ctx, {"settings": {**asdict(config), "paragraphs_used": len(paragraphs)}}, measure)
+    return each_role(ctx, {"settings": {**asdict(config), "paragraphs_used": len(paragraphs), "text_source": source}},
+                     measure)
 
 
 # ---- shared -------------------------------------------------------------------------
@@ -276,25 +274,6 @@ def _against_edits(ctx: AttackContext, role: str, ids: torch.Tensor) -> dict:
     hits = len(touched & edited)
     return {"edited_rows": len(edited), "touched_and_edited": hits,
             "precision": hits / len(touched) if touched else None, "recall": hits / len(edited) if edited else None}
-
-
-def _each_role(ctx: AttackContext, out: dict, measure) -> dict:
-    """Run ``measure(role, lm, prepared, before) -> (after, details)`` on each model: test
-    accuracy before and after the attack, and the share of the original's knowledge the
-    erased model gets back."""
-    corrects = {}
-    for role, lm in ctx.models.items():
-        prepared = prepared_test(ctx, lm)
-        before = correct_on(lm, prepared, ctx.batching)
-        after, details = measure(role, lm, prepared, before)
-        corrects[role] = (before, after)
-        out[role] = {"before": accuracy_interval(before, ctx.bootstrap, ctx.seed),
-                     "after": accuracy_interval(after, ctx.bootstrap, ctx.seed),
-                     "correct_before": np.asarray(before).astype(int).tolist(),  # per question, for pooled statistics
-                     "correct_after": np.asarray(after).astype(int).tolist(), **details}
-    if "original" in corrects and "erased" in corrects:
-        out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed)
-    return out
 
 
 ATTACKS = {  # what attacks.get hands out for each name registered to this module

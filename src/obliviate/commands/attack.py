@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, guard_out, parse_settings
+from obliviate.attacks import CHEAP, DEFAULT, available
+from obliviate.commands.arguments import (add_run_arguments, add_set_argument, announce_out, collect_overrides, default_out,
+                                         guard_out, parse_settings)
 
 # Shortcut flags -> (attack, setting). Everything else: --set ATTACK.KEY=VALUE.
 SHORTCUTS = {
@@ -21,9 +23,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser)
     group = parser.add_argument_group("attacks")
     group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
-    group.add_argument("--attacks", default="relearn,in-context,adversarial,probe",
-                       help="comma-separated: relearn, relearn-strong, in-context, adversarial, probe, and the "
-                            "white-box tied-restore, embedding-repair, repair-relearn, gcg (default: the first four)")
+    group.add_argument("--attacks", default=DEFAULT,
+                       help=f"comma-separated attack names, 'cheap' (no training: {', '.join(CHEAP)}) or 'all' "
+                            f"({', '.join(available())}); default: {DEFAULT}")
     group.add_argument("--relearn-paragraphs", type=int, default=None, help="relearning paragraphs (default 100)")
     group.add_argument("--epochs", type=int, default=None, help="relearning epochs (default 2)")
     group.add_argument("--max-length", type=int, default=None, help="relearning tokens per paragraph (default 256)")
@@ -70,9 +72,10 @@ def run(args: argparse.Namespace) -> int:
     if unknown:
         raise ObliviateError(f"Settings given for attack(s) not run: {', '.join(sorted(unknown))}. Running: {', '.join(names)}.")
     overrides = collect_overrides(args)
-    overrides.setdefault("out", "runs/attack")
+    overrides.setdefault("out", default_out(overrides, "attack"))
     config = make_config(args.config_file, **overrides)
     guard_out(config.out, config.model.name)
+    announce_out(config.out)
     with exclusive_output(config.out):
         results = run_attacks(config, names, settings, base=args.base, progress=args.progress)
     print(f"\nattacks on {results['concept']!r}: {results['model']} vs {results['base']} -> {config.out}")
@@ -80,5 +83,14 @@ def run(args: argparse.Namespace) -> int:
         r = results[name]
         row = "  ".join(f"{role} " + (f"{r[role]['before']['value']:.3f}->" if "before" in r[role] else "")
                         + f"{r[role]['after']['value']:.3f}" for role in ("original", "erased") if role in r)
-        print(f"  {name:12s} {row}  ({r['seconds']:.0f} s)")
+        recovered = r.get("recovered_frac")
+        regained = f"  recovered {_interval(recovered)}" if recovered else ""
+        print(f"  {name:18s} {row}{regained}  ({r['seconds']:.0f} s)")
+    worst = results.get("worst_case_recovered")
+    if worst:
+        print(f"worst case: {worst['attack']} brings back {_interval(worst)} of the original's above-chance knowledge")
     return 0
+
+
+def _interval(value: dict) -> str:
+    return f"{value['value']:.2f} [{value['low']:.2f}, {value['high']:.2f}]"

@@ -22,9 +22,10 @@ from pathlib import Path
 from obliviate import methods
 from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, parse_settings
 from obliviate.errors import ObliviateError
+from obliviate.data.concepts import resolve_concept
 from obliviate.reports.html import write_report
 from obliviate.evaluation.metrics import CHANCE, knowledge_fraction
-from obliviate.evaluation.results import HEADLINE
+from obliviate.evaluation.results import HEADLINE, chance_levels, original_near_chance
 from obliviate.io import exclusive_output, write_json, write_text
 
 SHOWN = tuple(name for name in HEADLINE if name != "score")
@@ -34,7 +35,7 @@ COLUMNS = ("concept", "method", "ember", "delta", "params", *SHOWN, "qa_test_bas
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(parser, one_concept=False)
     parser.add_argument("--methods", required=True, help=f"comma-separated, from: {', '.join(methods.available())}")
-    parser.add_argument("--concepts", required=True, help="comma-separated benchmark concepts, or all (every concept in --data)")
+    parser.add_argument("--concepts", required=True, help="comma-separated benchmark concepts, or all (every concept of the benchmark)")
     parser.add_argument("--with-and-without-ember", action="store_true",
                         help="run every method twice: alone and on top of the EMBER edit")
     parser.add_argument("--relearn-epochs", type=int, default=2, help="relearning attack epochs (0: no attack; reference 2)")
@@ -61,12 +62,10 @@ def plan(method_list: str, concept_list: str, both: bool, available: list[str] |
     concepts = [c.strip() for c in concept_list.split(",") if c.strip()]
     if concepts == ["all"]:
         if available is None:
-            raise ObliviateError("--concepts all needs --data (the benchmark folder whose concepts it means).")
+            raise ObliviateError("--concepts all needs a benchmark folder (--data), not a concept of your own.")
         concepts = list(available)
-    unknown = [c for c in concepts if available is not None and c not in available]
-    if unknown:
-        raise ObliviateError(f"Unknown concept(s) {', '.join(map(repr, unknown))}; the benchmark has: "
-                             f"{', '.join(sorted(available))} (or --concepts all).")
+    if available is not None:
+        concepts = [resolve_concept(c, available) for c in concepts]  # case-insensitive; unknown names fail here
     if not names or not concepts:
         raise ObliviateError("--methods and --concepts each need at least one name.")
     variants = (False, True) if both else (False,)
@@ -82,8 +81,8 @@ def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
     curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
     for epoch, point in enumerate(curve[1:], start=1):
         row[f"qa_after_relearn_epoch_{epoch}"] = point["value"]
-    if curve and base is not None and base > CHANCE:  # at chance there is nothing to regain
-        row["relearn_regained"] = knowledge_fraction(curve[-1]["value"], base)
+    if curve and base is not None and not original_near_chance(results, base):  # else nothing to regain
+        row["relearn_regained"] = knowledge_fraction(curve[-1]["value"], base, chance_levels(results).get("qa", CHANCE))
     return row
 
 
@@ -139,7 +138,7 @@ def run(args: argparse.Namespace) -> int:
         raise ObliviateError("--relearn-epochs must be >= 0 and --relearn-paragraphs >= 1.")
     settings = parse_settings(args.settings)
     overrides = collect_overrides(args)
-    data_dir = make_config(args.config_file, **overrides).data.data  # --data, or the YAML's
+    data_dir = make_config(args.config_file, **overrides).data.data_dir()  # --data, the YAML's, or the packaged one
     cells = plan(args.methods, args.concepts, args.with_and_without_ember, list_concepts(data_dir) if data_dir else None)
     out = Path(overrides.pop("out", None) or "runs/compare")
     attack = relearning.Config(epochs=args.relearn_epochs, paragraphs=args.relearn_paragraphs) if args.relearn_epochs else None

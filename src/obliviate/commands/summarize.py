@@ -14,12 +14,15 @@ from typing import Mapping, Sequence
 
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import CHANCE
+from obliviate.evaluation.results import chance_text
 from obliviate.evaluation.pooled import ORIGINAL, Arm, arm_from_results, paired_difference, pooled_metrics
+from obliviate.evaluation.robustness import AttackedArm, attacked_arm, paired_worst_case, pooled_worst_case
 from obliviate.io import write_json, write_text
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="an erase output folder (holds results.json) or a compare folder (CONCEPT/METHOD/results.json)")
+                        help="an erase or attack output folder (holds results.json) or a compare folder "
+                             "(CONCEPT/METHOD/results.json); attack runs give each method's pooled worst case")
     parser.add_argument("--baseline-method", default=None, metavar="M",
                         help="also compare every other method with M (paired, on their shared concepts)")
     parser.add_argument("--out", default=None,
@@ -54,21 +57,50 @@ def pairs(methods: Sequence[str], baseline: str | None) -> list[tuple[str, str]]
     return out
 
 
-def summarize(arms: Sequence[Arm], baseline: str | None = None, n_resamples: int = 2000, seed: int = 0) -> dict:
-    """Pooled metrics a method and the paired differences, as JSON-ready dicts."""
+def summarize(arms: Sequence[Arm], baseline: str | None = None, n_resamples: int = 2000, seed: int = 0,
+              attacked: Sequence[AttackedArm] = ()) -> dict:
+    """Pooled metrics a method and the paired differences, as JSON-ready dicts; with attack
+    runs (``attacked``), each method's worst case over the battery and its paired differences."""
     by_method: dict[str, list[Arm]] = {}
     for arm in arms:
         by_method.setdefault(arm.method, []).append(arm)
     methods = sorted(by_method)
-    summary = {"chance": CHANCE, "n_resamples": n_resamples, "seed": seed, "methods": {}, "differences": []}
+    # One number where every set of every concept has the same chance level (0.25: four options).
+    levels = {f"{arm.concept}/{name}": arm.chance_of(name) for arm in arms for name in arm.questions}
+    distinct = set(levels.values())
+    chance = (distinct.pop() if distinct else CHANCE) if len(distinct) <= 1 else chance_text(levels)
+    summary = {"chance": chance, "n_resamples": n_resamples, "seed": seed, "methods": {}, "differences": []}
     for method in methods:
         pooled = pooled_metrics(by_method[method], n_resamples, seed)
         summary["methods"][method] = {"concepts": sorted(a.concept for a in by_method[method]),
                                       "metrics": {k: v.as_dict() for k, v in pooled.items()}}
-    for a, b in pairs(methods, baseline):
+    known = set(methods) | {arm.method for arm in attacked}
+    if baseline is not None and baseline not in known:
+        raise ObliviateError(f"--baseline-method {baseline!r} has no runs; methods: {', '.join(sorted(known))}.")
+    for a, b in pairs(methods, baseline if baseline in methods else None):
         diff = paired_difference(by_method[a], None if b == ORIGINAL else by_method[b], n_resamples, seed)
         summary["differences"].append({"a": a, "b": b, "metrics": {k: v.as_dict() for k, v in diff.items()}})
+    if attacked:
+        summary.update(worst_cases(attacked, baseline, n_resamples, seed))
     return summary
+
+
+def worst_cases(attacked: Sequence[AttackedArm], baseline: str | None, n_resamples: int, seed: int) -> dict:
+    """worst_case_recovered pooled a method, and paired between the methods ``pairs`` names."""
+    by_method: dict[str, list[AttackedArm]] = {}
+    for arm in attacked:
+        by_method.setdefault(arm.method, []).append(arm)
+    methods = sorted(by_method)
+    return {
+        "worst_case": {m: {**pooled_worst_case(by_method[m], n_resamples, seed).as_dict(),
+                           "attacks": sorted({name for a in by_method[m] for name in a.attacked}),
+                           "left_out": {f"{a.concept}/{k}": v for a in by_method[m] for k, v in a.left_out.items()}}
+                       for m in methods},
+        "worst_case_differences": [{"a": a, "b": b, **paired_worst_case(by_method[a], by_method[b], n_resamples,
+                                                                         seed).as_dict()}
+                                   for a, b in pairs(methods, baseline if baseline in methods else None)
+                                   if b != ORIGINAL],
+    }
 
 
 def number(value: float | None) -> str:
@@ -102,6 +134,14 @@ def markdown(summary: Mapping) -> str:
         lines += [f"| {m} | {interval_text(e)} | {'yes' if e['significant'] else 'no'} | "
                   f"{number(e['minimum_detectable'])} | {e['n_concepts']} | {reasons_text(e)} |"
                   for m, e in diff["metrics"].items()]
+    if summary.get("worst_case"):
+        lines += ["", "### worst case over the attack battery (share of the original's knowledge brought back)", "",
+                  "| method | worst case [95% interval] | n concepts | attacks | left out |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {m} | {interval_text(e)} | {e['n_concepts']} | {', '.join(e['attacks'])} | {reasons_text(e)} |"
+                  for m, e in summary["worst_case"].items()]
+        lines += [f"| {d['a']} minus {d['b']} (paired) | {interval_text(d)} | {d['n_concepts']} | "
+                  f"{'significant' if d['significant'] else 'inside the noise'} | {reasons_text(d)} |"
+                  for d in summary["worst_case_differences"]]
     return "\n".join(lines) + "\n"
 
 
@@ -113,8 +153,10 @@ def default_out(runs: Sequence[str]) -> Path:
 def run(args: argparse.Namespace) -> int:
     from obliviate.pipeline.cells import read_cell
 
-    arms = [arm_from_results(read_cell(path), where=str(path)) for path in results_files(args.runs)]
-    summary = summarize(arms, args.baseline_method, args.n_resamples, args.seed)
+    found = [(path, read_cell(path)) for path in results_files(args.runs)]
+    arms = [arm_from_results(r, where=str(path)) for path, r in found if r.get("kind") != "attack"]
+    attacked = [attacked_arm(r, where=str(path)) for path, r in found if r.get("kind") == "attack"]
+    summary = summarize(arms, args.baseline_method, args.n_resamples, args.seed, attacked)
     out = Path(args.out) if args.out else default_out(args.runs)
     text = markdown(summary)
     write_json(out / "summary_pooled.json", summary)

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from obliviate.attacks import AttackContext, get, make_config
+from obliviate.attacks.common import worst_case_recovered
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.results import RunResults
 from obliviate.evaluation.scoring import Batching
@@ -35,7 +36,7 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
     pair = load_pair(config, base)
     ctx = AttackContext(
         models={"original": pair.original, "erased": pair.erased}, data=data,
-        data_dir=Path(config.data.data) if config.data.data else None, scoring=config.evaluation.scoring,
+        data_dir=config.data.data_dir(), scoring=config.evaluation.scoring,
         seed=config.seed, bootstrap=config.evaluation.bootstrap, batching=Batching(config.evaluation.batch_tokens),
         out=out, progress=progress,
         options={"edited_token_ids": edited_token_ids(config.model.name), "cache": config.evaluation.cache},
@@ -52,6 +53,7 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
         "model_source": pair.erased.source, "base": pair.original.name, "base_source": pair.original.source,
         "config_fingerprint": print_, "attacks": names, **{name: state["done"][name] for name in names},
         "timings": {name: state["done"][name]["seconds"] for name in names},
+        "worst_case_recovered": worst_case_recovered({name: state["done"][name] for name in names}),
         "device": str(pair.erased.device), "torch_threads": torch.get_num_threads(),
         "erase_results": {k: pair.recorded[k] for k in ("qa_test", "delta", "features", "delta_sweep", "leak_check",
                                                          "leak_warning") if k in pair.recorded},

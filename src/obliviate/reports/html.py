@@ -19,11 +19,13 @@ import io
 import math
 from pathlib import Path
 
+from obliviate.attacks import available as available_attacks
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import CHANCE
+from obliviate.evaluation.results import chance_levels, chance_text, original_near_chance
 from obliviate.io import atomic_path, read_json, write_text
 
-ATTACKS = ("relearn", "relearn-strong", "in-context", "adversarial", "tied-restore", "embedding-repair", "repair-relearn",
-           "gcg")
+ATTACKS = tuple(a for a in available_attacks() if a != "probe")  # the probe reads sentences, not answers
 # summary.csv columns: (column, where in results, what it means)
 COLUMNS = [
     ("qa_base", ("qa_test", "base"), "QA test accuracy of the original model"),
@@ -38,6 +40,8 @@ COLUMNS = [
     ("harmonic", ("harmonic",), "harmonic mean of efficacy and specificity"),
     ("relearn_after", ("relearn", "erased", "after"), "QA accuracy of the erased model after relearning"),
     ("relearn_recovered", ("relearn", "recovered_frac"), "share of the original knowledge relearning brings back"),
+    ("worst_case_recovered", ("worst_case_recovered",),
+     "the largest share of the original knowledge any attack of the run brought back"),
     ("in_context_after", ("in-context", "erased", "after"), "QA accuracy with concept paragraphs in context"),
     ("adversarial_worst", ("adversarial", "erased", "after"), "QA accuracy under the worst adversarial prefix"),
     ("gcg_after", ("gcg", "erased", "after"), "QA accuracy on held-out questions with the best GCG suffix"),
@@ -46,7 +50,6 @@ COLUMNS = [
     ("open_match_erased", ("open_ended", "qa_test", "edited", "match"), "open-ended QA answers matching the gold"),
 ]
 METRICS = [name for name, _, _ in COLUMNS]
-NEAR_CHANCE = 0.05  # original accuracy within this of chance: no knowledge to erase or recover
 COLORS = {"original": "#4c72b0", "erased": "#dd8452", "relearned": "#c44e52", "efficacy": "#55a868",
           "specificity": "#4c72b0", "coherence": "#8172b3"}
 
@@ -92,6 +95,17 @@ def load_runs(run_dirs: list[str | Path]) -> list[dict]:
     return runs
 
 
+def _qa_chance(run: dict) -> float:
+    """The chance level of a run's TEST QA questions (``CHANCE`` where the run records none)."""
+    return chance_levels(run).get("qa", CHANCE)
+
+
+def _chance_line(runs: list[dict]) -> float:
+    """Where a plot of these runs' QA accuracies draws chance (the mean where they differ)."""
+    levels = [_qa_chance(run) for run in runs]
+    return sum(levels) / len(levels) if levels else CHANCE
+
+
 def _label(run: dict) -> str:
     return f"{run.get('_name', '')}: {run.get('concept', '?')} / {run.get('method', '?')}"
 
@@ -109,10 +123,11 @@ def summary_rows(runs: list[dict]) -> list[dict]:
             row[f"{name}_low"], row[f"{name}_high"] = _bounds(source, path)
         base = row["qa_base"] if row["qa_base"] is not None else _value(run, ("relearn", "original", "before"))
         row["note"] = ""
-        if base is not None and base - 0.25 < NEAR_CHANCE:
+        if base is not None and original_near_chance(run, base):
             # a share of ~no knowledge is noise, not a finding
             row["relearn_recovered"] = row["relearn_recovered_low"] = row["relearn_recovered_high"] = None
-            row["note"] = f"original QA accuracy {base:.2f} is near chance: recovered fractions are undefined"
+            row["note"] = (f"original QA accuracy {base:.2f} is near chance ({_qa_chance(run):.3g}): "
+                           "recovered fractions are undefined")
         rows.append(row)
     return rows
 
@@ -181,7 +196,7 @@ def _accuracy(run: dict, path: tuple[str, ...]) -> tuple[float | None, float | N
     return None, None, None
 
 
-def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: float) -> None:
+def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: float, chance: float) -> None:
     """Side-by-side bars with 95% error bars: groups are (label, (v, lo, hi), ...) tuples."""
     for offset, (label, color) in enumerate(series):
         entries = [g[offset + 1] for g in groups]
@@ -195,14 +210,15 @@ def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: f
             if e[0] is not None and e[0] >= 0.06:
                 ax.text(x, 0.015, f"{e[0]:.2f}", ha="center", va="bottom", fontsize=6, color="white")
     ax.set_xlim(-0.6, len(groups) - 0.4)
-    ax.axhline(0.25, color="grey", linestyle="--", linewidth=1, label="chance")
+    ax.axhline(chance, color="grey", linestyle="--", linewidth=1, label="chance")
     ax.set_xticks(range(len(groups)), [g[0] for g in groups], fontsize=7)
     ax.set_yticks([0, 0.25, 0.5, 0.75, 1.0])
 
 
-def _bar_chart(groups: list[tuple], series: list[tuple[str, str]], width: float, per_group: float, title: str) -> str:
+def _bar_chart(groups: list[tuple], series: list[tuple[str, str]], width: float, per_group: float, title: str,
+               chance: float) -> str:
     fig, ax = _figure(max(4.6, per_group * len(groups)))
-    _bar_groups(ax, groups, series, width)
+    _bar_groups(ax, groups, series, width, chance)
     ax.set(ylabel="QA test accuracy (95% CI)", ylim=(0, 1.25), title=title)
     ax.legend(fontsize=6, loc="upper center", ncol=4, frameon=False)
     return _png(fig)
@@ -221,7 +237,7 @@ def plot_concept_bars(runs: list[dict]) -> str | None:
         return None
     return _bar_chart(groups, [("original", COLORS["original"]), ("erased", COLORS["erased"]),
                                ("erased + relearning", COLORS["relearned"])], 0.25, 1.4,
-                      "Original vs erased vs after relearning")
+                      "Original vs erased vs after relearning", _chance_line(runs))
 
 
 RELEARN_ATTACKS = ("relearn", "relearn-strong", "repair-relearn")  # attacks that record a curve per epoch
@@ -254,7 +270,8 @@ def plot_relearn_curves(runs: list[dict]) -> str | None:
                         color=COLORS[role], label=label, markersize=4, linewidth=1.2)
             ax.fill_between(epochs, [e[1] if e[1] is not None else e[0] for e in entries],
                             [e[2] if e[2] is not None else e[0] for e in entries], color=COLORS[role], alpha=0.10)
-    return _finish(fig, ax, 0.25, xlabel="relearning epoch (0 = before)", ylabel="QA test accuracy (95% CI)",
+    return _finish(fig, ax, _chance_line([run for run, _, _ in found]), xlabel="relearning epoch (0 = before)",
+                   ylabel="QA test accuracy (95% CI)",
                    ylim=(0, 1), title="Relearning attack, per epoch")
 
 
@@ -289,7 +306,7 @@ def plot_attacks(runs: list[dict]) -> str | None:
         return None
     return _bar_chart(rows, [("original, attacked", COLORS["original"]), ("erased, no attack", COLORS["erased"]),
                              ("erased, attacked", COLORS["relearned"])], 0.27, 1.3,
-                      "Attacks: accuracy the attacker gets back")
+                      "Attacks: accuracy the attacker gets back", _chance_line(runs))
 
 
 # ---- HTML --------------------------------------------------------------------------
@@ -337,11 +354,12 @@ def _row_cell(row: dict, name: str) -> str:
     return _cell(name, row[name], row.get(f"{name}_low"), row.get(f"{name}_high"))
 
 
-def summary_table(rows: list[dict]) -> str:
-    """One run: a metric per line (reads on a phone). Several: a run per line, scrolling sideways."""
+def summary_table(rows: list[dict], chance: str = f"{CHANCE:g}") -> str:
+    """One run: a metric per line (reads on a phone). Several: a run per line, scrolling sideways.
+    ``chance``: the QA chance level, as ``chance_text`` gives it."""
     present = [(n, d) for n, _, d in COLUMNS if any(r[n] is not None for r in rows)]
-    note = ("<p class='sub'>Accuracies on TEST questions (chance 0.25); <span class='ci'>[low, high]</span> is the "
-            "95% bootstrap interval.</p>")
+    note = (f"<p class='sub'>Accuracies on TEST questions (chance {html.escape(chance)}); <span class='ci'>[low, high]"
+            "</span> is the 95% bootstrap interval.</p>")
     if len(rows) == 1:
         row = rows[0]
         body = "".join(f"<tr><th class='l' title='{html.escape(d)}'>{n}</th>{_row_cell(row, n)}"
@@ -529,7 +547,7 @@ def render_html(runs: list[dict]) -> str:
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><div class='sub'>{subtitle}</div>"
-            + _card("Summary", summary_table(rows))
+            + _card("Summary", summary_table(rows, chance_text({r.get("_name", ""): _qa_chance(r) for r in runs})))
             + "".join(f"<p class='sub bad'>{html.escape(r['run'])}: {html.escape(r['note'])}</p>" for r in rows if r["note"])
             + "".join(f"<p class='sub bad'>{html.escape(str(r.get('_name', r.get('concept'))))}: {html.escape(w)}</p>"
                       for r in runs for w in [_leak_warning(r)] if w)

@@ -1,0 +1,181 @@
+"""Token-free rewrites (black box): ask the concept's TEST questions without the tokens
+the erasure leans on.
+
+An edit of token rows (EMBER) disrupts inputs that contain those tokens; a user who writes
+the same words so that they tokenize differently asks the same question. This attack
+rewrites every word of a question and its options that holds a target token, keeping the
+meaning and the correct option's index:
+
+- ``respell``: the first spelling of the word whose tokens hold no target: case (upper,
+  capitalised, lower), hyphenated or space-split halves (from the middle outward), and
+  letters joined by hyphens as a last resort.
+- ``neighbours``: the word replaced by the ORIGINAL model's nearest vocabulary word (cosine
+  of input embeddings) that is a whole word and holds no target: a synonym or a close
+  description, as an attacker without the concept's words would find.
+
+Targets: the token ids the erase run edited; for a method that edits no token rows, the
+concept's own key tokens (concept-only tokens of the concept sentences, methods/features.py,
+seen at least ``min_occurrences`` times), so a method that erases meaning is asked the same
+respelled questions. The attacker keeps the form that brings back the most.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from obliviate.attacks.common import AttackContext, accuracy_interval, cached_for_original, correct_on, each_role
+from obliviate.data.concepts import MCQuestion
+from obliviate.errors import ObliviateError
+from obliviate.evaluation.multiple_choice import prepare
+from obliviate.methods.features import CONCEPT, build_token_set
+
+NAME = "respell"
+FORMS = ("respell", "neighbours")
+WORD = re.compile(r"\w+", re.UNICODE)
+EXAMPLES = 3  # rewritten questions shown in results.json
+
+
+@dataclass(frozen=True)
+class Config:
+    forms: tuple[str, ...] = ("respell", "neighbours")  # each rewrites every question; the attacker keeps the best
+    min_occurrences: int = 3  # key tokens of a method that edits no rows: concept-only, seen this often
+
+    def __post_init__(self) -> None:
+        forms = (self.forms,) if isinstance(self.forms, str) else tuple(self.forms)
+        unknown = [f for f in forms if f not in FORMS]
+        if unknown or not forms:
+            raise ObliviateError(f"respell forms {unknown or '()'} are not valid: choose from {', '.join(FORMS)}.")
+        object.__setattr__(self, "forms", forms)
+        if self.min_occurrences < 1:
+            raise ObliviateError(f"respell min_occurrences must be >= 1, got {self.min_occurrences}.")
+
+
+def target_tokens(ctx: AttackContext, tokenizer, config: Config) -> tuple[frozenset[int], str]:
+    """(token ids no rewritten question may contain, where they come from)."""
+    edited = ctx.options.get("edited_token_ids")
+    if edited:
+        return frozenset(int(t) for t in edited), "edited rows"
+    data = ctx.data
+    tokens = build_token_set(tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)
+    keep = tokens.mask(CONCEPT) & (tokens.concept_occurrences >= config.min_occurrences)
+    if not keep.any():
+        raise ObliviateError(f"No key tokens for {data.concept!r}: no concept-only token occurs "
+                             f"{config.min_occurrences} times in its sentences (--set respell.min_occurrences=1).")
+    return frozenset(int(t) for t in tokens.ids[keep]), "concept key words"
+
+
+def word_tokens(tokenizer, word: str, spaced: bool) -> set[int]:
+    """The word's token ids as it stands in text (after a space, or not)."""
+    return set(tokenizer((" " if spaced else "") + word, add_special_tokens=False).input_ids)
+
+
+def spellings(word: str) -> Iterator[str]:
+    """Spellings of ``word`` a reader takes for the same word, most natural first."""
+    yield from dict.fromkeys((word.upper(), word.capitalize(), word.lower()))
+    middle = len(word) // 2
+    cuts = sorted(range(1, len(word)), key=lambda cut: (abs(cut - middle), cut))
+    for cut in cuts:
+        yield f"{word[:cut]}-{word[cut:]}"
+        yield f"{word[:cut]} {word[cut:]}"
+    yield "-".join(word)
+
+
+def rewrite_text(text: str, holds_target: Callable[[str, bool], bool], replace: Callable[[str, bool], str | None]) -> str:
+    """``text`` with every word that holds a target replaced (kept where ``replace`` finds nothing)."""
+    def rewritten(match: re.Match) -> str:
+        spaced = match.start() > 0 and text[match.start() - 1].isspace()
+        word = match.group(0)
+        if not holds_target(word, spaced):
+            return word
+        return replace(word, spaced) or word
+    return WORD.sub(rewritten, text)
+
+
+class Rewriter:
+    """Rewrites of text that avoid ``targets`` under ``tokenizer``, one form at a time."""
+
+    def __init__(self, tokenizer, targets: frozenset[int], embedding: torch.Tensor | None = None):
+        self.tokenizer, self.targets, self.embedding = tokenizer, targets, embedding
+        self._vocabulary: tuple[torch.Tensor, list[str]] | None = None
+
+    def holds_target(self, word: str, spaced: bool) -> bool:
+        return bool(word_tokens(self.tokenizer, word, spaced) & self.targets)
+
+    def respelled(self, word: str, spaced: bool) -> str | None:
+        return next((s for s in spellings(word) if not self.holds_target(s, spaced)), None)
+
+    def neighbour(self, word: str, spaced: bool) -> str | None:
+        """The nearest whole vocabulary word (by the original's input embedding) to the
+        word's first target token, itself free of targets."""
+        rows, words = self.vocabulary()
+        if not words:
+            return None
+        target = next(t for t in self.tokenizer((" " if spaced else "") + word, add_special_tokens=False).input_ids
+                      if t in self.targets)
+        query = self.embedding[target].float()
+        cosine = rows @ (query / query.norm().clamp_min(1e-12))
+        for index in torch.argsort(cosine, descending=True).tolist():
+            candidate = words[index]
+            if candidate.lower() != word.lower() and not self.holds_target(candidate, spaced):
+                return candidate
+        return None
+
+    def vocabulary(self) -> tuple[torch.Tensor, list[str]]:
+        """Unit rows and texts of the whole-word tokens (a leading space, 3+ letters) outside the targets."""
+        if self._vocabulary is None:
+            texts = self.tokenizer.batch_decode([[i] for i in range(len(self.embedding))])
+            kept = [i for i, text in enumerate(texts)
+                    if i not in self.targets and text.startswith(" ") and text[1:].isalpha() and len(text) >= 4]
+            rows = self.embedding[kept].float()
+            self._vocabulary = (rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12), [texts[i][1:] for i in kept])
+        return self._vocabulary
+
+    def question(self, question: MCQuestion, form: str) -> MCQuestion:
+        replace = self.respelled if form == "respell" else self.neighbour
+        return MCQuestion(rewrite_text(question.question, self.holds_target, replace),
+                          tuple(rewrite_text(o, self.holds_target, replace) for o in question.options), question.answer)
+
+
+def rewrite_all(rewriter: Rewriter, questions: list[MCQuestion], forms: tuple[str, ...]) -> dict[str, list[MCQuestion]]:
+    return {form: [rewriter.question(q, form) for q in questions] for form in forms}
+
+
+def run(ctx: AttackContext, config: Config) -> dict:
+    """Each form's rewritten TEST questions on both models; the erased model's best form is
+    the attack's "after"."""
+    lm = ctx.models.get("original") or next(iter(ctx.models.values()))
+    targets, source = target_tokens(ctx, lm.tokenizer, config)
+    embedding = lm.model.get_input_embeddings().weight.detach().cpu() if "neighbours" in config.forms else None
+    questions = ctx.test_questions()
+    rewrites = rewrite_all(Rewriter(lm.tokenizer, targets, embedding), questions, config.forms)
+    out: dict = {"settings": asdict(config), "targets": {"source": source, "tokens": len(targets)},
+                 "questions": len(questions), "forms": {}}
+    for form, rewritten in rewrites.items():
+        prepared = prepare(lm, rewritten, ctx.scoring, ctx.seed)
+        changed = [i for i, (q, r) in enumerate(zip(questions, rewritten)) if q != r]
+        out["forms"][form] = {
+            "rewritten": len(changed),
+            "still_containing": int(len(prepared.touching(set(targets)))),
+            "examples": [{"before": questions[i].question, "after": rewritten[i].question} for i in changed[:EXAMPLES]],
+        }
+
+    def measure(role, model, plain, before):
+        per_form = {}
+        for form, rewritten in rewrites.items():
+            prepared = prepare(model, rewritten, ctx.scoring, ctx.seed)
+            score = lambda prepared=prepared: correct_on(model, prepared, ctx.batching).astype(int).tolist()  # noqa: E731
+            per_form[form] = np.asarray(
+                cached_for_original(ctx, model, prepared, "respell", {"form": form}, score) if role == "original"
+                else score(), dtype=bool)
+        best = max(per_form, key=lambda f: per_form[f].mean())
+        return per_form[best], {
+            "best_form": best,
+            "per_form": {f: accuracy_interval(c, ctx.bootstrap, ctx.seed) for f, c in per_form.items()},
+            "per_form_correct": {f: c.astype(int).tolist() for f, c in per_form.items()},
+        }
+
+    return each_role(ctx, out, measure)

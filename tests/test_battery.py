@@ -1,0 +1,238 @@
+"""The battery's newer attacks on tiny models: token-free rewrites, quantization, fine-tuning
+on other text, direction ablation, the logit lens, the relearning sweep and the worst case."""
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from obliviate import attacks
+from obliviate.attacks import activations, quantize, respell
+from obliviate.attacks.common import AttackContext, attack_text, worst_case_recovered
+from obliviate.data.concepts import MCQuestion
+from obliviate.errors import ObliviateError
+from obliviate.evaluation.multiple_choice import prepare
+from obliviate.models.loading import LoadedModel, parameter_fingerprints, untie_output_embeddings
+
+from conftest import make_tiny_lm
+
+
+def _ctx(tiny_tokenizer, concept, data_dir, tmp_path, edited=None, erased=None) -> AttackContext:
+    original = make_tiny_lm(tiny_tokenizer, seed=0)
+    erased = erased or LoadedModel(copy.deepcopy(original.model), tiny_tokenizer, "erased", "config")
+    return AttackContext(models={"original": original, "erased": erased}, data=concept, data_dir=data_dir,
+                         bootstrap=50, out=tmp_path, progress=False, options={"edited_token_ids": edited, "cache": False})
+
+
+def _word_ids(tokenizer, words: list[str]) -> list[int]:
+    """The ids of those words that are one token (as after a space): what an edit of rows targets."""
+    encoded = [tokenizer(" " + w, add_special_tokens=False).input_ids for w in words]
+    return sorted({ids[0] for ids in encoded if len(ids) == 1})
+
+
+# ---- respell -------------------------------------------------------------------------
+
+def test_spellings_keep_the_letters_in_order():
+    for spelling in respell.spellings("Hermione"):
+        assert spelling.replace("-", "").replace(" ", "").lower() == "hermione"
+    assert list(respell.spellings("ab"))[:3] == ["AB", "Ab", "ab"]
+
+
+def test_rewritten_questions_hold_no_target_and_keep_the_answer(tiny_tokenizer, small_concept):
+    targets = frozenset(_word_ids(tiny_tokenizer, ["Harry", "Potter", "Hogwarts", "wizard", "magic"]))
+    rewriter = respell.Rewriter(tiny_tokenizer, targets)
+    questions = small_concept.questions["qa_test"]
+    rewritten = [rewriter.question(q, "respell") for q in questions]
+    lm = LoadedModel(model=torch.nn.Module(), tokenizer=tiny_tokenizer, name="t", source="t")
+    before = prepare(lm, questions, "loglik", 0)
+    after = prepare(lm, rewritten, "loglik", 0)
+    assert len(before.touching(set(targets))) > 0  # the test questions name the concept
+    assert len(after.touching(set(targets))) == 0  # and no rewritten one does
+    for q, r in zip(questions, rewritten):
+        assert r.answer == q.answer and len(r.options) == len(q.options)
+        assert r.options[r.answer].replace("-", "").replace(" ", "").lower() == \
+            q.options[q.answer].replace("-", "").replace(" ", "").lower()
+
+
+def test_neighbour_is_a_vocabulary_word_free_of_targets(tiny_tokenizer):
+    targets = frozenset(_word_ids(tiny_tokenizer, ["Potter"]))
+    embedding = torch.randn(len(tiny_tokenizer), 16, generator=torch.Generator().manual_seed(0))
+    rewriter = respell.Rewriter(tiny_tokenizer, targets, embedding)
+    word = rewriter.neighbour("Potter", spaced=True)
+    assert word is not None and word.isalpha() and word.lower() != "potter"
+    assert not rewriter.holds_target(word, spaced=True)
+    rows, words = rewriter.vocabulary()
+    assert word in words and torch.allclose(rows.norm(dim=1), torch.ones(len(rows)))
+
+
+def test_respell_attack_reports_counts_and_recovers_a_token_edit(tiny_tokenizer, small_concept, data_dir, tmp_path):
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    targets = _word_ids(tiny_tokenizer, ["Harry", "Potter"])
+    untie_output_embeddings(ctx.models["erased"].model)  # as EMBER does: the output layer keeps its rows
+    erased = ctx.models["erased"].model.get_input_embeddings().weight
+    with torch.no_grad():  # an erasure that destroys only these rows
+        erased[targets] = 50.0 * torch.randn(len(targets), erased.shape[1], generator=torch.Generator().manual_seed(1))
+    ctx.options["edited_token_ids"] = targets
+    result = attacks.run("respell", ctx, {"forms": "respell"})
+    form = result["forms"]["respell"]
+    assert result["targets"] == {"source": "edited rows", "tokens": len(targets)}
+    assert form["still_containing"] == 0 and 0 < form["rewritten"] <= result["questions"]
+    # Without an edited token the erased model IS the original: the rewrite brings back
+    # exactly what the original answers on the rewritten questions.
+    assert result["erased"]["correct_after"] == result["original"]["correct_after"]
+
+
+def test_respell_without_edited_rows_uses_the_concept_key_words(tiny_tokenizer, small_concept):
+    ctx = AttackContext(models={}, data=small_concept, data_dir=None, options={})
+    targets, source = respell.target_tokens(ctx, tiny_tokenizer, respell.Config(min_occurrences=3))
+    assert source == "concept key words" and targets
+    neutral = set(_word_ids(tiny_tokenizer, [w for s in small_concept.neutral_sentences for w in s.split()]))
+    assert not targets & neutral  # key tokens never occur in neutral text
+    with pytest.raises(ObliviateError, match="forms"):
+        respell.Config(forms=("typo",))
+
+
+# ---- quantize ------------------------------------------------------------------------
+
+def test_quantized_weights_round_and_the_float_model_comes_back(tiny_tokenizer):
+    lm = make_tiny_lm(tiny_tokenizer, seed=0)
+    before = parameter_fingerprints(lm.model)
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    logits = lm.model(ids).logits
+    for bits in (8, 4):
+        name, layer = next(iter(quantize.quantizable(lm.model).items()))
+        weight = layer.weight.detach().clone()
+        with quantize.quantized(lm.model, bits, 32) as layers:
+            assert "lm_head" not in layers and layers[name] is layer
+            rounded = layer.weight.dequantize().float()
+            step = weight.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
+            assert 0 < (rounded - weight).abs().max() and bool(((rounded - weight).abs() <= step).all())
+            if bits == 4:  # symmetric round-to-nearest: at most 9 magnitudes in a group of 32
+                assert torch.unique(rounded[0, :32].abs()).numel() <= 9 < torch.unique(weight[0, :32].abs()).numel()
+            changed = (lm.model(ids).logits - logits).abs().max()
+            assert changed > 0
+        assert all(torch.equal(before[k], v) for k, v in parameter_fingerprints(lm.model).items())
+    assert torch.equal(lm.model(ids).logits, logits)
+    with pytest.raises(ObliviateError, match="bits"):
+        quantize.Config(bits=(3,))
+
+
+def test_four_bits_move_weights_more_than_eight(tiny_tokenizer):
+    lm = make_tiny_lm(tiny_tokenizer, seed=0)
+    name = next(iter(quantize.quantizable(lm.model)))
+    weight = dict(lm.model.named_parameters())[f"{name}.weight"].detach().clone()
+    error = {}
+    for bits in (8, 4):
+        with quantize.quantized(lm.model, bits, 32) as layers:
+            error[bits] = (layers[name].weight.dequantize().float() - weight).abs().mean()
+    assert 0 < error[8] < error[4]
+
+
+# ---- fine-tuning on other text -------------------------------------------------------
+
+def test_attack_text_sources_differ_and_never_hold_the_concepts_sentences(small_concept, data_dir, tmp_path):
+    ctx = AttackContext(models={}, data=small_concept, data_dir=data_dir, seed=3)
+    concept, where = attack_text(ctx, "concept", 10)
+    unrelated, unrelated_source = attack_text(ctx, "unrelated", 10)
+    retain, _ = attack_text(ctx, "retain", 10)
+    assert len(concept) == len(unrelated) == len(retain) == 10 and where == "relearn_paragraphs.json"
+    own_text, where = attack_text(AttackContext(models={}, data=small_concept, data_dir=None), "concept", 10)
+    assert where == "the concept's sentences" and own_text[0] == " ".join(small_concept.concept_sentences[:3])
+    own = set(small_concept.concept_sentences)
+    for paragraph in unrelated + retain:
+        assert not any(s in paragraph for s in list(own)[:50])
+    assert attack_text(ctx, "unrelated", 10) == (unrelated, unrelated_source)  # the seed fixes the shuffle
+
+
+# ---- direction ablation and the logit lens -------------------------------------------
+
+def test_difference_directions_find_a_planted_shift():
+    original = torch.randn(5, 8)
+    planted = torch.zeros(8)
+    planted[3] = 1.0
+    erased = original.clone()
+    erased[2:] += 4.0 * planted
+    directions = activations.difference_directions(erased, original)
+    assert torch.equal(directions[:2], torch.zeros(2, 8))
+    torch.testing.assert_close(directions[2:], planted.expand(3, 8))
+    hidden = torch.randn(2, 4, 8)
+    projected = activations.project_out(hidden, planted)
+    assert torch.allclose(projected[..., 3], torch.zeros(2, 4))
+    torch.testing.assert_close(projected[..., :3], hidden[..., :3])
+
+
+def test_ablating_a_planted_direction_recovers_the_original(tiny_tokenizer, small_concept, data_dir, tmp_path):
+    """The erased model's embedding output carries a constant along one axis where the
+    original has none: the ablation finds that axis and removes it from the erased model."""
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    original, erased = ctx.models["original"], ctx.models["erased"]
+    width = original.model.config.hidden_size
+    planted = torch.zeros(width)
+    planted[0] = 1.0
+    with torch.no_grad():  # the original holds nothing along the planted axis, anywhere
+        original.model.get_input_embeddings().weight[:, 0] = 0.0
+        erased.model.get_input_embeddings().weight.copy_(original.model.get_input_embeddings().weight)
+        erased.model.get_input_embeddings().weight[:, 0] = 5.0
+    result = attacks.run("ablate-direction", ctx, {"sentences": 8})
+    assert result["erased"]["ablated_sites"] >= 1 and result["original"]["ablated_sites"] == 0
+    assert result["mean_gap_by_site"][0] > 0
+    directions = activations.difference_directions(
+        activations.mean_activations(erased, small_concept.concept_sentences[:8], 64, 4),
+        activations.mean_activations(original, small_concept.concept_sentences[:8], 64, 4))
+    assert abs(float(directions[0][0])) > 0.99  # the embedding site's direction is the planted axis
+    ids = torch.tensor([[2, 10, 11, 12]])
+    with activations.directions_ablated(erased.model, directions):
+        embedded = {}
+        handle = erased.model.get_input_embeddings().register_forward_hook(lambda m, i, o: embedded.setdefault("o", o))
+        erased.model(ids)
+        handle.remove()
+    assert torch.allclose(embedded["o"][..., 0], torch.zeros(1, 4), atol=1e-5)
+
+
+def test_logit_lens_last_block_is_the_model_and_lower_blocks_differ(tiny_tokenizer, small_concept, data_dir, tmp_path):
+    assert activations.lens_blocks(4, 3) == [0, 3] and activations.lens_blocks(18, 3)[-1] == 17
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    lm = ctx.models["original"]
+    ids = torch.tensor([[2, 10, 11, 12]])
+    full = lm.model(ids).logits
+    with activations.read_at_block(lm.model, 3):  # the last block: nothing skipped
+        torch.testing.assert_close(lm.model(ids).logits, full)
+    with activations.read_at_block(lm.model, 0):
+        assert not torch.allclose(lm.model(ids).logits, full)
+    torch.testing.assert_close(lm.model(ids).logits, full)  # hooks gone
+    result = attacks.run("logit-lens", ctx, {"stride": 1})
+    for role in ("original", "erased"):
+        assert result[role]["blocks"] == [0, 1, 2, 3]
+        assert result[role]["by_block_correct"][-1] == result[role]["correct_before"]
+        best = result[role]["best_block"]
+        accuracy = [np.mean(c) for c in result[role]["by_block_correct"]]
+        assert accuracy[best] == max(accuracy) and result[role]["after"]["value"] == pytest.approx(max(accuracy))
+
+
+# ---- the sweep and the worst case ----------------------------------------------------
+
+def test_relearn_sweep_reports_every_cell_and_the_worst(tiny_tokenizer, small_concept, data_dir, tmp_path):
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    result = attacks.run("relearn-sweep", ctx, {"lrs": (1e-5, 1e-3), "epochs": 2, "paragraphs": 2, "max_length": 32})
+    assert [(c["lr"], c["epoch"]) for c in result["grid"]] == [(1e-5, 1), (1e-5, 2), (1e-3, 1), (1e-3, 2)]
+    worst = max(result["grid"], key=lambda c: c["recovered_frac"]["value"])
+    assert result["recovered_frac"] == worst["recovered_frac"]
+    assert result["worst_cell"] == {"lr": worst["lr"], "epoch": worst["epoch"]}
+    assert result["erased"]["after"] == worst["erased"]
+
+
+def test_worst_case_is_the_maximum_over_attacks():
+    results = {"a": {"recovered_frac": {"value": 0.2, "low": 0.1, "high": 0.3}},
+               "b": {"recovered_frac": {"value": 0.6, "low": 0.4, "high": 0.8}},
+               "probe": {"erased": {}}, "c": {"recovered_frac": {"value": None, "low": None, "high": None}}}
+    assert worst_case_recovered(results) == {"attack": "b", "value": 0.6, "low": 0.4, "high": 0.8}
+    assert worst_case_recovered({"probe": {}}) is None
+
+
+def test_cheap_and_all_name_registered_attacks():
+    cheap, every = attacks.parse_names("cheap"), attacks.parse_names("all")
+    assert set(cheap) < set(every)
+    assert {"respell", "quantize", "ablate-direction", "logit-lens"} <= set(cheap)
+    assert not {"relearn", "relearn-sweep", "finetune-unrelated", "finetune-retain", "gcg"} & set(cheap)
