@@ -137,3 +137,20 @@ def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_m
     assert r["base"] == str(tiny_model_dir) and r["method"].endswith("+eco")
     # every prompt is flagged (threshold 1e-6) and corrupted hard: answers move on the hooked side
     assert r["qa_test"]["base"] != r["qa_test"]["edited"] or r["general_test"]["base"] != r["general_test"]["edited"]
+
+
+@pytest.mark.parametrize("command", ["eval", "attack"])
+def test_a_model_that_fails_to_load_leaves_nothing_that_blocks_the_corrected_rerun(command, common, tiny_model_dir,
+                                                                                     tmp_path, capsys):
+    not_a_model = tmp_path / "not-a-model"
+    not_a_model.mkdir()
+    (not_a_model / "config.json").write_text("{}")
+    out = tmp_path / command
+    args = [command, *common, "--out", str(out)]
+    args[args.index("--model") + 1] = str(not_a_model)
+    assert main(args) == 2 and "Traceback" not in capsys.readouterr().err
+    assert not (out / ".checkpoint.json").exists()
+    extra = ["--attacks", "probe", "--probe-sentences", "8", "--no-progress"] if command == "attack" else \
+        ["--coherence-new-tokens", "4", "--open-new-tokens", "4"]
+    assert main([command, *common, "--out", str(out), *extra]) == 0, capsys.readouterr().err
+    assert (out / "results.json").is_file()

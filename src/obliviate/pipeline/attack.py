@@ -32,8 +32,7 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
     print_ = fingerprint({"kind": "attack", "model": config.model.name, "base": base, "concept": concept,
                           "data": asdict(config.data), "seed": config.seed, "scoring": config.evaluation.scoring,
                           "attacks": {n: asdict(c) for n, c in attack_configs.items()}})
-    state = open_out(out, print_, config.overwrite)
-    pair = load_pair(config, base)
+    state, pair = open_out(out, print_, config.overwrite, lambda: load_pair(config, base))
     ctx = AttackContext(
         models={"original": pair.original, "erased": pair.erased}, data=data,
         data_dir=config.data.data_dir(), scoring=config.evaluation.scoring,

@@ -40,9 +40,8 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     print_ = fingerprint({"kind": "eval", "model": config.model.name, "base": base, "eco": eco, "concept": concept,
                           "data": asdict(config.data), "evaluation": evaluation, "seed": config.seed,
                           "judge": judge, "open_new_tokens": open_new_tokens, "harness": harness})
-    open_out(out, print_, config.overwrite)
     timings, clock = {}, time.perf_counter()
-    pair = load_pair(config, base, artifact.model_name if artifact else None)
+    _, pair = open_out(out, print_, config.overwrite, lambda: load_pair(config, base, artifact.model_name if artifact else None))
     candidate = eco_method.wrap(pair.erased, artifact) if artifact else pair.erased
     timings["load"] = time.perf_counter() - clock
     clock = time.perf_counter()

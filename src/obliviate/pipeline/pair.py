@@ -5,6 +5,7 @@ patch applied when it was saved with --no-save-model) and the original it was ma
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 from pathlib import Path
 
 from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_file
@@ -92,9 +93,12 @@ def load_pair(config, base: str | None, hooked_model: str | None = None) -> Mode
     return ModelPair(original, erased, recorded)
 
 
-def open_out(out: Path, print_: str, overwrite: bool) -> dict:
-    """Refuse a folder holding a different run (unless overwrite); our checkpoint otherwise."""
+def open_out(out: Path, print_: str, overwrite: bool, load: Callable[[], ModelPair]) -> tuple[dict, ModelPair]:
+    """(our checkpoint, the models): a folder holding a different run is refused before any
+    model loads; the folder is marked as ours only once ``load`` succeeded, so a run that
+    fails to load its models leaves nothing that blocks the corrected rerun."""
     state = prepare_out_dir(out, print_, overwrite)
     state.setdefault("done", {})
+    pair = load()
     mark_out_dir(out, state)
-    return state
+    return state, pair
