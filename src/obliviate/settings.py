@@ -22,6 +22,10 @@ def coerce(value: Any, annotation: Any, where: str) -> Any:
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in args if a is not type(None)]
         return coerce(value, inner[0], where) if len(inner) == 1 else value
+    if origin is typing.Literal:
+        if value not in args:
+            raise ObliviateError(f"{where} must be one of {', '.join(map(str, args))}, got {value!r}.")
+        return value
     if origin is tuple:
         items = value.split(",") if isinstance(value, str) else list(value)
         return tuple(coerce(v, args[0], where) for v in items)

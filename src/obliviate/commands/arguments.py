@@ -63,6 +63,8 @@ def metavar_for(name: str, annotation: typing.Any, help_text: str = "") -> str:
         kind = next(a for a in typing.get_args(kind) if a is not type(None))
     if typing.get_origin(kind) is tuple:
         return "LIST"
+    if typing.get_origin(kind) is typing.Literal:
+        return "{" + ",".join(map(str, typing.get_args(kind))) + "}"
     if kind is int:
         return "N"
     if kind is float:

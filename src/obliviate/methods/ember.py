@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
 import numpy as np
 import torch
@@ -20,10 +20,13 @@ from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
 from obliviate.settings import setting
 from obliviate.methods.factorization import Factorization, FactorizationConfig, factorize
-from obliviate.methods.features import CONCEPT, FeatureInfo, TokenSet, build_token_set, select_features
+from obliviate.methods.features import (CONCEPT, SELECTION_MODES, FeatureInfo, Selection, TokenSet, build_token_set,
+                                       select_features)
 from obliviate.methods import MethodContext
 from obliviate.models.loading import LoadedModel, embedding_scale, embeddings_are_tied, load_model, untie_output_embeddings
 
+TiedOutput = Literal["neutral", "shared"]
+FactorizeOn = Literal["cpu", "model"]
 DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
 
 
@@ -34,7 +37,7 @@ class Config:
     max_iterations: int = setting(20000, "factorization iterations at most")
     patience: int = setting(500, "stop the factorization after this many iterations without improvement")
     reg: float = setting(1e-4, "ridge regularization of the factorization's updates")
-    selection: str = "contrast"  # contrast | reference | judge (see features.py)
+    selection: Selection = "contrast"  # contrast | reference | judge (see features.py)
     ratio_threshold: float = 2.0  # reference threshold (see features.py for ``contrast``)
     usage_fraction: float = 0.25  # contrast/judge: usage >= this x the strongest candidate's
     judge_model: str | None = None  # selection "judge": a local model path/hub id, or "self"
@@ -53,11 +56,11 @@ class Config:
     #   general prompts): delta 10 keeps coherence 0.91, where "shared" drops to 0.11 at delta 5.
     # "shared": edit the tied matrix, so output rows get the same edit as the input rows
     #   (large deltas then make the edited tokens win in unrelated text).
-    tied_output: str = setting(
+    tied_output: TiedOutput = setting(
         "neutral", "tied models: the edited tokens' output rows become the mean row (neutral) or get the same edit (shared)")
     # Where the factorization runs: "cpu" (the reference's default) or "model" (the
     # device of the input embedding, e.g. a GPU; same seed, results equal up to float order).
-    factorize_on: str = setting(
+    factorize_on: FactorizeOn = setting(
         "cpu", "where the factorization runs: cpu, or model (the input embedding's device, e.g. a GPU)")
 
     def __post_init__(self) -> None:
@@ -69,10 +72,13 @@ class Config:
             raise ObliviateError(f"delta must be >= 0, got {self.delta}.")
         if self.max_tokens_per_feature < 1:
             raise ObliviateError("max_tokens_per_feature must be >= 1.")
-        if self.tied_output not in ("neutral", "shared"):
-            raise ObliviateError(f"tied_output must be neutral or shared, got {self.tied_output!r}.")
-        if self.factorize_on not in ("cpu", "model"):
-            raise ObliviateError(f"factorize_on must be cpu or model, got {self.factorize_on!r}.")
+        for name, allowed in (("selection", SELECTION_MODES), ("tied_output", get_args(TiedOutput)),
+                              ("factorize_on", get_args(FactorizeOn))):
+            if getattr(self, name) not in allowed:
+                raise ObliviateError(f"ember {name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}.")
+        if self.selection == "judge" and not self.judge_model:
+            raise ObliviateError("ember selection 'judge' needs a judge: --judge-model PATH_OR_ID (a local model) "
+                                 "or 'self' (the model being erased).")
 
     def factorization(self, seed: int) -> FactorizationConfig:
         return FactorizationConfig(

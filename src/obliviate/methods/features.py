@@ -29,6 +29,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -37,7 +38,8 @@ from obliviate.data.concepts import MCQuestion
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.multiple_choice import option_scores, prepare
 
-SELECTION_MODES = ("contrast", "reference", "judge")
+Selection = Literal["contrast", "reference", "judge"]
+SELECTION_MODES: tuple[str, ...] = get_args(Selection)
 CONCEPT, NEUTRAL, BOTH = "concept", "neutral", "both"
 
 
