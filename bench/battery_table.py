@@ -93,7 +93,7 @@ def concept_rows(arm: str, rows: list[tuple[dict, dict]], names: list[str]) -> l
 
 
 def only(arm: AttackedArm, name: str) -> AttackedArm:
-    return AttackedArm(arm.concept, arm.method, arm.base, {name: arm.attacked[name]}, arm.left_out)
+    return AttackedArm(arm.concept, arm.method, arm.base, {name: arm.attacked[name]}, arm.left_out, arm.chance)
 
 
 def pooled_lines(arms: dict[str, list[AttackedArm]], names: list[str]) -> tuple[list[str], dict]:

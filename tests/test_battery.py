@@ -236,3 +236,16 @@ def test_cheap_and_all_name_registered_attacks():
     assert set(cheap) < set(every)
     assert {"respell", "quantize", "ablate-direction", "logit-lens"} <= set(cheap)
     assert not {"relearn", "relearn-sweep", "finetune-unrelated", "finetune-retain", "gcg"} & set(cheap)
+
+
+def test_recovered_fraction_uses_the_questions_chance_level(small_concept):
+    from obliviate.attacks.common import recovered_fraction
+
+    three = [MCQuestion(q.question, q.options[:3], 0) for q in small_concept.questions["qa_test"]]
+    small_concept.questions["qa_test"] = three
+    ctx = AttackContext(models={}, data=small_concept, data_dir=None)
+    assert ctx.chance == pytest.approx(1 / 3)
+    original = np.array([1, 1, 1, 1, 0, 0], float)  # 2/3
+    attacked = np.array([1, 1, 0, 0, 0, 0], float)  # 1/3: chance, nothing back
+    assert recovered_fraction(original, attacked, 20, 0, ctx.chance)["value"] == pytest.approx(0.0)
+    assert recovered_fraction(original, attacked, 20, 0)["value"] == pytest.approx((1 / 3 - 0.25) / (2 / 3 - 0.25))

@@ -59,5 +59,5 @@ def run(ctx: AttackContext, config: Config) -> dict:
     if "original" in corrects and "erased" in corrects:
         worst = out["erased"]["worst_template"]
         out["recovered_frac"] = recovered_fraction(corrects["original"]["none"], corrects["erased"][worst],
-                                                   ctx.bootstrap, ctx.seed)
+                                                   ctx.bootstrap, ctx.seed, ctx.chance)
     return out

@@ -16,7 +16,7 @@ import numpy as np
 
 from obliviate.data.concepts import ConceptData, MCQuestion, load_relearn_paragraphs
 from obliviate.evaluation.cache import OriginalCache
-from obliviate.evaluation.metrics import bootstrap, erasure_metrics
+from obliviate.evaluation.metrics import CHANCE, bootstrap, chance_level, erasure_metrics
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_from_scores, option_scores, prepare
 from obliviate.evaluation.scoring import Batching
 from obliviate.models.loading import LoadedModel
@@ -42,6 +42,11 @@ class AttackContext:
     def test_questions(self) -> list[MCQuestion]:
         return self.data.questions.get("qa_test", [])
 
+    @property
+    def chance(self) -> float:
+        """The TEST questions' chance level (1 / options, averaged over the questions)."""
+        return chance_level(len(q.options) for q in self.test_questions()) if self.test_questions() else CHANCE
+
     def checkpoint_dir(self, attack: str, role: str) -> Path | None:
         return None if self.out is None else self.out / "checkpoints" / attack / role
 
@@ -52,11 +57,12 @@ def accuracy_interval(correct: np.ndarray, n_resamples: int, seed: int) -> dict[
     return bootstrap(stat, {"c": (correct,)}, n_resamples, seed)["acc"].as_dict()
 
 
-def recovered_fraction(original_correct: np.ndarray, attacked_correct: np.ndarray, n_resamples: int, seed: int) -> dict:
+def recovered_fraction(original_correct: np.ndarray, attacked_correct: np.ndarray, n_resamples: int, seed: int,
+                       chance: float = CHANCE) -> dict:
     """Share of the ORIGINAL model's above-chance knowledge the attack brings back
-    (qa_frac of metrics.py: clip((acc - 0.25) / (base - 0.25), 0, 1)), with its interval."""
+    (qa_frac of metrics.py: clip((acc - chance) / (base - chance), 0, 1)), with its interval."""
     pair = (np.asarray(original_correct, float), np.asarray(attacked_correct, float))
-    return erasure_metrics({"qa": pair}, n_resamples, seed)["qa_frac"].as_dict()
+    return erasure_metrics({"qa": pair}, n_resamples, seed, chance={"qa": chance})["qa_frac"].as_dict()
 
 
 def splice_prefix(lm: LoadedModel, prepared: PreparedQuestions, prefix: str) -> PreparedQuestions:
@@ -123,7 +129,8 @@ def each_role(ctx: AttackContext, out: dict, measure: Callable) -> dict:
                      "correct_before": np.asarray(before).astype(int).tolist(),  # per question, for pooled statistics
                      "correct_after": np.asarray(after).astype(int).tolist(), **details}
     if "original" in corrects and "erased" in corrects:
-        out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed)
+        out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed,
+                                                   ctx.chance)
     return out
 
 

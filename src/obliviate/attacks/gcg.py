@@ -198,5 +198,6 @@ def run(ctx: AttackContext, config: Config) -> dict:
                          for i, f in enumerate(found)],
         }
     if "original" in corrects and "erased" in corrects:
-        out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed)
+        out["recovered_frac"] = recovered_fraction(corrects["original"][0], corrects["erased"][1], ctx.bootstrap, ctx.seed,
+                                                   ctx.chance)
     return out

@@ -243,7 +243,8 @@ def run(ctx: AttackContext, config: Config, name: str = NAME) -> dict:
             "seconds": time.perf_counter() - clock,
         }
     if "original" in curves and "erased" in curves:
-        out["recovered_frac"] = recovered_fraction(curves["original"][0], curves["erased"][-1], ctx.bootstrap, ctx.seed)
+        out["recovered_frac"] = recovered_fraction(curves["original"][0], curves["erased"][-1], ctx.bootstrap, ctx.seed,
+                                                   ctx.chance)
     return out
 
 
@@ -315,7 +316,7 @@ def run_sweep(ctx: AttackContext, config: SweepConfig) -> dict:
         base = np.asarray(result["original"]["curve_correct"][0], dtype=float)
         for epoch in range(1, config.epochs + 1):
             erased = np.asarray(result["erased"]["curve_correct"][epoch], dtype=float)
-            recovered = recovered_fraction(base, erased, ctx.bootstrap, ctx.seed)
+            recovered = recovered_fraction(base, erased, ctx.bootstrap, ctx.seed, ctx.chance)
             grid.append({"lr": lr, "epoch": epoch, "recovered_frac": recovered,
                          "original": result["original"]["curve"][epoch], "erased": result["erased"]["curve"][epoch]})
             if worst is None or recovered["value"] > worst["recovered_frac"]["value"]:

@@ -19,7 +19,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.metrics import knowledge_fraction, near_chance
+from obliviate.evaluation.metrics import CHANCE, knowledge_fraction, near_chance
 from obliviate.evaluation.pooled import MDE_STANDARD_ERRORS, NEAR_CHANCE, Difference, Pooled, check_resamples, combine
 
 
@@ -33,10 +33,11 @@ class AttackedArm:
     base: np.ndarray
     attacked: Mapping[str, np.ndarray]  # attack -> erased model's correctness after it
     left_out: Mapping[str, str]  # attack -> why it is not in the pooled worst case
+    chance: float = CHANCE  # of the TEST questions (1 / options)
 
     @property
     def near_chance(self) -> bool:
-        return near_chance(float(self.base.mean()), len(self.base))
+        return near_chance(float(self.base.mean()), len(self.base), self.chance)
 
 
 def per_question(result: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
@@ -70,13 +71,14 @@ def attacked_arm(results: Mapping, where: str = "results.json") -> AttackedArm:
             left_out[name] = "a different number of TEST questions"
     if base is None:
         raise ObliviateError(f"{where}: no attack recorded per-question answers on every TEST question.")
-    return AttackedArm(str(results["concept"]), str(results["method"]), base, attacked, left_out)
+    return AttackedArm(str(results["concept"]), str(results["method"]), base, attacked, left_out,
+                       float(results.get("chance", CHANCE)))
 
 
 def worst_case_draws(arm: AttackedArm, rows: np.ndarray) -> np.ndarray:
     """The largest recovered fraction over the arm's attacks in every draw of question rows."""
     base = arm.base[rows].mean(axis=1)
-    per_attack = [np.array([knowledge_fraction(a, b) for a, b in zip(after[rows].mean(axis=1), base)])
+    per_attack = [np.array([knowledge_fraction(a, b, arm.chance) for a, b in zip(after[rows].mean(axis=1), base)])
                   for after in arm.attacked.values()]
     return np.max(per_attack, axis=0)
 

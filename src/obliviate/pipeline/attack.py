@@ -52,6 +52,7 @@ def run_attacks(config, names: list[str], settings: dict[str, dict], base: str |
         "model_source": pair.erased.source, "base": pair.original.name, "base_source": pair.original.source,
         "config_fingerprint": print_, "attacks": names, **{name: state["done"][name] for name in names},
         "timings": {name: state["done"][name]["seconds"] for name in names},
+        "chance": ctx.chance,
         "worst_case_recovered": worst_case_recovered({name: state["done"][name] for name in names}),
         "device": str(pair.erased.device), "torch_threads": torch.get_num_threads(),
         "erase_results": {k: pair.recorded[k] for k in ("qa_test", "delta", "features", "delta_sweep", "leak_check",
