@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -40,3 +41,24 @@ def test_module_entry_point_and_help_are_fast_and_work():
     out = subprocess.run([sys.executable, "-m", "obliviate", "--help"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "erase" in out.stdout
     assert subprocess.run([sys.executable, "-m", "obliviate", "nonsense"], capture_output=True).returncode == 2
+
+
+def test_every_command_and_eco_action_has_a_description_and_true_defaults(capsys):
+    import contextlib
+
+    from obliviate.cli import COMMANDS, main
+
+    for args in [[name, "--help"] for name in COMMANDS] + [["eco", action, "--help"]
+                                                           for action in ("fit", "generate", "evaluate")]:
+        with contextlib.suppress(SystemExit):
+            main(args)
+        text = capsys.readouterr().out
+        usage, _, rest = text.partition("\n\n")
+        description = rest.split("\n\n")[0]
+        assert description and not description.startswith(("options:", "positional")), args
+        options = text.partition("options:")[2]
+        assert not re.search(r"\w\.\.\.", options), args  # no flag's help cut mid-sentence
+    with contextlib.suppress(SystemExit):
+        main(["eco", "fit", "--help"])
+    fit = " ".join(capsys.readouterr().out.split())
+    assert "the classifier's negatives (default: 300)" in fit and "(default: 100)" not in fit.split("--general-questions N")[1][:120]

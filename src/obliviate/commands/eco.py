@@ -28,8 +28,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_run_arguments(fit)
     # ECO's seed and multiple-choice scoring are the run's (--seed, --scoring)
     add_dataclass_arguments(fit, EcoConfig, "eco", title="ECO", skip=("seed", "scoring"))
+    for action in fit._actions:  # the negatives' count differs from the other commands' default
+        if action.dest == "data__general_questions":
+            action.help = f"other concepts' questions per split: the classifier's negatives (default: {ECO_NEGATIVES})"
 
-    gen = sub.add_parser("generate", help="generate with the ECO hook (flagged prompts are corrupted)")
+    gen_help = "generate with the ECO hook (flagged prompts are corrupted)"
+    gen = sub.add_parser("generate", help=gen_help, description=gen_help[0].upper() + gen_help[1:] + ".")
     gen.add_argument("--eco", required=True, metavar="DIR", help="artifact folder from `eco fit`")
     add_dataclass_arguments(gen, ModelConfig, "model", rename={"name": "model"}, title="model (default: the artifact's)")
     gen.add_argument("--prompt", action="append", required=True, metavar="TEXT", help="a prompt (repeatable)")
@@ -37,7 +41,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     gen.add_argument("--ember", default=None, metavar="PATH", help="EMBER patch file or run folder to apply under the hook")
     gen.add_argument("--compare", action="store_true", help="also print the plain model's continuation")
 
-    ev = sub.add_parser("evaluate", help="efficacy / specificity / coherence on TEST questions")
+    ev_help = "efficacy / specificity / coherence on TEST questions, the model with the ECO hook against the original"
+    ev = sub.add_parser("evaluate", help=ev_help, description=ev_help[0].upper() + ev_help[1:] + ".")
     ev.add_argument("--eco", required=True, metavar="DIR", help="artifact folder from `eco fit`")
     ev.add_argument("--ember", default=None, metavar="PATH",
                     help="EMBER patch file or run folder: also report EMBER and EMBER+ECO")

@@ -47,8 +47,8 @@ class EcoConfig:
     sigma_stop: str = ZerothOrderConfig.stop_rule  # confirmed (fresh-noise draws, 95% upper bound) | touch (the reference)
     confirm_draws: int = ZerothOrderConfig.confirm_draws  # fresh-noise evaluations that confirm a touch of chance
     bound_tolerance: float = ZerothOrderConfig.bound_tolerance  # stop when the pooled 95% upper bound <= chance + this
-    # sigma when the uncorrupted train accuracy is within noise of chance, in units of the
-    # prompt embeddings' RMS (the concepts the model knows reached chance below it: README)
+    # sigma in units of the prompt embeddings' RMS when the uncorrupted TRAIN accuracy is
+    # within noise of chance. Why 100: the concepts the model knows reached chance below it.
     near_chance_ratio: float = 100.0
     forms_per_question: int = 2  # wrapped forms per training question (forms.py)
     held_out_forms: tuple[str, ...] = HELD_OUT_FORMS  # forms kept out of training, measured on TEST
