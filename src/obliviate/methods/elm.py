@@ -40,6 +40,7 @@ from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
 from obliviate.models.layers import PROJECTIONS, cache_argument, decoder_layers, model_device, resolve_layer
 from obliviate.edits.weights import LoraAdapter
 from obliviate.settings import setting
+from obliviate.methods import MethodContext
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
     "As an expert in {c}:", "Written by a leading authority on {c}:", "From an encyclopedia entry on {c}:",
@@ -252,7 +253,9 @@ def guidance_check(lm: LoadedModel, data: ConceptData, templates: int, log) -> d
     return found
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> TrainedGrid:
+def fit(lm: LoadedModel, data: ConceptData, config: Config,
+        seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
+    context = context or MethodContext()
     from peft import LoraConfig
 
     depth = len(decoder_layers(lm.model)[1])
@@ -261,8 +264,8 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     for layer in layers:
         resolve_layer(layer, 0, depth)
     check_target_modules(lm.model, config.target_modules, layers)
-    guidance = guidance_check(lm, data, config.guidance_templates, getattr(context, "log", lambda _m: None))
-    folder = getattr(context, "checkpoint_dir", None)
+    guidance = guidance_check(lm, data, config.guidance_templates, context.log)
+    folder = context.checkpoint_dir
     trained_by = {k: v for k, v in config.__dict__.items() if k != "guidance_templates"}  # the check trains nothing
     base_folder = folder / "elm" / fingerprint(["elm", trained_by, seed, model_fingerprint(lm.model)]) if folder else None
     examples = consistency_examples(lm, data, config, seed, folder)
@@ -271,7 +274,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
 
     def run_point(point: dict):
         where = base_folder / f"lr{point['lr']:g}" if base_folder else None
-        return train_adapter(lm, data, config, lora, examples, point, seed, where, getattr(context, "progress", True))
+        return train_adapter(lm, data, config, lora, examples, point, seed, where, context.progress)
 
     return TrainedGrid("elm", grid_points(lr=config.lr), run_point,
                        info={"layers": layers, "consistency_examples": len(examples), "guidance": guidance})

@@ -16,6 +16,7 @@ from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import LoopConfig, logits
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
+from obliviate.methods import MethodContext
 
 @dataclass(frozen=True)
 class Config(LoopConfig):
@@ -30,10 +31,12 @@ class Config(LoopConfig):
     weight_decay: float = 0.01  # open-unlearning default
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> TrainedGrid:
+def fit(lm: LoadedModel, data: ConceptData, config: Config,
+        seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
+    context = context or MethodContext()
     params = select_parameters(lm.model, config.param_pattern)
     points = grid_points(lr=config.lr, retain_weight=config.retain_weight)
-    folder = getattr(context, "checkpoint_dir", None)
+    folder = context.checkpoint_dir
 
     def run_point(point: dict):
         def step_loss(forget, retain):
@@ -45,6 +48,6 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
         key = fingerprint(["grad_diff", point, config.__dict__, seed, model_fingerprint(lm.model)])
         return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "grad_diff" / key if folder else None,
-                           getattr(context, "progress", True), f"grad_diff {point}", {"method": "grad_diff", **point})
+                           context.progress, f"grad_diff {point}", {"method": "grad_diff", **point})
 
     return TrainedGrid("grad_diff", points, run_point, info={"trained_parameters": len(params)})

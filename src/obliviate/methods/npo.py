@@ -19,6 +19,7 @@ from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import LoopConfig, logits, snapshot, swapped
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
+from obliviate.methods import MethodContext
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,12 @@ class Config(LoopConfig):
             raise ObliviateError(f"beta must be > 0, got {self.beta}.")
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> TrainedGrid:
+def fit(lm: LoadedModel, data: ConceptData, config: Config,
+        seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
+    context = context or MethodContext()
     params = select_parameters(lm.model, config.param_pattern)
     points = grid_points(lr=config.lr, beta=config.beta, retain_weight=config.retain_weight)
-    folder = getattr(context, "checkpoint_dir", None)
+    folder = context.checkpoint_dir
 
     def run_point(point: dict):
         originals = snapshot(params)
@@ -61,6 +64,6 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
         key = fingerprint(["npo", point, config.__dict__, seed, model_fingerprint(lm.model)])
         return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "npo" / key if folder else None,
-                           getattr(context, "progress", True), f"npo {point}", {"method": "npo", **point})
+                           context.progress, f"npo {point}", {"method": "npo", **point})
 
     return TrainedGrid("npo", points, run_point, info={"trained_parameters": len(params)})

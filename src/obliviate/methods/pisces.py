@@ -38,6 +38,7 @@ from obliviate.methods.mlp_features import down_vectors, mlp_projections, parse_
 from obliviate.models.layers import MLP_DOWN, decoder_layers
 from obliviate.models.loading import LoadedModel, load_model
 from obliviate.io import fingerprint, load_tensors, save_tensors
+from obliviate.methods import MethodContext
 
 
 @dataclass(frozen=True)
@@ -253,8 +254,10 @@ class PiscesFit:
                 "vectors_edited": {str(k): self.vectors_edited(k) for k in sorted(self.config.ks, reverse=True)}}
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None, judge=None) -> PiscesFit:
-    judge = judge if judge is not None else getattr(context, "judge", None)
+def fit(lm: LoadedModel, data: ConceptData, config: Config,
+        seed: int = 42, context: MethodContext | None = None, judge=None) -> PiscesFit:
+    context = context or MethodContext()
+    judge = judge if judge is not None else context.judge
     depth = len(decoder_layers(lm.model)[1])
     layers = parse_layer_range(config.layers, depth)
     clock = time.perf_counter()
@@ -269,7 +272,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     used = torch.zeros(dictionary.atoms.shape[0], dtype=torch.bool)
     used[indices[values > 0]] = True
     features, considered = concept_features(lm, data, dictionary, used, config, judge,
-                                            getattr(context, "vocabulary", None))
+                                            context.vocabulary)
     selected = torch.tensor([f.index for f in features], dtype=torch.long)
     dense = _selected_codes(values, indices, selected)  # (all vectors, s)
     info = {"dictionary": {"atoms": int(dictionary.atoms.shape[0]), "topk": dictionary.topk,

@@ -20,6 +20,7 @@ from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import LoopConfig, content_mask, layer_activations, snapshot, swapped, tokenize
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import MLP_DOWN_WEIGHTS, decoder_layers, model_device, resolve_layer, select_parameters
+from obliviate.methods import MethodContext
 
 
 STEERING_UNITS = ("norm", "absolute")
@@ -65,14 +66,16 @@ class Config(LoopConfig):
             raise ObliviateError(f"trained_below must be >= 0, got {self.trained_below}.")
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> TrainedGrid:
+def fit(lm: LoadedModel, data: ConceptData, config: Config,
+        seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
+    context = context or MethodContext()
     depth = len(decoder_layers(lm.model)[1])
     layers = config.layer or (resolve_layer(None, config.layer_fraction, depth),)
     for layer in layers:
         resolve_layer(layer, 0, depth)
     points = grid_points(layer=layers, lr=config.lr, alpha=config.alpha, steering=config.steering)
-    progress = getattr(context, "progress", True)
-    folder = getattr(context, "checkpoint_dir", None)
+    progress = context.progress
+    folder = context.checkpoint_dir
     special = set(lm.tokenizer.all_special_ids)
     norms: dict[int, float] = {}
 

@@ -30,6 +30,7 @@ from obliviate.methods.mlp_features import (
 )
 from obliviate.models.layers import MLP_DOWN, MLP_UP, decoder_layers
 from obliviate.models.loading import LoadedModel
+from obliviate.methods import MethodContext
 
 W_MODES = ("in", "out", "both")
 SELECTIONS = ("contrast", "reference")
@@ -300,7 +301,9 @@ class SnmfFit:
         }
 
 
-def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, context=None) -> SnmfFit:
+def fit(lm: LoadedModel, data: ConceptData, config: Config,
+        seed: int = 42, context: MethodContext | None = None) -> SnmfFit:
+    context = context or MethodContext()
     depth = len(decoder_layers(lm.model)[1])
     in_blocks = sorted({l for spec in config.in_layers for l in parse_layer_range(spec, depth)}) if any(
         m in ("in", "both") for m in config.w_modes) else []
@@ -318,7 +321,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42, cont
     timings["activations"] = time.perf_counter() - clock
     fitted = SnmfFit(config, depth, {}, {}, {}, {}, {}, {}, {}, timings)
     clock = time.perf_counter()
-    log = getattr(context, "log", None) or (lambda _message: None)
+    log = context.log
     for layer in blocks:
         _fit_layer(fitted, lm, acts, layer, seed, edit_in=layer in in_blocks, edit_out=layer in out_blocks)
         found = fitted.features[layer]
