@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Mapping, Sequence
+from typing import Mapping, Sequence, TypeVar
 
 import numpy as np
 
@@ -33,6 +33,7 @@ METRICS = ("efficacy", "specificity", "coherence", "concept_fluency", "regained"
 MDE_STANDARD_ERRORS = 2.8
 NEAR_CHANCE = "the original model's {} accuracy interval reaches chance"
 ORIGINAL = "original"  # the unedited model, the arm of "X minus nothing"
+ArmT = TypeVar("ArmT")  # anything with .concept and .method
 
 
 @dataclass(frozen=True)
@@ -237,8 +238,9 @@ def combine(per_concept: Mapping[str, np.ndarray], excluded: Mapping[str, str], 
                   included, dict(excluded), dict(adjusted))
 
 
-def by_concept(arms: Sequence[Arm]) -> dict[str, Arm]:
-    out: dict[str, Arm] = {}
+def by_concept(arms: Sequence[ArmT]) -> dict[str, ArmT]:
+    """One arm a concept (erase runs here, attack runs in robustness.py)."""
+    out: dict[str, ArmT] = {}
     for arm in arms:
         if arm.concept in out:
             raise ObliviateError(f"two {arm.method} runs of concept {arm.concept!r}: keep one of them.")

@@ -20,7 +20,8 @@ import numpy as np
 
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import CHANCE, knowledge_fraction, near_chance
-from obliviate.evaluation.pooled import MDE_STANDARD_ERRORS, NEAR_CHANCE, Difference, Pooled, check_resamples, combine
+from obliviate.evaluation.pooled import (MDE_STANDARD_ERRORS, NEAR_CHANCE, Difference, Pooled, by_concept, check_resamples,
+                                        combine)
 
 
 @dataclass(frozen=True)
@@ -88,21 +89,12 @@ def question_rows(n_questions: int, n_resamples: int, rng: np.random.Generator) 
     return np.vstack([np.arange(n_questions), rng.integers(0, n_questions, (n_resamples, n_questions))])
 
 
-def _by_concept(arms: Sequence[AttackedArm]) -> dict[str, AttackedArm]:
-    out: dict[str, AttackedArm] = {}
-    for arm in arms:
-        if arm.concept in out:
-            raise ObliviateError(f"two {arm.method} attack runs of concept {arm.concept!r}: keep one of them.")
-        out[arm.concept] = arm
-    return out
-
-
 def pooled_worst_case(arms: Sequence[AttackedArm], n_resamples: int = 2000, seed: int = 0) -> Pooled:
     """The worst case pooled over one method's concepts (near-chance concepts left out)."""
     check_resamples(n_resamples)
     rng = np.random.default_rng(seed)
     draws, excluded = {}, {}
-    for concept, arm in sorted(_by_concept(arms).items()):
+    for concept, arm in sorted(by_concept(arms).items()):
         if arm.near_chance:
             excluded[concept] = NEAR_CHANCE.format("qa")
             continue
@@ -114,7 +106,7 @@ def paired_worst_case(arms_a: Sequence[AttackedArm], arms_b: Sequence[AttackedAr
                       seed: int = 0) -> Difference:
     """A's worst case minus B's on their shared concepts, the same question draws in both."""
     check_resamples(n_resamples)
-    a_by, b_by = _by_concept(arms_a), _by_concept(arms_b)
+    a_by, b_by = by_concept(arms_a), by_concept(arms_b)
     rng = np.random.default_rng(seed)
     draws, excluded = {}, {c: "attacked for one method only" for c in sorted(set(a_by) ^ set(b_by))}
     for concept in sorted(set(a_by) & set(b_by)):
