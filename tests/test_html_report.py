@@ -34,7 +34,7 @@ def attack_results() -> dict:
                 "recovered_frac": iv(0.7)}
     return {"kind": "attack", "concept": "Harry Potter", "method": "ember", "model": "runs/hp",
             "relearn": side(0.3, 0.5), "in-context": side(0.3, 0.35), "adversarial": side(0.3, 0.33),
-            "gcg": side(0.3, 0.32),
+            "gcg": side(0.3, 0.32), "worst_case_recovered": {"attack": "relearn", **iv(0.7)},
             "probe": {"original": {"per_layer": [0.6, 0.9, 0.95], "after": iv(0.95)},
                       "erased": {"per_layer": [0.55, 0.85, 0.9], "after": iv(0.9)}},
             "open_ended": {"judge": None, "qa_test": {"base": {"match": iv(0.4)}, "edited": {"match": iv(0.1)}}},
