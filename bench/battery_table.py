@@ -5,7 +5,8 @@ pooled, with the arms paired against each other.
     python bench/battery_table.py --out runs/battery --arms ember --concepts Gambling,Gun \
         --attacks cheap --write docs/results/attacks.md
 
-An arm is a method name, with "+ember" for EMBER first (its delta fixed to the one the
+An arm is a method name, with ":key=value;key=value" for its settings (e.g.
+"rmu:forget_text=respelled+ember") and "+ember" for EMBER first (its delta fixed to the one the
 "ember" arm's grid chose, when that arm comes first). Runs go to OUT/<arm>/<concept>/
 (erase, patch-only) and OUT/<arm>/<concept>/attack/ (the attacks); finished ones are
 skipped, so an interrupted table resumes, and attacks asked later go to their own
@@ -39,15 +40,22 @@ def slug(concept: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
+def parse_arm(arm: str) -> tuple[str, dict[str, str], bool]:
+    """(method, its settings, EMBER first?) of an arm: ``method[:key=value[;key=value]][+ember]``."""
+    head, _, ember = arm.partition("+")
+    method, _, settings = head.partition(":")
+    pairs = dict(item.split("=", 1) for item in settings.split(";") if item)
+    return method, pairs, bool(ember) and method != "ember"
+
+
 def erase_run(arm: str, concept: str, data: str | None, folder: Path, ember_delta: float | None = None) -> dict:
     """The arm's erase run (made if missing). ``ember_delta``: EMBER's strength in a plug-in
     arm, fixed (the delta the EMBER arm's own grid chose), so both arms carry the same
     EMBER edit and the plug-in run skips a second delta grid."""
     if not (folder / "results.json").exists():
-        method, _, ember = arm.partition("+")
-        plug_in = bool(ember) and method != "ember"
+        method, settings, plug_in = parse_arm(arm)
         obliviate.erase(concept, out=folder, save_model=False, method=method, with_ember=plug_in,
-                        **({"data": data} if data else {}),
+                        **({"data": data} if data else {}), **({"methods": {method: settings}} if settings else {}),
                         **({"ember": {"delta": ember_delta}} if plug_in and ember_delta is not None else {}))
     return json.loads((folder / "results.json").read_text())
 
@@ -153,7 +161,7 @@ def main() -> None:
     arms: dict[str, list[tuple[dict, dict]]] = {}
     for arm in args.arms.split(","):
         for concept in args.concepts.split(","):
-            folder = Path(args.out) / arm / slug(concept)
+            folder = Path(args.out) / slug(arm) / slug(concept)
             ember = [e for e, _ in arms.get("ember", []) if e["concept"] == concept]
             erased = erase_run(arm, concept, args.data, folder, ember[0]["delta"] if ember else None)
             if "qa_test" not in erased:  # nothing was erased (the original at chance): nothing to attack

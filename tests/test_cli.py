@@ -32,6 +32,7 @@ def test_custom_concept_without_questions_needs_delta_then_reports_tokens(data_d
     assert main(common + ["--out", str(tmp_path / "a")]) == 2
     assert "--delta" in capsys.readouterr().err
     assert main(common + ["--out", str(tmp_path / "b"), "--delta", "3"]) == 0
+    assert "plan: ember at delta 3.0; then the chosen edit measured once on TEST" in capsys.readouterr().out
     results = json.loads((tmp_path / "b" / "results.json").read_text())
     assert results["delta"] == 3.0 and results["questions_available"] is False
     assert "efficacy" not in results and "qa_test" not in results  # no accuracy claims
@@ -62,3 +63,40 @@ def test_every_command_and_eco_action_has_a_description_and_true_defaults(capsys
         main(["eco", "fit", "--help"])
     fit = " ".join(capsys.readouterr().out.split())
     assert "the classifier's negatives (default: 300)" in fit and "(default: 100)" not in fit.split("--general-questions N")[1][:120]
+
+
+def _flags(command: str) -> set[str]:
+    import argparse
+
+    from obliviate.cli import build_parser
+
+    parser = build_parser(command)
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
+    return {option for action in sub._actions for option in action.option_strings}
+
+
+def test_one_name_one_meaning_and_each_command_shows_the_flags_it_reads():
+    from obliviate.commands.arguments import GRID_SETTINGS
+
+    grid_flags = {"--" + name.replace("_", "-") for name in GRID_SETTINGS}
+    for command in ("erase", "compare"):  # they choose candidates on a grid
+        assert grid_flags <= _flags(command), command
+    for command in ("eval", "attack"):  # they evaluate one given model
+        assert not grid_flags & _flags(command), command
+    assert "--k" in _flags("erase") and "--k" not in _flags("attack")  # EMBER's features, not paragraphs
+    assert "--in-context-paragraphs" in _flags("attack")
+    assert "--judge-model" in _flags("erase") and "--judge-model" not in _flags("eval")
+    assert "--judge-endpoint-model" in _flags("eval")
+    every = set().union(*(_flags(c) for c in ("erase", "eval", "attack", "compare")))
+    assert "--concept-prompts" in every and "--coherency-prompts" not in every
+
+
+def test_lists_are_comma_separated_everywhere():
+    import argparse
+
+    from obliviate.commands.arguments import collect_overrides, comma_list
+
+    assert comma_list("Gun, Golf,,Gambling") == ["Gun", "Golf", "Gambling"]
+    assert comma_list(["Gun,Golf", "Gambling"]) == ["Gun", "Golf", "Gambling"]  # a repeated flag adds
+    overrides = collect_overrides(argparse.Namespace(run__concept=["Gun,Golf"]))
+    assert overrides["concept"] == "Gun" and overrides["concepts"] == ("Golf",)

@@ -136,3 +136,23 @@ def test_a_saved_patch_for_another_model_is_refused_naming_both(tmp_path, tiny_l
     bad_ids = EmbeddingPatch(torch.tensor([1500]), None, loaded.edited_rows[:1], dict(loaded.metadata))
     with pytest.raises(ObliviateError, match="not valid ids"):
         bad_ids.apply(tiny_lm.model)
+
+
+def test_every_edit_kind_answers_the_protocol_and_declares_its_capabilities(tiny_lm, fitted):
+    from obliviate.edits.protocol import CompositeEdit, Edit
+    from obliviate.edits.weights import LoraAdapter, ParameterDelta
+
+    weight = tiny_lm.model.get_input_embeddings().weight
+    tokens = torch.tensor([5, 6])
+    rows = weight[tokens].detach().clone()
+    plain = EmbeddingPatch(token_ids=tokens, original_rows=rows, edited_rows=rows + 1, metadata={})
+    with_output = EmbeddingPatch(token_ids=tokens, original_rows=rows, edited_rows=rows + 1, metadata={},
+                                 output_rows=rows - 1)
+    delta = ParameterDelta(original={}, new={})
+    for edit in (plain, with_output, delta, CompositeEdit([plain, delta])):
+        assert isinstance(edit, Edit), type(edit)
+        assert edit.affected(tiny_lm.model, [[1, 2]]) is None  # none of them claims to know which inputs move
+    assert not plain.sets_output_rows() and with_output.sets_output_rows() and not delta.sets_output_rows()
+    assert CompositeEdit([delta, with_output]).sets_output_rows()  # a part that sets them is enough
+    assert LoraAdapter.reveals_original_beside_model and not plain.reveals_original_beside_model
+    assert not delta.reveals_original_beside_model

@@ -13,6 +13,7 @@ from obliviate.data.concepts import load_prompt_file, neutral_openings, sample_g
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
 from obliviate.evaluation.metrics import Interval, erasure_statistic, harmonic, near_chance_sets, wilson_low
+from obliviate.edits.protocol import EditDefaults
 from obliviate.evaluation.multiple_choice import PreparedQuestions, correct_probability
 from obliviate.pipeline.selection import NOTHING_TO_ERASE, ember_score, method_score
 
@@ -83,13 +84,18 @@ def test_probability_drop_and_concept_fluency_are_reported():
     assert "coherence" not in out
 
 
-def test_correct_probability_is_the_normalized_option_probability():
-    # loglik scores are per character: 2 options of 2 and 4 characters.
+def test_correct_probability_is_the_normalized_option_probability_at_a_common_length():
+    # loglik scores are per character: 2 options of 2 and 4 characters, taken at their mean length 3.
     prepared = PreparedQuestions(questions=[type("Q", (), {"options": ("a", "b")})()], mode="loglik",
                                  answers=np.array([1]), items=[([], []), ([], [])], item_question=np.array([0, 0]),
                                  char_lengths=np.array([2.0, 4.0]), letter_ids=[], token_sets=[])
     per_char = np.array([[np.log(0.2) / 2, np.log(0.6) / 4]])
-    assert correct_probability(prepared, per_char)[0] == pytest.approx(0.6 / 0.8)
+    a, b = np.exp(3 * np.log(0.2) / 2), np.exp(3 * np.log(0.6) / 4)
+    assert correct_probability(prepared, per_char)[0] == pytest.approx(b / (a + b))
+    # it ranks as the accuracy does: the higher per-character score has the larger probability
+    assert (correct_probability(prepared, per_char)[0] > 0.5) == (per_char[0, 1] > per_char[0, 0])
+    # equal per-character scores are chance, however long the options (no preference for short ones)
+    assert correct_probability(prepared, np.array([[-1.0, -1.0]]))[0] == pytest.approx(0.5)
 
 
 def test_general_prompts_are_other_concepts_open_questions(data_dir):
@@ -155,7 +161,7 @@ def test_coverage_counts_questions_with_an_edited_token(tiny_lm, small_concept):
     assert "coherence" in result.metrics and "concept_fluency" in result.metrics
 
 
-class EverythingChanged:
+class EverythingChanged(EditDefaults):
     """The same edit, but claiming it may have changed anything: forces a full re-run."""
 
     def __init__(self, edit):
@@ -305,5 +311,5 @@ def test_an_ember_grid_that_applies_nothing_says_why():
 
     sweep = [{"params": {"delta": 0.5}, "metrics": {}, "score": 0.0, "rejected": NOTHING_TO_ERASE}]
     sentence = no_candidate_chosen({"delta": 0.0, "delta_sweep": sweep, "method": "ember"})
-    assert sentence.startswith("No delta was applied: QA accuracy of the original is within noise of chance")
+    assert sentence.startswith(f"No delta was applied: {NOTHING_TO_ERASE}")
     assert no_candidate_chosen({"delta": 5.0, "delta_sweep": sweep, "method": "ember"}) is None

@@ -68,7 +68,7 @@ def test_command_writes_the_folder(tmp_path, data_dir, capsys):
     assert "lm-eval-tasks" in cli.COMMANDS
     parser = argparse.ArgumentParser()
     lm_eval_tasks.add_arguments(parser)
-    args = parser.parse_args(["--data", str(data_dir), "--out", str(tmp_path / "t"), "--concepts", "Golf", "Gun"])
+    args = parser.parse_args(["--data", str(data_dir), "--out", str(tmp_path / "t"), "--concepts", "Golf,Gun"])
     assert lm_eval_tasks.run(args) == 0
     assert (tmp_path / "t" / "ember_simdom_gun.yaml").is_file() and not (tmp_path / "t" / "ember_qa_gambling.yaml").exists()
     assert "--include_path" in capsys.readouterr().out

@@ -9,7 +9,7 @@ from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.metrics import (
     CHANCE, bootstrap, chance_level, erasure_metrics, erasure_statistic, harmonic, knowledge_fraction, near_chance,
-    near_chance_sets,
+    mean_low, near_chance_sets, probability_sets,
 )
 from obliviate.evaluation.metrics import coherence_statistic
 
@@ -146,10 +146,39 @@ def test_the_evaluator_measures_each_set_against_its_own_chance(tiny_lm, small_c
     assert outcome.chance == pytest.approx({"qa": chance, "simdom": chance, "general": chance})
     assert outcome.results().to_dict()["chance"] == outcome.chance
     for name, rows in outcome.correct.items():
-        base, edited = float(rows[0].mean()), float(rows[1].mean())
+        by_probability = name in outcome.by_probability  # at chance by accuracy, not by probability
+        base, edited = (float(rows[2].mean()), float(rows[3].mean())) if by_probability else \
+            (float(rows[0].mean()), float(rows[1].mean()))
         assert outcome.metrics[f"{name}_frac"].value == pytest.approx(knowledge_fraction(edited, base, chance))
-        assert (name in outcome.near_chance) == near_chance(base, len(rows[0]), chance)
+        at_chance = near_chance(float(rows[0].mean()), len(rows[0]), chance)
+        assert (name in outcome.near_chance or by_probability) == at_chance
+        assert not (name in outcome.near_chance and by_probability)
     if options == 4:  # the benchmark's: the same numbers as a fixed 0.25
         samples = dict(outcome.correct)
-        plain = erasure_metrics(samples, 20, 0, near_chance_sets(samples))
+        plain = erasure_metrics(samples, 20, 0, near_chance_sets(samples), None, probability_sets(samples))
         assert {k: v.as_dict() for k, v in plain.items()} == {k: v.as_dict() for k, v in outcome.metrics.items()}
+
+
+def test_mean_low_is_the_normal_interval_of_a_mean():
+    values = np.r_[np.full(25, 0.3), np.full(25, 0.5)]  # mean 0.4, sd 0.1010 (ddof 1)
+    assert mean_low(values) == pytest.approx(0.4 - 1.96 * values.std(ddof=1) / np.sqrt(50))
+    assert mean_low(np.array([0.5])) == float("-inf")  # one value: no interval
+
+
+def test_a_set_at_chance_by_accuracy_only_is_judged_on_the_probability():
+    rng = np.random.default_rng(0)
+    thirty = np.r_[np.ones(15), np.zeros(35)]  # 0.30 of 50: the Wilson interval reaches 0.25
+    confident = np.clip(rng.normal(0.45, 0.05, 50), 0, 1)  # the correct option's probability, far above 0.25
+    halved = np.clip(rng.normal(0.35, 0.05, 50), 0, 1)
+    samples = {"qa": (thirty, thirty, confident, halved)}
+    assert near_chance_sets(samples) == frozenset() and probability_sets(samples) == frozenset({"qa"})
+    out = erasure_statistic(samples, near_chance_sets(samples), None, probability_sets(samples))
+    expected = (halved.mean() - 0.25) / (confident.mean() - 0.25)  # the probability's knowledge fraction
+    assert out["qa_frac"] == pytest.approx(expected) and out["efficacy"] == pytest.approx(1 - expected)
+    assert erasure_statistic(samples)["qa_frac"] == 1.0  # on accuracy: 0.30 -> 0.30, all kept
+    flat = {"qa": (thirty, thirty, np.clip(rng.normal(0.25, 0.05, 50), 0, 1), halved)}  # no measure shows knowledge
+    assert near_chance_sets(flat) == frozenset({"qa"}) and probability_sets(flat) == frozenset()
+    # a model that knows nothing: nearly equal probabilities, a negligible lead with a narrow interval
+    uniform = np.full(50, 0.2502) + rng.normal(0, 1e-5, 50)
+    assert near_chance_sets({"qa": (thirty, thirty, uniform, uniform)}) == frozenset({"qa"})
+    assert near_chance_sets({"qa": (thirty, thirty)}) == frozenset({"qa"})  # without probabilities: accuracy

@@ -159,6 +159,14 @@ def test_choice_is_the_best_score_or_the_one_standard_error_rule():
     assert choose(noisy, "one-se") == 1  # 0.64 >= 0.70 - 0.08; 0.60 is not
     assert choose(noisy) == 2  # the reference: the best score
     assert choose([cand(1, 0.7, 0.0), cand(2, 0.7, 0.0)]) == 0  # ties go to the smaller delta
+
+    def saturated(delta, drop):
+        return CandidateResult({"delta": delta}, {"qa_prob_drop": {"value": drop}}, 1.0, 0.0)
+
+    # a saturated score: the larger drop of the correct option's probability wins the tie
+    assert choose([saturated(5, 0.10), saturated(50, 0.30), saturated(200, 0.20)]) == 1
+    assert choose([saturated(5, 0.10), saturated(50, 0.10)]) == 0  # then the smaller delta
+    assert choose([saturated(5, 0.50), cand(50, 0.99, 0.0)]) == 0  # the score first
     assert choose([cand(1, 0.0, 0.0), cand(2, 0.0, 0.0)]) is None
     assert choose([cand(1, 0.9, 0.0, rejected="general"), cand(2, 0.5, 0.0)]) == 1
 
@@ -200,6 +208,12 @@ def test_a_weight_edit_is_saved_forward_only_beside_the_model(tiny_model_dir, da
         methods={"grad_diff": {"steps": "2", "batch_size": "2", "max_length": "16", "lr": "1e-2"}})
     results = json.loads((out / "results.json").read_text())
     assert results["saved"]["edits"] == ["weight_delta.safetensors"] and results["saved"]["model"]
+    # the chosen cell's TRAIN numbers beside TEST, as the grid saw them and as they came out
+    gap, chosen = results["train_test_gap"], results["method_sweep"][0]["metrics"]
+    assert {"efficacy", "specificity"} <= set(gap) <= {"efficacy", "specificity", "coherence"}
+    for name, entry in gap.items():
+        assert entry["train"] == chosen[name]["value"] and entry["test"] == results[name]["value"]
+        assert entry["gap"] == pytest.approx(entry["train"] - entry["test"])
     delta = load_file(out / "weight_delta.safetensors")
     saved = load_file(out / "model" / "model.safetensors")
     original = load_file(tiny_model_dir / "model.safetensors")

@@ -42,7 +42,8 @@ class DataConfig:
     concept_sentences: str | None = None  # a custom concept: one sentence a line or a JSON list
     neutral_sentences: str | None = setting(None, "a custom concept's neutral sentences (one a line or a JSON list)")
     questions: str | None = None  # MC questions in the benchmark's schema
-    coherency_prompts: str | None = setting(None, "a custom concept's own prompts (for fluency on concept text)")
+    concept_prompts: str | None = setting(
+        None, "a custom concept's own prompts, the benchmark's coherency prompts (for fluency on concept text)")
     general_questions_file: str | None = None  # an MMLU-style file, if the user has one
     general_questions: int = setting(100, "other concepts' questions per split that measure general knowledge")
     # General prompts for coherence (METHOD.md section 4: Alpaca in the reference, not
@@ -96,15 +97,16 @@ class EvalConfig:
     method_coherence_top: int = setting(3, "base methods: measure coherence on this many best cells")
     method_coherence_gate: float | None = setting(
         None, "base methods: a cell whose coherence is below this scores 0 (default: off, as the reference)")
-    # Which candidate wins: "best" (the reference: the highest score, ties to the smaller
-    # delta / earlier cell) or "one-se" (the first within one bootstrap standard error of the
+    # Which candidate wins: "best" (the reference: the highest score; ties to the larger drop
+    # of the correct option's probability, ours, then to the smaller delta / earlier cell) or "one-se" (the first within one bootstrap standard error of the
     # best: more conservative with 50 noisy questions, at the cost of weaker edits).
     choice: str = setting(
         "best", "which candidate wins: best (the reference) or one-se (the first within one standard error of the best)")
     bootstrap: int = 1000  # resamples for 95% intervals
-    # Ours (the reference sweeps regardless): where the original answers the TRAIN QA within
-    # noise of chance, no candidate can win (selection.py), so the method is neither fitted
-    # nor swept and nothing is applied; on the embedded model that is 5 of the 13 concepts.
+    # Ours (the reference sweeps regardless): where neither the original's TRAIN QA accuracy
+    # nor its probability of the correct option shows knowledge, no candidate can win
+    # (selection.py), so the method is neither fitted nor swept and nothing is applied; on the
+    # embedded model that is 4 of the 13 concepts (docs/results/knowledge-evidence.md).
     fit_at_chance: bool = setting(
         False, "fit and sweep the grid even when the original's TRAIN QA is at chance (no candidate can win; "
                "to inspect the grid, or on a random test model)")

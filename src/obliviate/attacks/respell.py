@@ -20,22 +20,20 @@ respelled questions. The attacker keeps the form that brings back the most.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 
 from obliviate.attacks.common import AttackContext, accuracy_interval, cached_for_original, correct_on, each_role
 from obliviate.data.concepts import MCQuestion
+from obliviate.data.respelling import rewrite_text, spellings, word_tokens
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.multiple_choice import prepare
-from obliviate.methods.features import CONCEPT, build_token_set
+from obliviate.methods.features import key_token_ids
 
 NAME = "respell"
 FORMS = ("respell", "neighbours")
-WORD = re.compile(r"\w+", re.UNICODE)
 EXAMPLES = 3  # rewritten questions shown in results.json
 
 
@@ -59,40 +57,7 @@ def target_tokens(ctx: AttackContext, tokenizer, config: Config) -> tuple[frozen
     edited = ctx.options.get("edited_token_ids")
     if edited:
         return frozenset(int(t) for t in edited), "edited rows"
-    data = ctx.data
-    tokens = build_token_set(tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)
-    keep = tokens.mask(CONCEPT) & (tokens.concept_occurrences >= config.min_occurrences)
-    if not keep.any():
-        raise ObliviateError(f"No key tokens for {data.concept!r}: no concept-only token occurs "
-                             f"{config.min_occurrences} times in its sentences (--set respell.min_occurrences=1).")
-    return frozenset(int(t) for t in tokens.ids[keep]), "concept key words"
-
-
-def word_tokens(tokenizer, word: str, spaced: bool) -> set[int]:
-    """The word's token ids as it stands in text (after a space, or not)."""
-    return set(tokenizer((" " if spaced else "") + word, add_special_tokens=False).input_ids)
-
-
-def spellings(word: str) -> Iterator[str]:
-    """Spellings of ``word`` a reader takes for the same word, most natural first."""
-    yield from dict.fromkeys((word.upper(), word.capitalize(), word.lower()))
-    middle = len(word) // 2
-    cuts = sorted(range(1, len(word)), key=lambda cut: (abs(cut - middle), cut))
-    for cut in cuts:
-        yield f"{word[:cut]}-{word[cut:]}"
-        yield f"{word[:cut]} {word[cut:]}"
-    yield "-".join(word)
-
-
-def rewrite_text(text: str, holds_target: Callable[[str, bool], bool], replace: Callable[[str, bool], str | None]) -> str:
-    """``text`` with every word that holds a target replaced (kept where ``replace`` finds nothing)."""
-    def rewritten(match: re.Match) -> str:
-        spaced = match.start() > 0 and text[match.start() - 1].isspace()
-        word = match.group(0)
-        if not holds_target(word, spaced):
-            return word
-        return replace(word, spaced) or word
-    return WORD.sub(rewritten, text)
+    return key_token_ids(tokenizer, ctx.data, config.min_occurrences), "concept key words"
 
 
 class Rewriter:

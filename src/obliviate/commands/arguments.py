@@ -104,6 +104,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, cls: type, dest_pre
             group.add_argument(flag, dest=dest, default=None, metavar=metavar, help=help_text)
 
 
+def comma_list(value: str | list[str] | None) -> list[str]:
+    """The one list syntax of every command: comma-separated names (``--concepts Gun,Golf``);
+    a repeated flag adds its names to the list."""
+    values = [value] if isinstance(value, str) else list(value or [])
+    return [item.strip() for text in values for item in text.split(",") if item.strip()]
+
+
 def collect_overrides(args: argparse.Namespace) -> dict:
     """{section: {field: value}} and {field: value} from the flags the user gave."""
     overrides: dict = {}
@@ -111,8 +118,9 @@ def collect_overrides(args: argparse.Namespace) -> dict:
         if value is None or "__" not in dest:
             continue
         section, name = dest.split("__", 1)
-        if section == "run" and name == "concept" and isinstance(value, list):  # --concept A --concept B
-            overrides["concept"], overrides["concepts"] = value[0], tuple(value[1:])
+        if section == "run" and name == "concept" and isinstance(value, list):  # --concept A,B or --concept A --concept B
+            names = comma_list(value)
+            overrides["concept"], overrides["concepts"] = (names[0] if names else ""), tuple(names[1:])
         elif section == "run":
             overrides[name] = value
         else:
@@ -120,10 +128,19 @@ def collect_overrides(args: argparse.Namespace) -> dict:
     return overrides
 
 
-def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True, several: bool = False) -> None:
+# Evaluation settings only a grid reads (how candidates are gated and chosen): commands
+# that evaluate one given model (eval, attack) do not show them.
+GRID_SETTINGS = ("gate_concept_fluency", "grid_concept_fluency", "general_gate", "coherence_gate",
+                 "stop_after_incoherent", "method_general_gate", "method_max_qa_frac", "method_coherence_top",
+                 "method_coherence_gate", "choice", "fit_at_chance")
+
+
+def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True, several: bool = False,
+                      grid: bool = True) -> None:
     """Model, data, evaluation and run flags shared by the commands that run models
     (``one_concept=False``: a command that takes its own list of concepts; ``several``:
-    --concept may be repeated, every concept erased from the same model)."""
+    --concept may be repeated, every concept erased from the same model; ``grid=False``: a
+    command that chooses no candidate, without the grid's gates)."""
     from obliviate.config import DataConfig, EvalConfig, ModelConfig
 
     parser.add_argument("--config", dest="config_file", default=None, metavar="YAML",
@@ -131,7 +148,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True,
     if one_concept:
         parser.add_argument("--concept", dest="run__concept", default=None, metavar="NAME",
                             action="append" if several else "store",
-                            help="the concept, e.g. 'Harry Potter'" + (" (repeat it to erase several)" if several else ""))
+                            help="the concept, e.g. Gambling" + (" (several, comma-separated: erased from one model)"
+                                                                 if several else ""))
     parser.add_argument("--out", dest="run__out", default=None, metavar="DIR", help="the output folder")
     parser.add_argument("--seed", dest="run__seed", default=None, metavar="N", help="random seed (default: 42)")
     parser.add_argument("--overwrite", dest="run__overwrite", action="store_true", default=None,
@@ -140,7 +158,7 @@ def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True,
                         help="do not write model/ (the edit files, results and report are still written)")
     add_dataclass_arguments(parser, ModelConfig, "model", rename={"name": "model"}, title="model")
     add_dataclass_arguments(parser, DataConfig, "data", title="data")
-    add_dataclass_arguments(parser, EvalConfig, "evaluation", title="evaluation")
+    add_dataclass_arguments(parser, EvalConfig, "evaluation", title="evaluation", skip=() if grid else GRID_SETTINGS)
 
 
 def add_set_argument(parser: argparse.ArgumentParser, owner: str, example: str) -> None:

@@ -13,14 +13,14 @@ SHORTCUTS = {
     "epochs": ("relearn", "epochs"),
     "max_length": ("relearn", "max_length"),
     "lr": ("relearn", "lr"),
-    "k": ("in-context", "k"),
+    "in_context_paragraphs": ("in-context", "k"),
     "probe_sentences": ("probe", "sentences"),
     "repair_z": ("embedding-repair", "z_threshold"),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+    add_run_arguments(parser, grid=False)
     group = parser.add_argument_group("attacks")
     group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
     group.add_argument("--attacks", default=DEFAULT,
@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--epochs", type=int, default=None, help="relearning epochs (default 2)")
     group.add_argument("--max-length", type=int, default=None, help="relearning tokens per paragraph (default 256)")
     group.add_argument("--lr", type=float, default=None, help="relearning AdamW learning rate (default 1e-5)")
-    group.add_argument("--k", type=int, default=None, help="in-context paragraphs before each question (default 3)")
+    group.add_argument("--in-context-paragraphs", type=int, default=None, metavar="N",
+                       help="in-context: concept paragraphs before each question (default 3)")
     group.add_argument("--probe-sentences", type=int, default=None, help="probe sentences per class (default 150)")
     group.add_argument("--repair-z", type=float, default=None,
                        help="embedding-repair: flag rows whose robust norm/direction z exceeds this (default 6)")

@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 
 from obliviate import methods
-from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, parse_settings
+from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, comma_list, parse_settings
 from obliviate.errors import ObliviateError
 from obliviate.data.concepts import resolve_concept
 from obliviate.reports.html import write_report
@@ -59,7 +59,7 @@ def plan(method_list: str, concept_list: str, both: bool, available: list[str] |
     names = [m.strip() for m in method_list.split(",") if m.strip()]
     for name in names:
         methods.get(name)  # unknown names: a clear error listing the methods
-    concepts = [c.strip() for c in concept_list.split(",") if c.strip()]
+    concepts = comma_list(concept_list)
     if concepts == ["all"]:
         if available is None:
             raise ObliviateError("--concepts all needs a benchmark folder (--data), not a concept of your own.")

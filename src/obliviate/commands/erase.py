@@ -38,7 +38,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
     from obliviate.io import exclusive_output
-    from obliviate.pipeline.erase import erase
+    from obliviate.pipeline.erase import describe_plan, erase
     from obliviate.reports.markdown import fmt, no_candidate_chosen, print_summary
 
     overrides = collect_overrides(args)
@@ -60,6 +60,7 @@ def run(args: argparse.Namespace) -> int:
         return run_training(config)
     if config.out:
         announce_out(config.out)
+    print(describe_plan(config), flush=True)
     with exclusive_output(config.out) if config.out else nullcontext():
         result = erase(config)
     r = result.results

@@ -7,14 +7,15 @@ from obliviate.commands.arguments import add_run_arguments, announce_out, collec
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_run_arguments(parser)
+    add_run_arguments(parser, grid=False)
     group = parser.add_argument_group("eval")
     group.add_argument("--base", default=None, help="the original model (default: the one the erase run recorded, else embedded)")
     group.add_argument("--eco", default=None, metavar="DIR", help="evaluate the model wrapped by an ECO folder (obliviate eco)")
     group.add_argument("--judge", default=None, metavar="PATH_OR_URL",
                        help="optional open-ended judge: a local model path/hub id or an OpenAI-compatible URL "
                             "(default: normalised answer match only)")
-    group.add_argument("--judge-model", default="default", help="model name sent to a judge endpoint")
+    group.add_argument("--judge-endpoint-model", dest="judge_endpoint_model", default="default", metavar="NAME",
+                       help="the model name sent to a --judge URL (an OpenAI-compatible endpoint)")
     group.add_argument("--open-new-tokens", type=int, default=24, metavar="N", help="greedy tokens per open-ended answer")
     group.add_argument("--lm-eval", default=None, metavar="TASKS",
                        help="also run these lm-evaluation-harness tasks (comma-separated; local data only) on both models")
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     announce_out(config.out)
     with exclusive_output(config.out):
         harness = {"tasks": args.lm_eval, "include": args.lm_eval_include, "limit": args.lm_eval_limit} if args.lm_eval else None
-        r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_model,
+        r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_endpoint_model,
                      open_new_tokens=args.open_new_tokens, harness=harness)
     print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
     print_summary(r, "model")

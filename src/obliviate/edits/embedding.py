@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.edits.protocol import FORWARD_ONLY, EditVerificationError, apply_verified
+from obliviate.edits.protocol import FORWARD_ONLY, EditDefaults, EditVerificationError, apply_verified
 from obliviate.io import load_tensors, save_tensors, tensor_sha256
 from obliviate.models.loading import input_embedding_name, output_embedding_name, untie_output_embeddings
 
@@ -28,7 +28,7 @@ PATCH_FILE = "embedding_patch.safetensors"  # the forward-only patch in an outpu
 
 
 @dataclass
-class EmbeddingPatch:
+class EmbeddingPatch(EditDefaults):
     """New values for some rows of the input embedding matrix (stored unscaled).
 
     In memory the patch holds the original rows too (revert restores the original bits).
@@ -62,6 +62,9 @@ class EmbeddingPatch:
         if self.original_rows is None:  # a saved patch keeps only the rows that change
             return torch.ones(len(self.token_ids), dtype=torch.bool)
         return (self.original_rows != self.edited_rows).any(dim=1)
+
+    def sets_output_rows(self) -> bool:
+        return self.output_rows is not None
 
     def changed_token_ids(self) -> set[int]:
         return set(self.token_ids[self._moved()].tolist())

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol, Sequence, runtime_checkable
 
+import numpy as np
 import torch
 
 from obliviate.errors import ObliviateError
@@ -22,12 +23,33 @@ ALL_ROWS = None  # in ``expected_changes``: any row of that parameter may change
 
 @runtime_checkable
 class Edit(Protocol):
+    # Beside a saved model/ the edit's file gives the original weights back (a LoRA adapter:
+    # W = W_merged - s B A), so the output folder writes it only when model/ is not written.
+    reveals_original_beside_model: bool
+
     def apply(self, model: torch.nn.Module) -> None: ...
     def revert(self, model: torch.nn.Module) -> None: ...
     def changed_token_ids(self) -> set[int] | None: ...  # input rows moved; None: any output may change
+    def sets_output_rows(self) -> bool: ...  # it also sets its tokens' output-embedding rows
+    # Per token sequence, whether the edit changes what the model computes on it; None when
+    # it cannot tell (the Evaluator then runs every input that may change again).
+    def affected(self, model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray | None: ...
     def expected_changes(self, model: torch.nn.Module) -> dict[str, list[int] | None]: ...
     def summary(self) -> dict: ...
     def save_to(self, folder: Path) -> list[Path]: ...
+
+
+class EditDefaults:
+    """What most edits answer to the Edit protocol's capability questions: no output rows
+    set, no claim about which inputs they change, nothing revealed beside a saved model."""
+
+    reveals_original_beside_model = False
+
+    def sets_output_rows(self) -> bool:
+        return False
+
+    def affected(self, model: torch.nn.Module, sequences: Sequence[Sequence[int]]) -> np.ndarray | None:
+        return None
 
 
 class EditVerificationError(ObliviateError):
@@ -42,7 +64,7 @@ FORWARD_ONLY = (
 
 
 @dataclass
-class CompositeEdit:
+class CompositeEdit(EditDefaults):
     """Edits applied in order and reverted in reverse order (EMBER under a base method)."""
 
     edits: list
@@ -63,6 +85,9 @@ class CompositeEdit:
                 return None
             changed |= ids
         return changed
+
+    def sets_output_rows(self) -> bool:
+        return any(edit.sets_output_rows() for edit in self.edits)
 
     def expected_changes(self, model: torch.nn.Module) -> dict[str, list[int] | None]:
         merged: dict[str, list[int] | None] = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from obliviate.errors import ObliviateError
-from obliviate.edits.protocol import ALL_ROWS
+from obliviate.edits.protocol import ALL_ROWS, EditDefaults
 from obliviate.io import load_tensors, save_tensors, tensor_sha256
 
 WEIGHT_DELTA_FILE = "weight_delta.safetensors"  # a forward-only ParameterDelta: new values, originals' sha256
@@ -37,7 +37,7 @@ def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
 
 
 @dataclass
-class ParameterDelta:
+class ParameterDelta(EditDefaults):
     """Trained values of some parameters, with their originals (kept on the CPU)."""
 
     original: dict[str, torch.Tensor]
@@ -117,7 +117,7 @@ def apply_weight_delta_file(model: torch.nn.Module, path: str | Path) -> list[st
 
 
 @dataclass
-class LoraAdapter:
+class LoraAdapter(EditDefaults):
     """A trained LoRA adapter (peft format), applied by merging into the base weights.
 
     ``weights`` maps a base Linear weight name (e.g. ``model.layers.2.mlp.up_proj.weight``)
@@ -181,7 +181,7 @@ class LoraAdapter:
 
 
 @dataclass
-class LowRankDelta:
+class LowRankDelta(EditDefaults):
     """New values W + L R for some weight matrices, stored as the low-rank factors.
 
     The training-free MLP methods (SNMF, PISCES) change a few directions of many large

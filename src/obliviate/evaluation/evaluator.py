@@ -30,7 +30,7 @@ from obliviate.models.loading import LoadedModel, embeddings_are_tied
 from obliviate.evaluation import coherence as coh
 from obliviate.evaluation.cache import OriginalCache, pack, unpack
 from obliviate.evaluation.metrics import (Interval, accuracy_pair, bootstrap, chance_level, erasure_metrics,
-                                          near_chance_sets)
+                                          near_chance_sets, probability_sets)
 from obliviate.evaluation.multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
                               prepare)
 from obliviate.evaluation.output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
@@ -49,6 +49,7 @@ class SplitOutcome:
     correct: dict[str, tuple[np.ndarray, ...]]  # set -> accuracy_pair rows (base, edited[, probs])
     rescored: dict[str, int] = field(default_factory=dict)  # how many items actually ran
     near_chance: frozenset[str] = frozenset()
+    by_probability: frozenset[str] = frozenset()  # sets whose fraction is on the correct option's probability
     coverage: dict = field(default_factory=dict)
     chance: dict[str, float] = field(default_factory=dict)  # set -> its chance level (mean of 1 / options)
     prompt_rows: dict[str, tuple[np.ndarray, ...]] = field(default_factory=dict)  # kind -> coherence rows
@@ -62,13 +63,15 @@ class SplitOutcome:
             "metrics": {name: interval.as_dict() for name, interval in self.metrics.items()},
             "rescored": self.rescored,
             "near_chance": {name: name in self.near_chance for name in self.correct},
+            "judged_by_probability": sorted(self.by_probability),
             "chance": dict(self.chance),
             "coverage": self.coverage,
         }
 
     def results(self) -> SplitResults:
         return SplitResults(dict(self.metrics), {name: name in self.near_chance for name in self.correct},
-                            {"rescored": self.rescored, "coverage": self.coverage, "chance": dict(self.chance)})
+                            {"rescored": self.rescored, "coverage": self.coverage, "chance": dict(self.chance),
+                             "judged_by_probability": sorted(self.by_probability)})
 
     def per_question(self) -> dict:
         keys = ("base_correct", "edited_correct", "base_prob", "edited_prob")
@@ -144,23 +147,29 @@ class Evaluator:
         None: every prediction may move and everything runs again)."""
         return set() if edit is None else edit.changed_token_ids()
 
-    def _original_correct(self, split: str) -> dict[str, np.ndarray]:
-        """Which questions of each set the ORIGINAL model answers correctly on ``split``."""
-        return {name: correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)])
-                for name in self.question_sets(split)}
+    def _original_correct(self, split: str, name: str) -> np.ndarray:
+        """Which questions of set ``name`` the ORIGINAL model answers correctly on ``split``."""
+        return correct_from_scores(self._prepared_set(split, name), self._base_scores[(split, name)])
 
     def base_accuracy(self, split: str) -> dict[str, float]:
-        return {name: float(correct.mean()) for name, correct in self._original_correct(split).items()}
+        return {name: float(self._original_correct(split, name).mean()) for name in self.question_sets(split)}
 
     def chance(self, split: str) -> dict[str, float]:
         """Each question set's chance level on ``split``: the mean of 1 / options."""
         return {name: chance_level(len(q.options) for q in questions)
                 for name, questions in self.question_sets(split).items()}
 
-    def original_near_chance(self, split: str) -> frozenset[str]:
-        """The question sets the ORIGINAL model answers within noise of chance on ``split``."""
-        return near_chance_sets({name: (correct,) for name, correct in self._original_correct(split).items()},
-                                self.chance(split))
+    def original_near_chance(self, split: str, names: tuple[str, ...] | None = None) -> frozenset[str]:
+        """The question sets (``names``, default all) where neither the ORIGINAL's accuracy nor
+        its probability of the correct option shows knowledge on ``split``; only those sets
+        are scored (deciding on QA alone costs its 50 questions, not 200)."""
+        rows = {}
+        for name in self.question_sets(split):
+            if names is None or name in names:
+                correct = self._original_correct(split, name)
+                probability = correct_probability(self._prepared_set(split, name), self._base_scores[(split, name)])
+                rows[name] = (correct, correct, probability, probability)  # accuracy_pair's shape: the original twice
+        return near_chance_sets(rows, self.chance(split))
 
     def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True,
                  questions: bool = True) -> SplitOutcome:
@@ -193,10 +202,11 @@ class Evaluator:
         rescored.update({f"{kind}_prompts": int(len(generated[kind][0])) for kind in references})
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
         chance = {name: level for name, level in self.chance(split).items() if name in correct}
-        near_chance = near_chance_sets(correct, chance)
-        metrics = erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance, chance)
+        near_chance, by_probability = near_chance_sets(correct, chance), probability_sets(correct, chance)
+        metrics = erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance, chance, by_probability)
         return SplitOutcome(
-            metrics=metrics, correct=correct, rescored=rescored, near_chance=near_chance, chance=chance,
+            metrics=metrics, correct=correct, rescored=rescored, near_chance=near_chance,
+            by_probability=by_probability, chance=chance,
             coverage=self._coverage(token_ids, sets, correct, references), prompt_rows=prompt_rows,
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
@@ -217,10 +227,11 @@ class Evaluator:
         prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
         chance = {name: level for name, level in self.chance(split).items() if name in correct}
-        near_chance = near_chance_sets(correct, chance)
+        near_chance, by_probability = near_chance_sets(correct, chance), probability_sets(correct, chance)
         return SplitOutcome(
-            metrics=erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance, chance), correct=correct,
-            rescored={name: len(rows[0]) for name, rows in correct.items()}, near_chance=near_chance, chance=chance,
+            metrics=erasure_metrics(samples, self.config.bootstrap, self.seed, near_chance, chance, by_probability),
+            correct=correct, rescored={name: len(rows[0]) for name, rows in correct.items()}, near_chance=near_chance,
+            by_probability=by_probability, chance=chance,
             prompt_rows=prompt_rows,
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
@@ -241,7 +252,7 @@ class Evaluator:
         the original output rows of those tokens, with the original's output states of the
         untouched questions captured (once each), so they are corrected exactly instead of
         run again (evaluation/output_rows.py). None when there is nothing to correct."""
-        sets_output_rows = getattr(edit, "output_rows", None) is not None
+        sets_output_rows = edit is not None and edit.sets_output_rows()
         if not token_ids or not (embeddings_are_tied(self.lm.model) or sets_output_rows):
             return None
         for name, prepared in sets.items():
@@ -295,9 +306,9 @@ class Evaluator:
         """Questions using an edited token; for an edit that tells which token sequences it
         changes, those whose context or any context + option it changes (the scorer feeds
         either); every question otherwise."""
-        if _tells_affected(token_ids, edit):
-            contexts, whole = [c for c, _ in prepared.items], [c + x for c, x in prepared.items]
-            flags = np.asarray(edit.affected(self.lm.model, contexts + whole), dtype=bool)
+        contexts, whole = [c for c, _ in prepared.items], [c + x for c, x in prepared.items]
+        flags = _affected(token_ids, edit, self.lm.model, contexts + whole)
+        if flags is not None:
             items = np.nonzero(flags[:len(contexts)] | flags[len(contexts):])[0]
             return {int(prepared.item_question[i]) for i in items}
         return set(prepared.touching(token_ids).tolist())
@@ -326,8 +337,9 @@ class Evaluator:
         """Prompts whose greedy continuation may differ: those using an edited token, and
         (tied models) those where an edited token's new logit overtakes the original's choice;
         for an edit that tells which prompts it changes, those."""
-        if _tells_affected(token_ids, edit):
-            return np.nonzero(np.asarray(edit.affected(self.lm.model, reference.prompt_ids), dtype=bool))[0]
+        flags = _affected(token_ids, edit, self.lm.model, reference.prompt_ids)
+        if flags is not None:
+            return np.nonzero(flags)[0]
         which = set(reference.touching(token_ids).tolist())
         if change is not None:
             for i, (steps, continuation) in enumerate(zip(reference.steps, reference.original_continuations)):
@@ -391,6 +403,10 @@ class Evaluator:
         return {name: interval.as_dict() for name, interval in intervals.items()}
 
 
-def _tells_affected(token_ids: set[int] | None, edit: Edit | None) -> bool:
-    """An edit that changes no token rows but says which inputs it changes (ECO's hook)."""
-    return token_ids is None and hasattr(edit, "affected")
+def _affected(token_ids: set[int] | None, edit: Edit | None, model, sequences) -> np.ndarray | None:
+    """Which ``sequences`` an edit that changes no token rows says it changes (ECO's hook);
+    None when it cannot tell or when its token rows already tell."""
+    if token_ids is not None or edit is None:
+        return None
+    flags = edit.affected(model, sequences)
+    return None if flags is None else np.asarray(flags, dtype=bool)

@@ -106,6 +106,15 @@ def _wilson_low(p: float, n: int, z: float = 1.96) -> float:
     return float((centre - spread) / (1 + z * z / n))
 
 
+def mean_low(values: np.ndarray, z: float = 1.96) -> float:
+    """Lower end of the normal 95% interval of a mean (the correct option's probability:
+    continuous, so its mean is far less noisy than an accuracy over the same questions)."""
+    values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return float("-inf")
+    return float(values.mean() - z * values.std(ddof=1) / np.sqrt(len(values)))
+
+
 def near_chance(accuracy: float, n: int, chance: float = CHANCE) -> bool:
     """THE rule for "the original model's accuracy is within noise of chance": the 95%
     Wilson interval of ``accuracy`` over ``n`` questions reaches ``chance`` (a set's
@@ -116,16 +125,39 @@ def near_chance(accuracy: float, n: int, chance: float = CHANCE) -> bool:
 
 
 def near_chance_sets(samples: Samples, chance: Mapping[str, float] | None = None) -> frozenset[str]:
-    """The question sets whose ORIGINAL accuracy (``samples[set][0]``) is ``near_chance``;
+    """The question sets where no measure shows the ORIGINAL knows the answers: its accuracy
+    (``samples[set][0]``) is ``near_chance`` and, where the rows carry the correct option's
+    probability (``samples[set][2]``), ``probability_near_chance`` too.
     ``chance``: each set's chance level (``CHANCE`` where not given)."""
     chance = chance or {}
+    return frozenset(name for name in _accuracy_near_chance(samples, chance)
+                     if len(samples[name]) < 3 or probability_near_chance(samples[name][2], chance.get(name, CHANCE)))
+
+
+def probability_near_chance(probability: np.ndarray, chance: float = CHANCE) -> bool:
+    """The mean probability of the correct option shows no knowledge: its 95% interval starts
+    below chance plus one question's worth (1 / n). The floor: a model that knows nothing
+    gives nearly equal probabilities, whose narrow interval would call a negligible lead
+    significant; a lead below one question cannot change a single answer on average."""
+    return mean_low(probability) <= chance + 1.0 / max(len(probability), 1)
+
+
+def probability_sets(samples: Samples, chance: Mapping[str, float] | None = None) -> frozenset[str]:
+    """The question sets whose original accuracy is within noise of chance while the correct
+    option's probability is not: their knowledge fraction is measured on that probability
+    (50 answers can miss what 50 probabilities show)."""
+    return _accuracy_near_chance(samples, chance or {}) - near_chance_sets(samples, chance)
+
+
+def _accuracy_near_chance(samples: Samples, chance: Mapping[str, float]) -> frozenset[str]:
     original = {name: samples[name][0] for name in QUESTION_SETS if name in samples and len(samples[name][0])}
     return frozenset(name for name, correct in original.items()
                      if near_chance(float(np.mean(correct)), len(correct), chance.get(name, CHANCE)))
 
 
 def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset(),
-                      chance: Mapping[str, float] | None = None) -> dict[str, float]:
+                      chance: Mapping[str, float] | None = None,
+                      by_probability: frozenset[str] = frozenset()) -> dict[str, float]:
     """Accuracies and derived metrics from paired question rows (and prompt rows).
 
     Expected samples: "qa", "simdom", "general" -> ``accuracy_pair`` rows; optional
@@ -133,14 +165,15 @@ def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset(
     rows for ``coherence_statistic``. Sets that are absent give no metrics rather than
     invented ones. Specificity leaves out the sets in ``near_chance`` (unless all are).
     ``chance``: each set's chance level (``chance_level`` of its option counts; ``CHANCE``
-    where not given).
+    where not given). The sets in ``by_probability`` (``probability_sets``) take their
+    knowledge fraction, and so efficacy or specificity, from the correct option's probability.
     """
     chance = chance or {}
     out: dict[str, float] = {}
     fracs = {}
     for name in QUESTION_SETS:
         if name in samples and len(samples[name][0]):
-            out.update(_set_statistic(name, samples[name], chance.get(name, CHANCE)))
+            out.update(_set_statistic(name, samples[name], chance.get(name, CHANCE), name in by_probability))
             fracs[name] = out[f"{name}_frac"]
     if "qa" in fracs:
         out["efficacy"] = 1.0 - fracs["qa"]
@@ -159,13 +192,18 @@ def erasure_statistic(samples: Samples, near_chance: frozenset[str] = frozenset(
     return out
 
 
-def _set_statistic(name: str, rows: tuple[np.ndarray, ...], chance: float = CHANCE) -> dict[str, float]:
+def _set_statistic(name: str, rows: tuple[np.ndarray, ...], chance: float = CHANCE,
+                   by_probability: bool = False) -> dict[str, float]:
     base, edited = rows[0].mean(), rows[1].mean()
     out = {f"{name}_base": float(base), f"{name}_edited": float(edited), f"{name}_drop": float(base - edited),
            f"{name}_frac": knowledge_fraction(edited, base, chance)}
     if len(rows) == 4:
-        out[f"{name}_prob_base"], out[f"{name}_prob_edited"] = float(rows[2].mean()), float(rows[3].mean())
-        out[f"{name}_prob_drop"] = float(rows[2].mean() - rows[3].mean())
+        prob_base, prob_edited = float(rows[2].mean()), float(rows[3].mean())
+        out[f"{name}_prob_base"], out[f"{name}_prob_edited"] = prob_base, prob_edited
+        out[f"{name}_prob_drop"] = prob_base - prob_edited
+        out[f"{name}_prob_frac"] = knowledge_fraction(prob_edited, prob_base, chance)
+        if by_probability:
+            out[f"{name}_frac"] = out[f"{name}_prob_frac"]
     return out
 
 
@@ -178,6 +216,7 @@ def coherence_statistic(rows: tuple[np.ndarray, ...]) -> dict[str, float]:
 
 def erasure_metrics(samples: Samples, n_resamples: int = 1000, seed: int = 0,
                     near_chance: frozenset[str] = frozenset(),
-                    chance: Mapping[str, float] | None = None) -> dict[str, Interval]:
-    return bootstrap(lambda s: erasure_statistic(s, near_chance, chance), samples, n_resamples, seed)
+                    chance: Mapping[str, float] | None = None,
+                    by_probability: frozenset[str] = frozenset()) -> dict[str, Interval]:
+    return bootstrap(lambda s: erasure_statistic(s, near_chance, chance, by_probability), samples, n_resamples, seed)
 

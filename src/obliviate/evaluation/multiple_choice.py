@@ -167,10 +167,19 @@ def correct_from_scores(prepared: PreparedQuestions, scores: np.ndarray) -> np.n
 def correct_probability(prepared: PreparedQuestions, scores: np.ndarray) -> np.ndarray:
     """Per question: the normalized probability of the correct option, P(correct) / sum of
     P(option) — a continuous knowledge measure beside accuracy (chance = 1 / options).
-    ``loglik`` scores are per character, so they are turned back into whole-option
-    log-probabilities first; ``letter`` scores are the letters' log-probabilities."""
-    logp = scores * _option_char_lengths(prepared) if prepared.mode == "loglik" else scores.copy()
-    logp = np.where(np.isfinite(logp), logp, -np.inf)
+    ``loglik`` scores are per character; each option's log-probability is taken at the
+    question's mean option length (per-character score x that length), so the measure
+    ranks the options as the accuracy does and carries no preference for short options (a
+    model that knows nothing has 1 / options in expectation, whatever the lengths);
+    ``letter`` scores are the letters' log-probabilities."""
+    finite = np.isfinite(scores)
+    if prepared.mode == "loglik":
+        lengths = np.where(finite, _option_char_lengths(prepared), 0.0)
+        common = lengths.sum(axis=1, keepdims=True) / np.maximum(finite.sum(axis=1, keepdims=True), 1)
+        logp = scores * common
+    else:
+        logp = scores.copy()
+    logp = np.where(finite, logp, -np.inf)
     logp = logp - logp.max(axis=1, keepdims=True)
     probs = np.exp(logp)
     probs /= probs.sum(axis=1, keepdims=True)

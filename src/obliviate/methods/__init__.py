@@ -12,7 +12,7 @@ A method module (``methods/<name>.py``, or a package for a large one like ``eco/
 EMBER is one method among them; "EMBER as a plug-in" is composition (the pipeline fits the
 base method with EMBER's chosen edit applied, unless the module sets ``FITS_BEFORE_PLUG_IN
 = True``: a method that reads the concept's features off the model's activations then reads
-them as the model had them, and its edits still stack on EMBER's). Modules load lazily so
+them as the model had them, and its edits still stack on EMBER's; every module says which). Modules load lazily so
 `obliviate --help` stays fast. To add a method: write its module and register it below.
 """
 from __future__ import annotations
@@ -47,6 +47,9 @@ class Fitted(Protocol):
 @runtime_checkable
 class Method(Protocol):
     Config: type
+    # True: fitted on the model as it was before the plug-in's edit (it reads the concept's
+    # features off the activations); its edits still stack on the plug-in's.
+    FITS_BEFORE_PLUG_IN: bool
 
     def fit(self, lm: Any, data: Any, config: Any, seed: int, context: MethodContext) -> Fitted: ...
 

@@ -41,6 +41,9 @@ from obliviate.models.layers import PROJECTIONS, cache_argument, decoder_layers,
 from obliviate.edits.weights import LoraAdapter
 from obliviate.settings import setting
 from obliviate.methods import MethodContext
+from obliviate.methods.forget_text import forget_sentences
+
+FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
 
 EXPERT = (  # "expert" / "novice" prefixes, ten templates each (reference style)
     "As an expert in {c}:", "Written by a leading authority on {c}:", "From an encyclopedia entry on {c}:",
@@ -296,7 +299,8 @@ def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, 
     try:
         params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
         step_loss = _elm_loss(lm, peft_model, data, config, examples, seed)
-        log = train(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
+        forget = forget_sentences(lm.tokenizer, data, config.forget_text, seed)
+        log = train(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                     config.settings(point["lr"], seed), where, progress, f"elm {point}")
         adapter = LoraAdapter(_adapter_weights(params), config.lora_alpha / config.rank,
                               where / "adapter" if where else None, {"method": "elm", **point})

@@ -25,6 +25,8 @@ from obliviate.methods.features import (CONCEPT, SELECTION_MODES, FeatureInfo, S
 from obliviate.methods import MethodContext
 from obliviate.models.loading import LoadedModel, embedding_scale, embeddings_are_tied, load_model, untie_output_embeddings
 
+FITS_BEFORE_PLUG_IN = False  # EMBER is the plug-in: it is fitted first whatever follows
+
 TiedOutput = Literal["neutral", "shared"]
 FactorizeOn = Literal["cpu", "model"]
 DELTA_GRID = (0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0)  # reference grid
@@ -178,14 +180,11 @@ def eligible_contributions(
     return rows.numpy(), weights[rows] @ fit_F.T
 
 
-UNTIED_BY_EMBER = "_obliviate_untied_by_ember"  # marks a tied model EMBER separated in this process
-
-
-def output_rows_mode(model: torch.nn.Module, config: Config) -> str:
+def output_rows_mode(lm: LoadedModel, config: Config) -> str:
     """What the edited tokens get as OUTPUT rows: "separate" (an untied model: untouched),
     "original" (the reference's untying: they keep the original rows, which leaks),
     "neutral" (the mean output row) or "shared" (the tied matrix gets the edit)."""
-    if not (embeddings_are_tied(model) or getattr(model, UNTIED_BY_EMBER, False)):
+    if not (embeddings_are_tied(lm.model) or lm.untied_here):
         return "separate"
     return "original" if config.untie_embeddings else config.tied_output
 
@@ -194,10 +193,10 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42,
         context: MethodContext = MethodContext()) -> EmberFit:
     """Factorize the concept's token embeddings and select its features; the model's output
     layer is untied first when the output-row policy asks for it (see ``Config``)."""
-    output_rows = output_rows_mode(lm.model, config)
+    output_rows = output_rows_mode(lm, config)
     untied = output_rows in ("original", "neutral")
     if untied and untie_output_embeddings(lm.model):
-        setattr(lm.model, UNTIED_BY_EMBER, True)  # a later EMBER fit (another concept) keeps the same policy
+        lm.untied_here = True  # a later EMBER fit (another concept) keeps the same policy
     timings = {}
     start = time.perf_counter()
     token_set = build_token_set(lm.tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)

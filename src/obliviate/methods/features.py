@@ -84,6 +84,17 @@ def build_token_set(tokenizer, concept: list[str], neutral: list[str], contrast:
                     concept_occurrences=occurrences, n_concept_sentences=max(len(concept), 1))
 
 
+def key_token_ids(tokenizer, data, min_occurrences: int = 3) -> frozenset[int]:
+    """The concept's key tokens: concept-only (in none of the neutral or other concepts'
+    sentences) and seen at least ``min_occurrences`` times in its sentences."""
+    tokens = build_token_set(tokenizer, data.concept_sentences, data.neutral_sentences, data.contrast_sentences)
+    keep = tokens.mask(CONCEPT) & (tokens.concept_occurrences >= min_occurrences)
+    if not keep.any():
+        raise ObliviateError(f"No key tokens for {data.concept!r}: no concept-only token occurs "
+                             f"{min_occurrences} times in its sentences (lower min_occurrences, e.g. --set respell.min_occurrences=1).")
+    return frozenset(int(t) for t in tokens.ids[keep])
+
+
 def feature_ratios(G: torch.Tensor, concept_mask: np.ndarray, neutral_mask: np.ndarray) -> np.ndarray:
     """mean |G| over concept tokens / (mean |G| over neutral tokens + 1e-8), per feature."""
     magnitude = G.abs().double().cpu().numpy()

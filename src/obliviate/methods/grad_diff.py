@@ -17,6 +17,10 @@ from obliviate.training.loop import LoopConfig, logits
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 from obliviate.methods import MethodContext
+from obliviate.methods.forget_text import forget_sentences
+
+FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
+
 
 @dataclass(frozen=True)
 class Config(LoopConfig):
@@ -34,6 +38,7 @@ class Config(LoopConfig):
 def fit(lm: LoadedModel, data: ConceptData, config: Config,
         seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
     context = context or MethodContext()
+    forget = forget_sentences(lm.tokenizer, data, config.forget_text, seed)
     params = select_parameters(lm.model, config.param_pattern)
     points = grid_points(lr=config.lr, retain_weight=config.retain_weight)
     folder = context.checkpoint_dir
@@ -46,7 +51,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
             return loss, {"forget_nll": forget_nll.detach(), "retain_nll": retain_nll.detach()}
 
         key = fingerprint(["grad_diff", point, config.__dict__, seed, model_fingerprint(lm.model)])
-        return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
+        return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "grad_diff" / key if folder else None,
                            context.progress, f"grad_diff {point}", {"method": "grad_diff", **point})
 

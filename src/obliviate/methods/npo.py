@@ -20,6 +20,9 @@ from obliviate.training.loop import LoopConfig, logits, snapshot, swapped
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 from obliviate.methods import MethodContext
+from obliviate.methods.forget_text import forget_sentences
+
+FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,7 @@ class Config(LoopConfig):
 def fit(lm: LoadedModel, data: ConceptData, config: Config,
         seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
     context = context or MethodContext()
+    forget = forget_sentences(lm.tokenizer, data, config.forget_text, seed)
     params = select_parameters(lm.model, config.param_pattern)
     points = grid_points(lr=config.lr, beta=config.beta, retain_weight=config.retain_weight)
     folder = context.checkpoint_dir
@@ -62,7 +66,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
                 "log_ratio": (policy - reference).mean().detach()}
 
         key = fingerprint(["npo", point, config.__dict__, seed, model_fingerprint(lm.model)])
-        return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
+        return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "npo" / key if folder else None,
                            context.progress, f"npo {point}", {"method": "npo", **point})
 

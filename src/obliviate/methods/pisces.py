@@ -40,6 +40,8 @@ from obliviate.models.loading import LoadedModel, load_model
 from obliviate.io import fingerprint, load_tensors, save_tensors
 from obliviate.methods import MethodContext
 
+FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
+
 
 @dataclass(frozen=True)
 class Config:

@@ -21,6 +21,9 @@ from obliviate.training.loop import LoopConfig, content_mask, layer_activations,
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import MLP_DOWN_WEIGHTS, decoder_layers, model_device, resolve_layer, select_parameters
 from obliviate.methods import MethodContext
+from obliviate.methods.forget_text import forget_sentences
+
+FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
 
 
 STEERING_UNITS = ("norm", "absolute")
@@ -69,6 +72,7 @@ class Config(LoopConfig):
 def fit(lm: LoadedModel, data: ConceptData, config: Config,
         seed: int = 42, context: MethodContext | None = None) -> TrainedGrid:
     context = context or MethodContext()
+    forget = forget_sentences(lm.tokenizer, data, config.forget_text, seed)
     depth = len(decoder_layers(lm.model)[1])
     layers = config.layer or (resolve_layer(None, config.layer_fraction, depth),)
     for layer in layers:
@@ -108,7 +112,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
         settings = config.settings(point["lr"], seed)
         key = fingerprint(["rmu", point, config.__dict__, seed, model_fingerprint(lm.model)])
         where = folder / "rmu" / key if folder is not None else None
-        return train_delta(lm.model, lm.tokenizer, params, step_loss, data.concept_sentences, data.neutral_sentences,
+        return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                            settings, where, progress, f"rmu {point}", {"method": "rmu", **point})
 
     return TrainedGrid("rmu", points, run_point, info={

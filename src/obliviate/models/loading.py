@@ -34,6 +34,9 @@ class LoadedModel:
     tokenizer: object
     name: str  # what the user asked for ("embedded", a hub id, a path)
     source: str  # the folder or hub id actually loaded
+    # Tied on disk, its output layer untied in this process (EMBER's output-row policy), so
+    # a later EMBER fit on the same model (another concept) keeps the tied model's policy.
+    untied_here: bool = False
 
     @property
     def device(self) -> torch.device:

@@ -71,6 +71,20 @@ def plan(config: RunConfig) -> list[Stage]:
     return stages
 
 
+def describe_plan(config: RunConfig) -> str:
+    """One line a user reads before the run starts: what runs, in order."""
+    steps = []
+    for stage in plan(config):
+        if stage.fixed:
+            steps.append(f"{stage.name} at delta {stage.config.delta}")
+        elif stage.plug_in:
+            steps.append(f"{stage.name}: up to {len(stage.config.delta_grid)} deltas scored on TRAIN questions "
+                         "and general prompts")
+        else:
+            steps.append(f"{stage.name}: its grid trained and scored on TRAIN questions")
+    return "plan: " + "; then ".join(steps) + "; then the chosen edit measured once on TEST (progress lines give each stage's ETA)"
+
+
 def config_fingerprint(config: RunConfig) -> str:
     payload = config.to_dict()
     payload.pop("overwrite", None)
@@ -206,7 +220,7 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
     if base_edit is not None:
         context = replace(context, vocabulary=lm.model.get_output_embeddings().weight.detach().clone())
     method = methods.get(stage.name)
-    with applied(None if getattr(method, "FITS_BEFORE_PLUG_IN", False) else base_edit, lm.model):
+    with applied(None if method.FITS_BEFORE_PLUG_IN else base_edit, lm.model):
         fitted = method.fit(lm, data, stage.config, config.seed, context)
     earlier = seconds_before_resume(state, key)
     if earlier:  # candidates an interrupted run evaluated: read back, their seconds still count
@@ -226,10 +240,11 @@ def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evalua
 
 
 def nothing_to_erase(stage: Stage, data: ConceptData, evaluator: Evaluator, config: RunConfig) -> bool:
-    """The original answers the TRAIN QA within noise of chance: no candidate of the stage's
-    grid can win, so it is not fitted (unless the strength is fixed or the user asks)."""
+    """Neither the original's TRAIN QA accuracy nor its probability of the correct option shows
+    knowledge: no candidate of the stage's grid can win, so it is not fitted (unless the
+    strength is fixed or the user asks)."""
     return (not stage.fixed and data.has_questions and not config.evaluation.fit_at_chance
-            and "qa" in evaluator.original_near_chance("train"))
+            and "qa" in evaluator.original_near_chance("train", ("qa",)))
 
 
 def each_concept(names: list[str], evaluators: dict[str, Evaluator], edit, concept_rows: dict[str, set[int]]) -> dict:
@@ -252,6 +267,23 @@ def each_concept(names: list[str], evaluators: dict[str, Evaluator], edit, conce
         result["cross"][x] = {y: evaluators[y].evaluate("test", alone, coherence=False).results().to_dict()["qa_test"]
                               for y in names}
     return result
+
+
+GAP_METRICS = ("efficacy", "specificity", "coherence")
+
+
+def train_test_gap(outcomes: dict[str, StageOutcome], test_metrics: dict) -> dict:
+    """The chosen candidate's metrics on TRAIN (where the grid chose it) beside TEST: a gate
+    passed on TRAIN prompts and questions does not promise the same on new ones. {} when
+    nothing was chosen."""
+    chosen = [o for o in outcomes.values() if o.params]
+    if not chosen:
+        return {}
+    final = chosen[-1]
+    train = next(r for r in final.sweep if r.params == final.params).metrics
+    return {name: {"train": train[name]["value"], "test": test_metrics[name].value,
+                   "gap": train[name]["value"] - test_metrics[name].value}
+            for name in GAP_METRICS if name in train and name in test_metrics}
 
 
 def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data: ConceptData, stages: list[Stage],
@@ -284,7 +316,8 @@ def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data
     split = test.results() if test is not None else None
     if test is not None:
         parts.update(near_chance=dict(split.near_chance), coverage=test.coverage, examples=test.examples,
-                     per_question=test.per_question(), per_prompt=test.per_prompt())
+                     per_question=test.per_question(), per_prompt=test.per_prompt(),
+                     train_test_gap=train_test_gap(outcomes, test.metrics))
     if len(plug_ins) > 1:  # several concepts: EMBER's strength and grid per concept
         parts["delta"] = {key[len(PLUG_IN) + 1:-1]: outcome.report.get("delta") for key, outcome in plug_ins.items()}
         parts["features"] = [f for outcome in plug_ins.values() for f in outcome.report.get("features", [])]

@@ -15,7 +15,7 @@ def load_concept_data(config: RunConfig, concept: str | None = None) -> ConceptD
     if d.concept_sentences:
         data = load_user_concept(
             concept, d.concept_sentences, d.neutral_sentences, d.data, d.questions,
-            d.coherency_prompts, d.general_questions_file, d.general_questions, config.seed, others,
+            d.concept_prompts, d.general_questions_file, d.general_questions, config.seed, others,
         )
     else:  # a benchmark concept, named without regard to case
         data = load_benchmark_concept(concept, d.data_dir(), d.general_questions, d.general_questions_file, config.seed,

@@ -100,7 +100,7 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict) -> None:
     saves_model = results["config"]["save_model"] and not hook_only
     # an edit whose files beside model/ would give the original back (a LoRA adapter) is the
     # record only when model/ is not written
-    parts = [part for part in parts_of(edit) if not (saves_model and getattr(part, "reveals_original_beside_model", False))]
+    parts = [part for part in parts_of(edit) if not (saves_model and part.reveals_original_beside_model)]
     results["saved"] = {"model": saves_model,
                         "edits": [str(path.relative_to(out)) for part in parts for path in part.save_to(out)]}
     patches = [part for part in parts_of(edit) if isinstance(part, EmbeddingPatch)]

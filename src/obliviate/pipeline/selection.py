@@ -8,9 +8,10 @@ Two rules, as in the reference code:
   is below 0.7 or whose QA fraction stays above 0.6 is discarded; cells rank by
   harmonic(efficacy, specificity); coherence is then measured on the top few only (and
   gates them only if the user asks).
-A question set whose original accuracy is within noise of chance cannot veto a candidate
-(its fraction's denominator is noise); a concept whose QA set is at chance has nothing
-measurable to erase, so no candidate can win on it. If every score is 0, no edit is applied.
+A question set where neither the original's accuracy nor its probability of the correct
+option shows knowledge cannot veto a candidate (its fraction's denominator is noise); a
+concept whose QA set is so has nothing measurable to erase, so no candidate can win on it.
+A set at chance by accuracy alone is judged on the probability. If every score is 0, no edit is applied.
 """
 from __future__ import annotations
 
@@ -54,15 +55,19 @@ def selection_rules(config: RunConfig) -> dict:
                         "zero_coherence_below": ev.method_coherence_gate},
         "concept_fluency_gated": ev.gate_concept_fluency,
         "near_chance": "a set whose original accuracy's 95% Wilson interval reaches chance (1 / options, averaged over "
-                       "its questions: 0.25 for four) does not veto a "
-                       "candidate and is left out of specificity; a QA set at chance means nothing measurable to "
-                       "erase (no candidate wins)",
-        "choice": {"best": "the highest score, ties to the earlier candidate (reference)",
+                       "its questions: 0.25 for four) and whose mean probability of the correct option's 95% "
+                       "interval reaches chance plus one question's worth (1 / n) does not veto a candidate and is "
+                       "left out of specificity; a QA set at chance by both means nothing measurable to erase (no "
+                       "candidate wins); a set at chance by accuracy only is judged on the correct option's "
+                       "probability (judged_by_probability)",
+        "choice": {"best": "the highest score; ties to the larger drop of the correct option's probability on "
+                           "TRAIN QA, then to the earlier candidate (reference)",
                    "one-se": "the first candidate within one bootstrap standard error of the best"}[ev.choice],
     }
 
 
-NOTHING_TO_ERASE = "QA accuracy of the original is within noise of chance: no measurable knowledge to erase"
+NOTHING_TO_ERASE = ("the original's QA accuracy and its probability of the correct option are within noise of "
+                    "chance: no measurable knowledge to erase")
 
 
 def ember_score(outcome: SplitOutcome, config) -> tuple[float, float, str | None]:
@@ -117,14 +122,25 @@ def fails_coherence(metrics: dict, config, gate: float | None) -> bool:
 
 def choose(results: list[CandidateResult], rule: str = "best") -> int | None:
     """The chosen candidate; None when nothing scores above 0. ``best`` (the reference): the
-    highest score, ties to the earlier one in grid order (the smaller delta). ``one-se``: the
-    first in grid order whose score is within one bootstrap standard error of the best."""
+    highest score; a tie (a score saturated at its ceiling, as efficacy is once the edited
+    accuracy reaches chance) goes to the candidate that lowers the correct option's
+    probability most (the continuous measure does not saturate), then to the earlier one in
+    grid order (the smaller delta). ``one-se``: the first in grid order whose score is
+    within one bootstrap standard error of the best."""
     scored = [i for i, r in enumerate(results) if r.rejected is None and r.score > 0]
     if not scored:
         return None
-    best = max(scored, key=lambda i: (results[i].score, -i))
-    floor = results[best].score - (results[best].score_se if rule == "one-se" else 0.0)
+    best = max(scored, key=lambda i: (results[i].score, _probability_drop(results[i]), -i))
+    if rule != "one-se":
+        return best
+    floor = results[best].score - results[best].score_se
     return next(i for i in scored if results[i].score >= floor)
+
+
+def _probability_drop(result: CandidateResult) -> float:
+    """How far the candidate lowered the correct option's probability on TRAIN QA (0 unmeasured)."""
+    drop = result.value("qa_prob_drop")
+    return 0.0 if drop != drop else drop  # NaN: a sweep saved without it
 
 
 @contextmanager
@@ -179,7 +195,9 @@ def sweep(
             done.append(results[-1].__dict__)
             save_state(out, state)
         bar.update(1)
-        bar.set_postfix(params=params, score=round(results[-1].score, 3))
+        pick = choose(results, config.evaluation.choice)  # so the last line names the chosen candidate
+        bar.set_postfix(last=params, chosen=results[pick].params if pick is not None else None,
+                        score=round(results[pick].score, 3) if pick is not None else 0.0)
         if not stop_on_reject:
             continue
         fails = fails_coherence(results[-1].metrics, config.evaluation, config.evaluation.coherence_gate)

@@ -24,7 +24,12 @@ def print_summary(results: dict, model_label: str = "edited") -> None:
             print(f"  {name:15s} {fmt(results[name])}")
     flagged = [name for name, near in results.get("near_chance", {}).items() if near]
     if flagged:
-        print(f"  near chance (original accuracy within noise of chance): {', '.join(flagged)}")
+        print("  near chance (the original's accuracy and probability of the correct option show no knowledge): "
+              + ", ".join(flagged))
+    gap = results.get("train_test_gap", {})
+    if gap:
+        print("  chosen on TRAIN -> TEST: " + ", ".join(f"{name} {g['train']:.2f} -> {g['test']:.2f}"
+                                                     for name, g in gap.items()))
 
 
 def _accuracy_rows(results: dict) -> list[str]:

@@ -19,7 +19,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Literal, get_args
 
 import torch
 from torch import nn
@@ -52,6 +52,11 @@ def checkpointing_choice(value) -> str:
     return value
 
 
+# What the forget side trains on: the concept sentences, or also each one with its key words
+# respelled (methods/forget_text.py), so the concept is lost beyond its usual tokens.
+ForgetText = Literal["plain", "respelled"]
+
+
 @dataclass(frozen=True)
 class LoopConfig:
     """The training-loop fields every trained method's Config shares (each method's
@@ -71,9 +76,15 @@ class LoopConfig:
     # Forward passes in bfloat16 over float32 weights (torch.autocast); not in the references,
     # which train in bf16 weights on GPUs. Off: every product in the weights' own dtype.
     bf16_autocast: bool = False
+    # Not in the references (plain): respelled adds the respelled concept sentences
+    # (docs/results/erasure-that-holds.md measures it against the respell attack).
+    forget_text: ForgetText = "plain"
 
     def __post_init__(self) -> None:
         check_choice(self.optimizer)
+        if self.forget_text not in get_args(ForgetText):
+            raise ObliviateError(f"forget_text must be one of {', '.join(get_args(ForgetText))}, "
+                                 f"got {self.forget_text!r}.")
         object.__setattr__(self, "gradient_checkpointing", checkpointing_choice(self.gradient_checkpointing))
         for lr in self.lr:
             check_positive("lr", lr)

@@ -32,6 +32,8 @@ from obliviate.methods.eco.config import EcoConfig
 from obliviate.methods.eco.fitting import FittedEco, fit as fit_eco
 from obliviate.methods.eco.hook import EcoEdit, EcoHook
 
+FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
+
 Config = EcoConfig  # the Method protocol's name for the settings
 
 

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from obliviate.edits.protocol import EditDefaults
 from obliviate.errors import ObliviateError
 from obliviate.methods.eco.classifier import PromptClassifier
 from obliviate.methods.eco.corruption import Corruption
@@ -185,7 +186,7 @@ class EcoHook:
 
 
 @dataclass
-class EcoEdit:
+class EcoEdit(EditDefaults):
     """The hook as an ``Edit`` (edits.py) for the Evaluator: apply installs, revert removes.
 
     It changes no weights and no token's rows (``changed_token_ids`` is None), but it can
