@@ -98,8 +98,9 @@ class EvalConfig:
     method_coherence_gate: float | None = setting(
         None, "base methods: a cell whose coherence is below this scores 0 (default: off, as the reference)")
     # Which candidate wins: "best" (the reference: the highest score; ties to the larger drop
-    # of the correct option's probability, ours, then to the smaller delta / earlier cell) or "one-se" (the first within one bootstrap standard error of the
-    # best: more conservative with 50 noisy questions, at the cost of weaker edits).
+    # of the correct option's probability, ours, then to the smaller delta / earlier cell) or
+    # "one-se" (the first within one bootstrap standard error of the best: more conservative
+    # with 50 noisy questions, at the cost of weaker edits).
     choice: str = setting(
         "best", "which candidate wins: best (the reference) or one-se (the first within one standard error of the best)")
     bootstrap: int = 1000  # resamples for 95% intervals

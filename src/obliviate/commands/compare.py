@@ -56,7 +56,7 @@ def cell_settings(settings: dict[str, dict], method: str, ember: bool) -> dict[s
 def plan(method_list: str, concept_list: str, both: bool, available: list[str] | None = None) -> list[tuple[str, str, bool]]:
     """The cells, concept by concept. ``available``: the benchmark's concepts (from --data),
     which "all" stands for and every named concept must be one of (checked before any run)."""
-    names = [m.strip() for m in method_list.split(",") if m.strip()]
+    names = comma_list(method_list)
     for name in names:
         methods.get(name)  # unknown names: a clear error listing the methods
     concepts = comma_list(concept_list)

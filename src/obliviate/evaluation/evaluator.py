@@ -20,6 +20,7 @@ the tokens it changed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -306,8 +307,8 @@ class Evaluator:
         """Questions using an edited token; for an edit that tells which token sequences it
         changes, those whose context or any context + option it changes (the scorer feeds
         either); every question otherwise."""
-        contexts, whole = [c for c, _ in prepared.items], [c + x for c, x in prepared.items]
-        flags = _affected(token_ids, edit, self.lm.model, contexts + whole)
+        contexts = [c for c, _ in prepared.items]
+        flags = _affected(token_ids, edit, self.lm.model, lambda: contexts + [c + x for c, x in prepared.items])
         if flags is not None:
             items = np.nonzero(flags[:len(contexts)] | flags[len(contexts):])[0]
             return {int(prepared.item_question[i]) for i in items}
@@ -337,7 +338,7 @@ class Evaluator:
         """Prompts whose greedy continuation may differ: those using an edited token, and
         (tied models) those where an edited token's new logit overtakes the original's choice;
         for an edit that tells which prompts it changes, those."""
-        flags = _affected(token_ids, edit, self.lm.model, reference.prompt_ids)
+        flags = _affected(token_ids, edit, self.lm.model, lambda: reference.prompt_ids)
         if flags is not None:
             return np.nonzero(flags)[0]
         which = set(reference.touching(token_ids).tolist())
@@ -403,10 +404,12 @@ class Evaluator:
         return {name: interval.as_dict() for name, interval in intervals.items()}
 
 
-def _affected(token_ids: set[int] | None, edit: Edit | None, model, sequences) -> np.ndarray | None:
+def _affected(token_ids: set[int] | None, edit: Edit | None, model,
+              sequences: Callable[[], Sequence[Sequence[int]]]) -> np.ndarray | None:
     """Which ``sequences`` an edit that changes no token rows says it changes (ECO's hook);
-    None when it cannot tell or when its token rows already tell."""
+    None when it cannot tell or when its token rows already tell (the sequences are then
+    never built: an embedding patch's candidates take this path on every evaluation)."""
     if token_ids is not None or edit is None:
         return None
-    flags = edit.affected(model, sequences)
+    flags = edit.affected(model, sequences())
     return None if flags is None else np.asarray(flags, dtype=bool)

@@ -107,8 +107,8 @@ def _wilson_low(p: float, n: int, z: float = 1.96) -> float:
 
 
 def mean_low(values: np.ndarray, z: float = 1.96) -> float:
-    """Lower end of the normal 95% interval of a mean (the correct option's probability:
-    continuous, so its mean is far less noisy than an accuracy over the same questions)."""
+    """Lower end of the normal 95% interval of a mean (of the correct option's probability:
+    a continuous measure beside the accuracy over the same questions)."""
     values = np.asarray(values, dtype=float)
     if len(values) < 2:
         return float("-inf")

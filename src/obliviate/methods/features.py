@@ -91,7 +91,8 @@ def key_token_ids(tokenizer, data, min_occurrences: int = 3) -> frozenset[int]:
     keep = tokens.mask(CONCEPT) & (tokens.concept_occurrences >= min_occurrences)
     if not keep.any():
         raise ObliviateError(f"No key tokens for {data.concept!r}: no concept-only token occurs "
-                             f"{min_occurrences} times in its sentences (lower min_occurrences, e.g. --set respell.min_occurrences=1).")
+                             f"{min_occurrences} times in its sentences (lower min_occurrences, "
+                             "e.g. --set respell.min_occurrences=1).")
     return frozenset(int(t) for t in tokens.ids[keep])
 
 
