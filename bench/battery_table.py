@@ -30,6 +30,7 @@ import obliviate
 from obliviate import attacks as battery
 from obliviate.attacks.common import worst_case_recovered
 from obliviate.cli import main as cli
+from obliviate.evaluation.results import RunResults
 from obliviate.evaluation.robustness import AttackedArm, attacked_arm, paired_worst_case, pooled_worst_case
 from obliviate.io import write_json, write_text
 
@@ -128,7 +129,8 @@ def pooled_lines(arms: dict[str, list[AttackedArm]], names: list[str]) -> tuple[
 
 
 def page(command: str, arms: dict[str, list[tuple[dict, dict]]], names: list[str]) -> tuple[str, dict]:
-    robust = {arm: [attacked_arm({**r, "kind": "attack", "concept": e["concept"], "method": e["method"]})
+    robust = {arm: [attacked_arm(RunResults.from_dict({**r, "kind": "attack", "concept": e["concept"],
+                                                       "method": e["method"]}))
                     for e, r in rows] for arm, rows in arms.items()}
     header = ["arm", "concept", "QA original", "QA erased", "efficacy", *(f"{n}" for n in names), "worst case"]
     out = [f"Written by `{command}` on {datetime.date.today().isoformat()} ({os.cpu_count()} CPU cores, "

@@ -1,6 +1,6 @@
 """Speed of EMBER's stages on the embedded model (targets from issue 3).
 
-    python bench/bench_erase.py --data ../shared/data/ember-benchmark [--stages factorization,scoring,erase]
+    python bench/bench_erase.py [--stages factorization,scoring,erase,cache,nothing]
 
 - factorization: the plain reference schedule vs our solver on the same A, same seed
   (target: >= 10x faster at equal or lower loss);
@@ -8,20 +8,27 @@
   logits (target >= 5x), and as a fraction of this machine's measured matmul FLOP rate;
 - erase: a full `erase` of one concept, per-stage seconds (target <= 5 minutes);
 - cache: the same `erase` twice on an empty results cache, cold then warm (issue 17:
-  warm <= 2 minutes on 2 cores; the same results).
+  warm <= 2 minutes on 2 cores; the same results);
+- nothing: a cold `erase` of a concept the model does not know (--nothing-concept): when
+  "nothing to erase" is known (loading and the TRAIN QA decision; target <= 30 s), and the
+  TEST record after it.
 Prints a Markdown table with the machine's name.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
 import obliviate
+from obliviate.data import benchmark_dir
 from obliviate.data.concepts import load_benchmark_concept
 from obliviate.evaluation.multiple_choice import option_scores, prepare
 from obliviate.methods.factorization import FactorizationConfig, factorize, reference_factorize
@@ -103,34 +110,55 @@ def bench_scoring(lm, data, questions: int) -> list[tuple[str, str]]:
     ]
 
 
-def bench_erase(concept: str, data_dir: str) -> list[tuple[str, str]]:
+def bench_erase(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
     with tempfile.TemporaryDirectory() as tmp:
         start = time.perf_counter()
-        result = obliviate.erase(concept, data=data_dir, out=Path(tmp) / "run", save_model=True)
+        result = obliviate.erase(concept, out=Path(tmp) / "run", save_model=True, **({"data": data_dir} if data_dir else {}))
         wall = time.perf_counter() - start
     rows = [(f"erase {concept!r}: wall", f"{wall:.0f} s ({wall / 60:.1f} min; target <= 5 min)")]
     rows += [(f"  stage {stage}", f"{seconds:.1f} s") for stage, seconds in result.results["timings"].items()]
     return rows
 
 
+@contextmanager
+def empty_results_cache() -> Iterator[Path]:
+    """A fresh, empty results cache for the block (the original's answers computed anew)."""
+    from obliviate.evaluation.cache import ENV_FOLDER
+
+    previous = os.environ.get(ENV_FOLDER)
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ[ENV_FOLDER] = str(Path(tmp) / "cache")
+        try:
+            yield Path(tmp)
+        finally:
+            os.environ.pop(ENV_FOLDER) if previous is None else os.environ.__setitem__(ENV_FOLDER, previous)
+
+
+def bench_nothing(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
+    """A cold erase of a concept at chance: the decision is known once the model is loaded
+    and the original's TRAIN QA is scored; TEST is evaluated once, for the record."""
+    with empty_results_cache() as tmp:
+        start = time.perf_counter()
+        result = obliviate.erase(concept, out=tmp / "run", save_model=False, **({"data": data_dir} if data_dir else {}))
+        wall = time.perf_counter() - start
+    timings, applied = result.results["timings"], bool(result.results.get("delta"))
+    known = timings["load"] + timings["ember_grid"]
+    return [(f"erase {concept!r}, cold: nothing to erase known after",
+             f"{known:.0f} s (load {timings['load']:.0f} s + TRAIN QA {timings['ember_grid']:.0f} s; target <= 30 s)"),
+            ("  then TEST evaluated once (the original only)", f"{timings['test_evaluation']:.0f} s; wall {wall:.0f} s; "
+                                                                 f"an edit applied: {applied}")]
+
+
 def bench_cache(concept: str, data_dir: str) -> list[tuple[str, str]]:
     """The same `erase` twice on an empty results cache: cold (the original model's answers,
     continuations and output states computed and written), then warm (read back). Per-stage
     seconds side by side; the results must be equal."""
-    import os
-
-    from obliviate.evaluation.cache import ENV_FOLDER
-
-    runs, previous = [], os.environ.get(ENV_FOLDER)
-    with tempfile.TemporaryDirectory() as tmp:
-        os.environ[ENV_FOLDER] = str(Path(tmp) / "cache")
-        try:
-            for name in ("cold", "warm"):
-                start = time.perf_counter()
-                result = obliviate.erase(concept, data=data_dir, out=Path(tmp) / name, save_model=True)
-                runs.append((time.perf_counter() - start, result.results))
-        finally:
-            os.environ.pop(ENV_FOLDER) if previous is None else os.environ.__setitem__(ENV_FOLDER, previous)
+    runs = []
+    with empty_results_cache() as tmp:
+        for name in ("cold", "warm"):
+            start = time.perf_counter()
+            result = obliviate.erase(concept, out=tmp / name, save_model=True, **({"data": data_dir} if data_dir else {}))
+            runs.append((time.perf_counter() - start, result.results))
     (cold, cold_results), (warm, warm_results) = runs
     same = all(cold_results.get(k) == warm_results.get(k) for k in ("delta", "per_question", "per_prompt", "delta_sweep"))
     rows = [(f"erase {concept!r}, cold cache / warm cache",
@@ -142,14 +170,15 @@ def bench_cache(concept: str, data_dir: str) -> list[tuple[str, str]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", default="../shared/data/ember-benchmark")
+    parser.add_argument("--data", default=None, help="the benchmark folder (default: the one the package ships)")
     parser.add_argument("--concept", default="Harry Potter")
+    parser.add_argument("--nothing-concept", default="Valentine's Day", help="a concept the model does not know")
     parser.add_argument("--stages", default="factorization,scoring,erase")
     parser.add_argument("--questions", type=int, default=20)
     args = parser.parse_args()
     stages = args.stages.split(",")
     lm = obliviate.load_model()
-    data = load_benchmark_concept(args.concept, args.data)
+    data = load_benchmark_concept(args.concept, args.data or str(benchmark_dir()))
     rows = [("machine", machine())]
     if "factorization" in stages:
         rows += bench_factorization(lm, data)
@@ -159,6 +188,8 @@ def main() -> None:
         rows += bench_erase(args.concept, args.data)
     if "cache" in stages:
         rows += bench_cache(args.concept, args.data)
+    if "nothing" in stages:
+        rows += bench_nothing(args.nothing_concept, args.data)
     print("| measurement | result |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")

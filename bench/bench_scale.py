@@ -202,6 +202,11 @@ def _texts(generator: torch.Generator, vocab: int, batch: int, length: int, devi
     return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
 
 
+def _pair(generator: torch.Generator, vocab: int, config, device) -> tuple[SimpleNamespace, SimpleNamespace]:
+    """A forget and a retain batch of random tokens at the method's batch size and length."""
+    return tuple(_texts(generator, vocab, config.batch_size, config.max_length, device) for _ in range(2))
+
+
 def _step(params: list, loss_fn, steps: int = 2, lr: float = 1e-5, weight_decay: float = 0.01) -> None:
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
     for _ in range(steps):
@@ -212,10 +217,10 @@ def _step(params: list, loss_fn, steps: int = 2, lr: float = 1e-5, weight_decay:
 
 
 def training_steps(name: str, lm: LoadedModel, method_config) -> dict:
-    """One step's loss closure and parameters per method, composed from the methods' own
-    loss functions and parameter patterns (``None`` where the method is not available)."""
+    """One step's loss closure and parameters per method: each method's own step loss
+    (``make_step_loss``), settings and parameter pattern (``None`` where it is not available)."""
     from obliviate.training import losses
-    from obliviate.training.loop import layer_activations, logits
+    from obliviate.training.loop import logits
     from obliviate.models.layers import select_parameters
 
     model, device = lm.model, lm.device
@@ -232,39 +237,31 @@ def training_steps(name: str, lm: LoadedModel, method_config) -> dict:
     steps["relearning step (AdamW, all params)"] = (list(model.parameters()), relearning, batch, length)
     gd = method_config("obliviate.methods.grad_diff")
     if gd:
-        def grad_diff():
-            f, r = (_texts(generator, vocab, gd.batch_size, gd.max_length, device) for _ in range(2))
-            forget = losses.causal_lm_loss(logits(model, f), f.input_ids, f.attention_mask)
-            retain = losses.causal_lm_loss(logits(model, r), r.input_ids, r.attention_mask)
-            return losses.gradient_difference_loss(forget, retain, 1.0)
-        steps["grad_diff step"] = (list(select_parameters(model, gd.param_pattern).values()), grad_diff,
-                                   gd.batch_size, gd.max_length)
-    npo = method_config("obliviate.methods.npo")
-    if npo:
-        def npo_step():
-            f, r = (_texts(generator, vocab, npo.batch_size, npo.max_length, device) for _ in range(2))
-            with torch.no_grad():
-                reference = losses.sequence_logprob(logits(model, f), f.input_ids, f.attention_mask)
-            policy = losses.sequence_logprob(logits(model, f), f.input_ids, f.attention_mask)
-            retain = losses.causal_lm_loss(logits(model, r), r.input_ids, r.attention_mask)
-            return losses.npo_loss(policy, reference, 0.1) + retain
-        steps["npo step"] = (list(select_parameters(model, npo.param_pattern).values()), npo_step,
-                             npo.batch_size, npo.max_length)
-    rmu = method_config("obliviate.methods.rmu")
-    if rmu:
-        depth = model.config.num_hidden_layers
-        layer = depth - 1  # the last built layer (the real run: L = 7 of 26 / 9 of 32)
-        trained = list(range(max(0, layer - rmu.trained_below), layer + 1))
-        params = select_parameters(model, rmu.param_pattern, trained)
-        control = losses.rmu_control_vector(model.config.hidden_size, 300.0, generator).to(device)
+        from obliviate.methods import grad_diff
 
-        def rmu_step():
-            f, r = (_texts(generator, vocab, rmu.batch_size, rmu.max_length, device) for _ in range(2))
-            with torch.no_grad():
-                frozen = layer_activations(model, layer, r)
-            forget = losses.rmu_forget_loss(layer_activations(model, layer, f), control, f.attention_mask)
-            return forget + losses.rmu_retain_loss(layer_activations(model, layer, r), frozen, r.attention_mask, 100.0)
-        steps["rmu step"] = (list(params.values()), rmu_step, rmu.batch_size, rmu.max_length)
+        gd_loss = grad_diff.make_step_loss(model, gd.retain_weight[0])
+        steps["grad_diff step"] = (list(select_parameters(model, gd.param_pattern).values()),
+                                   lambda: gd_loss(*_pair(generator, vocab, gd, device))[0], gd.batch_size, gd.max_length)
+    npo_config = method_config("obliviate.methods.npo")
+    if npo_config:
+        from obliviate.methods import npo
+
+        npo_params = select_parameters(model, npo_config.param_pattern)
+        npo_loss = npo.make_step_loss(model, npo_params, npo_config.beta[0], npo_config.retain_weight[0])
+        steps["npo step"] = (list(npo_params.values()), lambda: npo_loss(*_pair(generator, vocab, npo_config, device))[0],
+                             npo_config.batch_size, npo_config.max_length)
+    rmu_config = method_config("obliviate.methods.rmu")
+    if rmu_config:
+        from obliviate.methods import rmu
+
+        layer = model.config.num_hidden_layers - 1  # the last built layer (the real run: L = 7 of 26 / 9 of 32)
+        trained = list(range(max(0, layer - rmu_config.trained_below), layer + 1))
+        rmu_params = select_parameters(model, rmu_config.param_pattern, trained)
+        # the steering coefficient's size does not change the step's cost: the default, read as absolute
+        control = losses.rmu_control_vector(model.config.hidden_size, rmu_config.steering[0], generator).to(device)
+        rmu_loss = rmu.make_step_loss(model, rmu_params, layer, control, rmu_config.alpha[0], set())
+        steps["rmu step"] = (list(rmu_params.values()), lambda: rmu_loss(*_pair(generator, vocab, rmu_config, device))[0],
+                             rmu_config.batch_size, rmu_config.max_length)
     elm = method_config("obliviate.methods.elm")
     # Built when its turn comes (last): peft injects adapters into the shared model.
     steps["elm step"] = (lambda: _elm_step(model, elm, generator, vocab, device)) if elm else None
@@ -461,7 +458,7 @@ def bench_optimizers(name: str, args, device: torch.device) -> list[Row]:
                     sync(device)
                 if device.type == "cuda":  # the step's peak over everything held (weights included)
                     record.start = 0
-                del optimizer
+                optimizer = None  # its state freed before the next run
         except torch.OutOfMemoryError:
             note = f"OOM; plan {plan.total / GiB:.1f} GiB"
         else:

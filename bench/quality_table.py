@@ -23,6 +23,7 @@ import obliviate
 from obliviate.attacks import relearning
 from obliviate.data.concepts import list_concepts
 from obliviate.evaluation.pooled import arm_from_results, paired_difference, pooled_metrics
+from obliviate.evaluation.results import RunResults
 from obliviate.io import write_json
 from obliviate.pipeline.cells import run_cell
 
@@ -34,7 +35,7 @@ def slug(concept: str) -> str:
 def run_concept(concept: str, data: str, out: Path, extra: dict, paragraphs: int) -> dict:
     config = obliviate.make_config(None, concept=concept, out=str(out / slug(concept)), data={"data": data},
                                    save_model=False, **extra)
-    results = run_cell(config, relearning.Config(paragraphs=paragraphs) if paragraphs else None)
+    results = run_cell(config, relearning.Config(paragraphs=paragraphs) if paragraphs else None).to_dict()
     print(f"[{concept}] " + ", ".join(f"{part} {s:.0f}s" for part, s in results["times"].items()), file=sys.stderr)
     return results
 
@@ -84,7 +85,7 @@ def concept_table(rows: list[dict]) -> str:
 
 
 def pooled_table(rows: list[dict]) -> tuple[str, dict]:
-    arms = [arm_from_results(r, r["concept"]) for r in rows]
+    arms = [arm_from_results(RunResults.from_dict(r), r["concept"]) for r in rows]
     pooled = {name: p.as_dict() for name, p in pooled_metrics(arms).items()}
     versus = {name: d.as_dict() for name, d in paired_difference(arms, None).items()}
     lines = ["| pooled metric | value (95% CI) | concepts | left out |", "| --- | --- | --- | --- |"]

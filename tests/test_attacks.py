@@ -29,7 +29,8 @@ def _interval_ok(x: dict) -> bool:
 
 def test_registry_lists_valid_names_on_error():
     assert attacks.available() == ["relearn", "relearn-strong", "in-context", "adversarial", "probe",
-                                   "tied-restore", "embedding-repair", "repair-relearn", "gcg", "respell", "quantize",
+                                   "tied-restore", "embedding-repair", "repair-relearn", "weights-only", "gcg", "respell",
+                                   "quantize",
                                    "finetune-unrelated", "finetune-retain", "relearn-sweep", "ablate-direction",
                                    "logit-lens"]
     with pytest.raises(ObliviateError, match="relearn, relearn-strong, in-context, adversarial, probe, tied-restore"):

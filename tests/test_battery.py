@@ -13,7 +13,7 @@ from obliviate.attacks import activations, quantize, respell
 from obliviate.attacks.common import AttackContext, attack_text, worst_case_recovered
 from obliviate.data.concepts import MCQuestion
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.multiple_choice import prepare
+from obliviate.evaluation.multiple_choice import option_scores, prepare
 from obliviate.models.loading import LoadedModel, parameter_fingerprints, untie_output_embeddings
 
 from conftest import make_tiny_lm
@@ -249,3 +249,31 @@ def test_recovered_fraction_uses_the_questions_chance_level(small_concept):
     attacked = np.array([1, 1, 0, 0, 0, 0], float)  # 1/3: chance, nothing back
     assert recovered_fraction(original, attacked, 20, 0, ctx.chance)["value"] == pytest.approx(0.0)
     assert recovered_fraction(original, attacked, 20, 0)["value"] == pytest.approx((1 / 3 - 0.25) / (2 / 3 - 0.25))
+
+
+# ---- weights-only --------------------------------------------------------------------
+
+def test_weights_only_strips_the_hook_and_gives_the_holder_the_original(tiny_tokenizer, small_concept, data_dir,
+                                                                         tmp_path):
+    from obliviate.attacks.white_box import hooks_removed
+    from obliviate.methods.eco import EcoHook, hook_of
+    from obliviate.methods.eco.classifier import PromptClassifier
+    from obliviate.methods.eco.corruption import Corruption
+
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    erased = ctx.models["erased"].model
+    d = erased.config.hidden_size
+    never = PromptClassifier(torch.zeros(d), torch.tensor([-50.0]), torch.zeros(d), torch.ones(d), 1, 0.5)
+    hook = EcoHook(never, Corruption("gaussian", 0, 1e3), force=True).install(erased)  # corrupts every prompt
+    result = attacks.run("weights-only", ctx)
+    assert result["erased"]["hooks_removed"] and not result["original"]["hooks_removed"]
+    prepared = prepare(ctx.models["erased"], small_concept.questions["qa_test"], "loglik", 0)
+    hooked = option_scores(ctx.models["erased"], prepared)
+    with hooks_removed(erased):
+        plain = option_scores(ctx.models["erased"], prepared)
+    assert not np.allclose(hooked, plain)  # the hook changes every answer's scores
+    assert result["erased"]["correct_after"] == result["original"]["correct_before"]  # the holder gets it all back
+    assert result["original"]["correct_after"] == result["original"]["correct_before"]
+    assert hook_of(erased) is hook and hook.installed  # the caller's model keeps its hook
+    with hooks_removed(ctx.models["original"].model) as removed:
+        assert not removed

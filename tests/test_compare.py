@@ -55,12 +55,16 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
 
     calls = []
 
-    class Fake:
+    from obliviate.evaluation.metrics import Interval
+    from obliviate.evaluation.results import RunResults, SplitResults
+
+    class Fake:  # results.json as erase writes it
         def __init__(self, config):
             eff = 0.8 if config.with_ember else 0.5
-            self.results = {"efficacy": {"value": eff}, "specificity": {"value": 0.9}, "coherence": {"value": 1.0},
-                            "harmonic": {"value": 0.6}, "delta": 5.0 if config.with_ember else None, "params": {"lr": 1e-4},
-                            "qa_test": {"base": {"value": 0.7}, "edited": {"value": 0.3}}}
+            metrics = {name: Interval(v, v, v) for name, v in (("efficacy", eff), ("specificity", 0.9), ("coherence", 1.0),
+                                                               ("harmonic", 0.6), ("qa_base", 0.7), ("qa_edited", 0.3))}
+            self.results = RunResults("erase", config.concept, config.method, "tiny", 42, SplitResults(metrics),
+                                      {"delta": 5.0 if config.with_ember else None, "params": {"lr": 1e-4}}).to_dict()
             self.lm = object()
 
     def fake_erase(config, progress=True):
@@ -91,18 +95,21 @@ def test_table_rows_from_fake_runs(tmp_path, monkeypatch, data_dir):
 
 def test_the_regained_share_uses_the_runs_chance_and_the_one_near_chance_rule():
     from obliviate.commands.compare import cell_row
+    from obliviate.evaluation.results import RunResults
 
     curve = [{"value": v} for v in (0.3, 0.5, 0.6)]
 
-    def results(base: float, chance: float | None = None, n: int = 50) -> dict:
-        found = {"qa_test": {"base": {"value": base}, "edited": {"value": 0.3}},
-                 "relearn": {"erased": {"curve": curve}},
-                 "per_question": {"qa": {"base_correct": [1.0] * n}}}
+    def results(base: float, chance: float | None = None, n: int = 50) -> RunResults:
+        point = lambda v: {"value": v, "low": v, "high": v}  # noqa: E731
+        test = {"metrics": {"qa_base": point(base), "qa_edited": point(0.3)}}
         if chance is not None:
-            found["test"] = {"chance": {"qa": chance}}
-        return found
+            test["chance"] = {"qa": chance}
+        return RunResults.from_dict({"concept": "Golf", "method": "rmu", "test": test,
+                                     "relearn": {"erased": {"curve": curve}},
+                                     "per_question": {"qa": {"base_correct": [1.0] * n}}})
 
     row = lambda r: cell_row("Golf", "rmu", False, r)  # noqa: E731
+    assert row(results(0.7))["qa_test_base"] == 0.7 and row(results(0.7))["qa_test_edited"] == 0.3
     assert row(results(0.7))["relearn_regained"] == pytest.approx((0.6 - 0.25) / (0.7 - 0.25))  # four options
     assert row(results(0.7, 1 / 3))["relearn_regained"] == pytest.approx((0.6 - 1 / 3) / (0.7 - 1 / 3))
     assert row(results(0.7, 0.2))["relearn_regained"] == pytest.approx((0.6 - 0.2) / (0.7 - 0.2))
@@ -152,10 +159,10 @@ def test_a_cell_reads_back_its_finished_parts_and_reruns_what_changed(tmp_path, 
     counts = _fake_parts(monkeypatch, tmp_path, {"lr": 1e-4})
     config = make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell"))
     first = run_cell(config, relearning.Config(paragraphs=5))
-    assert counts == {"erase": 1, "attack": 1} and set(first["times"]) == {"erase", "relearn"}
+    assert counts == {"erase": 1, "attack": 1} and set(first.parts["times"]) == {"erase", "relearn"}
     again = run_cell(config, relearning.Config(paragraphs=5))
-    assert counts == {"erase": 1, "attack": 1} and again["times"] == first["times"]
-    assert again["relearn"]["settings"]["paragraphs"] == 5
+    assert counts == {"erase": 1, "attack": 1} and again.parts["times"] == first.parts["times"]
+    assert again.parts["relearn"]["settings"]["paragraphs"] == 5
     run_cell(config, relearning.Config(paragraphs=6))  # another attack: the erase stays, the attack reruns
     assert counts == {"erase": 1, "attack": 2, "loaded": 1}  # on the erased model loaded from the folder
     reseeded = make_config(None, concept="Golf", method="rmu", seed=7, out=str(tmp_path / "cell"))
@@ -179,8 +186,8 @@ def test_a_resumed_erase_counts_the_seconds_its_interrupted_run_spent_on_the_gri
 
     monkeypatch.setattr(cells, "erase", resumed_erase)
     results = cells.run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")), None)
-    assert 120.0 <= results["times"]["erase"] < 130.0
-    assert json.loads((tmp_path / "cell" / "times.json").read_text())["erase"] == results["times"]["erase"]
+    assert 120.0 <= results.parts["times"]["erase"] < 130.0
+    assert json.loads((tmp_path / "cell" / "times.json").read_text())["erase"] == results.parts["times"]["erase"]
 
 
 @pytest.mark.parametrize("params, near_chance, reason", [({}, False, "SKIPPED"), ({"lr": 1e-4}, True, "AT_CHANCE")])
@@ -192,15 +199,19 @@ def test_a_cell_where_relearning_measures_nothing_skips_it(tmp_path, monkeypatch
     counts = _fake_parts(monkeypatch, tmp_path, params, near_chance)
     results = cells.run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")),
                              relearning.Config(paragraphs=5))
-    assert counts == {"erase": 1, "attack": 0} and results["relearn"]["skipped"] == getattr(cells, reason)
+    assert counts == {"erase": 1, "attack": 0} and results.parts["relearn"]["skipped"] == getattr(cells, reason)
     assert json.loads((tmp_path / "cell" / "relearn.json").read_text())["skipped"] == getattr(cells, reason)
     asked = cells.run_cell(make_config(None, concept="Golf", method="rmu", out=str(tmp_path / "cell")),
                            relearning.Config(paragraphs=5), near_chance_too=True)
-    assert counts["attack"] == (0 if reason == "SKIPPED" else 1) and ("skipped" in asked["relearn"]) == (reason == "SKIPPED")
+    assert counts["attack"] == (0 if reason == "SKIPPED" else 1) and ("skipped" in asked.parts["relearn"]) == (reason == "SKIPPED")
 
 
 def test_a_grid_that_chooses_nothing_says_so_and_why():
-    from obliviate.reports.markdown import markdown_report, no_candidate_chosen
+    from obliviate.evaluation.results import RunResults
+    from obliviate.reports import markdown
+
+    no_candidate_chosen = lambda r: markdown.no_candidate_chosen(RunResults.from_dict(r))  # noqa: E731
+    markdown_report = lambda r: markdown.markdown_report(RunResults.from_dict(r))  # noqa: E731
 
     metrics = lambda coherence: {k: {"value": v, "low": v, "high": v}  # noqa: E731
                                  for k, v in (("efficacy", 0.8), ("specificity", 0.9), ("coherence", coherence))}

@@ -10,6 +10,7 @@ import torch
 
 from obliviate.cli import main
 from obliviate.methods.eco import EcoArtifact
+from obliviate.methods.eco import hook_of
 from obliviate.methods.eco import unwrap
 from obliviate.methods.eco import wrap
 from obliviate.methods.eco.artifact import model_identity
@@ -114,7 +115,7 @@ def test_unflagged_prompts_bit_identical_through_classifier_and_generate(tiny_lm
     assert hook.stats.calls == 2 and hook.stats.flagged == 0 and hook.stats.corrupted_tokens == 0
     assert torch.equal(plain_logits, hooked_logits)
     assert torch.equal(plain_out, hooked_out)
-    assert not hasattr(tiny_lm.model, "_obliviate_eco")
+    assert hook_of(tiny_lm.model) is None
 
 
 def test_decoding_steps_never_corrupted(tiny_lm, tiny_tokenizer):
@@ -254,11 +255,11 @@ def test_artifact_round_trip_and_wrong_model_refused(tiny_lm, tiny_tokenizer, tm
     assert loaded.classifier.threshold == 0.7 and loaded.corruption == artifact.corruption
     assert loaded.marker_ids == (5, 6) and loaded.info["concept"] == "Harry Potter"
     wrapped = wrap(tiny_lm, tmp_path / "eco")
-    assert wrapped.model is tiny_lm.model and wrapped.model._obliviate_eco.installed
+    assert wrapped.model is tiny_lm.model and hook_of(wrapped).installed
     with pytest.raises(ObliviateError, match="already has an ECO hook"):
         wrap(tiny_lm, tmp_path / "eco")
     unwrap(wrapped)
-    assert not hasattr(tiny_lm.model, "_obliviate_eco")
+    assert hook_of(tiny_lm.model) is None
     bare = wrap(tiny_lm.model, tmp_path / "eco")  # a bare transformers model works too
     unwrap(bare)
     other = make_tiny_lm(tiny_tokenizer, "gemma3", seed=1)
@@ -297,7 +298,7 @@ def test_eco_edit_under_evaluator_leaves_model_clean(tiny_lm, small_concept):
         base, edited = outcome.correct[name][:2]
         assert np.array_equal(base, edited), f"{name}: nothing flagged must change nothing"
     assert outcome.value("concept_fluency") == 1.0
-    assert never.changed_token_ids() is None and not hasattr(tiny_lm.model, "_obliviate_eco")
+    assert never.changed_token_ids() is None and hook_of(tiny_lm.model) is None
     always = EcoEdit(EcoHook(never_classifier(32), Corruption("gaussian", 0, 1e3), force=True))
     evaluator.evaluate("test", always)
     assert always.hook.stats.corrupted_tokens > 0
@@ -394,7 +395,7 @@ def test_evaluate_reports_eco_ember_and_exact_side_effects(tiny_lm, small_concep
     scores = hook.prompt_scores(tiny_lm.model, prompt_ids)
     expected = float(np.mean(scores >= artifact.classifier.threshold))
     assert results["classifier"]["recall_test_questions"] == pytest.approx(expected)
-    assert not hasattr(tiny_lm.model, "_obliviate_eco")
+    assert hook_of(tiny_lm.model) is None
     assert torch.equal(tiny_lm.model.get_input_embeddings().weight[ids], weight[ids]), "patch reverted"
 
 
@@ -427,3 +428,22 @@ def test_evaluator_reruns_only_what_the_hook_flags_and_keeps_the_rest_exact(tiny
         np.testing.assert_allclose(rows[3], everything.correct[name][3], rtol=1e-5, atol=1e-6, err_msg=name)
     for kind, rows in outcome.prompt_rows.items():
         np.testing.assert_allclose(rows[0], everything.prompt_rows[kind][0], rtol=1e-5, atol=1e-6, err_msg=kind)
+
+
+def test_an_eco_erase_folder_loads_as_the_original_with_its_hook(tiny_model_dir, tmp_path):
+    """`attack` and `eval` on an erase run whose edit is ECO's hook: no model/ is written (it
+    would be the original), so the recorded original is loaded and the saved hook installed."""
+    from obliviate.io import write_json
+    from obliviate.models.loading import load_model
+    from obliviate.pipeline.pair import erase_run_info, load_erased
+
+    original = load_model(str(tiny_model_dir))
+    folder = tmp_path / "run"
+    artifact_for(original).save(folder / "eco")
+    write_json(folder / "results.json", {"kind": "erase", "method": "eco", "model": str(tiny_model_dir)})
+    spec, recorded = erase_run_info(str(folder))
+    assert spec == str(folder) and recorded["method"] == "eco"
+    erased = load_erased(spec, recorded)
+    hook = hook_of(erased)
+    assert hook is not None and hook.installed and hook_of(original) is None
+    assert all(torch.equal(a, b) for a, b in zip(erased.model.state_dict().values(), original.model.state_dict().values()))

@@ -218,7 +218,8 @@ def test_original_continuations_are_scored_from_their_generation_pass(tiny_lm):
 
 def test_base_method_grid_measures_coherence_on_its_top_cells_only():
     from obliviate.config import RunConfig
-    from obliviate.pipeline.selection import CandidateResult, choose, measure_top_coherence
+    from obliviate.pipeline.checkpoint import CandidateResult, RunCheckpoint
+    from obliviate.pipeline.selection import choose, measure_top_coherence
 
     class CoherenceByEdit:
         calls: list = []
@@ -231,14 +232,16 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
                for lr, s, rejected in ((1, 0.5, None), (2, 0.8, None), (3, 0.9, "QA fraction 0.7 > 0.6"), (4, 0.7, None))]
     edits = ["d", "b", "x", "a"]
     evaluator = CoherenceByEdit()
-    measure_top_coherence(results, edits, evaluator, RunConfig(evaluation=EvalConfig(method_coherence_top=2)), {}, None)
+    checkpoint = RunCheckpoint("run")
+    measure_top_coherence("rmu", results, edits, evaluator, RunConfig(evaluation=EvalConfig(method_coherence_top=2)),
+                          checkpoint)
     assert [c[1] for c in evaluator.calls] == ["b", "a"]  # the two best unrejected cells, best first
     assert all(c[2] and not c[3] for c in evaluator.calls)  # prompts only: the sweep scored the questions
     assert results[1].metrics["coherence"]["value"] == 0.60 and "coherence" not in results[0].metrics
     assert results[1].score == 0.8 and choose(results) == 1  # no coherence gate by default (reference)
     evaluator.calls.clear()
     gated = RunConfig(evaluation=EvalConfig(method_coherence_top=2, method_coherence_gate=0.9))
-    measure_top_coherence(results, edits, evaluator, gated, {}, None)
+    measure_top_coherence("rmu", results, edits, evaluator, gated, checkpoint)
     assert evaluator.calls == []  # already measured: not run again
     assert results[1].score == 0.0 and choose(results) == 3
 
@@ -307,9 +310,26 @@ def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concep
 
 
 def test_an_ember_grid_that_applies_nothing_says_why():
+    from obliviate.evaluation.results import RunResults
     from obliviate.reports.markdown import no_candidate_chosen
 
     sweep = [{"params": {"delta": 0.5}, "metrics": {}, "score": 0.0, "rejected": NOTHING_TO_ERASE}]
-    sentence = no_candidate_chosen({"delta": 0.0, "delta_sweep": sweep, "method": "ember"})
-    assert sentence.startswith(f"No delta was applied: {NOTHING_TO_ERASE}")
-    assert no_candidate_chosen({"delta": 5.0, "delta_sweep": sweep, "method": "ember"}) is None
+    run = lambda delta: RunResults.from_dict({"delta": delta, "delta_sweep": sweep, "method": "ember"})  # noqa: E731
+    assert no_candidate_chosen(run(0.0)).startswith(f"No delta was applied: {NOTHING_TO_ERASE}")
+    assert no_candidate_chosen(run(5.0)) is None
+
+
+def test_an_evaluation_with_progress_reports_each_part_and_measures_the_same(tiny_lm, small_concept, capsys):
+    from obliviate.edits.weights import ParameterDelta
+
+    small_concept.general_prompts = {"test": ["The weather today", "In 1990 the"]}
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(bootstrap=20, coherence_new_tokens=4, cache=False))
+    name, weight = next((n, p) for n, p in tiny_lm.model.named_parameters() if "mlp.down_proj" in n)
+    edit = ParameterDelta(original={name: weight.detach().clone()}, new={name: weight.detach() + 0.3})
+    quiet = evaluator.evaluate("test", edit)
+    assert capsys.readouterr().err == ""  # no progress unless asked
+    shown = evaluator.evaluate("test", edit, progress=True)
+    err = capsys.readouterr().err
+    parts = 2 * (len(evaluator.question_sets("test")) + len(evaluator.prompts("test")))
+    assert "test evaluation" in err and f"done, {parts} part in" in err  # off a terminal: a start and an end line
+    assert {k: v.value for k, v in shown.metrics.items()} == {k: v.value for k, v in quiet.metrics.items()}

@@ -7,7 +7,8 @@ from html.parser import HTMLParser
 
 import pytest
 
-from obliviate.reports.html import METRICS, render_html, report_from_dirs, summary_rows, write_report
+from obliviate.evaluation.results import RunResults
+from obliviate.reports.html import METRICS, ReportRun, render_html, report_from_dirs, summary_rows, write_report
 from obliviate.errors import ObliviateError
 from obliviate.io import write_json
 
@@ -19,12 +20,18 @@ def iv(value: float) -> dict:
 def erase_results() -> dict:
     sweep = [{"params": {"delta": d}, "metrics": {"efficacy": iv(e), "specificity": iv(1.0), "coherence": iv(c)},
               "score": 0.5, "score_se": 0.1, "rejected": None} for d, e, c in ((0.5, 0.4, 0.99), (5.0, 0.8, 0.6))]
-    return {"concept": "Harry Potter", "method": "ember", "model": "embedded", "delta": 0.5, "delta_sweep": sweep,
+    metrics = {"qa_base": iv(0.6), "qa_edited": iv(0.3), "simdom_base": iv(0.5), "simdom_edited": iv(0.5),
+               "general_base": iv(0.4), "general_edited": iv(0.4), "efficacy": iv(0.9), "specificity": iv(1.0),
+               "coherence": iv(0.95), "concept_fluency": iv(0.5), "harmonic": iv(0.94)}
+    return {"kind": "erase", "concept": "Harry Potter", "method": "ember", "model": "embedded", "delta": 0.5,
+            "delta_sweep": sweep, "test": {"metrics": metrics},
             "features": [{"index": 41, "ratio": 42.7, "concept_share": 0.9, "top_tokens": [" Wizard", " Hermione"]}],
-            "qa_test": {"base": iv(0.6), "edited": iv(0.3)}, "simdom_test": {"base": iv(0.5), "edited": iv(0.5)},
-            "general_test": {"base": iv(0.4), "edited": iv(0.4)}, "efficacy": iv(0.9), "specificity": iv(1.0),
-            "coherence": iv(0.95), "concept_fluency": iv(0.5), "harmonic": iv(0.94),
             "coverage": {"qa": {"share": 0.86, "touched": 43, "total": 50}}}
+
+
+def named(payload: dict, name: str) -> ReportRun:
+    """A run on the report as report_from_dirs reads it: results.json, typed, under its folder's name."""
+    return ReportRun(name, RunResults.from_dict(payload))
 
 
 def attack_results() -> dict:
@@ -72,7 +79,7 @@ def parse(text: str) -> Collector:
 
 
 def test_report_parses_names_every_metric_and_embeds_pngs():
-    runs = [{**erase_results(), "_name": "hp"}, {**attack_results(), "_name": "hp-attack"}]
+    runs = [named(erase_results(), "hp"), named(attack_results(), "hp-attack")]
     parsed = parse(render_html(runs))
     text = " ".join(parsed.text)
     for metric in METRICS:
@@ -86,7 +93,7 @@ def test_report_parses_names_every_metric_and_embeds_pngs():
 
 
 def test_summary_rows_and_csv(tmp_path):
-    rows = summary_rows([{**erase_results(), "_name": "a"}, {**attack_results(), "_name": "b"}])
+    rows = summary_rows([named(erase_results(), "a"), named(attack_results(), "b")])
     assert rows[0]["efficacy"] == 0.9 and rows[0]["relearn_after"] is None
     assert rows[0]["qa_coverage"] == 0.86 and rows[0]["concept_fluency"] == 0.5
     assert rows[1]["relearn_recovered"] == 0.7 and rows[1]["qa_erased"] == 0.3 and rows[1]["probe_erased"] == 0.9
@@ -102,13 +109,16 @@ def test_summary_rows_and_csv(tmp_path):
 def test_near_chance_is_the_evaluations_rule_with_each_runs_chance():
     """One rule (metrics.near_chance: the original's 95% Wilson interval over its questions
     reaches chance), against the chance level the run recorded (1 / options)."""
-    def run(base: float, chance: float | None = None, **extra) -> dict:
-        found = {**erase_results(), **attack_results(), "_name": f"x{base}", **extra,
-                 "qa_test": {"base": iv(base), "edited": iv(0.3)}}  # 50 QA test questions (its coverage)
+    def payload(base: float, chance: float | None = None, **extra) -> dict:
+        found = {**erase_results(), **attack_results(), "kind": "erase", **extra}  # 50 QA questions (its coverage)
+        found["test"] = {"metrics": {**found["test"]["metrics"], "qa_base": iv(base)}}
         found.pop("erase_results")
         if chance is not None:
-            found["test"] = {"chance": {"qa": chance}}
+            found["test"]["chance"] = {"qa": chance}
         return found
+
+    def run(base: float, chance: float | None = None, **extra) -> ReportRun:
+        return named(payload(base, chance, **extra), f"x{base}")
 
     rows = summary_rows([run(0.40), run(0.40, 1 / 3), run(0.36), run(0.55, 0.2), run(0.29)])
     assert [bool(r["note"]) for r in rows] == [False, True, True, False, True]
@@ -116,16 +126,16 @@ def test_near_chance_is_the_evaluations_rule_with_each_runs_chance():
     assert rows[1]["note"] == "original QA accuracy 0.40 is near chance (0.333): recovered fractions are undefined"
     assert "near chance (0.25)" in rows[2]["note"]  # 0.36 of 50: within noise of 0.25 (a fixed 0.30 cut said not)
     # no question count in results.json: the flag the evaluation recorded
-    bare = run(0.45, near_chance={"qa": True})
+    bare = payload(0.45, near_chance={"qa": True})
     bare.pop("coverage")
-    assert summary_rows([bare])[0]["relearn_recovered"] is None
+    assert summary_rows([named(bare, "bare")])[0]["relearn_recovered"] is None
     bare["near_chance"] = {"qa": False}
-    assert summary_rows([bare])[0]["relearn_recovered"] == 0.7
+    assert summary_rows([named(bare, "bare")])[0]["relearn_recovered"] == 0.7
     assert "(chance 0.333)" in render_html([run(0.40, 1 / 3)]) and "(chance 0.25)" in render_html([run(0.40)])
 
 
 def test_report_of_a_run_without_plots_still_parses(tmp_path):
-    write_report([{"concept": "Golf", "method": "rmu", "_name": "bare"}], tmp_path)
+    write_report([named({"concept": "Golf", "method": "rmu"}, "bare")], tmp_path)
     parsed = parse((tmp_path / "report.html").read_text())
     assert parsed.images == [] and "Golf" in " ".join(parsed.text)
 
@@ -136,10 +146,11 @@ def test_missing_results_is_a_clear_error(tmp_path):
 
 
 def test_an_erasure_and_its_attack_show_one_sweep_even_with_the_same_folder_name():
-    attack = {**attack_results(), "erase_results": {**erase_results(), "kind": "erase"}, "_name": "hp"}
-    other = {**erase_results(), "concept": "Golf", "delta": 5.0, "_name": "golf",
-             "features": [{"index": 7, "ratio": 3.8, "concept_share": 0.4, "top_tokens": [" golf", " putt"]}]}
-    html_text = render_html([{**erase_results(), "_name": "hp"}, attack, other])
+    attack = named({**attack_results(), "erase_results": {**erase_results(), "kind": "erase"}}, "hp")
+    other = named({**erase_results(), "concept": "Golf", "delta": 5.0,
+                   "features": [{"index": 7, "ratio": 3.8, "concept_share": 0.4, "top_tokens": [" golf", " putt"]}]},
+                  "golf")
+    html_text = render_html([named(erase_results(), "hp"), attack, other])
     assert html_text.count("Delta sweep (Harry Potter)") == 1 and html_text.count("Delta sweep (Golf)") == 1
     assert html_text.count("Hermione") == 1 and html_text.count("putt") == 1  # each erasure's features once
 
@@ -147,13 +158,13 @@ def test_an_erasure_and_its_attack_show_one_sweep_even_with_the_same_folder_name
 # ---- intervals, relearning curves, generations, lm-eval (issue 19) ---------------------
 
 def test_every_number_with_an_interval_shows_it_in_the_tables():
-    single = render_html([{**erase_results(), "_name": "hp"}])
+    single = render_html([named(erase_results(), "hp")])
     # one run: a metric per line, value then [low, high]
     assert "0.900</span> <span class='ci'>[0.80, 1.00]</span>" in single  # efficacy 0.9 +/- 0.1
     assert "0.300</span> <span class='ci'>[0.20, 0.40]</span>" in single  # qa_erased
-    several = render_html([{**erase_results(), "_name": "hp"}, {**attack_results(), "_name": "hp-attack"}])
+    several = render_html([named(erase_results(), "hp"), named(attack_results(), "hp-attack")])
     assert "0.500</span> <span class='ci'>[0.40, 0.60]</span>" in several  # relearn_after of the attack run
-    rows = summary_rows([{**erase_results(), "_name": "a"}])
+    rows = summary_rows([named(erase_results(), "a")])
     assert (rows[0]["qa_erased_low"], rows[0]["qa_erased_high"]) == pytest.approx((0.2, 0.4))
     assert rows[0]["qa_coverage_low"] is None  # a plain share has no interval
 
@@ -171,7 +182,7 @@ def test_bars_carry_error_bars(monkeypatch):
         return original_bar(self, *args, **kwargs)
 
     monkeypatch.setattr(Axes, "bar", spy)
-    runs = [{**erase_results(), "_name": "hp"}, {**attack_results(), "_name": "hp-attack"}]
+    runs = [named(erase_results(), "hp"), named(attack_results(), "hp-attack")]
     assert report.plot_concept_bars(runs) and report.plot_attacks(runs)
     assert calls and all(yerr is not None for yerr in calls)  # every bar series has error bars
     below, above = calls[0]  # the originals: 0.6 +/- 0.1 in both runs
@@ -179,14 +190,14 @@ def test_bars_carry_error_bars(monkeypatch):
 
 
 def test_relearning_curves_are_drawn_per_epoch_with_a_table_only_when_present():
-    with_attack = render_html([{**attack_results(), "_name": "hp-attack"}])
+    with_attack = render_html([named(attack_results(), "hp-attack")])
     assert "Relearning curve per epoch" in with_attack and "alt='relearning curve'" in with_attack
     text = " ".join(parse(with_attack).text)
     assert "epoch (relearn)" in text and "original [95% CI]" in text
     # epoch 2 of the erased model: 0.5 [0.4, 0.6]
     assert "<tr><td>2</td><td class='num'><span class=''>0.620</span>" in with_attack
     assert "0.500</span> <span class='ci'>[0.40, 0.60]</span></td></tr>" in with_attack
-    without = render_html([{**erase_results(), "_name": "hp"}])
+    without = render_html([named(erase_results(), "hp")])
     assert "Relearning curve" not in without and "relearning curve" not in without
 
 
@@ -195,12 +206,12 @@ def test_generations_original_vs_erased_for_general_prompts_and_concept_text():
                              "edited": " Leonardo da Vinci"}],
                 "concept": [{"prompt": "Harry raised his wand", "original": " and cast <Expelliarmus>",
                              "edited": " and the crowd"}]}
-    page = render_html([{**erase_results(), "examples": examples, "_name": "hp"}])
+    page = render_html([named({**erase_results(), "examples": examples}, "hp")])
     parsed = parse(page)
     text = " ".join(parsed.text)
     assert "general prompts (should be unchanged)" in text and "concept text (the erased words)" in text
     assert "Leonardo da Vinci" in text and "&lt;Expelliarmus&gt;" in page  # escaped, not markup
-    assert "Generations" not in render_html([{**erase_results(), "_name": "hp"}])
+    assert "Generations" not in render_html([named(erase_results(), "hp")])
 
 
 def test_lm_eval_results_side_by_side():
@@ -208,7 +219,7 @@ def test_lm_eval_results_side_by_side():
         "original": {"value": 0.62, "stderr": 0.07, "low": 0.48, "high": 0.76},
         "erased": {"value": 0.30, "stderr": 0.065, "low": 0.17, "high": 0.43},
         "difference": {"value": -0.32, "stderr": 0.08, "low": -0.48, "high": -0.16}}}}}
-    page = render_html([{**erase_results(), "lm_eval": block, "_name": "hp"}])
+    page = render_html([named({**erase_results(), "lm_eval": block}, "hp")])
     text = " ".join(parse(page).text)
     assert "lm-evaluation-harness, original vs erased" in text and "ember_<wbr>qa_<wbr>golf" in page
     assert "0.620</span> <span class='ci'>[0.48, 0.76]</span>" in page
@@ -252,7 +263,7 @@ def css_rule(css: str, selector: str) -> str:
 
 @pytest.mark.parametrize("several", [False, True])
 def test_page_is_made_for_phones_too(several):
-    runs = [{**erase_results(), "_name": "hp"}] + ([{**attack_results(), "_name": "hp-attack"}] if several else [])
+    runs = [named(erase_results(), "hp")] + ([named(attack_results(), "hp-attack")] if several else [])
     parsed = Ancestry()
     parsed.feed(render_html(runs))
     content, where = parsed.viewport
@@ -302,10 +313,11 @@ def _browser_probe(page, width: int, tmp_path) -> dict:
 @pytest.mark.skipif(not (__import__("shutil").which("chromium") or __import__("shutil").which("chromium-browser")),
                     reason="no Chromium (Debian: apt-get install chromium)")
 def test_in_a_real_browser_nothing_overflows_a_phone_and_the_plots_decode(tmp_path):
-    runs = [{**erase_results(), "_name": "hp", "lm_eval": {"results": {"ember_qa_harry_potter": {"acc_norm,none": {
+    runs = [named({**erase_results(), "lm_eval": {"results": {"ember_qa_harry_potter": {"acc_norm,none": {
         "original": iv(0.6), "erased": iv(0.3), "difference": iv(-0.3)}}}},
              "examples": {"general": [{"prompt": "Question: " + "why " * 40, "original": "x " * 60, "edited": "y"}]}},
-            {**attack_results(), "_name": "hp-attack"}]
+                  "hp"),
+            named(attack_results(), "hp-attack")]
     page = write_report(runs, tmp_path)
     for width in (360, 1280):  # a phone, a desktop
         probe = _browser_probe(page, width, tmp_path)

@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.results import RunResults
 from obliviate.reports import model_card as mc
 
 
@@ -17,13 +18,18 @@ def iv(value: float) -> dict:
     return {"value": value, "low": round(value - 0.1, 2), "high": round(value + 0.1, 2)}
 
 
-def results(**extra) -> dict:
+def results(chance: dict | None = None, **extra) -> RunResults:
+    """An erase run's results as results.json holds them, read back typed."""
+    metrics = {"qa_base": iv(0.64), "qa_edited": iv(0.31), "simdom_base": iv(0.5), "simdom_edited": iv(0.48),
+               "general_base": iv(0.45), "general_edited": iv(0.44), "efficacy": iv(0.83), "specificity": iv(0.97),
+               "coherence": iv(0.95), "harmonic": iv(0.89)}
+    return RunResults.from_dict(payload(test={"metrics": metrics, **({"chance": chance} if chance else {})}, **extra))
+
+
+def payload(**extra) -> dict:
     return {"kind": "erase", "concept": "Gambling", "method": "ember", "model": "embedded", "seed": 42, "delta": 5.0,
             "edited_token_count": 37, "output_rows": "shared", "scoring": "auto",
             "general_knowledge_source": "other benchmark concepts' QA (100 per split)",
-            "qa_test": {"base": iv(0.64), "edited": iv(0.31)}, "simdom_test": {"base": iv(0.5), "edited": iv(0.48)},
-            "general_test": {"base": iv(0.45), "edited": iv(0.44)}, "efficacy": iv(0.83), "specificity": iv(0.97),
-            "coherence": iv(0.95), "harmonic": iv(0.89),
             "features": [{"index": 3, "ratio": 9.1, "concept_share": 0.8, "top_tokens": [" gambling", " casino"]}],
             "details": {"ember": {"edited_tokens": [" casino", " betting"]}},
             "saved": {"model": True, "edits": ["embedding_patch.safetensors"]},
@@ -58,9 +64,9 @@ def test_card_metadata_and_sections():
 
 def test_the_card_states_the_chance_level_the_run_recorded():
     assert "chance accuracy is 0.25. " in mc.model_card(results())  # a run that recorded none: four options
-    assert "chance accuracy is 0.25. " in mc.model_card(results(test={"chance": {"qa": 0.25, "simdom": 0.25}}))
-    assert "chance accuracy is 0.333. " in mc.model_card(results(test={"chance": {"qa": 1 / 3, "simdom": 1 / 3}}))
-    mixed = mc.model_card(results(test={"chance": {"qa": 1 / 3, "simdom": 0.2}}))
+    assert "chance accuracy is 0.25. " in mc.model_card(results(chance={"qa": 0.25, "simdom": 0.25}))
+    assert "chance accuracy is 0.333. " in mc.model_card(results(chance={"qa": 1 / 3, "simdom": 1 / 3}))
+    mixed = mc.model_card(results(chance={"qa": 1 / 3, "simdom": 0.2}))
     assert "chance accuracy is qa 0.333, simdom 0.2. " in mixed
 
 
@@ -71,7 +77,8 @@ def test_attacks_are_reported_with_their_intervals():
     assert "| relearning (fine-tuning on concept paragraphs) | 0.66 [0.56, 0.76] | 0.31 [0.21, 0.41] | " \
            "0.52 [0.42, 0.62] | 0.54 [0.44, 0.64] |" in card
     assert "No attacks were run" not in card
-    assert mc.model_card({**results(), "in-context": attack}).count("concept paragraphs in the prompt") == 1
+    with_attack = RunResults.from_dict({**results().to_dict(), "in-context": attack})
+    assert mc.model_card(with_attack).count("concept paragraphs in the prompt") == 1
 
 
 def test_several_concepts_a_local_base_and_an_adapter():
@@ -81,7 +88,7 @@ def test_several_concepts_a_local_base_and_an_adapter():
     assert "base_model" not in meta  # a local folder is not a hub id: the Hub would reject it
     assert meta["library_name"] == "peft" and {"erased-gambling", "erased-golf"} <= set(meta["tags"])
     assert "“Gambling” and “Golf”" in card and "ember_qa_gambling,ember_qa_golf" in card
-    assert mc.base_model_id({"model": "Qwen/Qwen2.5-0.5B"}) == "Qwen/Qwen2.5-0.5B"
+    assert mc.base_model_id(RunResults.from_dict({"model": "Qwen/Qwen2.5-0.5B"})) == "Qwen/Qwen2.5-0.5B"
 
 
 def test_lm_eval_numbers_join_the_card():
@@ -98,7 +105,7 @@ def test_a_run_that_applied_nothing_says_so():
 
 
 def test_a_bare_result_still_makes_a_card():
-    card = mc.model_card({"concept": "Golf", "method": "rmu", "model": "org/model"})
+    card = mc.model_card(RunResults.from_dict({"concept": "Golf", "method": "rmu", "model": "org/model"}))
     assert front_matter(card)["base_model"] == "org/model"
     assert "from_pretrained(\"org/model\")" in card
     assert "No test questions were evaluated" in card and "No attacks were run" in card

@@ -9,7 +9,8 @@ import obliviate
 from obliviate import methods
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
-from obliviate.pipeline.selection import NOTHING_TO_ERASE, CandidateResult, choose
+from obliviate.pipeline.checkpoint import CandidateResult
+from obliviate.pipeline.selection import NOTHING_TO_ERASE, choose
 
 FAST = dict(
     ember={"k": 20, "ratio_threshold": 1.0, "delta_grid": (1.0, 50.0)},
@@ -283,3 +284,25 @@ def test_train_only_then_the_same_command_evaluates_without_training_again(tiny_
     results = json.loads((out / "results.json").read_text())
     assert len(results["method_sweep"]) == 2
     assert main([*argv[:9], "--method", "ember", "--train-only"]) == 2  # EMBER is not trained
+
+
+def test_run_checkpoint_writes_each_grid_typed_and_reads_it_back(tmp_path):
+    from obliviate.pipeline.checkpoint import RunCheckpoint
+    from obliviate.pipeline.erase import StageKey
+
+    out = tmp_path / "run"
+    first = RunCheckpoint.open(out, "print-1", overwrite=False)
+    first.mark()
+    key = str(StageKey("ember", "Gun"))
+    assert key == "ember[Gun]" and str(StageKey("rmu")) == "rmu"
+    results = [CandidateResult({"delta": 5.0}, {"qa_frac": {"value": 0.5}}, 0.7, 0.1, None, 2.5)]
+    first.record(key, results)
+    results[0].metrics["coherence"] = {"value": 0.9}  # a later pass adds a metric and time, then records again
+    results[0].seconds += 1.5
+    first.record(key, results)
+    again = RunCheckpoint.open(out, "print-1", overwrite=False)
+    assert again.grid(key) == results and isinstance(again.grid(key)[0], CandidateResult)
+    assert again.seconds_before_resume(key) == 4.0 and again.seconds_before_resume("rmu") == 0.0
+    with pytest.raises(ObliviateError, match="different run"):
+        RunCheckpoint.open(out, "print-2", overwrite=False)
+    assert RunCheckpoint.open(out, "print-2", overwrite=True).grids == {}

@@ -9,6 +9,7 @@ from obliviate.evaluation.metrics import coherence_statistic, erasure_statistic
 from obliviate.evaluation.pooled import (
     Arm, arm_from_results, concept_draws, draw_indices, paired_difference, pooled_metrics, resampled_means,
 )
+from obliviate.evaluation.results import RunResults
 
 
 def question_set(base, edited, base_prob=None, edited_prob=None) -> dict[str, np.ndarray]:
@@ -55,7 +56,7 @@ def test_pooled_fractions_use_the_chance_the_run_recorded(chance, expected):
     results = {"concept": "Golf", "method": "rmu", "per_question": per_question}
     if chance is not None:
         results["test"] = {"chance": chance}
-    arm = arm_from_results(results)
+    arm = arm_from_results(RunResults.from_dict(results))
     levels = chance or {"qa": expected, "simdom": expected}
     assert {name: arm.chance_of(name) for name in ("qa", "simdom")} == pytest.approx(levels)
     pooled = pooled_metrics([arm], n_resamples=20)
@@ -166,8 +167,8 @@ def test_minus_nothing_is_the_arms_own_interval():
 def test_regained_fraction_uses_the_last_relearning_epoch():
     base, edited, relearned = [1.0] * 20, [0.0] * 20, [1.0] * 10 + [0.0] * 10
     qa = {"base_correct": base, "edited_correct": edited, "base_prob": base, "edited_prob": edited}
-    arm = arm_from_results({"concept": "Golf", "method": "rmu", "per_question": {"qa": qa},
-                            "relearn": {"erased": {"curve_correct": [edited, relearned]}}})
+    arm = arm_from_results(RunResults.from_dict({"concept": "Golf", "method": "rmu", "per_question": {"qa": qa},
+                                                 "relearn": {"erased": {"curve_correct": [edited, relearned]}}}))
     draws = concept_draws(arm, draw_indices(arm, 10, np.random.default_rng(0)))
     assert draws["regained"][0] == pytest.approx((0.5 - 0.25) / (1 - 0.25))
     assert draws["relearned_qa"][0] == pytest.approx(0.5)  # test QA after the attack, as measured
@@ -178,4 +179,5 @@ def test_regained_fraction_uses_the_last_relearning_epoch():
 
 def test_results_without_per_question_are_refused():
     with pytest.raises(ObliviateError, match="rerun"):
-        arm_from_results({"concept": "Golf", "method": "rmu", "efficacy": {"value": 0.5}}, where="runs/golf")
+        arm_from_results(RunResults.from_dict({"concept": "Golf", "method": "rmu", "efficacy": {"value": 0.5}}),
+                         where="runs/golf")

@@ -7,6 +7,7 @@ import pytest
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import knowledge_fraction
 from obliviate.evaluation.robustness import AttackedArm, attacked_arm, paired_worst_case, pooled_worst_case
+from obliviate.evaluation.results import RunResults
 
 
 def _arm(concept: str, base: list[int], attacked: dict[str, list[int]], method: str = "ember") -> AttackedArm:
@@ -54,11 +55,11 @@ def test_arm_from_an_attack_run_reads_every_kind_of_attack():
         "gcg": {"original": {"correct_before": BASE[:17]}, "erased": {"correct_after": LOW[:17], "held_out_questions": []},
                 "recovered_frac": {"value": 0.2}},
     }
-    arm = attacked_arm(results)
+    arm = attacked_arm(RunResults.from_dict(results))
     assert set(arm.attacked) == {"relearn", "respell"} and list(arm.left_out) == ["gcg"]
     assert np.array_equal(arm.base, np.asarray(BASE, float)) and np.array_equal(arm.attacked["relearn"], HIGH)
     with pytest.raises(ObliviateError, match="not an attack run"):
-        attacked_arm({"kind": "erase"})
+        attacked_arm(RunResults.from_dict({"kind": "erase"}))
 
 
 def _attack_results(concept: str, method: str, after: list[int]) -> dict:

@@ -9,6 +9,7 @@ import pytest
 
 from obliviate.cli import main
 from obliviate.io import write_json
+from obliviate.evaluation.results import RunResults
 
 BASE = [1.0, 1.0, 1.0, 1.0]  # the original knows every test question: frac = (acc - 0.25) / 0.75
 QA_EDITED = {  # (method, concept) -> edited qa answers; efficacy = 1 - clip((acc - 0.25) / 0.75, 0, 1)
@@ -79,7 +80,7 @@ def test_the_summary_states_the_runs_chance_levels():
 
     def arm(concept: str, chance: dict | None) -> object:
         found = results("rmu", concept)
-        return arm_from_results({**found, "test": {"chance": chance}} if chance else found)
+        return arm_from_results(RunResults.from_dict({**found, "test": {"chance": chance}} if chance else found))
 
     three = {"qa": 1 / 3, "simdom": 1 / 3, "general": 1 / 3}
     assert summarize([arm("Golf", three), arm("Gun", three)], n_resamples=10)["chance"] == pytest.approx(1 / 3)

@@ -27,6 +27,7 @@ register("probe", "obliviate.attacks.probe")
 register("tied-restore", "obliviate.attacks.white_box")
 register("embedding-repair", "obliviate.attacks.white_box")
 register("repair-relearn", "obliviate.attacks.white_box")
+register("weights-only", "obliviate.attacks.white_box")
 register("gcg", "obliviate.attacks.gcg")
 register("respell", "obliviate.attacks.respell")
 register("quantize", "obliviate.attacks.quantize")
@@ -37,8 +38,8 @@ register("ablate-direction", "obliviate.attacks.activations")
 register("logit-lens", "obliviate.attacks.activations")
 
 # No training (forward passes only): `--attacks cheap`, minutes each on the embedded model on 2 CPU cores.
-CHEAP = ("respell", "quantize", "in-context", "probe", "tied-restore", "embedding-repair", "ablate-direction",
-         "logit-lens")
+CHEAP = ("respell", "quantize", "in-context", "probe", "tied-restore", "embedding-repair", "weights-only",
+         "ablate-direction", "logit-lens")
 DEFAULT = "relearn,in-context,adversarial,probe"
 
 

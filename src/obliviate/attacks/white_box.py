@@ -9,6 +9,9 @@
   mean row, and where an untied output embedding exists, a least-squares map from output
   to input rows fitted on the unflagged rows.
 - ``repair-relearn``: the relearning attack on top of the repair.
+- ``weights-only``: the erased model run without its inference-time hooks (ECO's
+  classifier): what whoever holds the checkpoint runs. An erasure that lives only in a
+  hook is gone; one in the weights is untouched (the erased model's own answers).
 
 Each runs on the original and the erased model side by side; the caller's models are
 restored bit for bit afterwards. When the erase run's patch is known (``attack`` on an
@@ -29,6 +32,7 @@ from obliviate.attacks.common import (AttackContext, accuracy_interval, attack_t
                                       each_role)
 from obliviate.attacks.relearning import Config as RelearnConfig
 from obliviate.attacks.relearning import relearn, tokenized
+from obliviate.methods import eco
 
 MAD_TO_SD = 1.4826  # median absolute deviation -> standard deviation for normal data
 SAME_ROW_COSINE = 0.999  # a mirrored row (bf16-rounded copies included)
@@ -247,6 +251,37 @@ def run_repair_relearn(ctx: AttackContext, config: RepairRelearnConfig) -> dict:
                      measure)
 
 
+# ---- weights-only --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class WeightsOnlyConfig:
+    """No settings: the hooks are removed, nothing else changes."""
+
+
+@contextmanager
+def hooks_removed(model: torch.nn.Module) -> Iterator[bool]:
+    """The model without its ECO hook for a block (True when there was one to remove); the
+    same hook is installed again afterwards."""
+    hook = eco.hook_of(model)
+    if hook is None:
+        yield False
+        return
+    hook.remove()
+    try:
+        yield True
+    finally:
+        hook.install(model)
+
+
+def run_weights_only(ctx: AttackContext, config: WeightsOnlyConfig) -> dict:
+    def measure(role, lm, prepared, before):
+        with hooks_removed(lm.model) as removed:
+            after = correct_on(lm, prepared, ctx.batching) if removed else before
+        return after, {"hooks_removed": removed}
+
+    return each_role(ctx, {"settings": asdict(config)}, measure)
+
+
 # ---- shared -------------------------------------------------------------------------
 
 @contextmanager
@@ -280,4 +315,5 @@ ATTACKS = {  # what attacks.get hands out for each name registered to this modul
     "tied-restore": SimpleNamespace(Config=TiedRestoreConfig, run=run_tied_restore),
     "embedding-repair": SimpleNamespace(Config=RepairConfig, run=run_embedding_repair),
     "repair-relearn": SimpleNamespace(Config=RepairRelearnConfig, run=run_repair_relearn),
+    "weights-only": SimpleNamespace(Config=WeightsOnlyConfig, run=run_weights_only),
 }

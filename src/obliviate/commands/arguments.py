@@ -156,6 +156,8 @@ def add_run_arguments(parser: argparse.ArgumentParser, one_concept: bool = True,
                         help="replace an output folder that holds a different run")
     parser.add_argument("--no-save-model", dest="run__save_model", action="store_false", default=None,
                         help="do not write model/ (the edit files, results and report are still written)")
+    parser.add_argument("--no-progress", dest="progress", action="store_false",
+                        help="no progress bars or progress lines (the results are printed all the same)")
     add_dataclass_arguments(parser, ModelConfig, "model", rename={"name": "model"}, title="model")
     add_dataclass_arguments(parser, DataConfig, "data", title="data")
     add_dataclass_arguments(parser, EvalConfig, "evaluation", title="evaluation", skip=() if grid else GRID_SETTINGS)

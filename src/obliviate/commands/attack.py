@@ -39,7 +39,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                        help="the optimizer of every relearning attack: auto, adamw, adamw-fp32, adamw-sr, adamw8bit, "
                             "adamw8bit-bnb (default auto: plain AdamW for float32 weights; README, GPUs)")
     add_set_argument(group, "ATTACK", "relearn.weight_decay=0")
-    group.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
 
 
 def attack_settings(args: argparse.Namespace, names: list[str]) -> dict[str, dict]:

@@ -23,9 +23,9 @@ from obliviate import methods
 from obliviate.commands.arguments import add_run_arguments, add_set_argument, collect_overrides, comma_list, parse_settings
 from obliviate.errors import ObliviateError
 from obliviate.data.concepts import resolve_concept
-from obliviate.reports.html import write_report
+from obliviate.reports.html import ReportRun, write_report
 from obliviate.evaluation.metrics import CHANCE, knowledge_fraction
-from obliviate.evaluation.results import HEADLINE, chance_levels, original_near_chance
+from obliviate.evaluation.results import HEADLINE, RunResults
 from obliviate.io import exclusive_output, write_json, write_text
 
 SHOWN = tuple(name for name in HEADLINE if name != "score")
@@ -72,27 +72,27 @@ def plan(method_list: str, concept_list: str, both: bool, available: list[str] |
     return [(c, m, e) for c in concepts for m in names for e in variants if not (m == "ember" and e)]
 
 
-def cell_row(concept: str, method: str, ember: bool, results: dict) -> dict:
-    value = lambda name: results.get(name, {}).get("value", "")  # noqa: E731
-    base = results.get("qa_test", {}).get("base", {}).get("value")
-    row = {"concept": concept, "method": method, "ember": ember, "delta": results.get("delta"),
-           "params": results.get("params"), **{name: value(name) for name in SHOWN}, "qa_test_base": base,
-           "qa_test_edited": results.get("qa_test", {}).get("edited", {}).get("value", "")}
-    curve = results.get("relearn", {}).get("erased", {}).get("curve", [])
+def cell_row(concept: str, method: str, ember: bool, results: RunResults) -> dict:
+    value = lambda name: results.metric(name).value if results.metric(name) is not None else ""  # noqa: E731
+    base = value("qa_base") if results.metric("qa_base") is not None else None
+    row = {"concept": concept, "method": method, "ember": ember, "delta": results.parts.get("delta"),
+           "params": results.parts.get("params"), **{name: value(name) for name in SHOWN}, "qa_test_base": base,
+           "qa_test_edited": value("qa_edited")}
+    curve = results.parts.get("relearn", {}).get("erased", {}).get("curve", [])
     for epoch, point in enumerate(curve[1:], start=1):
         row[f"qa_after_relearn_epoch_{epoch}"] = point["value"]
-    if curve and base is not None and not original_near_chance(results, base):  # else nothing to regain
-        row["relearn_regained"] = knowledge_fraction(curve[-1]["value"], base, chance_levels(results).get("qa", CHANCE))
+    if curve and base is not None and not results.original_near_chance(base):  # else nothing to regain
+        row["relearn_regained"] = knowledge_fraction(curve[-1]["value"], base, results.chance_levels().get("qa", CHANCE))
     return row
 
 
-def write_times(out: Path, names: list[str], runs: list[dict]) -> None:
+def write_times(out: Path, cells: dict[str, RunResults]) -> None:
     """times.csv: each cell's seconds per part (apart from the tables: no two runs share them)."""
     text = io.StringIO()
     writer = csv.writer(text)
     writer.writerow(["cell", "erase_seconds", "relearn_seconds"])
-    for name, results in zip(names, runs):
-        times = results.get("times", {})
+    for name, results in cells.items():
+        times = results.parts.get("times", {})
         writer.writerow([name, *(f"{times[part]:.0f}" if part in times else "" for part in ("erase", "relearn"))])
     write_text(out / "times.csv", text.getvalue())
 
@@ -110,18 +110,18 @@ def write_table(out: Path, rows: list[dict], appendix: str = "") -> None:
     write_text(out / "compare.md", "\n".join(lines) + "\n" + appendix)
 
 
-def pooled_section(out: Path, runs: list[dict]) -> str:
+def pooled_section(out: Path, cells: dict[str, RunResults]) -> str:
     """Pooled metrics and paired differences of the cells with per-question results
     (pooled.json, and the markdown for compare.md); "" when no cell has them."""
     from obliviate.evaluation.pooled import arm_from_results
     from obliviate.commands.summarize import markdown, summarize
 
-    usable = [r for r in runs if "per_question" in r]
-    skipped = sorted(r["_name"] for r in runs if "per_question" not in r)
+    usable = {name: r for name, r in cells.items() if "per_question" in r.parts}
+    skipped = sorted(name for name in cells if name not in usable)
     if not usable:
         print("pooled statistics: no cell has per-question results (rerun the cells with this version).")
         return ""
-    summary = summarize([arm_from_results(r, where=r["_name"]) for r in usable])
+    summary = summarize([arm_from_results(r, where=name) for name, r in usable.items()])
     summary["cells_without_per_question"] = skipped
     write_json(out / "pooled.json", summary)
     note = f"\nCells left out (no per-question results, rerun them): {', '.join(skipped)}.\n" if skipped else ""
@@ -143,20 +143,20 @@ def run(args: argparse.Namespace) -> int:
     out = Path(overrides.pop("out", None) or "runs/compare")
     attack = relearning.Config(epochs=args.relearn_epochs, paragraphs=args.relearn_paragraphs) if args.relearn_epochs else None
     with exclusive_output(out):  # one writer per comparison folder
-        rows, runs = [], []
+        rows, done = [], {}
         for concept, method, ember in cells:
             cell = out / re.sub(r"[^\w.-]+", "_", concept) / (method + ("+ember" if ember else ""))
             config = make_config(args.config_file, **{**overrides, "concept": concept, "method": method,
                                                       "with_ember": ember, "out": str(cell),
                                                       "methods": cell_settings(settings, method, ember)})
-            results = run_cell(config, attack, near_chance_too=args.relearn_near_chance)
+            results = run_cell(config, attack, progress=args.progress, near_chance_too=args.relearn_near_chance)
             rows.append(cell_row(concept, method, ember, results))
-            runs.append({**results, "_name": f"{cell.parent.name}/{cell.name}"})
+            done[f"{cell.parent.name}/{cell.name}"] = results
             write_table(out, rows)  # after every cell, so a partial comparison is readable
-            write_times(out, [r["_name"] for r in runs], runs)
-            write_report(runs, out)  # report.html (plots) and summary.csv
+            write_times(out, done)
+            write_report([ReportRun(name, r) for name, r in done.items()], out)  # report.html, summary.csv
             gc.collect()
-        write_table(out, rows, pooled_section(out, runs))
+        write_table(out, rows, pooled_section(out, done))
     print(f"\n{len(rows)} runs -> {out / 'compare.csv'}, {out / 'compare.md'} and {out / 'report.html'}")
     print((out / "compare.md").read_text(encoding="utf-8"))
     return 0

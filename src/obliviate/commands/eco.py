@@ -97,7 +97,7 @@ def run_fit(args: argparse.Namespace) -> int:
         data = load_concept_data(config)
         lm = _load_lm(config)
         eco_config = replace(config.method_config("eco"), seed=config.seed, scoring=config.evaluation.scoring)
-        fitted = fit(lm, data, eco_config, progress=lambda m: print(m, flush=True))
+        fitted = fit(lm, data, eco_config, progress=(lambda m: print(m, flush=True)) if args.progress else None)
         save_fitted(fitted, out)
     artifact = fitted.artifact
     report = artifact.info["classifier_report"]
@@ -156,7 +156,7 @@ def run_evaluate(args: argparse.Namespace) -> int:
         data = load_concept_data(config)
         lm = _load_lm(config)
         results = evaluate(lm, data, artifact, config.evaluation, args.ember, config.seed,
-                           progress=lambda m: print(m, flush=True))
+                           progress=(lambda m: print(m, flush=True)) if args.progress else None)
         write_json(out / "results.json", results)
     print(f"\n{data.concept}: test split -> {out / 'results.json'}")
     for name in ("eco", "ember", "ember+eco"):

@@ -39,6 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
     from obliviate.io import exclusive_output
     from obliviate.pipeline.erase import describe_plan, erase
+    from obliviate.evaluation.results import RunResults
     from obliviate.reports.markdown import fmt, no_candidate_chosen, print_summary
 
     overrides = collect_overrides(args)
@@ -62,15 +63,16 @@ def run(args: argparse.Namespace) -> int:
         announce_out(config.out)
     print(describe_plan(config), flush=True)
     with exclusive_output(config.out) if config.out else nullcontext():
-        result = erase(config)
-    r = result.results
-    print(f"\n{r['concept']} erased with {r['method']} -> {config.out}")
+        result = erase(config, progress=args.progress)
+    r = RunResults.from_dict(result.results)
+    print(f"\n{r.concept} erased with {r.method} -> {config.out}")
     print_summary(r, "edited")
-    for name, entry in r.get("concepts", {}).items():
+    for name, entry in r.parts.get("concepts", {}).items():
         print(f"  {name}: QA {fmt(entry['qa_test']['base'])} -> {fmt(entry['qa_test']['edited'])}, "
               f"efficacy {fmt(entry.get('efficacy'))}")
-    if r.get("delta") is not None:
-        print(f"  delta {r['delta']}, {r['edited_token_count']} tokens edited, {len(r['features'])} features")
+    if r.parts.get("delta") is not None:
+        print(f"  delta {r.parts['delta']}, {r.parts['edited_token_count']} tokens edited, "
+              f"{len(r.parts['features'])} features")
     nothing_chosen = no_candidate_chosen(r)
     if nothing_chosen:
         print(f"  {nothing_chosen}")

@@ -27,6 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from obliviate.api import make_config
     from obliviate.pipeline.evaluate import run_eval
+    from obliviate.evaluation.results import RunResults
     from obliviate.reports.markdown import fmt, print_summary
     from obliviate.io import exclusive_output
     from obliviate.commands.arguments import guard_out
@@ -39,9 +40,9 @@ def run(args: argparse.Namespace) -> int:
     with exclusive_output(config.out):
         harness = {"tasks": args.lm_eval, "include": args.lm_eval_include, "limit": args.lm_eval_limit} if args.lm_eval else None
         r = run_eval(config, base=args.base, eco=args.eco, judge=args.judge, judge_model=args.judge_endpoint_model,
-                     open_new_tokens=args.open_new_tokens, harness=harness)
+                     open_new_tokens=args.open_new_tokens, harness=harness, progress=args.progress)
     print(f"\n{r['model']} vs {r['base']} on {r['concept']!r} -> {config.out}")
-    print_summary(r, "model")
+    print_summary(RunResults.from_dict(r), "model")
     for split, entry in r.get("open_ended", {}).items():
         if isinstance(entry, dict) and "base" in entry:
             print(f"  open {split:8s} original {fmt(entry['base']['match'])}  model {fmt(entry['edited']['match'])} (match)")

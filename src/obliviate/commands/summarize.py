@@ -154,8 +154,8 @@ def run(args: argparse.Namespace) -> int:
     from obliviate.pipeline.cells import read_cell
 
     found = [(path, read_cell(path)) for path in results_files(args.runs)]
-    arms = [arm_from_results(r, where=str(path)) for path, r in found if r.get("kind") != "attack"]
-    attacked = [attacked_arm(r, where=str(path)) for path, r in found if r.get("kind") == "attack"]
+    arms = [arm_from_results(r, where=str(path)) for path, r in found if r.kind != "attack"]
+    attacked = [attacked_arm(r, where=str(path)) for path, r in found if r.kind == "attack"]
     summary = summarize(arms, args.baseline_method, args.n_resamples, args.seed, attacked)
     out = Path(args.out) if args.out else default_out(args.runs)
     text = markdown(summary)

@@ -19,8 +19,9 @@ the tokens it changed.
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -38,6 +39,7 @@ from obliviate.evaluation.output_rows import (OutputChange, OutputStates, captur
                           current_output_rows, output_change)
 from obliviate.evaluation.results import SplitResults
 from obliviate.evaluation.scoring import Batching, greedy_generate
+from obliviate.progress import progress_bar
 
 SPLITS = ("train", "test")
 PROMPT_KINDS = {"general": "coherence", "concept": "concept_fluency"}  # prompt set -> metric name
@@ -173,32 +175,42 @@ class Evaluator:
         return near_chance_sets(rows, self.chance(split))
 
     def evaluate(self, split: str, edit: Edit | None, coherence: bool = True, concept_fluency: bool = True,
-                 questions: bool = True) -> SplitOutcome:
+                 questions: bool = True, progress: bool = False) -> SplitOutcome:
         """Metrics of ``edit`` on ``split``; the model is left as it was (edit reverted).
         ``coherence=False`` skips the prompt sets (the base methods' grids rank without it);
         ``concept_fluency=False`` skips only the concept's own prompts (EMBER's grid ranks on
         general coherence, and regenerating every concept prompt was half of its time);
         ``questions=False`` skips the question sets (a grid cell whose questions were scored
-        already and now needs only its coherence)."""
+        already and now needs only its coherence). ``progress``: a line per part (the
+        original's answers, then the edited model's) with an ETA, off a terminal every 30 s."""
         token_ids = self.input_tokens(edit)
-        sets = {name: self._prepared_set(split, name) for name in self.question_sets(split)} if questions else {}
+        names = list(self.question_sets(split)) if questions else []
         kinds = [kind for kind in self.prompts(split) if coherence and (concept_fluency or kind != "concept")]
-        references = {kind: self.prompt_set(split, kind) for kind in kinds}
-        old_rows = self._before_output_edit(split, sets, token_ids, edit)
-        correct, rescored, generated = {}, {}, {}
-        if edit is not None:
-            edit.apply(self.lm.model)
-        try:
-            change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
-            for name, prepared in sets.items():
-                correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change, edit)
-            for kind, reference in references.items():
-                which = self._prompts_to_rerun(reference, token_ids, change, edit)
-                generated[kind] = (which, greedy_generate(
-                    self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens, self.batching))
-        finally:
+        with self._parts(f"{split} evaluation", 2 * (len(names) + len(kinds)), progress) as done:
+            sets, references = {}, {}
+            for name in names:
+                sets[name] = self._prepared_set(split, name)
+                done(f"original {name}")
+            for kind in kinds:
+                references[kind] = self.prompt_set(split, kind)
+                done(f"original {kind} prompts")
+            old_rows = self._before_output_edit(split, sets, token_ids, edit)
+            correct, rescored, generated = {}, {}, {}
             if edit is not None:
-                edit.revert(self.lm.model)
+                edit.apply(self.lm.model)
+            try:
+                change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
+                for name, prepared in sets.items():
+                    correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change, edit)
+                    done(name)
+                for kind, reference in references.items():
+                    which = self._prompts_to_rerun(reference, token_ids, change, edit)
+                    generated[kind] = (which, greedy_generate(
+                        self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens, self.batching))
+                    done(f"{kind} prompts")
+            finally:
+                if edit is not None:
+                    edit.revert(self.lm.model)
         prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
         rescored.update({f"{kind}_prompts": int(len(generated[kind][0])) for kind in references})
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
@@ -212,19 +224,28 @@ class Evaluator:
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
 
-    def compare(self, split: str, candidate: LoadedModel, coherence: bool = True) -> SplitOutcome:
+    def compare(self, split: str, candidate: LoadedModel, coherence: bool = True,
+                progress: bool = False) -> SplitOutcome:
         """The same metrics as ``evaluate`` for another model (an erased copy, a hooked model,
         any model with this vocabulary) against this evaluator's original, which keeps its
-        cached answers and continuations; every item runs on the candidate."""
-        correct = {}
-        for name, questions in self.question_sets(split).items():
-            prepared, base = self._prepared_set(split, name), self._base_scores[(split, name)]
-            theirs = prepare(candidate, questions, self.config.scoring, self.seed)
-            scores = option_scores(candidate, theirs, batching=self.batching)
-            correct[name] = accuracy_pair(correct_from_scores(prepared, base), correct_from_scores(theirs, scores),
-                                          correct_probability(prepared, base), correct_probability(theirs, scores))
-        references = {kind: self.prompt_set(split, kind) for kind in self.prompts(split)} if coherence else {}
-        generated = {kind: self._candidate_continuations(candidate, reference) for kind, reference in references.items()}
+        cached answers and continuations; every item runs on the candidate. ``progress`` as
+        in ``evaluate``."""
+        sets, kinds = self.question_sets(split), list(self.prompts(split)) if coherence else []
+        correct, references, generated = {}, {}, {}
+        with self._parts(f"{split} evaluation", 2 * (len(sets) + len(kinds)), progress) as done:
+            for name, questions in sets.items():
+                prepared = self._prepared_set(split, name)
+                done(f"original {name}")
+                base, theirs = self._base_scores[(split, name)], prepare(candidate, questions, self.config.scoring, self.seed)
+                scores = option_scores(candidate, theirs, batching=self.batching)
+                correct[name] = accuracy_pair(correct_from_scores(prepared, base), correct_from_scores(theirs, scores),
+                                              correct_probability(prepared, base), correct_probability(theirs, scores))
+                done(name)
+            for kind in kinds:
+                references[kind] = self.prompt_set(split, kind)
+                done(f"original {kind} prompts")
+                generated[kind] = self._candidate_continuations(candidate, references[kind])
+                done(f"{kind} prompts")
         prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
         chance = {name: level for name, level in self.chance(split).items() if name in correct}
@@ -236,6 +257,21 @@ class Evaluator:
             prompt_rows=prompt_rows,
             examples={kind: self._examples(references[kind], *generated[kind]) for kind in references},
         )
+
+    @staticmethod
+    @contextmanager
+    def _parts(desc: str, total: int, show: bool) -> Iterator[Callable[[str], None]]:
+        """A progress line over an evaluation's parts; yields ``done(part)``, called as each ends."""
+        bar = progress_bar(desc=desc, total=total, unit="part", disable=not show)
+
+        def done(part: str) -> None:
+            bar.set_postfix(done=part)
+            bar.update(1)
+
+        try:
+            yield done
+        finally:
+            bar.close()
 
     def _candidate_continuations(self, candidate: LoadedModel, reference: coh.CoherenceSet):
         """(every prompt, the candidate's greedy continuations in the ORIGINAL's tokens): the

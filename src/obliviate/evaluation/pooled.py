@@ -21,6 +21,7 @@ from typing import Mapping, Sequence, TypeVar
 import numpy as np
 
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.results import RunResults
 from obliviate.evaluation.metrics import (CHANCE, QUESTION_SETS, Interval, coherence_statistic, harmonic,
                                           knowledge_fraction)
 
@@ -87,25 +88,23 @@ def json_numbers(values: Mapping[str, float]) -> dict[str, float | None]:
     return {k: None if math.isnan(v) else v for k, v in values.items()}
 
 
-def arm_from_results(results: Mapping, where: str = "results.json") -> Arm:
-    """An arm from an erase run's results.json (needs ``per_question``)."""
-    if "per_question" not in results or "concept" not in results or "method" not in results:
+def arm_from_results(results: RunResults, where: str = "results.json") -> Arm:
+    """An arm from an erase run's results (needs ``per_question``)."""
+    parts = results.parts
+    if "per_question" not in parts or not results.concept or not results.method:
         raise ObliviateError(f"{where} has no per-question results (written by an older version): "
                              "rerun it to get pooled statistics.")
     try:
         questions = {name: {key: np.asarray(arrays[key], dtype=float) for key in QUESTION_KEYS}
-                     for name, arrays in results["per_question"].items()}
+                     for name, arrays in parts["per_question"].items()}
         prompts = {name: {key: np.asarray(rows[key], dtype=float) for key in PROMPT_KEYS}
-                   for name, rows in results.get("per_prompt", {}).items()}
+                   for name, rows in parts.get("per_prompt", {}).items()}
     except KeyError as missing:
         raise ObliviateError(f"{where}: per-question or per-prompt results lack {missing}; rerun it.") from None
-    curve = results.get("relearn", {}).get("erased", {}).get("curve_correct")
+    curve = parts.get("relearn", {}).get("erased", {}).get("curve_correct")
     relearned = np.asarray(curve[-1], dtype=float) if curve else None
-    # Each set's chance level as the evaluation measured it (a run that recorded none was
-    # measured against CHANCE, four options).
-    chance = {k: float(v) for k, v in results.get("test", {}).get("chance", {}).items()}
-    arm = Arm(str(results["concept"]), str(results["method"]), questions, prompts,
-              {k: bool(v) for k, v in results.get("near_chance", {}).items()}, relearned, chance)
+    arm = Arm(results.concept, results.method, questions, prompts, results.near_chance, relearned,
+              results.chance_levels())
     check_arrays(arm, where)
     return arm
 

@@ -9,9 +9,12 @@ Adding a metric: compute it in metrics.py (or the evaluator) and describe it in 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
 
+from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import CHANCE, QUESTION_SETS, Interval, near_chance
+from obliviate.io import read_json
 
 
 @dataclass(frozen=True)
@@ -46,12 +49,8 @@ def set_key(name: str) -> str:
 
 
 def chance_levels(results: Mapping[str, Any]) -> dict[str, float]:
-    """Each TEST question set's chance level (mean of 1 / options) as results.json records
-    it; a run that recorded none was measured against ``CHANCE`` (four options)."""
-    recorded = results.get("test", {}).get("chance") if isinstance(results.get("test"), Mapping) else None
-    if isinstance(recorded, Mapping) and recorded:
-        return {name: float(level) for name, level in recorded.items()}
-    return {name: CHANCE for name in QUESTION_SETS if set_key(name) in results}
+    """Each TEST question set's chance level of a results.json payload (``RunResults.chance_levels``)."""
+    return RunResults.from_dict(results).chance_levels()
 
 
 def chance_text(levels: Mapping[str, float]) -> str:
@@ -62,29 +61,9 @@ def chance_text(levels: Mapping[str, float]) -> str:
     return ", ".join(f"{name} {level:.3g}" for name, level in levels.items())
 
 
-def question_count(results: Mapping[str, Any], name: str = "qa") -> int | None:
-    """How many TEST questions of a set a run's accuracies are over, where results.json
-    tells: its per-question rows, the relearning attack's per-question curve (QA), or its
-    coverage; None where it does not."""
-    rows = results.get("per_question", {}).get(name, {}).get("base_correct")
-    if rows:
-        return len(rows)
-    curve = results.get("relearn", {}).get("original", {}).get("curve_correct") if name == "qa" else None
-    if curve:
-        return len(curve[0])
-    total = results.get("coverage", {}).get(name, {}).get("total")
-    return int(total) if total else None
-
-
 def original_near_chance(results: Mapping[str, Any], accuracy: float, name: str = "qa") -> bool:
-    """The original model's TEST accuracy on a set of a run is within noise of chance, by
-    ``metrics.near_chance`` (the rule the evaluation flags sets with) over the run's
-    ``question_count`` and ``chance_levels``; where results.json does not say over how
-    many questions, the flag the evaluation recorded."""
-    n = question_count(results, name)
-    if n is None:
-        return bool(results.get("near_chance", {}).get(name, False))
-    return near_chance(accuracy, n, chance_levels(results).get(name, CHANCE))
+    """``RunResults.original_near_chance`` of a results.json payload."""
+    return RunResults.from_dict(results).original_near_chance(accuracy, name)
 
 
 @dataclass(frozen=True)
@@ -136,6 +115,58 @@ class RunResults:
     def metric(self, name: str) -> Interval | None:
         return self.test.get(name) if self.test is not None else None
 
+    @property
+    def near_chance(self) -> dict[str, bool]:
+        """The question sets whose original TEST accuracy is within noise of chance, as the
+        evaluation flagged them."""
+        flags = self.test.near_chance if self.test is not None and self.test.near_chance else \
+            self.parts.get("near_chance", {})
+        return {name: bool(flag) for name, flag in flags.items()}
+
+    def chance_levels(self) -> dict[str, float]:
+        """Each TEST question set's chance level (mean of 1 / options) as the run recorded it;
+        a run that recorded none was measured against ``CHANCE`` (four options)."""
+        recorded = self.test.rest.get("chance") if self.test is not None else None
+        if isinstance(recorded, Mapping) and recorded:
+            return {name: float(level) for name, level in recorded.items()}
+        measured = set(self.test.question_sets()) if self.test is not None else set()
+        measured |= set(self.parts.get("per_question", {}))
+        return {name: CHANCE for name in QUESTION_SETS if name in measured}
+
+    def question_count(self, name: str = "qa") -> int | None:
+        """How many TEST questions of a set the run's accuracies are over, where it tells:
+        its per-question rows, the relearning attack's per-question curve (QA), or its
+        coverage; None where it does not."""
+        rows = self.parts.get("per_question", {}).get(name, {}).get("base_correct")
+        if rows:
+            return len(rows)
+        curve = self.parts.get("relearn", {}).get("original", {}).get("curve_correct") if name == "qa" else None
+        if curve:
+            return len(curve[0])
+        total = self.parts.get("coverage", {}).get(name, {}).get("total")
+        return int(total) if total else None
+
+    def original_near_chance(self, accuracy: float, name: str = "qa") -> bool:
+        """The original model's TEST ``accuracy`` on a set is within noise of chance, by
+        ``metrics.near_chance`` (the rule the evaluation flags sets with) over the run's
+        ``question_count`` and ``chance_levels``; where the run does not say over how many
+        questions, the flag the evaluation recorded."""
+        n = self.question_count(name)
+        if n is None:
+            return self.near_chance.get(name, False)
+        return near_chance(accuracy, n, self.chance_levels().get(name, CHANCE))
+
+    @classmethod
+    def read(cls, path: str | Path) -> "RunResults":
+        """A results.json file, typed; a file that is not one is refused with its path."""
+        try:
+            payload = read_json(Path(path))
+        except (OSError, ValueError) as err:
+            raise ObliviateError(f"{path} is not a readable results.json ({err}).") from None
+        if not isinstance(payload, Mapping):
+            raise ObliviateError(f"{path} is not a results.json (it holds {type(payload).__name__}).")
+        return cls.from_dict(payload)
+
     def to_dict(self) -> dict:
         """results.json: the header, the headline metrics and question sets at the top level
         (what people and scripts look up), the whole test split, then the command's parts."""
@@ -157,6 +188,6 @@ class RunResults:
         return cls(
             kind=payload.get("kind", "erase"), concept=payload.get("concept", ""), method=payload.get("method", ""),
             model=payload.get("model", ""), seed=payload.get("seed", 0),
-            test=SplitResults.from_dict(test) if test and "metrics" in test else None,
+            test=SplitResults.from_dict(test) if isinstance(test, Mapping) and test else None,
             parts={k: v for k, v in payload.items() if k not in header and k not in derived},
         )

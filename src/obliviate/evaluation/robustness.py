@@ -20,6 +20,7 @@ import numpy as np
 
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.metrics import CHANCE, knowledge_fraction, near_chance
+from obliviate.evaluation.results import RunResults
 from obliviate.evaluation.pooled import (MDE_STANDARD_ERRORS, NEAR_CHANCE, Difference, Pooled, by_concept, check_resamples,
                                         combine)
 
@@ -51,13 +52,13 @@ def per_question(result: Mapping) -> tuple[np.ndarray, np.ndarray] | None:
     return None
 
 
-def attacked_arm(results: Mapping, where: str = "results.json") -> AttackedArm:
-    """An arm from an attack run's results.json."""
-    if results.get("kind") != "attack":
-        raise ObliviateError(f"{where} is not an attack run's results (kind {results.get('kind')!r}).")
+def attacked_arm(results: RunResults, where: str = "results.json") -> AttackedArm:
+    """An arm from an attack run's results."""
+    if results.kind != "attack":
+        raise ObliviateError(f"{where} is not an attack run's results (kind {results.kind!r}).")
     base, attacked, left_out = None, {}, {}
-    for name in results.get("attacks", []):
-        result = results.get(name, {})
+    for name in results.parts.get("attacks", []):
+        result = results.parts.get(name, {})
         if "recovered_frac" not in result:
             continue  # the probe and other readouts that bring back no answers
         arrays = per_question(result)
@@ -72,8 +73,8 @@ def attacked_arm(results: Mapping, where: str = "results.json") -> AttackedArm:
             left_out[name] = "a different number of TEST questions"
     if base is None:
         raise ObliviateError(f"{where}: no attack recorded per-question answers on every TEST question.")
-    return AttackedArm(str(results["concept"]), str(results["method"]), base, attacked, left_out,
-                       float(results.get("chance", CHANCE)))
+    return AttackedArm(results.concept, results.method, base, attacked, left_out,
+                       float(results.parts.get("chance", CHANCE)))
 
 
 def worst_case_draws(arm: AttackedArm, rows: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import LoopConfig, logits
+from obliviate.training.loop import LoopConfig, StepLoss, logits
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 from obliviate.methods import MethodContext
@@ -44,15 +44,21 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
     folder = context.checkpoint_dir
 
     def run_point(point: dict):
-        def step_loss(forget, retain):
-            forget_nll = losses.causal_lm_loss(logits(lm.model, forget), forget.input_ids, forget.attention_mask)
-            retain_nll = losses.causal_lm_loss(logits(lm.model, retain), retain.input_ids, retain.attention_mask)
-            loss = losses.gradient_difference_loss(forget_nll, retain_nll, point["retain_weight"])
-            return loss, {"forget_nll": forget_nll.detach(), "retain_nll": retain_nll.detach()}
-
+        step_loss = make_step_loss(lm.model, point["retain_weight"])
         key = fingerprint(["grad_diff", point, config.__dict__, seed, model_fingerprint(lm.model)])
         return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "grad_diff" / key if folder else None,
                            context.progress, f"grad_diff {point}", {"method": "grad_diff", **point})
 
     return TrainedGrid("grad_diff", points, run_point, info={"trained_parameters": len(params)})
+
+
+def make_step_loss(model, retain_weight: float) -> StepLoss:
+    """One training step's loss on a forget and a retain batch: ascend the forget NLL, descend the retain NLL."""
+    def step_loss(forget, retain):
+        forget_nll = losses.causal_lm_loss(logits(model, forget), forget.input_ids, forget.attention_mask)
+        retain_nll = losses.causal_lm_loss(logits(model, retain), retain.input_ids, retain.attention_mask)
+        loss = losses.gradient_difference_loss(forget_nll, retain_nll, retain_weight)
+        return loss, {"forget_nll": forget_nll.detach(), "retain_nll": retain_nll.detach()}
+
+    return step_loss

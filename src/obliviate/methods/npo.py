@@ -16,7 +16,7 @@ from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import LoopConfig, logits, snapshot, swapped
+from obliviate.training.loop import LoopConfig, StepLoss, logits, snapshot, swapped
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 from obliviate.methods import MethodContext
@@ -53,21 +53,28 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
     folder = context.checkpoint_dir
 
     def run_point(point: dict):
-        originals = snapshot(params)
-
-        def step_loss(forget, retain):
-            with torch.no_grad(), swapped(params, originals):
-                reference = losses.sequence_logprob(logits(lm.model, forget), forget.input_ids, forget.attention_mask)
-            policy = losses.sequence_logprob(logits(lm.model, forget), forget.input_ids, forget.attention_mask)
-            forget_term = losses.npo_loss(policy, reference, point["beta"])
-            retain_nll = losses.causal_lm_loss(logits(lm.model, retain), retain.input_ids, retain.attention_mask)
-            return forget_term + point["retain_weight"] * retain_nll, {
-                "npo": forget_term.detach(), "retain_nll": retain_nll.detach(),
-                "log_ratio": (policy - reference).mean().detach()}
-
+        step_loss = make_step_loss(lm.model, params, point["beta"], point["retain_weight"])
         key = fingerprint(["npo", point, config.__dict__, seed, model_fingerprint(lm.model)])
         return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                            config.settings(point["lr"], seed), folder / "npo" / key if folder else None,
                            context.progress, f"npo {point}", {"method": "npo", **point})
 
     return TrainedGrid("npo", points, run_point, info={"trained_parameters": len(params)})
+
+
+def make_step_loss(model, params: dict, beta: float, retain_weight: float) -> StepLoss:
+    """One training step's loss: NPO on the forget batch against the model as it was when this
+    was made (``params`` swapped back to a snapshot for the reference), plus the retain NLL."""
+    originals = snapshot(params)
+
+    def step_loss(forget, retain):
+        with torch.no_grad(), swapped(params, originals):
+            reference = losses.sequence_logprob(logits(model, forget), forget.input_ids, forget.attention_mask)
+        policy = losses.sequence_logprob(logits(model, forget), forget.input_ids, forget.attention_mask)
+        forget_term = losses.npo_loss(policy, reference, beta)
+        retain_nll = losses.causal_lm_loss(logits(model, retain), retain.input_ids, retain.attention_mask)
+        return forget_term + retain_weight * retain_nll, {
+            "npo": forget_term.detach(), "retain_nll": retain_nll.detach(),
+            "log_ratio": (policy - reference).mean().detach()}
+
+    return step_loss

@@ -17,7 +17,8 @@ from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import LoopConfig, content_mask, layer_activations, snapshot, swapped, tokenize
+from obliviate.training.loop import (LoopConfig, StepLoss, content_mask, layer_activations, snapshot, swapped,
+                                     tokenize)
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import MLP_DOWN_WEIGHTS, decoder_layers, model_device, resolve_layer, select_parameters
 from obliviate.methods import MethodContext
@@ -98,16 +99,7 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
         generator = torch.Generator().manual_seed(seed)
         hidden = lm.model.get_input_embeddings().weight.shape[1]
         control = losses.rmu_control_vector(hidden, steering_coefficient(point), generator).to(lm.device)
-        originals = snapshot(params)
-
-        def step_loss(forget, retain):
-            with torch.no_grad(), swapped(params, originals):
-                frozen = layer_activations(lm.model, layer, retain)
-            forget_term = losses.rmu_forget_loss(
-                layer_activations(lm.model, layer, forget), control, content_mask(forget, special))
-            retain_term = losses.rmu_retain_loss(
-                layer_activations(lm.model, layer, retain), frozen, content_mask(retain, special), point["alpha"])
-            return forget_term + retain_term, {"forget": forget_term.detach(), "retain": retain_term.detach()}
+        step_loss = make_step_loss(lm.model, params, layer, control, point["alpha"], special)
 
         settings = config.settings(point["lr"], seed)
         key = fingerprint(["rmu", point, config.__dict__, seed, model_fingerprint(lm.model)])
@@ -118,6 +110,25 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
     return TrainedGrid("rmu", points, run_point, info={
         "depth": depth, "trained_layers_below": config.trained_below, "steering_unit": config.steering_unit,
         "activation_norm": norms})
+
+
+def make_step_loss(model, params: dict, layer: int, control: torch.Tensor, alpha: float,
+                   special: set[int]) -> StepLoss:
+    """One training step's loss: layer ``layer``'s activations on forget content tokens pushed
+    to ``control``, and on retain ones held where the model had them when this was made
+    (``params`` swapped back to a snapshot), weighted by ``alpha``."""
+    originals = snapshot(params)
+
+    def step_loss(forget, retain):
+        with torch.no_grad(), swapped(params, originals):
+            frozen = layer_activations(model, layer, retain)
+        forget_term = losses.rmu_forget_loss(layer_activations(model, layer, forget), control,
+                                             content_mask(forget, special))
+        retain_term = losses.rmu_retain_loss(layer_activations(model, layer, retain), frozen,
+                                             content_mask(retain, special), alpha)
+        return forget_term + retain_term, {"forget": forget_term.detach(), "retain": retain_term.detach()}
+
+    return step_loss
 
 
 def mean_activation_norm(lm: LoadedModel, layer: int, texts: list[str], max_length: int, special: set[int]) -> float:

@@ -7,13 +7,13 @@ original model's QA is near chance (no knowledge to regain)."""
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from obliviate.attacks import relearning
 from obliviate.attacks.common import AttackContext
 from obliviate.config import RunConfig
-from obliviate.evaluation.results import nothing_applied
+from obliviate.evaluation.results import RunResults, nothing_applied
 from obliviate.evaluation.scoring import Batching
 from obliviate.io import read_json, write_json
 from obliviate.pipeline.erase import config_fingerprint, erase
@@ -27,7 +27,7 @@ AT_CHANCE = ("the original model's QA is near chance: it holds no knowledge of t
 
 
 def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: bool = True,
-             near_chance_too: bool = False) -> dict:
+             near_chance_too: bool = False) -> RunResults:
     """The erase run's results in ``config.out``, with ``relearn`` (the attack's results, or
     why it was skipped) and ``times`` (seconds of each part) added. A part finished by an
     earlier run with the same settings is read back, not run again. ``near_chance_too``:
@@ -54,18 +54,18 @@ def run_cell(config: RunConfig, relearn: relearning.Config | None, progress: boo
             _record(folder, times, "relearn", clock)
         results["relearn"] = outcome
     results["times"] = times
-    return results
+    return RunResults.from_dict(results)
 
 
-def read_cell(results_file: Path) -> dict:
-    """An erase run's results.json with its cell's relearning attack (relearn.json beside it,
-    when that attacked this erase) as ``relearn``, as ``run_cell`` returns them."""
-    results = read_json(results_file)
+def read_cell(results_file: Path) -> RunResults:
+    """A run's results.json, typed, with its cell's relearning attack (relearn.json beside
+    it, when that attacked this erase) as the part ``relearn``, as ``run_cell`` adds it."""
+    results = RunResults.read(results_file)
     attack = results_file.parent / RELEARN
     if attack.is_file():
         outcome = read_json(attack)
-        if _attacked(outcome, results.get("config_fingerprint")):
-            results["relearn"] = outcome
+        if _attacked(outcome, results.parts.get("config_fingerprint")):
+            results = replace(results, parts={**results.parts, "relearn": outcome})
     return results
 
 

@@ -10,7 +10,7 @@ leak-checked (outputs.py).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,11 +25,11 @@ from obliviate.evaluation.results import RunResults
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel, embeddings_are_tied, load_model
 from obliviate.pipeline.inputs import load_concept_data
-from obliviate.pipeline.outputs import finish, mark_out_dir, prepare_out_dir, publish, save_outputs
+from obliviate.pipeline.checkpoint import CandidateResult, RunCheckpoint
+from obliviate.pipeline.outputs import finish, publish, save_outputs
 from obliviate.training.sharding import world
 from obliviate.progress import write_line
-from obliviate.pipeline.selection import (NOTHING_TO_ERASE, CandidateResult, applied, choose, measure_top_coherence,
-                                          seconds_before_resume, selection_rules, sweep)
+from obliviate.pipeline.selection import NOTHING_TO_ERASE, applied, choose, measure_top_coherence, selection_rules, sweep
 
 PLUG_IN = methods.PLUG_IN
 
@@ -40,6 +40,17 @@ class Stage:
     config: Any  # its Config
     plug_in: bool  # judged by the plug-in rule (EMBER's own gates, coherence on every candidate)
     fixed: bool = False  # a single strength the user fixed: applied whatever its score
+
+
+@dataclass(frozen=True)
+class StageKey:
+    """Which grid of a run: a stage's method, and the concept when EMBER erases several one
+    after another. ``str`` is its name in the checkpoint and results.json ("ember[Gun]")."""
+    method: str
+    concept: str | None = None
+
+    def __str__(self) -> str:
+        return self.method if self.concept is None else f"{self.method}[{self.concept}]"
 
 
 @dataclass
@@ -126,7 +137,7 @@ def train_only(config: RunConfig, progress: bool = True) -> dict:
                              "evaluation, which the run without --train-only does.")
     out = Path(config.out)
     if world()[0] == 0:  # the folder is this run's: the evaluating run resumes in it
-        mark_out_dir(out, prepare_out_dir(out, config_fingerprint(config), config.overwrite))
+        RunCheckpoint.open(out, config_fingerprint(config), config.overwrite).mark()
     datas = load_concepts(config)
     data, lm = union(datas), load_run_model(config)
     context = methods.MethodContext(progress=progress, checkpoint_dir=out / "checkpoints")
@@ -144,14 +155,14 @@ def train_only(config: RunConfig, progress: bool = True) -> dict:
 
 def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     """Run one erasure and write its results (see the README for the folder layout)."""
-    timings: dict[str, float] = {}
     clock = time.perf_counter()
     stages = plan(config)
     out = Path(config.out) if config.out else None
     if config.revertible_patch:
         check_revertible_path(config.revertible_patch, out)  # before any work: never inside --out
     run_fingerprint = config_fingerprint(config)
-    state = prepare_out_dir(out, run_fingerprint, config.overwrite) if out else {"fingerprint": run_fingerprint, "sweeps": {}}
+    checkpoint = RunCheckpoint.open(out, run_fingerprint, config.overwrite)
+    timings = checkpoint.timings
     datas = load_concepts(config)
     names = list(datas)
     for name, data in datas.items():
@@ -162,34 +173,33 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
             )
     lm = load_run_model(config)
     timings["load"] = time.perf_counter() - clock
-    if out is not None:
-        mark_out_dir(out, state)  # only now: bad input above leaves nothing behind
+    checkpoint.mark()  # only now: bad input above leaves nothing behind
 
     evaluators = {name: Evaluator(lm, data, config.evaluation, config.seed) for name, data in datas.items()}
     data = union(datas)
     evaluator = evaluators[names[0]] if len(names) == 1 else Evaluator(lm, data, config.evaluation, config.seed)
     context = methods.MethodContext(progress=progress, checkpoint_dir=(out / "checkpoints") if out else None,
                                     log=write_line if progress else (lambda _message: None))
-    outcomes: dict[str, StageOutcome] = {}
+    outcomes: dict[StageKey, StageOutcome] = {}
     concept_rows: dict[str, set[int]] = {}  # several concepts: the rows each one's EMBER edit moved
     edit = None
     for stage in stages:
         if stage.plug_in and len(names) > 1:  # one concept after another, each edit on top of the last
             for name in names:
-                key = f"{stage.name}[{name}]"
-                outcomes[key] = run_stage(stage, key, lm, datas[name], evaluators[name], config, context, state, out,
-                                          edit, timings)
+                key = StageKey(stage.name, name)
+                outcomes[key] = run_stage(stage, key, evaluators[name], config, context, checkpoint, edit)
                 if outcomes[key].params:
                     concept_rows[name] = parts_of(outcomes[key].chosen)[-1].changed_token_ids()
                 edit = outcomes[key].chosen
             edit = merge_patches(parts_of(edit)) if parts_of(edit) else None
         else:
-            outcomes[stage.name] = run_stage(stage, stage.name, lm, data, evaluator, config, context, state, out,
-                                             edit, timings)
-            edit = outcomes[stage.name].chosen
+            key = StageKey(stage.name)
+            outcomes[key] = run_stage(stage, key, evaluator, config, context, checkpoint, edit)
+            edit = outcomes[key].chosen
 
     clock = time.perf_counter()
-    test = evaluator.evaluate("test", edit) if data.has_questions or evaluator.prompts("test") else None
+    measured = data.has_questions or evaluator.prompts("test")
+    test = evaluator.evaluate("test", edit, progress=progress) if measured else None
     several = each_concept(names, evaluators, edit, concept_rows) if len(names) > 1 else {}
     timings["test_evaluation"] = time.perf_counter() - clock
     if edit is not None:
@@ -206,36 +216,37 @@ def erase(config: RunConfig, progress: bool = True) -> ErasureResult:
     return ErasureResult(results=results, lm=lm, edit=edit, out=out)
 
 
-def run_stage(stage: Stage, key: str, lm: LoadedModel, data: ConceptData, evaluator: Evaluator, config: RunConfig,
-              context: methods.MethodContext, state: dict, out: Path | None, base_edit, timings: dict) -> StageOutcome:
-    """Fit the stage's method (on the model with ``base_edit`` applied), evaluate its grid and
-    choose; the chosen edit is composed with ``base_edit``. ``key`` names its grid in the
-    checkpoint (one per stage, and per concept when several are erased)."""
+def run_stage(stage: Stage, key: StageKey, evaluator: Evaluator, config: RunConfig, context: methods.MethodContext,
+              checkpoint: RunCheckpoint, base_edit) -> StageOutcome:
+    """Fit the stage's method (on the model with ``base_edit`` applied), evaluate its grid
+    (``key`` in the checkpoint) and choose; the chosen edit is composed with ``base_edit``."""
     clock = time.perf_counter()
+    lm, data, timings = evaluator.lm, evaluator.data, checkpoint.timings
+    stage_time = "ember_grid" if stage.plug_in else "method_grid"
     if nothing_to_erase(stage, data, evaluator, config):
         # no candidate can win (selection.py), so fitting and sweeping the grid is wasted work
         context.log(f"{key}: not fitted: {NOTHING_TO_ERASE} (TRAIN questions)")
-        timings["ember_grid" if stage.plug_in else "method_grid"] = time.perf_counter() - clock
+        timings[stage_time] = time.perf_counter() - clock
         return StageOutcome([], base_edit, {}, {"skipped": NOTHING_TO_ERASE})
     if base_edit is not None:
         context = replace(context, vocabulary=lm.model.get_output_embeddings().weight.detach().clone())
     method = methods.get(stage.name)
     with applied(None if method.FITS_BEFORE_PLUG_IN else base_edit, lm.model):
         fitted = method.fit(lm, data, stage.config, config.seed, context)
-    earlier = seconds_before_resume(state, key)
+    earlier = checkpoint.seconds_before_resume(str(key))
     if earlier:  # candidates an interrupted run evaluated: read back, their seconds still count
         timings["resumed_grid"] = timings.get("resumed_grid", 0.0) + earlier
-    results, edits = sweep(key, fitted, evaluator, config, state, out, base_edit=base_edit,
+    results, edits = sweep(str(key), fitted, evaluator, config, checkpoint, base_edit=base_edit,
                            ember_rule=stage.plug_in, stop_on_reject=stage.plug_in and not stage.fixed)
     if not stage.plug_in:
-        measure_top_coherence(results, edits, evaluator, config, state, out)
+        measure_top_coherence(str(key), results, edits, evaluator, config, checkpoint)
     pick = 0 if stage.fixed else choose(results, config.evaluation.choice)
     report = fitted.report()
     timings.update({f"{stage.name}_{k}": v for k, v in report.pop("timings", {}).items()})
-    timings["ember_grid" if stage.plug_in else "method_grid"] = time.perf_counter() - clock
+    timings[stage_time] = time.perf_counter() - clock
     params = results[pick].params if pick is not None else {}
     if stage.plug_in and results:  # the strength in force (0: nothing applied)
-        report.update(params or {key: 0.0 for key in results[0].params})
+        report.update(params or {name: 0.0 for name in results[0].params})
     return StageOutcome(results, edits[pick] if pick is not None else base_edit, params, report)
 
 
@@ -272,7 +283,7 @@ def each_concept(names: list[str], evaluators: dict[str, Evaluator], edit, conce
 GAP_METRICS = ("efficacy", "specificity", "coherence")
 
 
-def train_test_gap(outcomes: dict[str, StageOutcome], test_metrics: dict) -> dict:
+def train_test_gap(outcomes: dict[StageKey, StageOutcome], test_metrics: dict) -> dict:
     """The chosen candidate's metrics on TRAIN (where the grid chose it) beside TEST: a gate
     passed on TRAIN prompts and questions does not promise the same on new ones. {} when
     nothing was chosen."""
@@ -287,10 +298,10 @@ def train_test_gap(outcomes: dict[str, StageOutcome], test_metrics: dict) -> dic
 
 
 def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data: ConceptData, stages: list[Stage],
-                  outcomes: dict[str, StageOutcome], test, evaluator: Evaluator, timings: dict) -> dict:
-    plug_ins = {key: outcome for key, outcome in outcomes.items() if key.split("[")[0] == PLUG_IN}
+                  outcomes: dict[StageKey, StageOutcome], test, evaluator: Evaluator, timings: dict) -> dict:
+    plug_ins = {key: outcome for key, outcome in outcomes.items() if key.method == PLUG_IN}
     plug_in = next(iter(plug_ins.values()), None)
-    base = next((outcomes[s.name] for s in stages if not s.plug_in), None)
+    base = next((outcomes[StageKey(s.name)] for s in stages if not s.plug_in), None)
     ember_report = plug_in.report if plug_in else {}
     tied = embeddings_are_tied(lm.model)
     parts = {
@@ -310,7 +321,7 @@ def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data
         "timings": timings,
         "details": {"embeddings_untied": ember_report.get("embeddings_untied", False),
                     "output_rows": ember_report.get("output_rows", "shared" if tied else "separate"),
-                    **{name: outcome.report for name, outcome in outcomes.items()}},
+                    **{str(key): outcome.report for key, outcome in outcomes.items()}},
         "config": config.to_dict(),
     }
     split = test.results() if test is not None else None
@@ -319,14 +330,14 @@ def build_results(config: RunConfig, run_fingerprint: str, lm: LoadedModel, data
                      per_question=test.per_question(), per_prompt=test.per_prompt(),
                      train_test_gap=train_test_gap(outcomes, test.metrics))
     if len(plug_ins) > 1:  # several concepts: EMBER's strength and grid per concept
-        parts["delta"] = {key[len(PLUG_IN) + 1:-1]: outcome.report.get("delta") for key, outcome in plug_ins.items()}
+        parts["delta"] = {key.concept: outcome.report.get("delta") for key, outcome in plug_ins.items()}
         parts["features"] = [f for outcome in plug_ins.values() for f in outcome.report.get("features", [])]
-        parts["delta_sweep"] = [{**r.__dict__, "params": {"concept": key[len(PLUG_IN) + 1:-1], **r.params}}
+        parts["delta_sweep"] = [{**asdict(r), "params": {"concept": key.concept, **r.params}}
                                 for key, outcome in plug_ins.items() for r in outcome.sweep]
     elif plug_in is not None:
-        parts["delta_sweep"] = [r.__dict__ for r in plug_in.sweep]
+        parts["delta_sweep"] = [asdict(r) for r in plug_in.sweep]
     if base is not None:
-        parts["method_sweep"] = [r.__dict__ for r in base.sweep]
+        parts["method_sweep"] = [asdict(r) for r in base.sweep]
     method = config.method + ("+ember" if config.with_ember and config.method != PLUG_IN else "")
     results = RunResults("erase", data.concept, method, lm.name, config.seed, split, parts).to_dict()
     if split is None:

@@ -46,8 +46,8 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     timings["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     evaluator = Evaluator(pair.original, data, config.evaluation, config.seed)
-    train = evaluator.compare("train", candidate, coherence=False)
-    test = evaluator.compare("test", candidate)
+    train = evaluator.compare("train", candidate, coherence=False, progress=progress)
+    test = evaluator.compare("test", candidate, progress=progress)
     timings["multiple_choice_and_coherence"] = time.perf_counter() - clock
     parts = {
         "model_source": pair.erased.source, "base": pair.original.name, "base_source": pair.original.source,

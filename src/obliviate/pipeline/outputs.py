@@ -12,9 +12,10 @@ from obliviate.edits.embedding import EmbeddingPatch, check_revertible_path
 from obliviate.edits.leak_check import UNTIED_WARNING, check_outputs
 from obliviate.edits.protocol import parts_of
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.results import RunResults
 from obliviate.io import read_json, write_json, write_text
 from obliviate.models.loading import LoadedModel
-from obliviate.reports.html import write_report as write_html_report
+from obliviate.reports.html import ReportRun, write_report as write_html_report
 from obliviate.reports.markdown import markdown_report
 from obliviate.reports.model_card import card_folder, push_to_hub, write_model_card
 
@@ -50,11 +51,6 @@ def mark_out_dir(out: Path, state: dict) -> None:
     write_json(out / CHECKPOINT, state)
 
 
-def save_state(out: Path | None, state: dict) -> None:
-    if out is not None:
-        write_json(out / CHECKPOINT, state)
-
-
 def finish(out: Path, results: dict) -> None:
     """The final results.json; the checkpoint goes (the run is complete)."""
     write_json(out / "results.json", results)
@@ -65,7 +61,7 @@ def publish(out: Path, results: dict) -> None:
     """Upload the finished run's model card folder to the Hub repository the config names."""
     repo = results["config"].get("push_to_hub")
     if repo:
-        results["pushed_to"] = push_to_hub(card_folder(out, results), repo, private=results["config"].get("private", False))
+        results["pushed_to"] = push_to_hub(card_folder(out), repo, private=results["config"].get("private", False))
         write_json(out / "results.json", results)
 
 
@@ -111,9 +107,10 @@ def save_outputs(out: Path, lm: LoadedModel, edit, results: dict) -> None:
     leaks_by_design = results["output_rows"] == "original"  # --untie-embeddings: the reference, warned of
     if leaks_by_design:
         results["leak_warning"] = UNTIED_WARNING
-    write_text(out / "report.md", markdown_report(results))
-    write_html_report([{**results, "_name": out.name}], out)  # report.html and summary.csv
-    write_model_card(out, results, repo_id=results["config"].get("push_to_hub"))
+    typed = RunResults.from_dict(results)
+    write_text(out / "report.md", markdown_report(typed))
+    write_html_report([ReportRun(out.name, typed)], out)  # report.html and summary.csv
+    write_model_card(out, typed, repo_id=results["config"].get("push_to_hub"))
     if not results["leak_check"]["passed"] and not leaks_by_design:
         write_json(out / "results.json", results)  # the record of the failure, then fail loudly
         leak = results["leak_check"]["leaks"][0]

@@ -1,6 +1,7 @@
 """The two models `eval` and `attack` compare: the erased one (any model folder, hub id or
 .gguf, or a folder written by `erase`: its model/, or the original it records with its
-patch applied when it was saved with --no-save-model) and the original it was made from.
+edit files applied when it was saved with --no-save-model or its edit changes no weight,
+as ECO's hook) and the original it was made from.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_fi
 from obliviate.edits.weights import WEIGHT_DELTA_FILE, apply_weight_delta_file
 from obliviate.errors import ObliviateError
 from obliviate.io import read_json
+from obliviate.methods import eco
 from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
 from obliviate.pipeline.outputs import mark_out_dir, prepare_out_dir
 
@@ -70,14 +72,18 @@ def load_erased(model_spec: str, recorded: dict, device=None, dtype=None, device
         return load_model(model_spec, device, dtype, device_map, allow_pickle)
     erased = load_model(recorded["model"], device, dtype, device_map, allow_pickle)
     for path in edits:
-        (apply_patch_file if path.name == PATCH_FILE else apply_weight_delta_file)(erased.model, path)
+        if path.name == eco.ECO_DIR:
+            eco.wrap(erased, path)  # the hook, last: it reads the inputs of the edited model
+        else:
+            (apply_patch_file if path.name == PATCH_FILE else apply_weight_delta_file)(erased.model, path)
     erased.name = "+".join([recorded["model"], *(str(path) for path in edits)])
     return erased
 
 
 def saved_edits(folder: Path) -> list[Path]:
-    """The forward-only edit files of a patch-only erase run, in the order they apply."""
-    return [path for path in (folder / PATCH_FILE, folder / WEIGHT_DELTA_FILE) if path.is_file()]
+    """The forward-only edit files of a patch-only erase run (and an ECO hook's artifact), in
+    the order they apply."""
+    return [path for path in (folder / PATCH_FILE, folder / WEIGHT_DELTA_FILE, folder / eco.ECO_DIR) if path.exists()]
 
 
 def load_pair(config, base: str | None, hooked_model: str | None = None) -> ModelPair:

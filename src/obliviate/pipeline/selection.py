@@ -17,30 +17,15 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 from obliviate.config import RunConfig
 from obliviate.edits.protocol import CompositeEdit
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
-from obliviate.pipeline.outputs import save_state
+from obliviate.pipeline.checkpoint import CandidateResult, RunCheckpoint
 from obliviate.progress import progress_bar
 
 COHERENCE_METRICS = ("coherence", "fluency", "repetition", "concept_fluency")  # measured on the top cells
-
-
-@dataclass
-class CandidateResult:
-    params: dict
-    metrics: dict  # name -> {value, low, high} on TRAIN questions
-    score: float
-    score_se: float
-    rejected: str | None = None
-    seconds: float = 0.0  # its evaluation on TRAIN (an interrupted earlier run's, when read back)
-
-    def value(self, name: str) -> float:
-        return self.metrics.get(name, {}).get("value", float("nan"))
 
 
 def selection_rules(config: RunConfig) -> dict:
@@ -168,12 +153,13 @@ def _under(base_edit, model, candidates: Iterator) -> Iterator:
 
 
 def sweep(
-    name: str, fitted, evaluator: Evaluator, config: RunConfig, state: dict, out: Path | None,
+    name: str, fitted, evaluator: Evaluator, config: RunConfig, checkpoint: RunCheckpoint,
     base_edit=None, ember_rule: bool = False, stop_on_reject: bool = False,
 ) -> tuple[list[CandidateResult], list]:
-    """Evaluate every candidate on TRAIN questions (resuming from ``state``). EMBER's rule
-    measures coherence on every candidate; a base method's grid ranks without it."""
-    done = state["sweeps"].setdefault(name, [])
+    """Evaluate every candidate on TRAIN questions (resuming from ``checkpoint``'s grid
+    ``name``). EMBER's rule measures coherence on every candidate; a base method's grid ranks
+    without it."""
+    done = list(checkpoint.grid(name))
     results, edits = [], []
     bar = progress_bar(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
     incoherent = 0
@@ -181,7 +167,7 @@ def sweep(
     for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
         edits.append(edit)
         if index < len(done):
-            results.append(CandidateResult(**done[index]))
+            results.append(done[index])
         else:
             outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
             clock = time.perf_counter()
@@ -192,8 +178,7 @@ def sweep(
                 outcome_metrics = outcome.as_dict()["metrics"]
                 score, se, rejected = rule(outcome, config.evaluation)
             results.append(CandidateResult(params, outcome_metrics, score, se, rejected, time.perf_counter() - clock))
-            done.append(results[-1].__dict__)
-            save_state(out, state)
+            checkpoint.record(name, results)
         bar.update(1)
         pick = choose(results, config.evaluation.choice)  # so the last line names the chosen candidate
         bar.set_postfix(last=params, chosen=results[pick].params if pick is not None else None,
@@ -208,8 +193,8 @@ def sweep(
     return results, edits
 
 
-def measure_top_coherence(results: list[CandidateResult], edits: list, evaluator: Evaluator, config: RunConfig,
-                          state: dict, out: Path | None) -> None:
+def measure_top_coherence(name: str, results: list[CandidateResult], edits: list, evaluator: Evaluator,
+                          config: RunConfig, checkpoint: RunCheckpoint) -> None:
     """Coherence on general prompts (and concept fluency) for the best few candidates of a
     base method's grid, as the reference does; they score 0 only under an explicit gate."""
     ev = config.evaluation
@@ -223,12 +208,6 @@ def measure_top_coherence(results: list[CandidateResult], edits: list, evaluator
             result.metrics.update({k: v.as_dict() for k, v in outcome.metrics.items()
                                    if k in COHERENCE_METRICS})
             result.seconds += time.perf_counter() - clock
-            save_state(out, state)
+            checkpoint.record(name, results)
         if fails_coherence(result.metrics, ev, ev.method_coherence_gate):
             result.score, result.score_se = 0.0, 0.0
-
-
-def seconds_before_resume(state: dict, name: str) -> float:
-    """What an interrupted earlier run spent evaluating the candidates of grid ``name`` that
-    this run reads back from the checkpoint instead of evaluating again."""
-    return sum(float(done.get("seconds", 0.0)) for done in state["sweeps"].get(name, []))

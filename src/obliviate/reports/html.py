@@ -17,27 +17,30 @@ import csv
 import html
 import io
 import math
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from obliviate.attacks import available as available_attacks
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.metrics import CHANCE
-from obliviate.evaluation.results import chance_levels, chance_text, original_near_chance
-from obliviate.io import atomic_path, read_json, write_text
+from obliviate.evaluation.metrics import CHANCE, Interval
+from obliviate.evaluation.results import RunResults, chance_text
+from obliviate.io import atomic_path, write_text
 
 ATTACKS = tuple(a for a in available_attacks() if a != "probe")  # the probe reads sentences, not answers
-# summary.csv columns: (column, where in results, what it means)
+# summary.csv columns: (column, where in the results: a TEST metric's name or a path into the
+# command's parts, what it means)
 COLUMNS = [
-    ("qa_base", ("qa_test", "base"), "QA test accuracy of the original model"),
-    ("qa_erased", ("qa_test", "edited"), "QA test accuracy after erasure (lower = more erased)"),
-    ("simdom_erased", ("simdom_test", "edited"), "similar-domain accuracy after erasure (should stay)"),
-    ("general_erased", ("general_test", "edited"), "general-knowledge accuracy after erasure (should stay)"),
-    ("efficacy", ("efficacy",), "1 - share of the concept knowledge left"),
-    ("specificity", ("specificity",), "share of unrelated knowledge kept"),
-    ("coherence", ("coherence",), "coherence of generations for GENERAL prompts, relative to the original"),
-    ("concept_fluency", ("concept_fluency",), "fluency on the concept's own prompts (diagnostic: the localized cost)"),
+    ("qa_base", "qa_base", "QA test accuracy of the original model"),
+    ("qa_erased", "qa_edited", "QA test accuracy after erasure (lower = more erased)"),
+    ("simdom_erased", "simdom_edited", "similar-domain accuracy after erasure (should stay)"),
+    ("general_erased", "general_edited", "general-knowledge accuracy after erasure (should stay)"),
+    ("efficacy", "efficacy", "1 - share of the concept knowledge left"),
+    ("specificity", "specificity", "share of unrelated knowledge kept"),
+    ("coherence", "coherence", "coherence of generations for GENERAL prompts, relative to the original"),
+    ("concept_fluency", "concept_fluency", "fluency on the concept's own prompts (diagnostic: the localized cost)"),
     ("qa_coverage", ("coverage", "qa", "share"), "share of QA test questions containing an edited token"),
-    ("harmonic", ("harmonic",), "harmonic mean of efficacy and specificity"),
+    ("harmonic", "harmonic", "harmonic mean of efficacy and specificity"),
     ("relearn_after", ("relearn", "erased", "after"), "QA accuracy of the erased model after relearning"),
     ("relearn_recovered", ("relearn", "recovered_frac"), "share of the original knowledge relearning brings back"),
     ("worst_case_recovered", ("worst_case_recovered",),
@@ -54,24 +57,54 @@ COLORS = {"original": "#4c72b0", "erased": "#dd8452", "relearned": "#c44e52", "e
           "specificity": "#4c72b0", "coherence": "#8172b3"}
 
 
-def _get(results: dict, path: tuple[str, ...]):
-    for key in path:
-        if not isinstance(results, dict) or key not in results:
-            return None
-        results = results[key]
-    return results
+# An attack run carries its erase run's TEST accuracies (and sweep, features, leak check)
+# under "erase_results": where the run has no number of its own, the report shows those.
+CARRIED_ACCURACIES = {"qa_base": ("erase_results", "qa_test", "base"), "qa_edited": ("erase_results", "qa_test", "edited")}
 
 
-def _value(results: dict, path: tuple[str, ...]) -> float | None:
-    found = _get(results, path)
+@dataclass(frozen=True)
+class ReportRun:
+    """One run on the report: the name it is shown under, and its results."""
+
+    name: str
+    results: RunResults
+
+    def part(self, *path: str) -> Any:
+        """The entry at ``path`` in the command's parts (None when absent)."""
+        found: Any = self.results.parts
+        for key in path:
+            if not isinstance(found, dict) or key not in found:
+                return None
+            found = found[key]
+        return found
+
+    def erase_part(self, key: str) -> Any:
+        """A part of the erase run: the run's own, else the one an attack run carries."""
+        own = self.part(key)
+        return own if own is not None else self.part("erase_results", key)
+
+
+def _entry(run: ReportRun, source: str | tuple[str, ...]) -> Any:
+    """A column's entry: a TEST metric by name (an attack run: its erase run's accuracy), or
+    the part at a path."""
+    if isinstance(source, tuple):
+        return run.part(*source)
+    found = run.results.metric(source)
+    if found is None and source in CARRIED_ACCURACIES:
+        return run.part(*CARRIED_ACCURACIES[source])
+    return found.as_dict() if isinstance(found, Interval) else found
+
+
+def _value(run: ReportRun, source: str | tuple[str, ...]) -> float | None:
+    found = _entry(run, source)
     if isinstance(found, (int, float)) and not isinstance(found, bool):
         return float(found)  # a plain number (e.g. a coverage share)
     return found.get("value") if isinstance(found, dict) else None
 
 
-def _bounds(results: dict, path: tuple[str, ...]) -> tuple[float | None, float | None]:
+def _bounds(run: ReportRun, source: str | tuple[str, ...]) -> tuple[float | None, float | None]:
     """The 95% interval (low, high) of an entry {value, low, high}; (None, None) without one."""
-    found = _get(results, path)
+    found = _entry(run, source)
     if isinstance(found, dict) and isinstance(found.get("low"), (int, float)) and isinstance(found.get("high"), (int, float)):
         return float(found["low"]), float(found["high"])
     return None, None
@@ -84,46 +117,42 @@ def _err(entries: list[tuple[float | None, float | None, float | None]]) -> list
     return [below, above]
 
 
-def load_runs(run_dirs: list[str | Path]) -> list[dict]:
+def load_runs(run_dirs: list[str | Path]) -> list[ReportRun]:
     runs = []
     for folder in run_dirs:
         path = Path(folder) / "results.json"
         if not path.is_file():
             raise ObliviateError(f"{folder} has no results.json: pass folders written by erase, eval or attack.")
-        results = read_json(path)
-        runs.append({**results, "_name": Path(folder).name or str(folder)})
+        runs.append(ReportRun(Path(folder).name or str(folder), RunResults.read(path)))
     return runs
 
 
-def _qa_chance(run: dict) -> float:
+def _qa_chance(run: ReportRun) -> float:
     """The chance level of a run's TEST QA questions (``CHANCE`` where the run records none)."""
-    return chance_levels(run).get("qa", CHANCE)
+    return run.results.chance_levels().get("qa", CHANCE)
 
 
-def _chance_line(runs: list[dict]) -> float:
+def _chance_line(runs: list[ReportRun]) -> float:
     """Where a plot of these runs' QA accuracies draws chance (the mean where they differ)."""
     levels = [_qa_chance(run) for run in runs]
     return sum(levels) / len(levels) if levels else CHANCE
 
 
-def _label(run: dict) -> str:
-    return f"{run.get('_name', '')}: {run.get('concept', '?')} / {run.get('method', '?')}"
+def _label(run: ReportRun) -> str:
+    return f"{run.name}: {run.results.concept or '?'} / {run.results.method or '?'}"
 
 
-def summary_rows(runs: list[dict]) -> list[dict]:
+def summary_rows(runs: list[ReportRun]) -> list[dict]:
     rows = []
     for run in runs:
-        row = {"run": run.get("_name", ""), "kind": run.get("kind", "erase"), "concept": run.get("concept"),
-               "method": run.get("method"), "model": run.get("model")}
-        for name, path, _ in COLUMNS:
-            source = run
-            if _value(run, path) is None and path[0] == "qa_test":  # attack runs carry their erase run's numbers
-                source = run.get("erase_results", {})
-            row[name] = _value(source, path)
-            row[f"{name}_low"], row[f"{name}_high"] = _bounds(source, path)
+        r = run.results
+        row = {"run": run.name, "kind": r.kind, "concept": r.concept, "method": r.method, "model": r.model}
+        for name, source, _ in COLUMNS:
+            row[name] = _value(run, source)
+            row[f"{name}_low"], row[f"{name}_high"] = _bounds(run, source)
         base = row["qa_base"] if row["qa_base"] is not None else _value(run, ("relearn", "original", "before"))
         row["note"] = ""
-        if base is not None and original_near_chance(run, base):
+        if base is not None and r.original_near_chance(base):
             # a share of ~no knowledge is noise, not a finding
             row["relearn_recovered"] = row["relearn_recovered_low"] = row["relearn_recovered_high"] = None
             row["note"] = (f"original QA accuracy {base:.2f} is near chance ({_qa_chance(run):.3g}): "
@@ -159,8 +188,8 @@ def _figure(width: float = 4.6, height: float = 2.7):
     return fig, fig.add_subplot(1, 1, 1)
 
 
-def plot_delta_sweep(run: dict) -> str | None:
-    sweep = [e for e in run.get("delta_sweep") or run.get("erase_results", {}).get("delta_sweep", []) or []]
+def plot_delta_sweep(run: ReportRun) -> str | None:
+    sweep = list(run.erase_part("delta_sweep") or [])
     if not sweep:
         return None
     fig, ax = _figure()
@@ -172,10 +201,11 @@ def plot_delta_sweep(run: dict) -> str | None:
         lows = [m.get("low", v) for m, v in zip(entries, values)]
         highs = [m.get("high", v) for m, v in zip(entries, values)]
         ax.fill_between(deltas, lows, highs, color=COLORS[name], alpha=0.12, linewidth=0)
-    if isinstance(run.get("delta"), (int, float)):  # several concepts: a delta each, no one line
-        ax.axvline(run["delta"], color="grey", linestyle=":", label=f"chosen {run['delta']}")
+    delta = run.erase_part("delta")
+    if isinstance(delta, (int, float)):  # several concepts: a delta each, no one line
+        ax.axvline(delta, color="grey", linestyle=":", label=f"chosen {delta}")
     ax.set(xscale="log", xlabel="delta", ylabel="train-question metric (95% band)", ylim=(-0.05, 1.05),
-           title=f"Delta sweep: {run.get('concept')}")
+           title=f"Delta sweep: {run.results.concept}")
     if len(set(deltas)) == 1:  # a fixed --delta: one point, centred instead of squeezed against an edge
         ax.set_xlim(deltas[0] / 3, deltas[0] * 3)
     ax.set_xticks(deltas, [f"{d:g}" for d in deltas], fontsize=7)
@@ -184,16 +214,8 @@ def plot_delta_sweep(run: dict) -> str | None:
     return _png(fig)
 
 
-def _interval(run: dict, path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
-    return (_value(run, path), *_bounds(run, path))
-
-
-def _accuracy(run: dict, path: tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
-    """(value, low, high) of an accuracy, from the run or the erase run an attack carries."""
-    for source in (run, run.get("erase_results", {})):
-        if _value(source, path) is not None:
-            return _interval(source, path)
-    return None, None, None
+def _interval(run: ReportRun, source: str | tuple[str, ...]) -> tuple[float | None, float | None, float | None]:
+    return (_value(run, source), *_bounds(run, source))
 
 
 def _bar_groups(ax, groups: list[tuple], series: list[tuple[str, str]], width: float, chance: float) -> None:
@@ -224,15 +246,15 @@ def _bar_chart(groups: list[tuple], series: list[tuple[str, str]], width: float,
     return _png(fig)
 
 
-def plot_concept_bars(runs: list[dict]) -> str | None:
+def plot_concept_bars(runs: list[ReportRun]) -> str | None:
     groups = []
     for run in runs:
-        base, erased = _accuracy(run, ("qa_test", "base")), _accuracy(run, ("qa_test", "edited"))
+        base, erased = _interval(run, "qa_base"), _interval(run, "qa_edited")
         relearned = _interval(run, ("relearn", "erased", "after"))
         if base[0] is None and _value(run, ("relearn", "original", "before")) is not None:
             base, erased = _interval(run, ("relearn", "original", "before")), _interval(run, ("relearn", "erased", "before"))
         if base[0] is not None:
-            groups.append((f"{run.get('concept')}\n{run.get('method')}", base, erased, relearned))
+            groups.append((f"{run.results.concept}\n{run.results.method}", base, erased, relearned))
     if not groups:
         return None
     return _bar_chart(groups, [("original", COLORS["original"]), ("erased", COLORS["erased"]),
@@ -243,19 +265,19 @@ def plot_concept_bars(runs: list[dict]) -> str | None:
 RELEARN_ATTACKS = ("relearn", "relearn-strong", "repair-relearn")  # attacks that record a curve per epoch
 
 
-def relearn_curves(runs: list[dict]) -> list[tuple[dict, str, dict[str, list[dict]]]]:
+def relearn_curves(runs: list[ReportRun]) -> list[tuple[ReportRun, str, dict[str, list[dict]]]]:
     """(run, attack, {role: curve}) for every attack with a per-epoch curve (epoch 0 = before)."""
     found = []
     for run in runs:
         for attack in RELEARN_ATTACKS:
-            curves = {role: _get(run, (attack, role, "curve")) for role in ("original", "erased")}
+            curves = {role: run.part(attack, role, "curve") for role in ("original", "erased")}
             curves = {role: c for role, c in curves.items() if c}
             if curves:
                 found.append((run, attack, curves))
     return found
 
 
-def plot_relearn_curves(runs: list[dict]) -> str | None:
+def plot_relearn_curves(runs: list[ReportRun]) -> str | None:
     found = relearn_curves(runs)
     if not found:
         return None
@@ -265,7 +287,7 @@ def plot_relearn_curves(runs: list[dict]) -> str | None:
             epochs = list(range(len(curve)))
             values = [c["value"] for c in curve]
             entries = [(c["value"], c.get("low"), c.get("high")) for c in curve]
-            label = role if len(found) == 1 else f"{role} ({run.get('concept')}, {attack})"
+            label = role if len(found) == 1 else f"{role} ({run.results.concept}, {attack})"
             ax.errorbar(epochs, values, yerr=_err(entries), fmt="--o" if role == "original" else "-o", capsize=3,
                         color=COLORS[role], label=label, markersize=4, linewidth=1.2)
             ax.fill_between(epochs, [e[1] if e[1] is not None else e[0] for e in entries],
@@ -284,24 +306,24 @@ def _finish(fig, ax, chance: float, **labels) -> str:
     return _png(fig)
 
 
-def plot_probe(runs: list[dict]) -> str | None:
-    with_probe = [r for r in runs if isinstance(r.get("probe"), dict)]
+def plot_probe(runs: list[ReportRun]) -> str | None:
+    with_probe = [r for r in runs if isinstance(r.part("probe"), dict)]
     if not with_probe:
         return None
     fig, ax = _figure()
     for run in with_probe:
         for role, style in (("original", "--"), ("erased", "-")):
-            layers = _get(run, ("probe", role, "per_layer"))
+            layers = run.part("probe", role, "per_layer")
             if layers:
                 ax.plot(range(len(layers)), layers, style, marker=".", color=COLORS[role],
-                        label=f"{role} ({run.get('concept')})" if len(with_probe) > 1 else role)
+                        label=f"{role} ({run.results.concept})" if len(with_probe) > 1 else role)
     return _finish(fig, ax, 0.5, xlabel="layer (0 = embeddings)", ylabel="probe test accuracy", ylim=(0.4, 1.02),
                    title="Linear probe: concept vs neutral")
 
 
-def plot_attacks(runs: list[dict]) -> str | None:
-    rows = [(f"{a}\n{r.get('concept')}", _interval(r, (a, "original", "after")), _interval(r, (a, "erased", "before")),
-             _interval(r, (a, "erased", "after"))) for r in runs for a in ATTACKS if isinstance(r.get(a), dict)]
+def plot_attacks(runs: list[ReportRun]) -> str | None:
+    rows = [(f"{a}\n{r.results.concept}", _interval(r, (a, "original", "after")), _interval(r, (a, "erased", "before")),
+             _interval(r, (a, "erased", "after"))) for r in runs for a in ATTACKS if isinstance(r.part(a), dict)]
     if not rows:
         return None
     return _bar_chart(rows, [("original, attacked", COLORS["original"]), ("erased, no attack", COLORS["erased"]),
@@ -374,7 +396,7 @@ def summary_table(rows: list[dict], chance: str = f"{CHANCE:g}") -> str:
             f"{head}</tr>{body}</table></div><details class='sub'><summary>What the columns mean</summary>{legend}.</details>")
 
 
-def relearn_table(runs: list[dict]) -> str:
+def relearn_table(runs: list[ReportRun]) -> str:
     """The relearning curves as numbers: accuracy per epoch with its interval, per role."""
     parts = []
     for run, attack, curves in relearn_curves(runs):
@@ -385,19 +407,19 @@ def relearn_table(runs: list[dict]) -> str:
                 _cell(role, curves[role][epoch]["value"], curves[role][epoch].get("low"), curves[role][epoch].get("high"))
                 if epoch < len(curves[role]) else "<td>–</td>" for role in roles) + "</tr>"
             for epoch in range(epochs))
-        title = f"{html.escape(str(run.get('concept')))}, {html.escape(attack)}" if len(runs) > 1 else html.escape(attack)
+        title = f"{html.escape(str(run.results.concept))}, {html.escape(attack)}" if len(runs) > 1 else html.escape(attack)
         parts.append(f"<div class='wide'><table><tr><th>epoch ({title})</th>"
                      + "".join(f"<th>{role} [95% CI]</th>" for role in roles) + f"</tr>{rows}</table></div>")
     return "".join(parts)
 
 
-def lm_eval_table(runs: list[dict]) -> str:
+def lm_eval_table(runs: list[ReportRun]) -> str:
     """lm-evaluation-harness tasks (results.json "lm_eval", from evaluation.harness.run_harness):
     original and erased side by side with the harness's standard errors as 95% intervals, and
     the paired difference."""
     rows = []
     for run in runs:
-        block = run.get("lm_eval")
+        block = run.part("lm_eval")
         if not isinstance(block, dict):
             continue
         for task, metrics in (block.get("results") or {}).items():
@@ -406,7 +428,7 @@ def lm_eval_table(runs: list[dict]) -> str:
                 for role in ("original", "erased", "difference"):
                     e = entry.get(role) or {}
                     cells.append(_cell(key, e.get("value"), e.get("low"), e.get("high")) if "value" in e else "<td>–</td>")
-                prefix = f"{run.get('_name', '')}: " if len(runs) > 1 else ""
+                prefix = f"{run.name}: " if len(runs) > 1 else ""
                 metric = key[:-len(",none")] if key.endswith(",none") else key  # the harness's "no filter"
                 name = html.escape(prefix + task).replace("_", "_<wbr>")  # long task names wrap on a phone
                 rows.append(f"<tr><td class='l'>{name}<br><span class='ci'>{html.escape(metric)}"
@@ -419,23 +441,24 @@ def lm_eval_table(runs: list[dict]) -> str:
             + "".join(rows) + "</table></div>")
 
 
-def concepts_table(runs: list[dict]) -> str:
+def concepts_table(runs: list[ReportRun]) -> str:
     """Several concepts in one model: each concept's TEST QA and efficacy under the whole
     edit, and the cross table (concept Y's QA under concept X's rows alone)."""
     rows = []
     for run in runs:
-        for name, entry in (run.get("concepts") or {}).items():
+        concepts = run.part("concepts") or {}
+        for name, entry in concepts.items():
             qa = entry.get("qa_test", {})
-            cross = run.get("cross", {}).get(name, {})
+            cross = run.part("cross", name) or {}
             cells = [_cell("qa", qa.get("base", {}).get("value"), qa.get("base", {}).get("low"), qa.get("base", {}).get("high")),
                      _cell("qa", qa.get("edited", {}).get("value"), qa.get("edited", {}).get("low"),
                            qa.get("edited", {}).get("high")),
                      _cell("efficacy", *(entry.get("efficacy", {}).get(k) for k in ("value", "low", "high")))]
             cells += [_cell("qa", *(cross.get(other, {}).get("edited", {}).get(k) for k in ("value", "low", "high")))
-                      if cross else "<td>–</td>" for other in run["concepts"]]
+                      if cross else "<td>–</td>" for other in concepts]
             rows.append(f"<tr><td class='l'>{html.escape(name)}</td>" + "".join(cells) + "</tr>")
         if rows:
-            others = "".join(f"<th>QA of {html.escape(other)} under these rows alone</th>" for other in run["concepts"])
+            others = "".join(f"<th>QA of {html.escape(other)} under these rows alone</th>" for other in concepts)
             return ("<p class='sub'>Each concept's TEST questions under the whole edit, and what each concept's own "
                     "EMBER rows do to every concept's questions (rows edited for several concepts carry every edit).</p>"
                     "<div class='wide'><table><tr><th class='l'>concept</th><th>QA original</th><th>QA erased</th>"
@@ -446,13 +469,13 @@ def concepts_table(runs: list[dict]) -> str:
 EXAMPLE_TITLES = {"general": "general prompts (should be unchanged)", "concept": "concept text (the erased words)"}
 
 
-def generations_table(runs: list[dict], per_kind: int = 3) -> str:
+def generations_table(runs: list[ReportRun], per_kind: int = 3) -> str:
     """A few prompts with the original's and the erased model's continuations (results.json
     "examples"), and open-ended answers of `eval` runs."""
     parts = []
     for run in runs:
-        prefix = f"{html.escape(str(run.get('_name', '')))}: " if len(runs) > 1 else ""
-        for kind, examples in (run.get("examples") or {}).items():
+        prefix = f"{html.escape(run.name)}: " if len(runs) > 1 else ""
+        for kind, examples in (run.part("examples") or {}).items():
             rows = "".join(f"<tr><td class='p'>{html.escape(str(e.get('prompt', '')))}</td>"
                            f"<td>{html.escape(str(e.get('original', '')).strip())}</td>"
                            f"<td>{html.escape(str(e.get('edited', '')).strip())}</td></tr>" for e in (examples or [])[:per_kind])
@@ -460,7 +483,7 @@ def generations_table(runs: list[dict], per_kind: int = 3) -> str:
                 parts.append(f"<h2>{prefix}{html.escape(EXAMPLE_TITLES.get(kind, kind))}</h2><div class='wide'>"
                              f"<table class='gen'><tr><th class='l'>prompt</th><th class='l'>original</th>"
                              f"<th class='l'>erased</th></tr>{rows}</table></div>")
-        for split, entry in (run.get("open_ended") or {}).items():
+        for split, entry in (run.part("open_ended") or {}).items():
             if not isinstance(entry, dict) or "base" not in entry:
                 continue
             pairs = zip((entry["base"] or {}).get("examples", []), (entry.get("edited") or {}).get("examples", []))
@@ -474,13 +497,13 @@ def generations_table(runs: list[dict], per_kind: int = 3) -> str:
     return "".join(parts)
 
 
-def feature_table(runs: list[dict], limit: int = 8) -> str:
+def feature_table(runs: list[ReportRun], limit: int = 8) -> str:
     rows = []
     for run in runs:
-        features = run.get("features") or run.get("erase_results", {}).get("features") or []
+        features = run.erase_part("features") or []
         for feature in features[:limit]:
             tokens = ", ".join(html.escape(t.strip()) for t in feature.get("top_tokens", [])[:12])
-            rows.append(f"<tr><td class='l'>{html.escape(str(run.get('concept')))}</td><td>{feature.get('index')}</td>"
+            rows.append(f"<tr><td class='l'>{html.escape(run.results.concept)}</td><td>{feature.get('index')}</td>"
                         f"<td>{feature.get('ratio', math.nan):.1f}</td><td>{feature.get('concept_share', math.nan):.2f}</td>"
                         f"<td class='l tok'>{tokens}</td></tr>")
     if not rows:
@@ -489,27 +512,26 @@ def feature_table(runs: list[dict], limit: int = 8) -> str:
             "<th class='l'>top tokens</th></tr>" + "".join(rows) + "</table></div>")
 
 
-def _unique_erasures(runs: list[dict]) -> list[dict]:
+def _unique_erasures(runs: list[ReportRun]) -> list[ReportRun]:
     """One run per erasure, in the report's order: an attack run on an erase folder carries
     that run's sweep and features; show them once when the erase run itself is there too."""
-    order = sorted(range(len(runs)), key=lambda i: runs[i].get("kind", "erase") != "erase")  # erase runs first
+    order = sorted(range(len(runs)), key=lambda i: runs[i].results.kind != "erase")  # erase runs first
     seen, kept = set(), []
     for i in order:
         run = runs[i]
-        erase = run if run.get("kind", "erase") == "erase" else {**run, **run.get("erase_results", {})}
-        key = (run.get("concept"), run.get("method"), str(erase.get("delta")), len(erase.get("delta_sweep") or []))
+        key = (run.results.concept, run.results.method, str(run.erase_part("delta")),
+               len(run.erase_part("delta_sweep") or []))
         if key not in seen:
             seen.add(key)
-            kept.append((i, erase))
-    return [erase for _, erase in sorted(kept, key=lambda item: item[0])]
+            kept.append(i)
+    return [runs[i] for i in sorted(kept)]
 
 
-def _leak_warning(run: dict) -> str | None:
+def _leak_warning(run: ReportRun) -> str | None:
     """The erase run's leak warning, or a failed leak check (attack runs carry their erase run's)."""
-    erase = {**run.get("erase_results", {}), **run}
-    check = erase.get("leak_check") or {}
-    if erase.get("leak_warning"):
-        return erase["leak_warning"]
+    check = run.erase_part("leak_check") or {}
+    if run.erase_part("leak_warning"):
+        return run.erase_part("leak_warning")
     return None if check.get("passed", True) else f"leak check FAILED: {check.get('leak_count')} original rows in the saved files."
 
 
@@ -521,16 +543,16 @@ def _img(data: str | None, alt: str) -> str | None:
     return None if data is None else f"<img alt='{html.escape(alt)}' src='data:image/png;base64,{data}'>"
 
 
-def render_html(runs: list[dict]) -> str:
+def render_html(runs: list[ReportRun]) -> str:
     rows = summary_rows(runs)
-    first = runs[0] if runs else {}
     curve = _img(plot_relearn_curves(runs), "relearning curve")
     plots = [("Relearning curve per epoch", curve and curve + relearn_table(runs)),
              ("Original vs erased" + (" vs after relearning" if curve else ""),
               _img(plot_concept_bars(runs), "per-concept accuracy")),
              ("Attacks side by side", _img(plot_attacks(runs), "attack accuracies")),
              ("Probe accuracy per layer", _img(plot_probe(runs), "probe per layer"))]
-    plots += [(f"Delta sweep ({r.get('concept')})", _img(plot_delta_sweep(r), "delta sweep")) for r in _unique_erasures(runs)]
+    plots += [(f"Delta sweep ({r.results.concept})", _img(plot_delta_sweep(r), "delta sweep"))
+              for r in _unique_erasures(runs)]
     cards = [_card(title, body) for title, body in plots if body]
     for title, body in (("Each concept, and the cross table", concepts_table(runs)),
                         ("lm-evaluation-harness, original vs erased", lm_eval_table(runs)),
@@ -538,24 +560,24 @@ def render_html(runs: list[dict]) -> str:
                         ("Features erased (top tokens)", feature_table(_unique_erasures(runs)))):
         if body:
             cards.append(_card(title, body, full=True))
-    judge = [f"{r['_name']}: open-ended judged by {r['open_ended'].get('judge') or 'normalised answer match only (no judge ran)'}"
-             for r in runs if isinstance(r.get("open_ended"), dict)]
-    title = (f"Concept erasure: {first.get('concept')} ({first.get('method')})" if len(runs) == 1
+    judge = [f"{r.name}: open-ended judged by {r.part('open_ended').get('judge') or 'normalised answer match only (no judge ran)'}"
+             for r in runs if isinstance(r.part("open_ended"), dict)]
+    title = (f"Concept erasure: {runs[0].results.concept} ({runs[0].results.method})" if len(runs) == 1
              else f"Concept erasure: {len(runs)} runs")
-    subtitle = "; ".join(f"{html.escape(_label(r))} on {html.escape(str(r.get('model')))}" for r in runs)
+    subtitle = "; ".join(f"{html.escape(_label(r))} on {html.escape(r.results.model)}" for r in runs)
     return ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
             "<meta name='viewport' content='width=device-width, initial-scale=1'>"
             f"<title>{html.escape(title)}</title><style>{CSS}</style></head><body>"
             f"<h1>{html.escape(title)}</h1><div class='sub'>{subtitle}</div>"
-            + _card("Summary", summary_table(rows, chance_text({r.get("_name", ""): _qa_chance(r) for r in runs})))
+            + _card("Summary", summary_table(rows, chance_text({r.name: _qa_chance(r) for r in runs})))
             + "".join(f"<p class='sub bad'>{html.escape(r['run'])}: {html.escape(r['note'])}</p>" for r in rows if r["note"])
-            + "".join(f"<p class='sub bad'>{html.escape(str(r.get('_name', r.get('concept'))))}: {html.escape(w)}</p>"
+            + "".join(f"<p class='sub bad'>{html.escape(r.name or r.results.concept)}: {html.escape(w)}</p>"
                       for r in runs for w in [_leak_warning(r)] if w)
             + (f"<p class='sub'>{html.escape('; '.join(judge))}</p>" if judge else "")
             + f"<div class='grid'>{''.join(cards)}</div></body></html>")
 
 
-def write_report(runs: list[dict], out: str | Path) -> Path:
+def write_report(runs: list[ReportRun], out: str | Path) -> Path:
     """report.html and summary.csv in ``out``; returns the HTML path."""
     out = Path(out)
     write_text(out / "report.html", render_html(runs))

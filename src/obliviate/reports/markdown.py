@@ -1,42 +1,48 @@
-"""Human-readable summaries of a run's results.json (a short Markdown report)."""
+"""Human-readable summaries of a run's results (a short Markdown report)."""
 from __future__ import annotations
 
-from obliviate.evaluation.metrics import QUESTION_SETS
-from obliviate.evaluation.results import HEADLINE, METRICS, set_key
+from typing import Mapping
+
+from obliviate.evaluation.metrics import QUESTION_SETS, Interval
+from obliviate.evaluation.results import HEADLINE, METRICS, RunResults, set_key
 
 SHOWN = tuple(name for name in HEADLINE if name != "score")  # the score is the grids' business
 
 
-def fmt(metric: dict | None) -> str:
-    """0.42 [0.30, 0.55] from a {value, low, high} interval."""
+def fmt(metric: Interval | Mapping | None) -> str:
+    """0.42 [0.30, 0.55] from an interval (or its {value, low, high} form in results.json)."""
     if not metric:
         return "n/a"
+    if isinstance(metric, Interval):
+        metric = metric.as_dict()
     return f"{metric['value']:.3f} [{metric['low']:.3f}, {metric['high']:.3f}]"
 
 
-def print_summary(results: dict, model_label: str = "edited") -> None:
+def _question_sets(results: RunResults) -> dict[str, dict[str, Interval]]:
+    return results.test.question_sets() if results.test is not None else {}
+
+
+def print_summary(results: RunResults, model_label: str = "edited") -> None:
     """Test accuracies (original vs the model) and the derived metrics, for the terminal."""
-    for name in map(set_key, QUESTION_SETS):
-        if name in results:
-            print(f"  {name:13s} original {fmt(results[name]['base'])}  {model_label} {fmt(results[name]['edited'])}")
+    for name, pair in _question_sets(results).items():
+        print(f"  {set_key(name):13s} original {fmt(pair['base'])}  {model_label} {fmt(pair['edited'])}")
     for name in SHOWN:
-        if name in results:
-            print(f"  {name:15s} {fmt(results[name])}")
-    flagged = [name for name, near in results.get("near_chance", {}).items() if near]
+        if results.metric(name) is not None:
+            print(f"  {name:15s} {fmt(results.metric(name))}")
+    flagged = [name for name, near in results.near_chance.items() if near]
     if flagged:
         print("  near chance (the original's accuracy and probability of the correct option show no knowledge): "
               + ", ".join(flagged))
-    gap = results.get("train_test_gap", {})
+    gap = results.parts.get("train_test_gap", {})
     if gap:
         print("  chosen on TRAIN -> TEST: " + ", ".join(f"{name} {g['train']:.2f} -> {g['test']:.2f}"
                                                      for name, g in gap.items()))
 
 
-def _accuracy_rows(results: dict) -> list[str]:
+def _accuracy_rows(results: RunResults) -> list[str]:
     rows = ["| set (test) | original | edited |", "| --- | --- | --- |"]
-    for name in map(set_key, QUESTION_SETS):
-        if name in results:
-            rows.append(f"| {name} | {fmt(results[name]['base'])} | {fmt(results[name]['edited'])} |")
+    for name, pair in _question_sets(results).items():
+        rows.append(f"| {set_key(name)} | {fmt(pair['base'])} | {fmt(pair['edited'])} |")
     return rows if len(rows) > 2 else ["No questions were given: no accuracy is claimed."]
 
 
@@ -56,17 +62,18 @@ def _sweep_rows(sweep: list[dict], coherence_gate: float | None) -> list[str]:
     return rows
 
 
-def no_candidate_chosen(results: dict) -> str | None:
+def no_candidate_chosen(results: RunResults) -> str | None:
     """A sentence saying a grid chose nothing, and why (None when it chose)."""
-    if results.get("delta_sweep") and not results.get("delta") and "method_sweep" not in results:
-        reasons = sorted({r["rejected"] for r in results["delta_sweep"] if r.get("rejected")})
+    parts = results.parts
+    if parts.get("delta_sweep") and not parts.get("delta") and "method_sweep" not in parts:
+        reasons = sorted({r["rejected"] for r in parts["delta_sweep"] if r.get("rejected")})
         why = "; ".join(reasons) if reasons else "every delta scored 0 (coherence on general prompts below the gate)"
         return (f"No delta was applied: {why}. The result is the original model; --delta applies a fixed "
                 "strength anyway (the grid table in report.md shows every candidate).")
-    if not results.get("method_sweep") or results.get("params"):
+    if not parts.get("method_sweep") or parts.get("params"):
         return None
-    gates = results.get("config", {}).get("evaluation", {})
-    kept = "the EMBER-edited model" if results["method"].endswith("+ember") else "the original model"
+    gates = parts.get("config", {}).get("evaluation", {})
+    kept = "the EMBER-edited model" if results.method.endswith("+ember") else "the original model"
     coherence = gates.get("method_coherence_gate")
     return (f"No grid point passed the gates (general-knowledge fraction >= {gates.get('method_general_gate')}, "
             f"QA fraction <= {gates.get('method_max_qa_frac')}"
@@ -83,16 +90,16 @@ OUTPUT_ROWS = {
 }
 
 
-def _noise_lines(results: dict) -> list[str]:
+def _noise_lines(results: RunResults) -> list[str]:
     """Absolute drops with paired intervals, the continuous measure, and near-chance flags."""
-    metrics = results.get("test", {}).get("metrics", {})
+    metrics = results.test.metrics if results.test is not None else {}
     lines = []
     for name in QUESTION_SETS:
         if f"{name}_drop" in metrics:
             prob = f"; probability of the correct option {fmt(metrics.get(f'{name}_prob_base'))} -> " \
                    f"{fmt(metrics.get(f'{name}_prob_edited'))}" if f"{name}_prob_base" in metrics else ""
             lines.append(f"- {name}: accuracy drop {fmt(metrics[f'{name}_drop'])}{prob}")
-    flagged = [name for name, near in results.get("near_chance", {}).items() if near]
+    flagged = [name for name, near in results.near_chance.items() if near]
     if flagged:
         lines.append(f"- near chance (the original's 95% interval reaches chance; its fraction is noise and is left "
                      f"out of specificity and pooled efficacy): {', '.join(flagged)}")
@@ -128,9 +135,9 @@ def _example_rows(examples: dict) -> list[str]:
     return rows
 
 
-def _concept_rows(results: dict) -> list[str]:
+def _concept_rows(results: RunResults) -> list[str]:
     """Several concepts: each one's TEST QA under the whole edit, and the cross table."""
-    concepts = results.get("concepts") or {}
+    concepts = results.parts.get("concepts") or {}
     if not concepts:
         return []
     names = list(concepts)
@@ -138,11 +145,11 @@ def _concept_rows(results: dict) -> list[str]:
             "| concept | QA original | QA erased | efficacy | " + " | ".join(f"QA of {n} under these rows alone" for n in names) + " |",
             "|" + " --- |" * (4 + len(names))]
     for name, entry in concepts.items():
-        cross = results.get("cross", {}).get(name, {})
+        cross = results.parts.get("cross", {}).get(name, {})
         cells = [fmt(cross.get(other, {}).get("edited")) if cross else "-" for other in names]
         rows.append(f"| {name} | {fmt(entry['qa_test']['base'])} | {fmt(entry['qa_test']['edited'])} | "
                     f"{fmt(entry.get('efficacy'))} | " + " | ".join(cells) + " |")
-    shared = results.get("shared_token_ids")
+    shared = results.parts.get("shared_token_ids")
     if shared is not None:
         rows.append(f"\nRows edited for several concepts (they carry every such edit): {len(shared)}.")
     return rows
@@ -158,49 +165,51 @@ def _feature_rows(features: list[dict], limit: int = 12) -> list[str]:
     return rows
 
 
-def _leak_lines(results: dict) -> list[str]:
+def _leak_lines(results: RunResults) -> list[str]:
     """The leak check's verdict, and the untied-embeddings warning when it applies."""
-    check = results.get("leak_check")
+    check = results.parts.get("leak_check")
     lines = [] if not check else [
         f"Leak check: {'passed' if check['passed'] else 'FAILED'} ({check['tensors_checked']} tensors checked, "
         f"{check.get('leak_count', len(check['leaks']))} saved rows equal an edited token's original row)."]
-    if results.get("leak_warning"):
-        lines += ["", f"> **Warning:** {results['leak_warning']}"]
+    if results.parts.get("leak_warning"):
+        lines += ["", f"> **Warning:** {results.parts['leak_warning']}"]
     return ["", *lines] if lines else []
 
 
-def markdown_report(results: dict) -> str:
+def markdown_report(results: RunResults) -> str:
+    parts = results.parts
+    untied = "untied" if parts.get("embeddings_untied") else "tied"
     lines = [
-        f"# Erasure of {results['concept']!r} with {results['method']}",
+        f"# Erasure of {results.concept!r} with {results.method}",
         "",
-        f"Model: {results['model']} (`{results['model_source']}`); seed {results['seed']}; "
-        f"{OUTPUT_ROWS.get(results.get('output_rows'), 'output embeddings ' + ('untied' if results['embeddings_untied'] else 'tied'))}.",
-        f"General knowledge: {results['general_knowledge_source']}. Intervals are 95% bootstrap intervals over questions.",
+        f"Model: {results.model} (`{parts.get('model_source')}`); seed {results.seed}; "
+        f"{OUTPUT_ROWS.get(parts.get('output_rows'), 'output embeddings ' + untied)}.",
+        f"General knowledge: {parts.get('general_knowledge_source')}. Intervals are 95% bootstrap intervals over "
+        "questions.",
         *_leak_lines(results),
         "",
         "## Test questions (final numbers, measured once)",
         *_accuracy_rows(results),
         "",
     ]
-    for name in SHOWN:
-        if name in results:
-            lines.append(f"- {METRICS[name].label}: {fmt(results[name])}")
+    lines += [f"- {METRICS[name].label}: {fmt(results.metric(name))}" for name in SHOWN
+              if results.metric(name) is not None]
     lines += _concept_rows(results)
-    lines += _noise_lines(results) + _coverage_rows(results.get("coverage", {})) + _example_rows(results.get("examples", {}))
-    if results.get("delta") is not None:
-        lines += ["", f"## EMBER: delta = {results['delta']}, {results['edited_token_count']} tokens edited", ""]
-        lines += _feature_rows(results.get("features", []))
-        tokens = results.get("details", {}).get("ember", {}).get("edited_tokens", [])
+    lines += _noise_lines(results) + _coverage_rows(parts.get("coverage", {})) + _example_rows(parts.get("examples", {}))
+    if parts.get("delta") is not None:
+        lines += ["", f"## EMBER: delta = {parts['delta']}, {parts.get('edited_token_count')} tokens edited", ""]
+        lines += _feature_rows(parts.get("features", []))
+        tokens = parts.get("details", {}).get("ember", {}).get("edited_tokens", [])
         if tokens:
             lines += ["", "Most-changed tokens: " + ", ".join(repr(t) for t in tokens[:40])]
-    gates = results.get("config", {}).get("evaluation", {})
+    gates = parts.get("config", {}).get("evaluation", {})
     for key, title, gate in (("delta_sweep", "EMBER delta grid (train questions)", gates.get("coherence_gate")),
                              ("method_sweep", "Method grid (train questions)", gates.get("method_coherence_gate"))):
-        if results.get(key):
-            lines += ["", f"## {title}", *_sweep_rows(results[key], gate)]
+        if parts.get(key):
+            lines += ["", f"## {title}", *_sweep_rows(parts[key], gate)]
     nothing_chosen = no_candidate_chosen(results)
     if nothing_chosen:
         lines += ["", nothing_chosen]
     lines += ["", "## Timings (seconds)", ""]
-    lines += [f"- {stage}: {seconds:.1f}" for stage, seconds in results.get("timings", {}).items()]
+    lines += [f"- {stage}: {seconds:.1f}" for stage, seconds in parts.get("timings", {}).items()]
     return "\n".join(lines) + "\n"

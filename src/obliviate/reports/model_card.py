@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.results import chance_levels, chance_text, nothing_applied
+from obliviate.evaluation.metrics import Interval
+from obliviate.evaluation.results import RunResults, chance_text, nothing_applied
 from obliviate.io import write_text
 
 # What `--model embedded` is on the hub: Gemma 3 270M (shipped as a Q4_K_M GGUF on PyPI,
@@ -33,26 +34,27 @@ SCORES = (("efficacy", "1 - share of the above-chance concept knowledge left"),
 ATTACKS = {"relearn": "relearning (fine-tuning on concept paragraphs)", "relearn-strong": "relearning, stronger",
            "in-context": "concept paragraphs in the prompt", "adversarial": "worst adversarial prefix",
            "tied-restore": "restore tied output rows", "embedding-repair": "embedding repair",
-           "repair-relearn": "repair, then relearning", "gcg": "best GCG suffix, held-out questions",
+           "repair-relearn": "repair, then relearning", "weights-only": "the weights without inference hooks",
+           "gcg": "best GCG suffix, held-out questions",
            "probe": "linear probe on hidden states (chance 0.5)"}
 PUSH_IGNORE = [".checkpoint.json", "checkpoints/*", "*.partial/*", "model/*"]  # model/ is pushed on its own
 
 
-def base_model_id(results: Mapping[str, Any]) -> str | None:
+def base_model_id(results: RunResults) -> str | None:
     """The base model as a hub id for the metadata (None for a local folder: the Hub
     rejects a base_model that is not a model id)."""
-    base = results.get("base") or results.get("model")
+    base = results.parts.get("base") or (results.model or None)
     if base in (None, "", "embedded"):
         return EMBEDDED_BASE
     base = str(base)
     return base if HUB_ID.match(base) and not Path(base).expanduser().exists() else None
 
 
-def concepts_of(results: Mapping[str, Any]) -> list[str]:
-    listed = results.get("concepts")
+def concepts_of(results: RunResults) -> list[str]:
+    listed = results.parts.get("concepts")
     if isinstance(listed, (list, tuple)) and listed:
         return [str(c) for c in listed]
-    return [str(results["concept"])] if results.get("concept") else []
+    return [results.concept] if (results.concept or None) else []
 
 
 def _slug(text: str) -> str:
@@ -60,7 +62,9 @@ def _slug(text: str) -> str:
 
 
 def _iv(entry: Any) -> str:
-    """0.62 [0.48, 0.74] from {value, low, high}; a bare number as it is; '–' when absent."""
+    """0.62 [0.48, 0.74] from an interval or its {value, low, high}; a bare number as it is; '–' when absent."""
+    if isinstance(entry, Interval):
+        entry = entry.as_dict()
     if isinstance(entry, Mapping) and isinstance(entry.get("value"), (int, float)):
         text = f"{entry['value']:.2f}"
         if isinstance(entry.get("low"), (int, float)) and isinstance(entry.get("high"), (int, float)):
@@ -71,10 +75,10 @@ def _iv(entry: Any) -> str:
     return "–"
 
 
-def _metadata(results: Mapping[str, Any]) -> str:
-    method = str(results.get("method") or "unknown")
+def _metadata(results: RunResults) -> str:
+    method = str((results.method or None) or "unknown")
     base = base_model_id(results)
-    saved = results.get("saved") or {}
+    saved = results.parts.get("saved") or {}
     adapter_only = not saved.get("model", True) and any("adapter" in str(p) for p in saved.get("edits", []))
     tags = ["obliviate", "concept-erasure", "unlearning", *[m for m in re.split(r"[+]", method) if m]]
     tags += [f"erased-{_slug(c)}" for c in concepts_of(results)]
@@ -94,19 +98,19 @@ def _metadata(results: Mapping[str, Any]) -> str:
     return "\n".join(lines + ["---"])
 
 
-def _settings(results: Mapping[str, Any]) -> list[str]:
-    config = results.get("config") or {}
+def _settings(results: RunResults) -> list[str]:
+    config = results.parts.get("config") or {}
     evaluation = config.get("evaluation") or {}
-    rows = [("method", results.get("method")), ("seed", results.get("seed")),
-            ("EMBER delta", results.get("delta")), ("method parameters", results.get("params") or None),
-            ("tokens edited", results.get("edited_token_count")),
-            ("output embedding rows", results.get("output_rows")),
-            ("multiple-choice scoring", results.get("scoring") or evaluation.get("scoring")),
-            ("general knowledge from", results.get("general_knowledge_source")),
-            ("coherence prompts from", results.get("coherence_prompt_source")),
-            ("choice rule", (results.get("selection") or {}).get("choice") if isinstance(results.get("selection"), dict)
+    rows = [("method", (results.method or None)), ("seed", (results.seed or None)),
+            ("EMBER delta", results.parts.get("delta")), ("method parameters", results.parts.get("params") or None),
+            ("tokens edited", results.parts.get("edited_token_count")),
+            ("output embedding rows", results.parts.get("output_rows")),
+            ("multiple-choice scoring", results.parts.get("scoring") or evaluation.get("scoring")),
+            ("general knowledge from", results.parts.get("general_knowledge_source")),
+            ("coherence prompts from", results.parts.get("coherence_prompt_source")),
+            ("choice rule", (results.parts.get("selection") or {}).get("choice") if isinstance(results.parts.get("selection"), dict)
              else None),
-            ("config fingerprint", results.get("config_fingerprint"))]
+            ("config fingerprint", results.parts.get("config_fingerprint"))]
     return [f"| {name} | {_plain(value)} |" for name, value in rows if value not in (None, "", {}, [])]
 
 
@@ -116,10 +120,12 @@ def _plain(value: Any) -> str:
     return str(value).replace("|", "\\|")
 
 
-def _test_table(results: Mapping[str, Any]) -> list[str]:
-    rows = [f"| {label} | {_iv(results[f'{name}_test'].get('base'))} | {_iv(results[f'{name}_test'].get('edited'))} |"
-            for name, label in SETS if isinstance(results.get(f"{name}_test"), Mapping)]
-    scores = [f"| {name} ({label}) | {_iv(results[name])} |" for name, label in SCORES if name in results]
+def _test_table(results: RunResults) -> list[str]:
+    measured = results.test.question_sets() if results.test is not None else {}
+    rows = [f"| {label} | {_iv(measured[name]['base'])} | {_iv(measured[name]['edited'])} |"
+            for name, label in SETS if name in measured]
+    scores = [f"| {name} ({label}) | {_iv(results.metric(name))} |" for name, label in SCORES
+              if results.metric(name) is not None]
     if not rows and not scores:
         return ["No test questions were evaluated for this run."]
     lines = []
@@ -128,18 +134,17 @@ def _test_table(results: Mapping[str, Any]) -> list[str]:
     if scores:
         lines += ["| score | value [95% interval] |", "| --- | --- |", *scores, ""]
     lines.append(f"Intervals are 95% bootstrap intervals over questions; chance accuracy is "
-                 f"{chance_text(chance_levels(results))}. The delta or "
+                 f"{chance_text(results.chance_levels())}. The delta or "
                  "grid was chosen on TRAIN questions; these numbers were measured once on TEST questions.")
-    if results.get("near_chance"):
-        flagged = [k for k, v in results["near_chance"].items() if v] if isinstance(results["near_chance"], Mapping) else []
-        if flagged:
-            lines.append(f"Near chance on the original model (not informative): {', '.join(flagged)}.")
+    flagged = [name for name, near in results.near_chance.items() if near]
+    if flagged:
+        lines.append(f"Near chance on the original model (not informative): {', '.join(flagged)}.")
     return lines
 
 
-def _lm_eval_rows(results: Mapping[str, Any]) -> list[str]:
+def _lm_eval_rows(results: RunResults) -> list[str]:
     """results["lm_eval"] (evaluation.harness.run_harness): tasks side by side, harness stderrs."""
-    table = (results.get("lm_eval") or {}).get("results") or {}
+    table = (results.parts.get("lm_eval") or {}).get("results") or {}
     rows = [f"| {task} | {key.removesuffix(',none')} | {_iv(entry.get('original'))} | {_iv(entry.get('erased'))} | "
             f"{_iv(entry.get('difference'))} |" for task, metrics in table.items() for key, entry in metrics.items()]
     if not rows:
@@ -149,9 +154,9 @@ def _lm_eval_rows(results: Mapping[str, Any]) -> list[str]:
             "Intervals: value ± 1.96 × the harness's standard error (the difference: paired, same documents).", ""]
 
 
-def _attack_rows(results: Mapping[str, Any], attacks: Mapping[str, Any] | None) -> list[str]:
-    found = {name: entry for name, entry in {**(results.get("attacks") or {}), **(attacks or {})}.items()}
-    found.update({name: results[name] for name in ATTACKS if isinstance(results.get(name), Mapping)})
+def _attack_rows(results: RunResults, attacks: Mapping[str, Any] | None) -> list[str]:
+    found = {name: entry for name, entry in {**(results.parts.get("attacks") or {}), **(attacks or {})}.items()}
+    found.update({name: results.parts[name] for name in ATTACKS if isinstance(results.parts.get(name), Mapping)})
     found = {n: e for n, e in found.items() if isinstance(e, Mapping)}
     if not found:
         return ["No attacks were run on this model. Run them with `obliviate attack --model THIS_FOLDER "
@@ -171,40 +176,40 @@ NOTHING_APPLIED = ("**No edit was applied**: no candidate passed the selection g
                    "chance on the base model), so this model equals its base.")
 
 
-def _edited_rows(results: Mapping[str, Any]) -> list[str]:
-    if nothing_applied(results):
+def _edited_rows(results: RunResults) -> list[str]:
+    if nothing_applied(results.parts):
         return [f"- {NOTHING_APPLIED}"]
     lines = []
-    count = results.get("edited_token_count")
+    count = results.parts.get("edited_token_count")
     if count:
         lines.append(f"- Token embeddings: {count} rows of the embedding matrix were moved "
-                     f"(output rows: {results.get('output_rows', 'unknown')}).")
-        tokens = ((results.get("details") or {}).get("ember") or {}).get("edited_tokens") or []
+                     f"(output rows: {results.parts.get('output_rows', 'unknown')}).")
+        tokens = ((results.parts.get("details") or {}).get("ember") or {}).get("edited_tokens") or []
         if tokens:
             lines.append("- Most-changed tokens: " + ", ".join(f"`{t!r}`" for t in tokens[:30]))  # spaces kept
-    features = results.get("features") or []
+    features = results.parts.get("features") or []
     if features:
         lines.append(f"- {len(features)} concept feature(s) of the sparse factorization were removed; their top tokens:")
         lines += [f"  - feature {f.get('index')}: " + ", ".join(f"`{t!r}`" for t in f.get("top_tokens", [])[:10])
                   for f in features[:8]]
-    saved = results.get("saved") or {}
+    saved = results.parts.get("saved") or {}
     if saved:
         files = (["model/ (full weights, loadable with from_pretrained)"] if saved.get("model") else []) + list(
             saved.get("edits", []))
         lines.append("- Files: " + ", ".join(f"`{f}`" for f in files) + " (edits are forward-only: they do not hold "
                      "the original values).")
-    check = results.get("leak_check")
+    check = results.parts.get("leak_check")
     if isinstance(check, Mapping):
         lines.append(f"- Leak check: {'passed' if check.get('passed') else 'FAILED'} "
                      f"({check.get('tensors_checked', '?')} tensors checked; a failure means a saved row still equals "
                      "an edited token's original row).")
-    if results.get("leak_warning"):
-        lines.append(f"- **Warning:** {results['leak_warning']}")
+    if results.parts.get("leak_warning"):
+        lines.append(f"- **Warning:** {results.parts['leak_warning']}")
     return lines or ["- The results do not record which parameters changed."]
 
 
-def _verify(results: Mapping[str, Any], concepts: list[str], here: str) -> list[str]:
-    model = str(results.get("base") or results.get("model") or "BASE_MODEL")
+def _verify(results: RunResults, concepts: list[str], here: str) -> list[str]:
+    model = str(results.parts.get("base") or (results.model or None) or "BASE_MODEL")
     concept_flags = " ".join(f"--concept {json.dumps(c)}" for c in concepts) or "--concept CONCEPT"
     tasks = ",".join(f"ember_qa_{_slug(c).replace('-', '_')}" for c in concepts) or "ember_qa"
     if model == "embedded":  # the dequantized Q4_K_M, not the hub's full-precision weights
@@ -212,7 +217,7 @@ def _verify(results: Mapping[str, Any], concepts: list[str], here: str) -> list[
                      "base = load_model('embedded').model.state_dict()  # the base exactly as erased"]
     else:
         load_base = [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(model)}).state_dict()"]
-    expected = None if nothing_applied(results) else results.get("edited_token_count")
+    expected = None if nothing_applied(results.parts) else results.parts.get("edited_token_count")
     return [
         "The same test questions, original against this model (the numbers above, within their intervals), with "
         "obliviate installed and the EMBER benchmark folder at hand:", "",
@@ -234,8 +239,8 @@ def _verify(results: Mapping[str, Any], concepts: list[str], here: str) -> list[
     ] + (["", f"Expected: {expected} embedding rows changed, nothing else."] if expected else [])
 
 
-def _examples(results: Mapping[str, Any], limit: int = 2) -> list[str]:
-    examples = results.get("examples") or {}
+def _examples(results: RunResults, limit: int = 2) -> list[str]:
+    examples = results.parts.get("examples") or {}
     lines = []
     for kind, rows in examples.items():
         for row in (rows or [])[:limit]:
@@ -248,7 +253,7 @@ def _quote(text: Any) -> str:
     return json.dumps(" ".join(str(text or "").split())[:240], ensure_ascii=False)
 
 
-def model_card(results: Mapping[str, Any], attacks: Mapping[str, Any] | None = None,
+def model_card(results: RunResults, attacks: Mapping[str, Any] | None = None,
                repo_id: str | None = None) -> str:
     """README.md for the output folder: YAML metadata, then what was erased, how, how well
     (test numbers with 95% intervals, attacks) and how to check it. ``attacks`` adds an
@@ -256,21 +261,21 @@ def model_card(results: Mapping[str, Any], attacks: Mapping[str, Any] | None = N
     names the Hub repository in the commands (else THIS_FOLDER)."""
     concepts = concepts_of(results)
     named = " and ".join(f"“{c}”" for c in concepts) or "a concept"
-    base = results.get("base") or results.get("model") or "the base model"
+    base = results.parts.get("base") or (results.model or None) or "the base model"
     about = f"`{base}`"
     if base == "embedded":
         base, about = "Gemma 3 270M", (f"`{EMBEDDED_BASE}` as obliviate embeds it (its Q4_K_M GGUF, dequantized to "
                                       "float32)")
-    method = results.get("method") or "unknown"
+    method = (results.method or None) or "unknown"
     lines = [
         _metadata(results), "",
         f"# {base} with {named} erased ({method})", "",
         f"This model is {about} with the concept{'s' if len(concepts) > 1 else ''} {named} erased by "
         f"obliviate using `{method}`"
-        + (" (EMBER: concept features removed from the token embeddings)" if "ember" in str(method) else "") + ".",
+        + (" (EMBER: concept features removed from the token embeddings)" if results.parts.get("delta") else "") + ".",
         "It should answer questions about the concept at chance while keeping similar-domain and general knowledge "
         "and fluent generations. Check the intervals and the attacks below before relying on it.", "",
-        *([NOTHING_APPLIED, ""] if nothing_applied(results) else []),
+        *([NOTHING_APPLIED, ""] if nothing_applied(results.parts) else []),
         "## Settings", "", "| setting | value |", "| --- | --- |", *_settings(results), "",
         "## Test results", "", *_test_table(results), "",
         *_lm_eval_rows(results),
@@ -288,17 +293,17 @@ def model_card(results: Mapping[str, Any], attacks: Mapping[str, Any] | None = N
     return "\n".join(lines)
 
 
-def card_folder(out: str | Path, results: Mapping[str, Any]) -> Path:
+def card_folder(out: str | Path) -> Path:
     """Where the card goes: model/ when the run saved full weights, else the run folder (whose
     edit files, a patch, an adapter or a weight delta, are then the repository)."""
     out = Path(out)
     return out / "model" if (out / "model").is_dir() else out
 
 
-def write_model_card(out: str | Path, results: Mapping[str, Any], attacks: Mapping[str, Any] | None = None,
+def write_model_card(out: str | Path, results: RunResults, attacks: Mapping[str, Any] | None = None,
                      repo_id: str | None = None) -> Path:
-    """Write README.md into ``card_folder(out, results)``; returns its path."""
-    path = card_folder(out, results) / "README.md"
+    """Write README.md into ``card_folder(out)``; returns its path."""
+    path = card_folder(out) / "README.md"
     write_text(path, model_card(results, attacks, repo_id))
     return path
 

@@ -112,6 +112,10 @@ class Batch:
     attention_mask: torch.Tensor
 
 
+# A method's loss for one optimizer step on a forget and a retain batch: (loss, named parts to log).
+StepLoss = Callable[[Batch, Batch], tuple[torch.Tensor, dict]]
+
+
 @dataclass
 class TrainLog:
     losses: list[dict] = field(default_factory=list)  # one {name: value} per optimizer step
@@ -277,7 +281,7 @@ def train(
     model: nn.Module,
     tokenizer,
     params: dict[str, nn.Parameter],
-    step_loss: Callable[[Batch, Batch], tuple[torch.Tensor, dict]],
+    step_loss: StepLoss,
     forget: list[str],
     retain: list[str],
     settings: TrainSettings,

@@ -30,7 +30,7 @@ from obliviate.data.concepts import ConceptData
 from obliviate.methods import MethodContext
 from obliviate.methods.eco.config import EcoConfig
 from obliviate.methods.eco.fitting import FittedEco, fit as fit_eco
-from obliviate.methods.eco.hook import EcoEdit, EcoHook
+from obliviate.methods.eco.hook import ECO_DIR, EcoEdit, EcoHook, installed_hook
 
 FITS_BEFORE_PLUG_IN = False  # fitted on the model with EMBER's edit applied (methods/__init__.py)
 
@@ -49,7 +49,7 @@ def wrap(model_or_lm: LoadedModel | nn.Module, eco_dir: str | Path | EcoArtifact
     """Install the ECO hook of ``eco_dir`` on the model and return it as a LoadedModel.
 
     Refuses (ObliviateError) an artifact made for another model, naming both. The hook is
-    reachable as ``wrapped.model._obliviate_eco``; ``unwrap(wrapped)`` removes it.
+    reachable as ``hook_of(wrapped)``; ``unwrap(wrapped)`` removes it.
     """
     artifact = eco_dir if isinstance(eco_dir, EcoArtifact) else load(eco_dir)
     if isinstance(model_or_lm, LoadedModel):
@@ -59,7 +59,7 @@ def wrap(model_or_lm: LoadedModel | nn.Module, eco_dir: str | Path | EcoArtifact
         lm = LoadedModel(model=model_or_lm, tokenizer=tokenizer, name=name, source=name)
     else:
         raise ObliviateError(f"eco.wrap needs a LoadedModel or a torch model, got {type(model_or_lm).__name__}.")
-    if getattr(lm.model, "_obliviate_eco", None) is not None:
+    if installed_hook(lm.model) is not None:
         raise ObliviateError("This model already has an ECO hook: call obliviate.methods.eco.unwrap first.")
     artifact.check_model(lm.model, f"{lm.name} ({lm.source})")
     artifact.hook().install(lm.model)
@@ -69,14 +69,14 @@ def wrap(model_or_lm: LoadedModel | nn.Module, eco_dir: str | Path | EcoArtifact
 def unwrap(model_or_lm: LoadedModel | nn.Module) -> None:
     """Remove the ECO hook (a no-op when none is installed)."""
     model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
-    hook = getattr(model, "_obliviate_eco", None)
+    hook = installed_hook(model)
     if hook is not None:
         hook.remove()
 
 
 def hook_of(model_or_lm: LoadedModel | nn.Module) -> EcoHook | None:
     model = model_or_lm.model if isinstance(model_or_lm, LoadedModel) else model_or_lm
-    return getattr(model, "_obliviate_eco", None)
+    return installed_hook(model)
 
 
 def fit(lm: LoadedModel, data: ConceptData, config: Config = Config(), seed: int = 42,
@@ -85,5 +85,5 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config = Config(), seed: int
     return fit_eco(lm, data, replace(config, seed=seed), context.log)
 
 
-__all__ = ["Config", "fit", "wrap", "unwrap", "load", "hook_of", "EcoConfig", "EcoArtifact", "EcoHook", "EcoEdit",
+__all__ = ["ECO_DIR", "Config", "fit", "wrap", "unwrap", "load", "hook_of", "EcoConfig", "EcoArtifact", "EcoHook", "EcoEdit",
            "FittedEco"]

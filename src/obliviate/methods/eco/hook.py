@@ -23,6 +23,7 @@ every real token but the last is corrupted, as in the reference.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
@@ -62,6 +63,18 @@ class HookStats:
         return dict(self.__dict__)
 
 
+ECO_DIR = "eco"  # the artifact's folder inside an erase run's output
+
+# The hook installed on each model, kept here rather than as an attribute of the model
+# (a model object carries nothing of ours); weak, so a dropped model frees its entry.
+_INSTALLED: "weakref.WeakKeyDictionary[nn.Module, EcoHook]" = weakref.WeakKeyDictionary()
+
+
+def installed_hook(model: nn.Module) -> "EcoHook | None":
+    """The ECO hook installed on ``model``, if any."""
+    return _INSTALLED.get(model)
+
+
 @dataclass
 class EcoHook:
     """Installable on any causal LM; ``force`` overrides the classifier (True: corrupt
@@ -84,13 +97,13 @@ class EcoHook:
 
     # -- installation ------------------------------------------------------------------
     def install(self, model: nn.Module) -> "EcoHook":
-        if getattr(model, "_obliviate_eco", None) is not None:
+        if installed_hook(model) is not None:
             raise RuntimeError("An ECO hook is already installed on this model; remove it first.")
         self._handles = [
             model.register_forward_pre_hook(self._plan_prefill, with_kwargs=True),
             model.get_input_embeddings().register_forward_hook(self._corrupt_embeddings),
         ]
-        model._obliviate_eco = self
+        _INSTALLED[model] = self
         self.model = model
         return self
 
@@ -98,8 +111,8 @@ class EcoHook:
         for handle in self._handles:
             handle.remove()
         self._handles, self._plan = [], None
-        if self.model is not None and getattr(self.model, "_obliviate_eco", None) is self:
-            del self.model._obliviate_eco
+        if self.model is not None and installed_hook(self.model) is self:
+            del _INSTALLED[self.model]
         self.model = None
 
     @property
@@ -215,7 +228,7 @@ class EcoEdit(EditDefaults):
     def save_to(self, folder: Path) -> list[Path]:
         if self.artifact is None:
             raise ObliviateError("This ECO hook has no artifact to save (it was built by hand).")
-        return [self.artifact.save(Path(folder) / "eco")]
+        return [self.artifact.save(Path(folder) / ECO_DIR)]
 
     def summary(self) -> dict:
         c = self.hook.corruption
