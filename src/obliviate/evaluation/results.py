@@ -48,22 +48,12 @@ def set_key(name: str) -> str:
     return f"{name}_test"
 
 
-def chance_levels(results: Mapping[str, Any]) -> dict[str, float]:
-    """Each TEST question set's chance level of a results.json payload (``RunResults.chance_levels``)."""
-    return RunResults.from_dict(results).chance_levels()
-
-
 def chance_text(levels: Mapping[str, float]) -> str:
     """"0.25" where every set has one chance level (or none is known), else each set's."""
     distinct = sorted({round(level, 4) for level in levels.values()})
     if len(distinct) <= 1:
         return f"{distinct[0] if distinct else CHANCE:.3g}"
     return ", ".join(f"{name} {level:.3g}" for name, level in levels.items())
-
-
-def original_near_chance(results: Mapping[str, Any], accuracy: float, name: str = "qa") -> bool:
-    """``RunResults.original_near_chance`` of a results.json payload."""
-    return RunResults.from_dict(results).original_near_chance(accuracy, name)
 
 
 @dataclass(frozen=True)

@@ -1,6 +1,8 @@
-"""An erase run's resumable state: each grid's evaluated candidates and the seconds each
-stage took, written to the output folder's checkpoint after every candidate so an
-interrupted run resumes where it stopped (nothing is written for a run without a folder)."""
+"""An erase run's resumable state: each grid's evaluated candidates, written to the output
+folder's checkpoint after every candidate so an interrupted run resumes where it stopped
+(nothing is written for a run without a folder), and the seconds each stage of this run
+took (kept in memory for results.json: a resumed grid's earlier seconds come from its
+candidates)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
