@@ -268,40 +268,38 @@ def training_steps(name: str, lm: LoadedModel, method_config) -> dict:
     return steps
 
 
+class _PrefixTokenizer:
+    """A random model's stand-in for ELM's tokenizer: each persona prefix ("As an expert in
+    {concept}:") is 8 random ids, about its real length."""
+
+    pad_token_id, bos_token_id, prefix_tokens = 0, None, 8
+
+    def __init__(self, generator: torch.Generator, vocab: int):
+        self.generator, self.vocab = generator, vocab
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        return {"input_ids": torch.randint(3, self.vocab, (self.prefix_tokens,), generator=self.generator).tolist()}
+
+
 def _elm_step(model, elm, generator, vocab, device):
-    """ELM's step as methods/elm.py runs it: LoRA (rank 256) on every built layer; four
-    no-grad passes with the adapter off (P, P|expert, P|novice on concept text; argmax on
-    neutral text), three passes with it on (erase, retain, consistency)."""
+    """ELM's own step loss (methods/elm.py ``make_step_loss``) with its default LoRA on every
+    built layer: four no-grad passes with the adapter off (P, P|expert, P|novice on concept
+    text; argmax on neutral text), three with it on (erase, retain, consistency)."""
     from peft import LoraConfig, get_peft_model
 
-    from obliviate.training import losses
-    from obliviate.training.loop import logits
+    from obliviate.methods import elm as elm_method
 
     lora = LoraConfig(r=elm.rank, lora_alpha=elm.lora_alpha, lora_dropout=elm.lora_dropout,
                       target_modules=list(elm.target_modules), bias="none")
     peft_model = get_peft_model(model, lora)
-    prefix = 8  # "As an expert in {concept}:" is about 8 tokens
-
-    def prefixed(batch):
-        head = torch.randint(3, vocab, (batch.input_ids.shape[0], prefix), generator=generator).to(device)
-        ids = torch.cat([head, batch.input_ids], dim=1)
-        return SimpleNamespace(input_ids=ids, attention_mask=torch.ones_like(ids))
-
-    def elm_step():
-        f, r, c = (_texts(generator, vocab, elm.batch_size, elm.max_length, device) for _ in range(3))
-        with torch.no_grad(), peft_model.disable_adapter():
-            base = logits(model, f)
-            expert = logits(model, prefixed(f))[:, prefix:]
-            novice = logits(model, prefixed(f))[:, prefix:]
-            eta = losses.eta_ramp(base.shape[1] - 1, elm.eta_start, elm.eta_end).to(base.device)
-            target = losses.elm_erase_target(base[:, :-1], expert[:, :-1], novice[:, :-1], eta, elm.temperature, elm.top_k)
-            retain_targets = logits(model, r).argmax(-1)
-        erase = losses.soft_cross_entropy(logits(model, f)[:, :-1], *target, f.attention_mask[:, 1:])
-        retain = losses.hard_cross_entropy(logits(model, r)[:, :-1], retain_targets[:, :-1], r.attention_mask[:, 1:])
-        return erase + retain + losses.causal_lm_loss(logits(model, c), c.input_ids, c.attention_mask)
-
+    half = elm.max_length // 2
+    examples = [{"prompt": torch.randint(3, vocab, (half,), generator=generator).tolist(),
+                 "continuation": torch.randint(3, vocab, (half,), generator=generator).tolist()}
+                for _ in range(elm.batch_size)]
+    loss = elm_method.make_step_loss(model, _PrefixTokenizer(generator, vocab), peft_model, "the concept", elm,
+                                     examples, seed=0)
     params = [p for n, p in peft_model.named_parameters() if "lora_" in n]
-    return params, elm_step, elm.batch_size, elm.max_length
+    return params, lambda: loss(*_pair(generator, vocab, elm, device))[0], elm.batch_size, elm.max_length
 
 
 def method_config(module: str):

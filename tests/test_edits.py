@@ -147,7 +147,7 @@ def test_every_edit_kind_answers_the_protocol_and_declares_its_capabilities(tiny
     rows = weight[tokens].detach().clone()
     plain = EmbeddingPatch(token_ids=tokens, original_rows=rows, edited_rows=rows + 1, metadata={})
     with_output = EmbeddingPatch(token_ids=tokens, original_rows=rows, edited_rows=rows + 1, metadata={},
-                                 output_rows=rows - 1)
+                                 output_rows=rows - 1, original_output_rows=rows)
     delta = ParameterDelta(original={}, new={})
     for edit in (plain, with_output, delta, CompositeEdit([plain, delta])):
         assert isinstance(edit, Edit), type(edit)
@@ -156,3 +156,57 @@ def test_every_edit_kind_answers_the_protocol_and_declares_its_capabilities(tiny
     assert CompositeEdit([delta, with_output]).sets_output_rows()  # a part that sets them is enough
     assert LoraAdapter.reveals_original_beside_model and not plain.reveals_original_beside_model
     assert not delta.reveals_original_beside_model
+
+
+def _snapshot(edit) -> dict:
+    """Every tensor and string an edit holds, copied (nested dicts and tuples walked)."""
+    def copy(value):
+        if isinstance(value, torch.Tensor):
+            return value.clone()
+        if isinstance(value, dict):
+            return {k: copy(v) for k, v in value.items()}
+        if isinstance(value, (tuple, list)):
+            return [copy(v) for v in value]
+        return value
+    return {name: copy(value) for name, value in vars(edit).items()}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return torch.equal(a, b)
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def test_edits_are_immutable_applying_and_reverting_change_the_model_only(tiny_lm, small_concept):
+    import dataclasses
+
+    from obliviate.edits.weights import LoraAdapter, ParameterDelta, base_weights
+
+    neutral = ember.fit(tiny_lm, small_concept, ember.Config(k=20, ratio_threshold=1.0, untie_embeddings=False,
+                                                             tied_output="neutral"))
+    patch = neutral.patch(5.0)
+    assert tiny_lm.untied_here and patch.sets_output_rows()  # the fit untied the tied matrix ("neutral")
+    assert patch.original_output_rows is not None  # read at the fit, not at apply
+    assert patch.metadata["vocab_size"] == str(tiny_lm.model.get_input_embeddings().weight.shape[0])
+    name, weight = next((n, p) for n, p in tiny_lm.model.named_parameters() if "mlp.down_proj" in n)
+    delta = ParameterDelta(original={name: weight.detach().clone()}, new={name: weight.detach() + 0.5})
+    a, b = torch.randn(2, weight.shape[1]), torch.randn(weight.shape[0], 2)
+    adapter = LoraAdapter({name: (a, b)}, 0.5, base_weights(tiny_lm.model, [name]))
+    before = {k: v.clone() for k, v in tiny_lm.model.state_dict().items()}
+    for edit in (patch, delta, adapter):
+        held = _snapshot(edit)
+        fingerprints = apply_verified(edit, tiny_lm.model)
+        assert not all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items())
+        revert_verified(edit, tiny_lm.model, fingerprints)
+        assert _same(_snapshot(edit), held), type(edit).__name__
+        assert all(torch.equal(v, before[k]) for k, v in tiny_lm.model.state_dict().items()), type(edit).__name__
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            edit.metadata = {}
+    with pytest.raises(ValueError, match="original output rows"):  # revert would need them
+        EmbeddingPatch(patch.token_ids, patch.original_rows, patch.edited_rows, {}, output_rows=patch.output_rows)
+    with pytest.raises(ValueError, match="base weights"):
+        LoraAdapter({name: (a, b)}, 0.5, {})

@@ -297,7 +297,7 @@ def test_neutral_output_rows_shortcut_matches_a_full_rerun(tiny_lm, small_concep
     tokens = torch.randint(5, weight.shape[0], (12,), generator=torch.Generator().manual_seed(1))
     rows = weight[tokens].detach().clone()
     mean = head.detach().mean(dim=0).expand_as(rows).clone()
-    patch = EmbeddingPatch(tokens, rows, rows * -5.0, {}, output_rows=mean)
+    patch = EmbeddingPatch(tokens, rows, rows * -5.0, {}, output_rows=mean, original_output_rows=head[tokens].detach().clone())
     head_before = head.detach().clone()
     fast = evaluator.evaluate("train", patch)
     full = evaluator.evaluate("train", EverythingChanged(patch))

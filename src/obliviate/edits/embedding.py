@@ -19,7 +19,7 @@ from obliviate.models.loading import input_embedding_name, output_embedding_name
 
 
 def model_identity(model: torch.nn.Module) -> dict[str, str]:
-    """What a patch records about the model it was applied to (string safetensors metadata)."""
+    """What a patch records about the model it was made for (string safetensors metadata)."""
     vocab, hidden = model.get_input_embeddings().weight.shape
     name = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     return {"vocab_size": str(vocab), "hidden_size": str(hidden), "model_path": name}
@@ -27,16 +27,18 @@ def model_identity(model: torch.nn.Module) -> dict[str, str]:
 PATCH_FILE = "embedding_patch.safetensors"  # the forward-only patch in an output folder
 
 
-@dataclass
+@dataclass(frozen=True)
 class EmbeddingPatch(EditDefaults):
-    """New values for some rows of the input embedding matrix (stored unscaled).
+    """New values for some rows of the input embedding matrix (stored unscaled); immutable:
+    applying it changes the model, never the patch.
 
     In memory the patch holds the original rows too (revert restores the original bits).
     A saved patch is forward-only by default: token ids, the NEW rows and a sha256 of the
     original rows (to check the model it is applied to); the original rows are written only
     with ``save(path, revertible=True)``, because whoever holds them can undo the erasure.
     ``output_rows`` (optional) are new values for the same tokens' rows of a separate output
-    matrix: an untied model's edited tokens get rows that carry nothing of the original.
+    matrix: an untied model's edited tokens get rows that carry nothing of the original;
+    a patch that holds the original input rows holds the original output rows as well.
     """
 
     token_ids: torch.Tensor  # (m,) long
@@ -51,8 +53,12 @@ class EmbeddingPatch(EditDefaults):
         if rows.dim() != 2 or rows.shape[0] != len(self.token_ids) or (
                 self.original_rows is not None and self.original_rows.shape != rows.shape):
             raise ValueError("token_ids, original_rows and edited_rows must describe the same rows")
-        if self.output_rows is not None and self.output_rows.shape != rows.shape:
-            raise ValueError("output_rows must have the shape of edited_rows")
+        for name in ("output_rows", "original_output_rows"):
+            if getattr(self, name) is not None and getattr(self, name).shape != rows.shape:
+                raise ValueError(f"{name} must have the shape of edited_rows")
+        if self.output_rows is not None and (self.original_rows is None) != (self.original_output_rows is None):
+            raise ValueError("a patch that sets output rows holds the original output rows exactly when it holds "
+                             "the original input rows (both or neither: revert needs both)")
 
     @property
     def revertible(self) -> bool:
@@ -123,14 +129,10 @@ class EmbeddingPatch(EditDefaults):
 
     def apply(self, model: torch.nn.Module) -> None:
         self._check_matches(model)
-        if self.output_rows is not None and self.original_output_rows is None \
-                and (len(self.token_ids) == 0 or not torch.equal(self._current_rows(model), self.edited_rows)):
-            self.original_output_rows = self._current_output_rows(model).clone()  # memory only: for revert
         self._write_rows(model, self.edited_rows, self.output_rows)
         if not torch.equal(self._current_rows(model), self.edited_rows) or (
                 self.output_rows is not None and not torch.equal(self._current_output_rows(model), self.output_rows)):
             raise EditVerificationError("After applying the patch the embedding rows differ from the patch's rows.")
-        self.metadata.update(model_identity(model))  # the model it is for, checked when it is applied again
 
     def bound_to(self, model: torch.nn.Module) -> "EmbeddingPatch":
         """This patch with the original rows read from ``model`` (which must be the original:
@@ -147,7 +149,7 @@ class EmbeddingPatch(EditDefaults):
                               original_output)
 
     def revert(self, model: torch.nn.Module) -> None:
-        if self.original_rows is None or (self.output_rows is not None and self.original_output_rows is None):
+        if self.original_rows is None:
             raise ObliviateError(FORWARD_ONLY)
         self._write_rows(model, self.original_rows, self.original_output_rows)
 
@@ -194,7 +196,7 @@ class EmbeddingPatch(EditDefaults):
         if self.output_rows is not None:
             tensors["output_rows"] = self.output_rows[moved]
         if revertible:
-            if self.original_rows is None or (self.output_rows is not None and self.original_output_rows is None):
+            if self.original_rows is None:
                 raise ObliviateError(FORWARD_ONLY)
             tensors["original_rows"] = self.original_rows[moved]
             if self.original_output_rows is not None:

@@ -63,7 +63,7 @@ FORWARD_ONLY = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class CompositeEdit(EditDefaults):
     """Edits applied in order and reverted in reverse order (EMBER under a base method)."""
 

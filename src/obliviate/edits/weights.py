@@ -36,7 +36,7 @@ def _parameters(model: torch.nn.Module, names) -> dict[str, torch.nn.Parameter]:
     return {name: params[name] for name in names}
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParameterDelta(EditDefaults):
     """Trained values of some parameters, with their originals (kept on the CPU)."""
 
@@ -101,6 +101,15 @@ class ParameterDelta(EditDefaults):
         return cls(original=original, new=new, metadata=metadata)
 
 
+def base_weights(model: torch.nn.Module, names, known: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """CPU copies of the named parameters, added to ``known`` (and returned) so that every
+    edit of a grid refers to one copy of each original."""
+    known = {} if known is None else known
+    for name, param in _parameters(model, [n for n in names if n not in known]).items():
+        known[name] = param.detach().to("cpu", copy=True)
+    return known
+
+
 def apply_weight_delta_file(model: torch.nn.Module, path: str | Path) -> list[str]:
     """Write a forward-only ``weight_delta.safetensors`` (ParameterDelta.save_to) into
     ``model``: its new values, after checking that the model's current values are the
@@ -116,38 +125,39 @@ def apply_weight_delta_file(model: torch.nn.Module, path: str | Path) -> list[st
     return sorted(tensors)
 
 
-@dataclass
+@dataclass(frozen=True)
 class LoraAdapter(EditDefaults):
     """A trained LoRA adapter (peft format), applied by merging into the base weights.
 
     ``weights`` maps a base Linear weight name (e.g. ``model.layers.2.mlp.up_proj.weight``)
-    to its (A, B) pair; ``scaling`` is lora_alpha / r. ``folder`` is where the adapter was
-    saved with peft's ``save_pretrained`` (load it with ``PeftModel.from_pretrained``).
+    to its (A, B) pair; ``scaling`` is lora_alpha / r; ``original`` holds the base weights
+    it merges into (``base_weights``: one dict a grid's adapters share), so revert writes
+    the original bits back. ``folder`` is where the adapter was saved with peft's
+    ``save_pretrained`` (load it with ``PeftModel.from_pretrained``).
     """
 
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     scaling: float
+    original: dict[str, torch.Tensor]
     folder: Path | None = None
     metadata: dict[str, str] = field(default_factory=dict)
-    _originals: dict[str, torch.Tensor] | None = None
 
-    def merged_delta(self, model: torch.nn.Module) -> ParameterDelta:
-        params = _parameters(model, self.weights)
-        original = self._originals or {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
-        new = {}
-        for name, (a, b) in self.weights.items():
-            new[name] = (original[name].double() + self.scaling * (b.double() @ a.double())).to(original[name].dtype)
+    def __post_init__(self) -> None:
+        missing = sorted(set(self.weights) - set(self.original))
+        if missing:
+            raise ValueError(f"the adapter's base weights are not all given: {missing[:5]}")
+
+    def merged_delta(self) -> ParameterDelta:
+        original = {name: self.original[name] for name in self.weights}
+        new = {name: (original[name].double() + self.scaling * (b.double() @ a.double())).to(original[name].dtype)
+               for name, (a, b) in self.weights.items()}
         return ParameterDelta(original=original, new=new, metadata=self.metadata)
 
     def apply(self, model: torch.nn.Module) -> None:
-        delta = self.merged_delta(model)
-        self._originals = delta.original
-        delta.apply(model)
+        self.merged_delta().apply(model)
 
     def revert(self, model: torch.nn.Module) -> None:
-        if self._originals is None:
-            raise ObliviateError("This adapter was never applied to the model, so there is nothing to revert.")
-        _write(model, self._originals)
+        _write(model, {name: self.original[name] for name in self.weights})
 
     def changed_token_ids(self) -> None:
         return None
@@ -180,7 +190,7 @@ class LoraAdapter(EditDefaults):
                 "folder": str(self.folder) if self.folder else None}
 
 
-@dataclass
+@dataclass(frozen=True)
 class LowRankDelta(EditDefaults):
     """New values W + L R for some weight matrices, stored as the low-rank factors.
 

@@ -34,11 +34,11 @@ from obliviate.evaluation.multiple_choice import correct_from_scores, option_sco
 from obliviate.io import fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, TextStream, cached_log, check_positive, finished, tokenize, train,
+    LoopConfig, StepLoss, TextStream, cached_log, check_positive, finished, tokenize, train,
 )
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
 from obliviate.models.layers import PROJECTIONS, cache_argument, decoder_layers, model_device, resolve_layer
-from obliviate.edits.weights import LoraAdapter
+from obliviate.edits.weights import LoraAdapter, base_weights
 from obliviate.settings import setting
 from obliviate.methods import MethodContext
 from obliviate.methods.forget_text import forget_sentences
@@ -275,35 +275,41 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
     lora = LoraConfig(r=config.rank, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
                       target_modules=list(config.target_modules), layers_to_transform=layers, bias="none")
 
+    base: dict[str, torch.Tensor] = {}  # the weights the adapters merge into: one copy for the grid
+
     def run_point(point: dict):
         where = base_folder / f"lr{point['lr']:g}" if base_folder else None
-        return train_adapter(lm, data, config, lora, examples, point, seed, where, context.progress)
+        return train_adapter(lm, data, config, lora, examples, point, seed, where, context.progress, base)
 
     return TrainedGrid("elm", grid_points(lr=config.lr), run_point,
                        info={"layers": layers, "consistency_examples": len(examples), "guidance": guidance})
 
 
-def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, progress):
+def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, progress, base):
+    """The grid point's adapter (trained, or read back from ``where``) and its training log."""
     from peft import get_peft_model
     from safetensors.torch import load_file
 
+    def adapter(weights: dict) -> LoraAdapter:
+        return LoraAdapter(weights, config.lora_alpha / config.rank, base_weights(lm.model, weights, base),
+                           where / "adapter" if where else None, {"method": "elm", **point})
+
     done = cached_log(where)
     if done is not None and (where / "adapter" / "adapter_model.safetensors").is_file():
-        weights = load_file(str(where / "adapter" / "adapter_model.safetensors"))
+        saved = load_file(str(where / "adapter" / "adapter_model.safetensors"))
         named = {f"base_model.model.{k}".replace(".lora_A.weight", ".lora_A.default.weight")
-                 .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in weights.items()}
-        return LoraAdapter(_adapter_weights(named), config.lora_alpha / config.rank, where / "adapter"), done
+                 .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in saved.items()}
+        return adapter(_adapter_weights(named)), done
     flags = {name: p.requires_grad for name, p in lm.model.named_parameters()}
     torch.manual_seed(seed)  # LoRA A's init
     peft_model = get_peft_model(lm.model, lora)
     try:
         params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
-        step_loss = _elm_loss(lm, peft_model, data, config, examples, seed)
+        step_loss = make_step_loss(lm.model, lm.tokenizer, peft_model, data.concept, config, examples, seed)
         forget = forget_sentences(lm.tokenizer, data, config.forget_text, seed)
         log = train(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
                     config.settings(point["lr"], seed), where, progress, f"elm {point}")
-        adapter = LoraAdapter(_adapter_weights(params), config.lora_alpha / config.rank,
-                              where / "adapter" if where else None, {"method": "elm", **point})
+        weights = _adapter_weights(params)
         if where is not None:
             peft_model.save_pretrained(str(where / "adapter"))
             finished(where, log)
@@ -311,37 +317,43 @@ def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, 
         peft_model.unload()
         for name, p in lm.model.named_parameters():
             p.requires_grad_(flags.get(name, False))
-    return adapter, log
+    return adapter(weights), log  # after unload: the base weights under their own names
 
 
-def _elm_loss(lm, peft_model, data, config: Config, examples, seed):
+def make_step_loss(model, tokenizer, peft_model, concept: str, config: Config, examples: list[dict],
+                   seed: int) -> StepLoss:
+    """ELM's loss on a (forget, retain) batch pair: the adapter-on model's forget logits
+    pulled toward the erase target built with the adapter off (plain, expert- and
+    novice-prefixed passes), its retain logits toward the adapter-off argmax, and the
+    consistency examples' continuations kept likely. ``model`` is the base model that
+    ``peft_model`` wraps (the adapter's off switch); returns (total, detached parts)."""
     rng = torch.Generator().manual_seed(seed + 7)
     stream = TextStream(list(range(len(examples))), config.batch_size, seed + 2) if examples else None
-    pad = lm.tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
 
     def step_loss(forget, retain):
-        expert = EXPERT[int(torch.randint(len(EXPERT), (1,), generator=rng))].format(c=data.concept) + " "
-        novice = NOVICE[int(torch.randint(len(NOVICE), (1,), generator=rng))].format(c=data.concept) + " "
+        expert = EXPERT[int(torch.randint(len(EXPERT), (1,), generator=rng))].format(c=concept) + " "
+        novice = NOVICE[int(torch.randint(len(NOVICE), (1,), generator=rng))].format(c=concept) + " "
         with torch.no_grad(), peft_model.disable_adapter():
-            base = _logits(lm.model, forget.input_ids, forget.attention_mask)
-            e_ids, e_mask, offset = _prefixed(lm.tokenizer, forget, expert)
-            expert_logits = _logits(lm.model, e_ids, e_mask)[:, offset: offset + base.shape[1]]
-            n_ids, n_mask, n_offset = _prefixed(lm.tokenizer, forget, novice)
-            novice_logits = _logits(lm.model, n_ids, n_mask)[:, n_offset: n_offset + base.shape[1]]
+            base = _logits(model, forget.input_ids, forget.attention_mask)
+            e_ids, e_mask, offset = _prefixed(tokenizer, forget, expert)
+            expert_logits = _logits(model, e_ids, e_mask)[:, offset: offset + base.shape[1]]
+            n_ids, n_mask, n_offset = _prefixed(tokenizer, forget, novice)
+            novice_logits = _logits(model, n_ids, n_mask)[:, n_offset: n_offset + base.shape[1]]
             eta = losses.eta_ramp(base.shape[1] - 1, config.eta_start, config.eta_end).to(base.device)
             target = losses.elm_erase_target(base[:, :-1], expert_logits[:, :-1], novice_logits[:, :-1], eta,
                                              config.temperature, config.top_k)
             del expert_logits, novice_logits
-            retain_targets = _logits(lm.model, retain.input_ids, retain.attention_mask).argmax(-1)
-        student = _logits(lm.model, forget.input_ids, forget.attention_mask)[:, :-1]
+            retain_targets = _logits(model, retain.input_ids, retain.attention_mask).argmax(-1)
+        student = _logits(model, forget.input_ids, forget.attention_mask)[:, :-1]
         erase = losses.soft_cross_entropy(student, *target, forget.attention_mask[:, 1:])
-        retain_logits = _logits(lm.model, retain.input_ids, retain.attention_mask)
+        retain_logits = _logits(model, retain.input_ids, retain.attention_mask)
         retain_term = losses.hard_cross_entropy(retain_logits[:, :-1], retain_targets[:, :-1], retain.attention_mask[:, 1:])
         total = config.erase_weight * erase + config.retain_weight * retain_term
         parts = {"erase": erase.detach(), "retain": retain_term.detach()}
         if stream is not None and config.consistency_weight > 0:
             ids, mask, target_mask = _consistency_batch([examples[i] for i in stream.next()], pad, base.device)
-            consistency = losses.causal_lm_loss(_logits(lm.model, ids, mask), ids, target_mask)
+            consistency = losses.causal_lm_loss(_logits(model, ids, mask), ids, target_mask)
             total = total + config.consistency_weight * consistency
             parts["consistency"] = consistency.detach()
         return total, parts

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from obliviate.data.concepts import ConceptData
-from obliviate.edits.embedding import EmbeddingPatch
+from obliviate.edits.embedding import EmbeddingPatch, model_identity
 from obliviate.errors import ObliviateError
 from obliviate.settings import setting
 from obliviate.methods.factorization import Factorization, FactorizationConfig, factorize
@@ -106,6 +106,8 @@ class EmberFit:
     output_rows: str = "separate"  # the output-row policy applied (see output_rows_mode)
     embeddings_untied: bool = False
     neutral_row: torch.Tensor | None = None  # "neutral": every edited token's new output row
+    original_output_rows: torch.Tensor | None = None  # "neutral": the rows it replaces (for revert)
+    identity: dict[str, str] = field(default_factory=dict)  # the model it was fitted on (model_identity)
 
     def candidates(self) -> Iterator[tuple[dict, EmbeddingPatch]]:
         """The grid the pipeline evaluates, smallest delta first (the stop rule relies on it)."""
@@ -146,8 +148,9 @@ class EmberFit:
             original_rows=self.original_rows.clone(),
             edited_rows=edited.to(self.original_rows.dtype),
             metadata={"method": "ember", "delta": str(delta), "model": self.model_name,
-                      "embeddings_untied": str(self.embeddings_untied)},
+                      "embeddings_untied": str(self.embeddings_untied), **self.identity},
             output_rows=output,
+            original_output_rows=None if output is None else self.original_output_rows.clone(),
         )
 
     def token_report(self, tokenizer, limit: int = 60) -> list[str]:
@@ -218,15 +221,21 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config, seed: int = 42,
     )
     rows, contributions = eligible_contributions(result.F, result.G, token_set, selected, config.max_tokens_per_feature)
     token_ids = torch.as_tensor(token_set.ids[rows], dtype=torch.long)
-    weight = lm.model.get_input_embeddings().weight
-    original = weight[token_ids.to(weight.device)].detach().cpu().clone()
+    original = rows_of(lm.model.get_input_embeddings().weight, token_ids)
+    neutral = output_rows == "neutral"
     return EmberFit(
         token_set=token_set, factorization=result, features=selected, all_features=described,
         token_ids=token_ids, contributions=contributions.to(torch.float64), scale=embedding_scale(lm.model),
         original_rows=original, config=config, timings=timings, model_name=lm.name, tokenizer=lm.tokenizer,
         output_rows=output_rows, embeddings_untied=untied,
-        neutral_row=mean_output_row(lm.model) if output_rows == "neutral" else None,
+        neutral_row=mean_output_row(lm.model) if neutral else None,
+        original_output_rows=rows_of(lm.model.get_output_embeddings().weight, token_ids) if neutral else None,
+        identity=model_identity(lm.model),
     )
+
+
+def rows_of(weight: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+    return weight[token_ids.to(weight.device)].detach().cpu().clone()
 
 
 def mean_output_row(model: torch.nn.Module) -> torch.Tensor:
