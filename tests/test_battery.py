@@ -96,38 +96,51 @@ def test_respell_without_edited_rows_uses_the_concept_key_words(tiny_tokenizer, 
 
 # ---- quantize ------------------------------------------------------------------------
 
+def _quantized_weight(layer) -> torch.Tensor:
+    """The values a quantized layer multiplies with (a float weight dequantizes to itself)."""
+    return layer.weight.detach().dequantize().float()
+
+
 def test_quantized_weights_round_and_the_float_model_comes_back(tiny_tokenizer):
     lm = make_tiny_lm(tiny_tokenizer, seed=0)
     before = parameter_fingerprints(lm.model)
     ids = torch.tensor([[2, 10, 11, 12, 13]])
     logits = lm.model(ids).logits
-    for bits in (8, 4):
+    config = quantize.Config(group_size=32, nf4_block=32)
+    for scheme in ("int8", "int4", "nf4"):
         name, layer = next(iter(quantize.quantizable(lm.model).items()))
         weight = layer.weight.detach().clone()
-        with quantize.quantized(lm.model, bits, 32) as layers:
+        with quantize.quantized(lm.model, scheme, config) as layers:
             assert "lm_head" not in layers and layers[name] is layer
-            rounded = layer.weight.dequantize().float()
-            step = weight.abs().amax(dim=1, keepdim=True) / (2 ** (bits - 1) - 1)
-            assert 0 < (rounded - weight).abs().max() and bool(((rounded - weight).abs() <= step).all())
-            if bits == 4:  # symmetric round-to-nearest: at most 9 magnitudes in a group of 32
+            rounded = _quantized_weight(layer)
+            # the widest gap between two levels (NF4's outermost: 1 - 0.696 of the absmax)
+            step = weight.abs().amax(dim=1, keepdim=True) * {"int8": 1 / 127, "int4": 1 / 7, "nf4": 0.31}[scheme]
+            assert 0 < (rounded - weight).abs().max() and bool(((rounded - weight).abs() <= step).all()), scheme
+            if scheme == "int4":  # symmetric round-to-nearest: at most 9 magnitudes in a group of 32
                 assert torch.unique(rounded[0, :32].abs()).numel() <= 9 < torch.unique(weight[0, :32].abs()).numel()
+            if scheme == "nf4":  # the 16 NormalFloat levels times one absmax a block of 32
+                assert torch.unique(rounded.flatten()[:32]).numel() <= 16 < torch.unique(weight.flatten()[:32]).numel()
             changed = (lm.model(ids).logits - logits).abs().max()
             assert changed > 0
         assert all(torch.equal(before[k], v) for k, v in parameter_fingerprints(lm.model).items())
     assert torch.equal(lm.model(ids).logits, logits)
-    with pytest.raises(ObliviateError, match="bits"):
-        quantize.Config(bits=(3,))
+    with pytest.raises(ObliviateError, match="schemes"):
+        quantize.Config(schemes=("int3",))
+    with pytest.raises(ObliviateError, match="nf4_block 48 does not divide"):
+        with quantize.quantized(lm.model, "nf4", quantize.Config(nf4_block=48)):
+            pass
 
 
-def test_four_bits_move_weights_more_than_eight(tiny_tokenizer):
+def test_four_bits_move_weights_more_than_eight_and_nf4_is_a_four_bit_code(tiny_tokenizer):
     lm = make_tiny_lm(tiny_tokenizer, seed=0)
     name = next(iter(quantize.quantizable(lm.model)))
     weight = dict(lm.model.named_parameters())[f"{name}.weight"].detach().clone()
     error = {}
-    for bits in (8, 4):
-        with quantize.quantized(lm.model, bits, 32) as layers:
-            error[bits] = (layers[name].weight.dequantize().float() - weight).abs().mean()
-    assert 0 < error[8] < error[4]
+    for scheme in ("int8", "int4", "nf4"):
+        with quantize.quantized(lm.model, scheme, quantize.Config(group_size=32, nf4_block=32)) as layers:
+            error[scheme] = (_quantized_weight(layers[name]) - weight).abs().mean()
+    assert 0 < error["int8"] < error["nf4"] and error["int8"] < error["int4"]
+    assert error["nf4"] < 2 * error["int4"]  # both 4-bit codes: the same order of error
 
 
 # ---- fine-tuning on other text -------------------------------------------------------

@@ -3,18 +3,27 @@
 Zhang et al. (ICLR 2025, "Does your LLM truly unlearn? An embarrassingly simple approach")
 found that 4-bit quantization brings back most of what gradient-based unlearning removed:
 the small weight changes of the erasure fall inside one quantization step, so rounding
-returns the original's weights. Here: round-to-nearest, symmetric, per output channel at
-8 bits and per group of ``group_size`` input weights at 4 bits (torchao's weight-only
-integer configs, on the CPU and on GPUs alike). The decoder's linear layers are quantized;
-the input embedding and the output layer stay in floating point, as in the usual
-weight-only deployment. The model is quantized in place and its float weights come back
-bit for bit afterwards.
+returns the original's weights. Three schemes, each an attack variant:
+
+- ``int8``: round-to-nearest, symmetric, one scale per output channel;
+- ``int4``: the same per group of ``group_size`` input weights (torchao's weight-only
+  integer configs, on the CPU and on GPUs alike);
+- ``nf4``: the 4-bit NormalFloat code of QLoRA / bitsandbytes (``load_in_4bit``, the
+  scheme Zhang et al. measured): one absmax per block of ``nf4_block`` weights, the absmax
+  values themselves quantized to 8 bits per block of 256 (double quantization). Computed
+  with torchao's NF4 tensor, which runs on the CPU; a bitsandbytes 4-bit linear
+  dequantizes to these values before its matmul.
+
+The decoder's linear layers are quantized; the input embedding and the output layer stay
+in floating point, as in the usual weight-only deployment. The model is quantized in place
+and its float weights come back bit for bit afterwards.
 """
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator
+from typing import Iterator, Literal, get_args
 
 import torch
 from torch import nn
@@ -23,21 +32,26 @@ from obliviate.attacks.common import AttackContext, accuracy_interval, correct_o
 from obliviate.errors import ObliviateError
 
 NAME = "quantize"
-BITS = (8, 4)
+Scheme = Literal["int8", "int4", "nf4"]
+SCHEMES: tuple[str, ...] = get_args(Scheme)
+NF4_SCALE_BLOCK = 256  # absmax values sharing one 8-bit scale (bitsandbytes' double quantization)
 
 
 @dataclass(frozen=True)
 class Config:
-    bits: tuple[int, ...] = BITS  # each is one attack variant; the attacker keeps the one that brings back most
-    group_size: int = 32  # input weights sharing one scale at 4 bits (8 bits: one scale an output channel)
+    schemes: tuple[Scheme, ...] = SCHEMES  # each is one attack variant; the attacker keeps the one that brings back most
+    group_size: int = 32  # int4: input weights sharing one scale (int8: one scale an output channel)
+    nf4_block: int = 64  # nf4: weights sharing one absmax (bitsandbytes' blocksize for 4-bit weights)
 
     def __post_init__(self) -> None:
-        bits = (self.bits,) if isinstance(self.bits, int) else tuple(int(b) for b in self.bits)
-        if not bits or any(b not in BITS for b in bits):
-            raise ObliviateError(f"quantize bits must be among {BITS}, got {self.bits}.")
-        object.__setattr__(self, "bits", bits)
-        if self.group_size < 1:
-            raise ObliviateError(f"quantize group_size must be >= 1, got {self.group_size}.")
+        schemes = (self.schemes,) if isinstance(self.schemes, str) else tuple(self.schemes)
+        unknown = [s for s in schemes if s not in SCHEMES]
+        if unknown or not schemes:
+            raise ObliviateError(f"quantize schemes {unknown or '()'} are not valid: choose from {', '.join(SCHEMES)}.")
+        object.__setattr__(self, "schemes", schemes)
+        for name in ("group_size", "nf4_block"):
+            if getattr(self, name) < 1:
+                raise ObliviateError(f"quantize {name} must be >= 1, got {getattr(self, name)}.")
 
 
 def quantizable(model: nn.Module) -> dict[str, nn.Linear]:
@@ -46,29 +60,54 @@ def quantizable(model: nn.Module) -> dict[str, nn.Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear) and m is not head}
 
 
-def torchao_config(bits: int, group_size: int):
+def torchao_config(scheme: Scheme, group_size: int):
+    """torchao's weight-only integer config of an integer scheme."""
     try:
         from torchao.quantization import IntxWeightOnlyConfig
         from torchao.quantization.granularity import PerAxis, PerGroup
     except ImportError as err:
         raise ObliviateError("The quantize attack needs torchao: pip install 'torchao>=0.13'.") from err
-    granularity = PerAxis(0) if bits == 8 else PerGroup(group_size)
-    return IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=granularity)
+    granularity = PerAxis(0) if scheme == "int8" else PerGroup(group_size)
+    return IntxWeightOnlyConfig(weight_dtype=torch.int8 if scheme == "int8" else torch.int4, granularity=granularity)
+
+
+def nf4_round_trip(weight: torch.Tensor, block: int) -> torch.Tensor:
+    """``weight`` through the NF4 code and back (the values a 4-bit NormalFloat linear
+    multiplies with). The absmax values are double-quantized in blocks of 256, or of the
+    largest count that divides their number when a small layer has fewer."""
+    from torchao.quantization import to_nf4
+
+    scales = weight.numel() // block
+    return to_nf4(weight.detach(), block, math.gcd(scales, NF4_SCALE_BLOCK)).get_original_weight().to(weight.dtype)
+
+
+def check_divides(layers: dict[str, nn.Linear], scheme: Scheme, config: Config) -> None:
+    """An int4 group must tile every layer's input width, an nf4 block its weight count."""
+    if scheme == "int8":
+        return
+    size, setting, what = ((config.group_size, "group_size", "input width") if scheme == "int4"
+                           else (config.nf4_block, "nf4_block", "weight count"))
+    for name, module in layers.items():
+        count = module.in_features if scheme == "int4" else module.weight.numel()
+        if count % size:
+            raise ObliviateError(f"quantize {setting} {size} does not divide the {what} of {name} ({count}): "
+                                 f"--set quantize.{setting}=...")
 
 
 @contextmanager
-def quantized(model: nn.Module, bits: int, group_size: int) -> Iterator[dict[str, nn.Linear]]:
+def quantized(model: nn.Module, scheme: Scheme, config: Config) -> Iterator[dict[str, nn.Linear]]:
     """``model`` with its linear layers quantized for a block; float weights restored after."""
-    from torchao.quantization import quantize_
-
     layers = quantizable(model)
-    too_narrow = [n for n, m in layers.items() if bits == 4 and m.in_features % group_size]
-    if too_narrow:
-        raise ObliviateError(f"quantize group_size {group_size} does not divide the input width of {too_narrow[0]} "
-                             f"({layers[too_narrow[0]].in_features}): --set quantize.group_size=...")
+    check_divides(layers, scheme, config)
     saved = {name: (m.weight.detach().clone(), m.weight.requires_grad) for name, m in layers.items()}
     try:
-        quantize_(model, torchao_config(bits, group_size), filter_fn=lambda module, fqn: fqn in layers)
+        if scheme == "nf4":
+            for module in layers.values():
+                module.weight = nn.Parameter(nf4_round_trip(module.weight, config.nf4_block), requires_grad=False)
+        else:
+            from torchao.quantization import quantize_
+
+            quantize_(model, torchao_config(scheme, config.group_size), filter_fn=lambda module, fqn: fqn in layers)
         yield layers
     finally:
         for name, module in layers.items():
@@ -77,19 +116,19 @@ def quantized(model: nn.Module, bits: int, group_size: int) -> Iterator[dict[str
 
 
 def run(ctx: AttackContext, config: Config) -> dict:
-    """Each bit width on both models; the erased model's best is the attack's "after"."""
-    torchao_config(config.bits[0], config.group_size)  # a missing torchao fails before any scoring
+    """Each scheme on both models; the erased model's best is the attack's "after"."""
+    torchao_config("int8", config.group_size)  # a missing torchao fails before any scoring
 
     def measure(role, lm, prepared, before):
-        per_bits = {}
-        for bits in config.bits:
-            with quantized(lm.model, bits, config.group_size):
-                per_bits[bits] = correct_on(lm, prepared, ctx.batching)
-        best = max(per_bits, key=lambda b: per_bits[b].mean())
-        return per_bits[best], {
-            "best_bits": best,
-            "per_bits": {str(b): accuracy_interval(c, ctx.bootstrap, ctx.seed) for b, c in per_bits.items()},
-            "per_bits_correct": {str(b): c.astype(int).tolist() for b, c in per_bits.items()},
+        per_scheme = {}
+        for scheme in config.schemes:
+            with quantized(lm.model, scheme, config):
+                per_scheme[scheme] = correct_on(lm, prepared, ctx.batching)
+        best = max(per_scheme, key=lambda s: per_scheme[s].mean())
+        return per_scheme[best], {
+            "best_scheme": best,
+            "per_scheme": {s: accuracy_interval(c, ctx.bootstrap, ctx.seed) for s, c in per_scheme.items()},
+            "per_scheme_correct": {s: c.astype(int).tolist() for s, c in per_scheme.items()},
             "quantized_layers": len(quantizable(lm.model)),
         }
 
