@@ -84,6 +84,66 @@ def test_respell_attack_reports_counts_and_recovers_a_token_edit(tiny_tokenizer,
     assert result["erased"]["correct_after"] == result["original"]["correct_after"]
 
 
+class _Upper(respell.Translator):
+    """A translator with a known answer: upper case (and a count of what it was asked)."""
+
+    def __init__(self):
+        super().__init__(lm=None, language="Upper")
+        self.asked: list[str] = []
+
+    def _translate(self, text: str) -> str:
+        self.asked.append(text)
+        return text.upper()
+
+
+def test_translated_form_translates_question_and_each_option_in_order(tiny_tokenizer, small_concept):
+    questions = small_concept.questions["qa_test"]
+    translator = _Upper()
+    rewriter = respell.Rewriter(tiny_tokenizer, frozenset())
+    rewritten = respell.rewrite_all(rewriter, questions, ("translated",), translator)["translated"]
+    for q, r in zip(questions, rewritten):
+        assert r.question == q.question.upper() and r.answer == q.answer
+        assert r.options == tuple(o.upper() for o in q.options)
+    texts = {t for q in questions for t in (q.question, *q.options)}
+    assert sorted(translator.asked) == sorted(texts)  # each distinct text translated once
+
+
+def _tiny_t5_folder(folder, tokenizer):
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    config = T5Config(vocab_size=len(tokenizer), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
+                      pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+    T5ForConditionalGeneration(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_a_local_translation_model_loads_either_kind_and_translates_deterministically(
+        tiny_tokenizer, tiny_model_dir, small_concept, tmp_path):
+    question = small_concept.questions["qa_test"][0]
+    for folder in (tiny_model_dir, _tiny_t5_folder(tmp_path / "t5", tiny_tokenizer)):
+        config = respell.Config(forms=("translated",), translator=str(folder))
+        lm = respell.load_translation_model(config.translator)
+        assert lm.model.config.is_encoder_decoder == (folder != tiny_model_dir)
+        first = respell.Translator(lm, config.translate_to).question(question)
+        again = respell.Translator(lm, config.translate_to).question(question)
+        assert first == again and first.answer == question.answer and len(first.options) == len(question.options)
+        assert all(isinstance(t, str) and t for t in (first.question, *first.options))
+
+
+def test_translated_form_is_checked_before_any_model_and_skipped_with_a_message_without_one(
+        tiny_tokenizer, small_concept, data_dir, tmp_path, capsys):
+    with pytest.raises(ObliviateError, match="not a folder"):
+        respell.Config(translator=str(tmp_path / "missing"))
+    with pytest.raises(ObliviateError, match="needs a translator"):
+        respell.Config(forms=("translated",))
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    result = attacks.run("respell", ctx, {"forms": ("respell", "translated")})
+    assert set(result["forms"]) == {"respell"} and "no translator" in result["skipped"]["translated"]
+    assert "translated form is skipped" in capsys.readouterr().err
+
+
 def test_respell_without_edited_rows_uses_the_concept_key_words(tiny_tokenizer, small_concept):
     ctx = AttackContext(models={}, data=small_concept, data_dir=None, options={})
     targets, source = respell.target_tokens(ctx, tiny_tokenizer, respell.Config(min_occurrences=3))

@@ -12,6 +12,11 @@ meaning and the correct option's index:
 - ``neighbours``: the word replaced by the ORIGINAL model's nearest vocabulary word (cosine
   of input embeddings) that is a whole word and holds no target: a synonym or a close
   description, as an attacker without the concept's words would find.
+- ``translated``: the question and each option (in their order, so the correct index stays)
+  translated by a local model the user gives (``translator``: an encoder-decoder such as a
+  Marian opus-mt model, or a causal model asked for ``translate_to``). Without one the form
+  is skipped and the results say so. Translation does not aim at the targets: how many
+  translated questions still hold one is reported like the other forms.
 
 Targets: the token ids the erase run edited; for a method that edits no token rows, the
 concept's own key tokens (concept-only tokens of the concept sentences, methods/features.py,
@@ -21,6 +26,7 @@ respelled questions. The attacker keeps the form that brings back the most.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -31,16 +37,23 @@ from obliviate.data.respelling import rewrite_text, spellings, word_tokens
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.multiple_choice import prepare
 from obliviate.methods.features import key_token_ids
+from obliviate.models.loading import LoadedModel, load_translation_model
+from obliviate.progress import write_line
 
 NAME = "respell"
-FORMS = ("respell", "neighbours")
+FORMS = ("respell", "neighbours", "translated")
 EXAMPLES = 3  # rewritten questions shown in results.json
+NO_TRANSLATOR = ("the translated form is skipped: no translator was given (--set respell.translator=FOLDER, a local "
+                 "translation model such as a Marian opus-mt model saved with save_pretrained)")
 
 
 @dataclass(frozen=True)
 class Config:
-    forms: tuple[str, ...] = ("respell", "neighbours")  # each rewrites every question; the attacker keeps the best
+    forms: tuple[str, ...] = FORMS  # each rewrites every question; the attacker keeps the best
     min_occurrences: int = 3  # key tokens of a method that edits no rows: concept-only, seen this often
+    translator: str = ""  # a local translation model's folder; empty: the translated form is skipped
+    translate_to: str = "French"  # the language a causal translator is asked for
+    translator_prefix: str = ""  # before each text, for an encoder-decoder that wants one (T5: "translate English to French: ")
 
     def __post_init__(self) -> None:
         forms = (self.forms,) if isinstance(self.forms, str) else tuple(self.forms)
@@ -50,6 +63,15 @@ class Config:
         object.__setattr__(self, "forms", forms)
         if self.min_occurrences < 1:
             raise ObliviateError(f"respell min_occurrences must be >= 1, got {self.min_occurrences}.")
+        if self.translator and not Path(self.translator).expanduser().is_dir():
+            raise ObliviateError(f"respell translator {self.translator!r} is not a folder: give a local translation "
+                                 "model's folder (written by save_pretrained).")
+        if forms == ("translated",) and not self.translator:
+            raise ObliviateError(f"respell forms=translated alone needs a translator: {NO_TRANSLATOR.split(': ', 1)[1]}.")
+
+    def measured_forms(self) -> tuple[str, ...]:
+        """The forms this run can measure (translated only with a translator)."""
+        return tuple(f for f in self.forms if f != "translated" or self.translator)
 
 
 def target_tokens(ctx: AttackContext, tokenizer, config: Config) -> tuple[frozenset[int], str]:
@@ -105,8 +127,41 @@ class Rewriter:
                           tuple(rewrite_text(o, self.holds_target, replace) for o in question.options), question.answer)
 
 
-def rewrite_all(rewriter: Rewriter, questions: list[MCQuestion], forms: tuple[str, ...]) -> dict[str, list[MCQuestion]]:
-    return {form: [rewriter.question(q, form) for q in questions] for form in forms}
+class Translator:
+    """Text into another language by a local model, greedy, one text at a time (each
+    distinct text translated once); a text that comes back empty stays as it was."""
+
+    def __init__(self, lm: LoadedModel, language: str, prefix: str = ""):
+        self.lm, self.language, self.prefix = lm, language, prefix
+        self._done: dict[str, str] = {}
+
+    @torch.no_grad()
+    def __call__(self, text: str) -> str:
+        if text not in self._done:
+            self._done[text] = self._translate(text) or text
+        return self._done[text]
+
+    def _translate(self, text: str) -> str:
+        model, tokenizer = self.lm.model, self.lm.tokenizer
+        encoder_decoder = bool(model.config.is_encoder_decoder)
+        prompt = (self.prefix + text if encoder_decoder
+                  else f"Translate from English to {self.language}.\nEnglish: {text}\n{self.language}:")
+        inputs = tokenizer(prompt, return_tensors="pt").to(model.device)
+        length = inputs["input_ids"].shape[1]
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        out = model.generate(**inputs, max_new_tokens=2 * length + 8, do_sample=False, pad_token_id=pad)
+        new = out[0] if encoder_decoder else out[0, length:]
+        return tokenizer.decode(new, skip_special_tokens=True).strip().split("\n")[0].strip()
+
+    def question(self, question: MCQuestion) -> MCQuestion:
+        return MCQuestion(self(question.question), tuple(self(o) for o in question.options), question.answer)
+
+
+def rewrite_all(rewriter: Rewriter, questions: list[MCQuestion], forms: tuple[str, ...],
+                translator: Translator | None = None) -> dict[str, list[MCQuestion]]:
+    """Every question in each form, options in their order (the correct index unchanged)."""
+    return {form: [translator.question(q) if form == "translated" else rewriter.question(q, form) for q in questions]
+            for form in forms}
 
 
 def run(ctx: AttackContext, config: Config) -> dict:
@@ -116,9 +171,15 @@ def run(ctx: AttackContext, config: Config) -> dict:
     targets, source = target_tokens(ctx, lm.tokenizer, config)
     embedding = lm.model.get_input_embeddings().weight.detach().cpu() if "neighbours" in config.forms else None
     questions = ctx.test_questions()
-    rewrites = rewrite_all(Rewriter(lm.tokenizer, targets, embedding), questions, config.forms)
+    forms = config.measured_forms()
+    translator = (Translator(load_translation_model(config.translator, str(lm.model.device)), config.translate_to,
+                             config.translator_prefix) if "translated" in forms else None)
+    rewrites = rewrite_all(Rewriter(lm.tokenizer, targets, embedding), questions, forms, translator)
     out: dict = {"settings": asdict(config), "targets": {"source": source, "tokens": len(targets)},
                  "questions": len(questions), "forms": {}}
+    if forms != config.forms:
+        out["skipped"] = {"translated": NO_TRANSLATOR}
+        write_line(f"respell: {NO_TRANSLATOR}")
     for form, rewritten in rewrites.items():
         prepared = prepare(lm, rewritten, ctx.scoring, ctx.seed)
         changed = [i for i, (q, r) in enumerate(zip(questions, rewritten)) if q != r]

@@ -208,6 +208,23 @@ def load_model(
     return LoadedModel(model=model, tokenizer=tokenizer, name=spec or EMBEDDED_MODEL, source=source)
 
 
+def load_translation_model(folder: str, device: str = "cpu") -> LoadedModel:
+    """A local translation model (safetensors), encoder-decoder (Marian, NLLB, T5) or causal,
+    as its config says; only local files are read."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+        auto = AutoModelForSeq2SeqLM if config.is_encoder_decoder else AutoModelForCausalLM
+        model = auto.from_pretrained(folder, local_files_only=True, use_safetensors=True, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except (OSError, ValueError) as err:
+        raise ObliviateError(f"Could not load the translation model in {folder}: {err}. Give a folder written by "
+                             "save_pretrained (config, tokenizer and safetensors weights).") from err
+    model.to(device).eval()
+    return LoadedModel(model=model, tokenizer=tokenizer, name=folder, source=folder)
+
+
 def embedding_scale(model: nn.Module) -> float:
     """The factor the model multiplies input embeddings by in its forward pass.
 
