@@ -1,6 +1,6 @@
 """Speed of EMBER's stages on the embedded model (targets from issue 3).
 
-    python bench/bench_erase.py [--stages factorization,scoring,erase,cache,nothing]
+    python bench/bench_erase.py [--stages factorization,scoring,erase,cache,nothing,eval]
 
 - factorization: the plain reference schedule vs our solver on the same A, same seed
   (target: >= 10x faster at equal or lower loss);
@@ -17,6 +17,7 @@ Prints a Markdown table with the machine's name.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import tempfile
@@ -168,6 +169,37 @@ def bench_cache(concept: str, data_dir: str) -> list[tuple[str, str]]:
     return rows
 
 
+def bench_eval(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
+    """`eval` of an erase run (EMBER at delta 50, patch only), each on an empty results cache
+    (questions never scored before): as an embedding patch on the original (only inputs
+    holding an edited token run on the erased weights) and as two models (every input on
+    both). Wall seconds side by side; the answers must be the same."""
+    from obliviate.cli import main as cli
+    from obliviate.pipeline import evaluate
+
+    data = ["--data", data_dir] if data_dir else []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = Path(tmp) / "erase"
+        obliviate.erase(concept, out=run, save_model=False, ember={"delta": 50.0}, progress=False,
+                        **({"data": data_dir} if data_dir else {}))
+        seconds, results, shortcut = {}, {}, evaluate.erased_as_patch
+        for name, as_patch in (("as a patch", shortcut), ("as two models", lambda pair: None)):
+            evaluate.erased_as_patch = as_patch
+            with empty_results_cache():
+                start = time.perf_counter()
+                assert cli(["eval", "--model", str(run), *data, "--no-progress", "--out", str(Path(tmp) / name)]) == 0
+                seconds[name] = time.perf_counter() - start
+            results[name] = json.loads((Path(tmp) / name / "results.json").read_text())
+        evaluate.erased_as_patch = shortcut
+    fast, full = results["as a patch"], results["as two models"]
+    same = all(fast["per_question"][s][k] == full["per_question"][s][k]
+               for s in full["per_question"] for k in full["per_question"][s] if k.endswith("correct"))
+    return [(f"eval of an erase run of {concept!r}, empty results cache: as a patch / as two models",
+             f"{seconds['as a patch']:.0f} s / {seconds['as two models']:.0f} s "
+             f"({seconds['as two models'] / seconds['as a patch']:.1f}x; target <= 180 s); same answers: {same}"),
+            ("  evaluated as", fast["evaluated_as"])]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="the benchmark folder (default: the one the package ships)")
@@ -190,6 +222,8 @@ def main() -> None:
         rows += bench_cache(args.concept, args.data)
     if "nothing" in stages:
         rows += bench_nothing(args.nothing_concept, args.data)
+    if "eval" in stages:
+        rows += bench_eval(args.concept, args.data)
     print("| measurement | result |\n| --- | --- |")
     for name, value in rows:
         print(f"| {name} | {value} |")

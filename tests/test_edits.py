@@ -210,3 +210,39 @@ def test_edits_are_immutable_applying_and_reverting_change_the_model_only(tiny_l
         EmbeddingPatch(patch.token_ids, patch.original_rows, patch.edited_rows, {}, output_rows=patch.output_rows)
     with pytest.raises(ValueError, match="base weights"):
         LoraAdapter({name: (a, b)}, 0.5, {})
+
+
+def test_patch_between_recovers_an_embedding_edit_and_refuses_anything_else(tiny_lm, small_concept):
+    import copy
+
+    from obliviate.edits.embedding import patch_between
+
+    original = copy.deepcopy(tiny_lm.model)  # tied, as loaded
+    neutral = ember.fit(tiny_lm, small_concept, ember.Config(k=20, ratio_threshold=1.0, tied_output="neutral"))
+    made = neutral.patch(5.0)
+    made.apply(tiny_lm.model)  # the erased model: untied by the fit, rows and output rows set
+    found = patch_between(original, tiny_lm.model)
+    assert found is not None and found.metadata["embeddings_untied"] == "True"
+    moved = sorted(made.changed_token_ids())
+    assert found.token_ids.tolist() == moved and torch.equal(found.edited_rows, made.edited_rows[made._moved()])
+    assert torch.equal(found.output_rows, made.output_rows[made._moved()])
+    untie_output_embeddings(original)
+    apply_verified(found, original)  # the found patch turns the original into the erased model
+    assert all(torch.equal(a, b) for a, b in zip(original.state_dict().values(), tiny_lm.model.state_dict().values()))
+    assert patch_between(original, tiny_lm.model).changed_token_ids() == set()  # nothing differs any more
+    with torch.no_grad():
+        next(p for n, p in tiny_lm.model.named_parameters() if "mlp" in n).add_(1.0)
+    assert patch_between(original, tiny_lm.model) is None  # a weight outside the embedding moved
+
+
+def test_patch_between_tied_models_sets_no_output_rows(tiny_lm, small_concept):
+    import copy
+
+    from obliviate.edits.embedding import patch_between
+
+    original = copy.deepcopy(tiny_lm.model)
+    shared = ember.fit(tiny_lm, small_concept, ember.Config(k=20, ratio_threshold=1.0, tied_output="shared"))
+    shared.patch(5.0).apply(tiny_lm.model)
+    found = patch_between(original, tiny_lm.model)
+    assert found is not None and not found.sets_output_rows() and found.metadata["embeddings_untied"] == "False"
+    assert found.changed_token_ids() == shared.patch(5.0).changed_token_ids()

@@ -105,9 +105,38 @@ def test_eval_of_a_patch_only_erase_folder_matches_the_erase_run(tiny_model_dir,
     assert code == 0, capsys.readouterr().err
     r = json.loads((out / "results.json").read_text())
     assert r["concept"] == "Golf" and r["base"] == str(tiny_model_dir)
+    assert r["evaluated_as"] == f"an embedding patch of {erased['edited_token_count']} rows on the original"
     for split in ("qa_test", "simdom_test"):
         assert r[split]["edited"]["value"] == erased[split]["edited"]["value"]
         assert r[split]["base"]["value"] == erased[split]["base"]["value"]
+
+
+def test_eval_as_a_patch_measures_what_two_models_measure(tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    """The shortcut (only inputs holding an edited token run again) against every input on
+    both models: the same answers, continuations and metrics, for a saved model/ folder."""
+    import obliviate
+    from obliviate.pipeline import evaluate
+
+    run_dir = tmp_path / "erase"
+    obliviate.erase("Golf", data=data_dir, out=run_dir, model={"name": str(tiny_model_dir)}, progress=False,
+                    ember={"k": 20, "ratio_threshold": 1.0, "delta": 50.0},
+                    evaluation={"coherence_new_tokens": 4, "bootstrap": 20}, data_options={"general_questions": 6})
+    args = ["eval", "--model", str(run_dir), "--data", str(data_dir), "--general-questions", "6", "--bootstrap", "20",
+            "--coherence-new-tokens", "4", "--open-new-tokens", "4", "--no-cache", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "patch")]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "erased_as_patch", lambda pair: None)
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0, capsys.readouterr().err
+    fast, full = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("patch", "full"))
+    assert fast["evaluated_as"].startswith("an embedding patch of") and full["evaluated_as"].startswith("two models")
+    assert fast["per_question"].keys() == full["per_question"].keys() and fast["per_prompt"] == full["per_prompt"]
+    for name, rows in full["per_question"].items():
+        for key, values in rows.items():  # answers exactly; probabilities up to float order
+            assert fast["per_question"][name][key] == (values if key.endswith("correct") else pytest.approx(values, abs=1e-4))
+    for name in ("efficacy", "specificity", "coherence", *(f"{s}_test/{role}" for s in ("qa", "simdom", "general")
+                                                          for role in ("base", "edited"))):
+        part, _, role = name.partition("/")
+        fast_value, full_value = (r[part][role] if role else r[part] for r in (fast, full))
+        assert fast_value == pytest.approx(full_value, abs=1e-6), name
 
 
 def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_model_dir, data_dir, tmp_path, capsys):

@@ -243,6 +243,41 @@ def apply_patch_file(model: torch.nn.Module, path: str | Path) -> EmbeddingPatch
     return patch
 
 
+@torch.no_grad()
+def patch_between(original: torch.nn.Module, edited: torch.nn.Module) -> EmbeddingPatch | None:
+    """The patch that turns ``original`` into ``edited`` when they differ only in some rows of
+    the input embedding (and, where ``edited`` has its own output layer, in the same tokens'
+    output rows); None when anything else differs. Its metadata says "embeddings_untied"
+    when ``original`` is tied and ``edited`` is not: the original must be untied first."""
+    def matrices(model):
+        return model.get_input_embeddings().weight, model.get_output_embeddings().weight
+
+    def others(model):
+        skip = {id(w) for w in matrices(model)}
+        return {n: p for n, p in model.named_parameters() if id(p) not in skip}
+
+    (o_in, o_out), (e_in, e_out) = matrices(original), matrices(edited)
+    o_rest, e_rest = others(original), others(edited)
+    if o_in.shape != e_in.shape or o_out.shape != e_out.shape or o_rest.keys() != e_rest.keys() or any(
+            o_rest[n].shape != e_rest[n].shape or not torch.equal(o_rest[n], e_rest[n].to(o_rest[n].device))
+            for n in o_rest):
+        return None
+    original_tied, edited_tied = o_out is o_in, e_out is e_in
+    if edited_tied and not original_tied:
+        return None
+    rows = torch.nonzero((o_in != e_in.to(o_in.device)).any(dim=1)).flatten()
+    sets_output = False
+    if not edited_tied:  # its own output layer: rows may move only where the input rows did
+        moved = set(torch.nonzero((o_out != e_out.to(o_out.device)).any(dim=1)).flatten().tolist())
+        if not moved <= set(rows.tolist()):
+            return None
+        sets_output = bool(moved)
+    pick = lambda weight: weight[rows.to(weight.device)].detach().to("cpu").clone()  # noqa: E731
+    untie = original_tied and not edited_tied
+    return EmbeddingPatch(rows.cpu(), pick(o_in), pick(e_in), {**model_identity(original), "embeddings_untied": str(untie)},
+                          pick(e_out) if sets_output else None, pick(o_out) if sets_output else None)
+
+
 def merge_patches(patches: list[EmbeddingPatch]) -> EmbeddingPatch:
     """One patch equal to applying ``patches`` in order (each made on the model the previous
     ones had edited): a token's original row is from the first patch that edits it, its new

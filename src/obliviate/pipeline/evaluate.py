@@ -18,7 +18,7 @@ from obliviate.io import fingerprint
 from obliviate.methods import eco as eco_method
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish
-from obliviate.pipeline.pair import erase_run_info, load_pair, open_out
+from obliviate.pipeline.pair import erase_run_info, erased_as_patch, load_pair, open_out
 
 
 def run_eval(config, base: str | None = None, eco: str | None = None, judge: str | None = None,
@@ -43,15 +43,22 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     timings, clock = {}, time.perf_counter()
     _, pair = open_out(out, print_, config.overwrite, lambda: load_pair(config, base, artifact.model_name if artifact else None))
     candidate = eco_method.wrap(pair.erased, artifact) if artifact else pair.erased
+    patch = None if artifact else erased_as_patch(pair)
     timings["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     evaluator = Evaluator(pair.original, data, config.evaluation, config.seed)
-    train = evaluator.compare("train", candidate, coherence=False, progress=progress)
-    test = evaluator.compare("test", candidate, progress=progress)
+    if patch is not None:  # only the inputs holding an edited token run on the erased weights
+        train = evaluator.evaluate("train", patch, coherence=False, progress=progress)
+        test = evaluator.evaluate("test", patch, progress=progress)
+    else:
+        train = evaluator.compare("train", candidate, coherence=False, progress=progress)
+        test = evaluator.compare("test", candidate, progress=progress)
     timings["multiple_choice_and_coherence"] = time.perf_counter() - clock
     parts = {
         "model_source": pair.erased.source, "base": pair.original.name, "base_source": pair.original.source,
         "eco": eco, "config_fingerprint": print_, "scoring": config.evaluation.scoring,
+        "evaluated_as": (f"an embedding patch of {len(patch.changed_token_ids())} rows on the original" if patch is not None
+                         else "two models, every input on both"),
         "general_knowledge_source": data.general_source, "train": train.results().to_dict()["metrics"],
         "near_chance": dict(test.results().near_chance), "examples": test.examples,
         "per_question": test.per_question(), "per_prompt": test.per_prompt(),

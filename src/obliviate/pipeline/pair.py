@@ -9,12 +9,12 @@ from dataclasses import dataclass
 from typing import Callable
 from pathlib import Path
 
-from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_file
+from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_file, patch_between
 from obliviate.edits.weights import WEIGHT_DELTA_FILE, apply_weight_delta_file
 from obliviate.errors import ObliviateError
 from obliviate.io import read_json
 from obliviate.methods import eco
-from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model
+from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model, untie_output_embeddings
 from obliviate.pipeline.outputs import mark_out_dir, prepare_out_dir
 
 
@@ -97,6 +97,20 @@ def load_pair(config, base: str | None, hooked_model: str | None = None) -> Mode
             "with the original it was made from (pass --base)."
         )
     return ModelPair(original, erased, recorded)
+
+
+def erased_as_patch(pair: ModelPair) -> EmbeddingPatch | None:
+    """The erased model as an embedding patch on the original, when rows of the embedding
+    are all it changed (EMBER's runs, model/ saved or not), so an evaluation runs again only
+    the inputs that hold an edited token; the original is untied first where the patch
+    needs it (as the erase run did). None for anything else (an inference hook, trained
+    weights, another model): then every input runs on both models."""
+    if eco.installed_hook(pair.erased.model) is not None:
+        return None
+    patch = patch_between(pair.original.model, pair.erased.model)
+    if patch is not None and patch.metadata["embeddings_untied"] == "True":
+        untie_output_embeddings(pair.original.model)
+    return patch
 
 
 def open_out(out: Path, print_: str, overwrite: bool, load: Callable[[], ModelPair]) -> tuple[dict, ModelPair]:
