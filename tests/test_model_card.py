@@ -82,7 +82,8 @@ def test_attacks_are_reported_with_their_intervals():
 
 
 def test_several_concepts_a_local_base_and_an_adapter():
-    card = mc.model_card(results(concepts=["Gambling", "Golf"], model="/models/mine",
+    per_concept = {name: {"kind": "erase", "concept": name} for name in ("Gambling", "Golf")}  # as erase writes it
+    card = mc.model_card(results(concepts=per_concept, model="/models/mine",
                                  saved={"model": False, "edits": ["adapter/adapter_model.safetensors"]}))
     meta = front_matter(card)
     assert "base_model" not in meta  # a local folder is not a hub id: the Hub would reject it

@@ -51,9 +51,11 @@ def base_model_id(results: RunResults) -> str | None:
 
 
 def concepts_of(results: RunResults) -> list[str]:
+    """Every concept the run erased: a several-concept erase keeps each one's results under
+    its name ("concepts"), a single one names it in ``concept``."""
     listed = results.parts.get("concepts")
-    if isinstance(listed, (list, tuple)) and listed:
-        return [str(c) for c in listed]
+    if isinstance(listed, (Mapping, list, tuple)) and listed:
+        return [str(c) for c in listed]  # a mapping's names, in the order erased
     return [results.concept] if (results.concept or None) else []
 
 
