@@ -43,6 +43,19 @@ def test_evaluate_open_claims_judged_numbers_only_with_a_judge(tiny_lm):
     assert judged["judged"].tolist() == [1.0, 1.0] and judged["answers"] == plain["answers"]  # greedy: same answers
 
 
+def test_the_originals_open_answers_are_generated_once_with_a_cache(tiny_lm, tmp_path, monkeypatch):
+    from obliviate.evaluation import open_ended
+    from obliviate.evaluation.cache import OriginalCache
+
+    questions = [OpenQuestion("Who wrote Harry Potter?", "J.K. Rowling"), OpenQuestion("Who is Harry?", "a wizard")]
+    first = evaluate_open(tiny_lm, questions, None, 3, cache=OriginalCache(tiny_lm, folder=tmp_path))
+    monkeypatch.setattr(open_ended, "generate_answers", lambda *a, **k: pytest.fail("generated again"))
+    again = evaluate_open(tiny_lm, questions, None, 3, cache=OriginalCache(tiny_lm, folder=tmp_path))
+    assert again["answers"] == first["answers"] and again["match"].tolist() == first["match"].tolist()
+    with pytest.raises(pytest.fail.Exception):  # other settings are another entry
+        evaluate_open(tiny_lm, questions, None, 4, cache=OriginalCache(tiny_lm, folder=tmp_path))
+
+
 class _FakeOpenAI(BaseHTTPRequestHandler):
     def do_POST(self):  # noqa: N802 (http.server's name)
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))

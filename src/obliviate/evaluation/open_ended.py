@@ -22,6 +22,7 @@ import numpy as np
 from obliviate.data.concepts import OpenQuestion
 from obliviate.errors import ObliviateError
 from obliviate.models.loading import LoadedModel
+from obliviate.evaluation.cache import OriginalCache
 from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
 from obliviate.models.loading import load_model
 from obliviate.evaluation.multiple_choice import chat_prompt_ids
@@ -127,9 +128,15 @@ def make_judge(spec: str | None, model: str = "default", device: str = "cpu") ->
 
 
 def evaluate_open(lm: LoadedModel, questions: Sequence[OpenQuestion], judge: Judge | None = None,
-                  max_new_tokens: int = 24, batching: Batching = Batching()) -> dict:
-    """Per-question answers and correctness: {"answers", "match", "judged" (only with a judge)}."""
-    answers = generate_answers(lm, questions, max_new_tokens, batching)
+                  max_new_tokens: int = 24, batching: Batching = Batching(), cache: OriginalCache | None = None) -> dict:
+    """Per-question answers and correctness: {"answers", "match", "judged" (only with a judge)}.
+    ``cache``: the original model's results cache (its answers are generated once)."""
+    def answer() -> list[str]:
+        return generate_answers(lm, questions, max_new_tokens, batching)
+
+    payload = {"questions": [q.question for q in questions], "max_new_tokens": max_new_tokens,
+               "budget": batching.budget(lm)}
+    answers = cache.fetch_json("open_answers", payload, answer) if cache is not None else answer()
     golds = [q.answer for q in questions]
     out = {"answers": answers, "match": np.array([answer_matches(a, g) for a, g in zip(answers, golds)], dtype=float)}
     if judge is not None:

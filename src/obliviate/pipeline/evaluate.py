@@ -10,6 +10,7 @@ from obliviate.attacks.common import accuracy_interval
 from obliviate.data.concepts import load_open_questions
 from obliviate.errors import ObliviateError
 from obliviate.evaluation import open_ended
+from obliviate.evaluation.cache import OriginalCache
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.harness import run_harness
 from obliviate.evaluation.results import RunResults
@@ -71,12 +72,14 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
         open_questions = load_open_questions(config.data.data_dir(), concept)
         results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match"}
         batching = Batching(config.evaluation.batch_tokens)
+        caches = {"base": OriginalCache(pair.original, enabled=config.evaluation.cache), "edited": None}
         for split in ("qa_test", "simdom_test"):
             if split not in open_questions:
                 continue
             entry = {}
             for role, lm in (("base", pair.original), ("edited", candidate)):
-                judged = open_ended.evaluate_open(lm, open_questions[split], judge_obj, open_new_tokens, batching)
+                judged = open_ended.evaluate_open(lm, open_questions[split], judge_obj, open_new_tokens, batching,
+                                                  caches[role])
                 entry[role] = {"match": accuracy_interval(judged["match"], config.evaluation.bootstrap, config.seed),
                                "examples": [{"q": q.question, "gold": q.answer, "answer": a}
                                             for q, a in zip(open_questions[split][:5], judged["answers"][:5])]}
