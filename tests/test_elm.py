@@ -92,7 +92,7 @@ def term(lm, peft_model, data, settings: elm.Config, name: str) -> float:
     """One loss term on the fixed batches (a fresh closure: the same prefixes every call)."""
     forget, retain = batches(lm, data)
     with torch.no_grad():
-        return float(elm._elm_loss(lm, peft_model, data, settings, [], seed=0)(forget, retain)[1][name])
+        return float(elm.make_step_loss(lm.model, lm.tokenizer, peft_model, data.concept, settings, [], seed=0)(forget, retain)[1][name])
 
 
 def neutral_kl(lm, peft_model, data) -> float:
@@ -108,7 +108,7 @@ def neutral_kl(lm, peft_model, data) -> float:
 def train_steps(lm, peft_model, params, data, settings: elm.Config, steps: int, lr: float) -> None:
     forget, retain = batches(lm, data)
     optimizer = torch.optim.SGD(params, lr=lr)
-    step_loss = elm._elm_loss(lm, peft_model, data, settings, [], seed=0)
+    step_loss = elm.make_step_loss(lm.model, lm.tokenizer, peft_model, data.concept, settings, [], seed=0)
     for _ in range(steps):
         loss, _ = step_loss(forget, retain)
         loss.backward()
@@ -185,10 +185,14 @@ def test_fit_reports_the_guidance_check_and_the_setting_is_checked(tiny_lm, smal
 
 
 def test_the_guidance_check_setting_reuses_the_trained_adapter(tiny_lm, small_concept, tmp_path):
-    cached = []
+    cached, merged = [], []
     for templates in (0, 1):
         fitted = methods.get("elm").fit(tiny_lm, small_concept, config(guidance_templates=templates), 0,
                                         MethodContext(progress=False, checkpoint_dir=tmp_path))
-        list(fitted.candidates())
+        (_, adapter), = list(fitted.candidates())
         cached.append(fitted.report()["candidates"][0]["cached"])
+        adapter.apply(tiny_lm.model)  # the adapter read back applies like the trained one
+        merged.append({n: p.detach().clone() for n, p in tiny_lm.model.named_parameters() if n in adapter.weights})
+        adapter.revert(tiny_lm.model)
     assert cached == [False, True]
+    assert merged[0] and merged[0].keys() == merged[1].keys() and all(torch.equal(merged[0][n], merged[1][n]) for n in merged[0])

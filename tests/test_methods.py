@@ -188,9 +188,9 @@ def test_ember_patch_is_applied_while_training(tiny_lm, small_concept, monkeypat
     seen = []
     real_train = training.train
 
-    def spy(model, *args, **kwargs):
-        seen.append(torch.equal(model.get_input_embeddings().weight[rows].detach(), patch.edited_rows))
-        return real_train(model, *args, **kwargs)
+    def spy(job, *args, **kwargs):
+        seen.append(torch.equal(job.model.get_input_embeddings().weight[rows].detach(), patch.edited_rows))
+        return real_train(job, *args, **kwargs)
 
     monkeypatch.setattr(training, "train", spy)
     with applied(patch, tiny_lm.model):

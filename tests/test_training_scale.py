@@ -20,7 +20,7 @@ from obliviate.errors import ObliviateError
 from obliviate.training import memory_plan as memory
 from obliviate.settings import build_section
 from obliviate.training import optim
-from obliviate.training.loop import LoopConfig, logits, train
+from obliviate.training.loop import LoopConfig, TrainingJob, logits, train
 from obliviate.training import losses
 
 from conftest import REPO, make_tiny_lm
@@ -78,8 +78,8 @@ def test_default_training_on_fp32_gives_the_same_weights_as_plain_adamw(tiny_tok
     for choice in ("auto", "adamw"):
         lm = make_tiny_lm(tiny_tokenizer, "llama", tie=False)
         params = mlp(lm.model)
-        log = train(lm.model, tiny_tokenizer, params, lm_step(lm.model), FORGET, RETAIN,
-                    LoopConfig(steps=3, optimizer=choice).settings(1e-3, 5), progress=False)
+        log = train(TrainingJob(lm.model, tiny_tokenizer, params, lm_step(lm.model), FORGET, RETAIN,
+                                LoopConfig(steps=3, optimizer=choice).settings(1e-3, 5)), progress=False)
         assert log.optimizer == "adamw" and "memory plan (adamw" in log.memory_plan
         trained.append({n: p.detach().clone() for n, p in params.items()})
     assert all(torch.equal(trained[0][n], trained[1][n]) for n in trained[0])
@@ -112,8 +112,8 @@ def test_fp32_master_weights_track_fp32_training_of_a_bf16_model(tiny_tokenizer)
         lm.model.to(dtype)
         params = mlp(lm.model)
         start = {n: p.detach().float().clone() for n, p in params.items()}
-        train(lm.model, tiny_tokenizer, params, lm_step(lm.model), FORGET, RETAIN,
-              LoopConfig(steps=8, optimizer=choice).settings(1e-5, 5), progress=False)
+        train(TrainingJob(lm.model, tiny_tokenizer, params, lm_step(lm.model), FORGET, RETAIN,
+                          LoopConfig(steps=8, optimizer=choice).settings(1e-5, 5)), progress=False)
         assert all(p.dtype == dtype for p in params.values())  # rounded back after training
         return torch.cat([(p.detach().float() - start[n]).flatten() for n, p in params.items()])
 
@@ -181,8 +181,8 @@ def test_training_refuses_before_the_first_step_when_the_plan_does_not_fit(tiny_
     monkeypatch.setattr(memory, "device_budget", lambda model: 1000)
     before = {n: p.detach().clone() for n, p in lm.model.named_parameters()}
     with pytest.raises(ObliviateError, match="does not fit"):
-        train(lm.model, tiny_tokenizer, mlp(lm.model), lm_step(lm.model), FORGET, RETAIN,
-              LoopConfig(steps=2).settings(1e-3, 5), progress=False)
+        train(TrainingJob(lm.model, tiny_tokenizer, mlp(lm.model), lm_step(lm.model), FORGET, RETAIN,
+                          LoopConfig(steps=2).settings(1e-3, 5)), progress=False)
     with pytest.raises(ObliviateError, match="does not fit"):
         relearning.relearn(lm, FORGET, relearning.Config(epochs=1), lambda m: np.zeros(1), progress=False)
     assert all(torch.equal(before[n], p) for n, p in lm.model.named_parameters())
@@ -294,7 +294,7 @@ def test_the_loop_trains_bf16_with_8bit_adamw_and_resumes_from_its_checkpoint(ti
 
         settings = LoopConfig(steps=4, checkpoint_every=2, optimizer="adamw8bit").settings(1e-3, 5)
         try:
-            log = train(lm.model, tiny_tokenizer, params, step, FORGET, RETAIN, settings, tmp_path / "ckpt", False)
+            log = train(TrainingJob(lm.model, tiny_tokenizer, params, step, FORGET, RETAIN, settings), tmp_path / "ckpt", False)
         except KeyboardInterrupt:
             return None, params
         return log, params
@@ -355,8 +355,8 @@ def test_bf16_autocast_runs_the_products_in_bf16_over_float32_weights(tiny_token
             seen.append((setting, torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None))
             return step(forget, retain)
 
-        log = train(lm.model, tiny_tokenizer, params, recorded, FORGET, RETAIN,
-                    LoopConfig(steps=3, bf16_autocast=setting).settings(1e-3, 5), progress=False)
+        log = train(TrainingJob(lm.model, tiny_tokenizer, params, recorded, FORGET, RETAIN,
+                                LoopConfig(steps=3, bf16_autocast=setting).settings(1e-3, 5)), progress=False)
         assert all(p.dtype == torch.float32 for p in params.values())
         trained[setting] = [entry["loss"] for entry in log.losses]
     assert {s for s in seen if s[0]} == {(True, torch.bfloat16)} and {s for s in seen if not s[0]} == {(False, None)}

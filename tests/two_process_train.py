@@ -17,7 +17,7 @@ from conftest import _train_tiny_tokenizer, make_tiny_lm  # noqa: E402
 from obliviate.attacks.relearning import Config as RelearnConfig, relearn  # noqa: E402
 from obliviate.training import sharding  # noqa: E402
 from obliviate.training import losses  # noqa: E402
-from obliviate.training.loop import LoopConfig, logits, snapshot
+from obliviate.training.loop import LoopConfig, TrainingJob, logits, snapshot
 from obliviate.training.grid import train_delta  # noqa: E402
 
 FORGET = ["Casinos offer poker, roulette and slot machines.", "Betting on horses is a form of gambling.",
@@ -39,7 +39,8 @@ def main(out: str) -> None:
         r = losses.causal_lm_loss(logits(lm.model, retain), retain.input_ids, retain.attention_mask)
         return r - 0.1 * f, {"forget": f.detach(), "retain": r.detach()}
 
-    delta, log = train_delta(lm.model, tokenizer, params, step, FORGET, RETAIN, config.settings(1e-3, 7), None, False, "t")
+    job = TrainingJob(lm.model, tokenizer, params, step, FORGET, RETAIN, config.settings(1e-3, 7))
+    delta, log = train_delta(job, None, False, "t")
     before = {n: t.clone() for n, t in snapshot(dict(lm.model.named_parameters())).items()}
 
     def evaluate(m):

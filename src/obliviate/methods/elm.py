@@ -34,7 +34,7 @@ from obliviate.evaluation.multiple_choice import correct_from_scores, option_sco
 from obliviate.io import fingerprint, read_json, write_json
 from obliviate.models.loading import LoadedModel
 from obliviate.training.loop import (
-    LoopConfig, StepLoss, TextStream, cached_log, check_positive, finished, tokenize, train,
+    LoopConfig, StepLoss, TextStream, TrainingJob, cached_log, check_positive, finished, tokenize, train,
 )
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint
 from obliviate.models.layers import PROJECTIONS, cache_argument, decoder_layers, model_device, resolve_layer
@@ -297,8 +297,9 @@ def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, 
     done = cached_log(where)
     if done is not None and (where / "adapter" / "adapter_model.safetensors").is_file():
         saved = load_file(str(where / "adapter" / "adapter_model.safetensors"))
-        named = {f"base_model.model.{k}".replace(".lora_A.weight", ".lora_A.default.weight")
-                 .replace(".lora_B.weight", ".lora_B.default.weight"): v for k, v in saved.items()}
+        # peft writes "base_model.model.<module path>.lora_A.weight": the adapter's name dropped
+        named = {k.replace(".lora_A.weight", ".lora_A.default.weight").replace(".lora_B.weight", ".lora_B.default.weight"): v
+                 for k, v in saved.items()}
         return adapter(_adapter_weights(named)), done
     flags = {name: p.requires_grad for name, p in lm.model.named_parameters()}
     torch.manual_seed(seed)  # LoRA A's init
@@ -307,8 +308,9 @@ def train_adapter(lm, data, config: Config, lora, examples, point, seed, where, 
         params = {n: p for n, p in peft_model.named_parameters() if "lora_" in n}
         step_loss = make_step_loss(lm.model, lm.tokenizer, peft_model, data.concept, config, examples, seed)
         forget = forget_sentences(lm.tokenizer, data, config.forget_text, seed)
-        log = train(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
-                    config.settings(point["lr"], seed), where, progress, f"elm {point}")
+        job = TrainingJob(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
+                          config.settings(point["lr"], seed))
+        log = train(job, where, progress, f"elm {point}")
         weights = _adapter_weights(params)
         if where is not None:
             peft_model.save_pretrained(str(where / "adapter"))

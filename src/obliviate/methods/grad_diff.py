@@ -13,7 +13,7 @@ from obliviate.training import losses
 from obliviate.data.concepts import ConceptData
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import LoopConfig, StepLoss, logits
+from obliviate.training.loop import LoopConfig, StepLoss, TrainingJob, logits
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 from obliviate.methods import MethodContext
@@ -46,8 +46,9 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
     def run_point(point: dict):
         step_loss = make_step_loss(lm.model, point["retain_weight"])
         key = fingerprint(["grad_diff", point, config.__dict__, seed, model_fingerprint(lm.model)])
-        return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
-                           config.settings(point["lr"], seed), folder / "grad_diff" / key if folder else None,
+        job = TrainingJob(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
+                          config.settings(point["lr"], seed))
+        return train_delta(job, folder / "grad_diff" / key if folder else None,
                            context.progress, f"grad_diff {point}", {"method": "grad_diff", **point})
 
     return TrainedGrid("grad_diff", points, run_point, info={"trained_parameters": len(params)})

@@ -16,7 +16,7 @@ from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import LoopConfig, StepLoss, logits, snapshot, swapped
+from obliviate.training.loop import LoopConfig, StepLoss, TrainingJob, logits, snapshot, swapped
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import BLOCK_WEIGHTS, select_parameters
 from obliviate.methods import MethodContext
@@ -55,8 +55,9 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
     def run_point(point: dict):
         step_loss = make_step_loss(lm.model, params, point["beta"], point["retain_weight"])
         key = fingerprint(["npo", point, config.__dict__, seed, model_fingerprint(lm.model)])
-        return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
-                           config.settings(point["lr"], seed), folder / "npo" / key if folder else None,
+        job = TrainingJob(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
+                          config.settings(point["lr"], seed))
+        return train_delta(job, folder / "npo" / key if folder else None,
                            context.progress, f"npo {point}", {"method": "npo", **point})
 
     return TrainedGrid("npo", points, run_point, info={"trained_parameters": len(params)})

@@ -17,8 +17,8 @@ from obliviate.data.concepts import ConceptData
 from obliviate.errors import ObliviateError
 from obliviate.io import fingerprint
 from obliviate.models.loading import LoadedModel
-from obliviate.training.loop import (LoopConfig, StepLoss, content_mask, layer_activations, snapshot, swapped,
-                                     tokenize)
+from obliviate.training.loop import (LoopConfig, StepLoss, TrainingJob, content_mask, layer_activations, snapshot,
+                                     swapped, tokenize)
 from obliviate.training.grid import TrainedGrid, grid_points, model_fingerprint, train_delta
 from obliviate.models.layers import MLP_DOWN_WEIGHTS, decoder_layers, model_device, resolve_layer, select_parameters
 from obliviate.methods import MethodContext
@@ -104,8 +104,8 @@ def fit(lm: LoadedModel, data: ConceptData, config: Config,
         settings = config.settings(point["lr"], seed)
         key = fingerprint(["rmu", point, config.__dict__, seed, model_fingerprint(lm.model)])
         where = folder / "rmu" / key if folder is not None else None
-        return train_delta(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences,
-                           settings, where, progress, f"rmu {point}", {"method": "rmu", **point})
+        job = TrainingJob(lm.model, lm.tokenizer, params, step_loss, forget, data.neutral_sentences, settings)
+        return train_delta(job, where, progress, f"rmu {point}", {"method": "rmu", **point})
 
     return TrainedGrid("rmu", points, run_point, info={
         "depth": depth, "trained_layers_below": config.trained_below, "steering_unit": config.steering_unit,

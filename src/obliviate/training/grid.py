@@ -15,7 +15,7 @@ from obliviate.edits.weights import ParameterDelta
 from obliviate.io import save_tensors
 from obliviate.training import sharding
 from obliviate.training import loop
-from obliviate.training.loop import TrainLog, TrainSettings, cached_log, finished, restored, snapshot
+from obliviate.training.loop import TrainLog, cached_log, finished, restored, snapshot
 
 
 def as_tuple(value) -> tuple:
@@ -38,11 +38,11 @@ def model_fingerprint(model: nn.Module) -> str:
     return f"{float((weight.double() @ probe).sum()):.12e}"
 
 
-def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: TrainSettings,
-                folder: Path | None, progress: bool, desc: str, metadata: dict | None = None):
-    """Train ``params`` from their current values, capture the result as a ParameterDelta
-    and restore the originals (the model leaves as it came). A finished candidate in
-    ``folder`` is loaded instead of trained again."""
+def train_delta(job: loop.TrainingJob, folder: Path | None, progress: bool, desc: str, metadata: dict | None = None):
+    """Train the job's ``params`` from their current values, capture the result as a
+    ParameterDelta and restore the originals (the model leaves as it came). A finished
+    candidate in ``folder`` is loaded instead of trained again."""
+    params = job.params
     originals = snapshot(params)
     done = cached_log(folder)
     if done is not None and (folder / "trained.safetensors").is_file():
@@ -53,7 +53,7 @@ def train_delta(model, tokenizer, params, step_loss, forget, retain, settings: T
         new = {name: saved[name] for name in originals}
         return ParameterDelta(original=originals, new=new, metadata={k: str(v) for k, v in (metadata or {}).items()}), done
     with restored(params, originals):
-        log = loop.train(model, tokenizer, params, step_loss, forget, retain, settings, folder, progress, desc)
+        log = loop.train(job, folder, progress, desc)
         # The trained values, whole (gathered from every process when FSDP shards them).
         delta = ParameterDelta(original=originals, new=snapshot(params),
                                metadata={k: str(v) for k, v in (metadata or {}).items()})

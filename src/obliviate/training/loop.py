@@ -116,6 +116,20 @@ class Batch:
 StepLoss = Callable[[Batch, Batch], tuple[torch.Tensor, dict]]
 
 
+@dataclass(frozen=True)
+class TrainingJob:
+    """What one run of the forget/retain loop trains: ``params`` of ``model`` under
+    ``step_loss``, on batches of ``forget`` and ``retain`` texts, with ``settings``."""
+
+    model: nn.Module
+    tokenizer: object
+    params: dict[str, nn.Parameter]
+    step_loss: StepLoss
+    forget: list[str]
+    retain: list[str]
+    settings: TrainSettings
+
+
 @dataclass
 class TrainLog:
     losses: list[dict] = field(default_factory=list)  # one {name: value} per optimizer step
@@ -277,24 +291,16 @@ def checkpointing(model: nn.Module, on: bool):
             getattr(model, f"{prefix}_disable")()
 
 
-def train(
-    model: nn.Module,
-    tokenizer,
-    params: dict[str, nn.Parameter],
-    step_loss: StepLoss,
-    forget: list[str],
-    retain: list[str],
-    settings: TrainSettings,
-    checkpoint: Path | None = None,
-    progress: bool = True,
-    desc: str = "training",
-) -> TrainLog:
-    """Minimise ``step_loss`` over ``settings.loop.steps`` optimizer steps of ``params``.
+def train(job: TrainingJob, checkpoint: Path | None = None, progress: bool = True, desc: str = "training") -> TrainLog:
+    """Minimise the job's ``step_loss`` over ``settings.loop.steps`` optimizer steps of its
+    ``params``.
 
     Each optimizer step accumulates ``grad_accum`` micro-batches of ``batch_size`` forget
     and retain texts. With ``checkpoint`` (a folder), the trained tensors, optimizer state
     and step are saved every ``checkpoint_every`` steps and picked up on the next call.
     """
+    model, tokenizer, params, step_loss, settings = job.model, job.tokenizer, job.params, job.step_loss, job.settings
+    forget, retain = job.forget, job.retain
     loop = settings.loop
     device = model_device(model)
     torch.manual_seed(settings.seed)
