@@ -8,11 +8,11 @@ returns the original's weights. Three schemes, each an attack variant:
 - ``int8``: round-to-nearest, symmetric, one scale per output channel;
 - ``int4``: the same per group of ``group_size`` input weights (torchao's weight-only
   integer configs, on the CPU and on GPUs alike);
-- ``nf4``: the 4-bit NormalFloat code of QLoRA / bitsandbytes (``load_in_4bit``, the
+- ``nf4``: the 4-bit NormalFloat code of QLoRA (bitsandbytes' ``load_in_4bit``, the
   scheme Zhang et al. measured): one absmax per block of ``nf4_block`` weights, the absmax
   values themselves quantized to 8 bits per block of 256 (double quantization). Computed
-  with torchao's NF4 tensor, which runs on the CPU; a bitsandbytes 4-bit linear
-  dequantizes to these values before its matmul.
+  with torchao's NF4 tensor, which runs on the CPU; bitsandbytes stores the scales' own
+  8-bit code differently, so its weights can differ from these in the last scale step.
 
 The decoder's linear layers are quantized; the input embedding and the output layer stay
 in floating point, as in the usual weight-only deployment. The model is quantized in place
