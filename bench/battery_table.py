@@ -61,6 +61,17 @@ def erase_run(arm: str, concept: str, data: str | None, folder: Path, ember_delt
     return json.loads((folder / "results.json").read_text())
 
 
+def attack_results(folder: Path, name: str) -> Path | None:
+    """The results.json holding attack ``name`` on this erase run: attack/ or attack-<name>/."""
+    return next((f / "results.json" for f in (folder / "attack", folder / f"attack-{name}")
+                 if (f / "results.json").exists() and name in json.loads((f / "results.json").read_text())), None)
+
+
+def finished(folder: Path, names: list[str]) -> bool:
+    """Whether the cell's erase and every asked attack have results (nothing left to run)."""
+    return (folder / "results.json").exists() and all(attack_results(folder, name) for name in names)
+
+
 def attack_run(folder: Path, data: str | None, names: list[str]) -> dict:
     """The attacks' results on one erase run: those in OUT/.../attack/ plus, for an attack
     asked later, its own folder attack-<name>/ (so a table grows without rerunning)."""
@@ -69,17 +80,16 @@ def attack_run(folder: Path, data: str | None, names: list[str]) -> dict:
     for name in names:
         if name in results:
             continue
-        found = [f / "results.json" for f in (folder / "attack", folder / f"attack-{name}")
-                 if (f / "results.json").exists() and name in json.loads((f / "results.json").read_text())]
-        if not found:
+        found = attack_results(folder, name)
+        if found is None:
             out = folder / ("attack" if not (folder / "attack").exists() else f"attack-{name}")
             asked = ",".join(names) if out.name == "attack" else name
             code = cli(["attack", "--model", str(folder), *data_flag, "--attacks", asked, "--out", str(out),
                         "--no-progress"])
             if code:
                 raise SystemExit(f"attack on {folder} failed with exit code {code}")
-            found = [out / "results.json"]
-        results.update(json.loads(found[0].read_text()))
+            found = out / "results.json"
+        results.update(json.loads(found.read_text()))
     results["attacks"] = names
     return results
 
@@ -158,12 +168,18 @@ def main() -> None:
     parser.add_argument("--concepts", default=CONCEPTS)
     parser.add_argument("--attacks", default="cheap", help="attack names, 'cheap' or 'all'")
     parser.add_argument("--write", default=None, metavar="PAGE", help="also write the tables to this markdown page")
+    parser.add_argument("--finished-only", action="store_true",
+                        help="tabulate the finished cells, run nothing (the page names the cells left out)")
     args = parser.parse_args()
     names = [n for n in battery.parse_names(args.attacks) if n != "probe"]  # the probe brings back no answers
     arms: dict[str, list[tuple[dict, dict]]] = {}
+    unfinished = []
     for arm in args.arms.split(","):
         for concept in args.concepts.split(","):
             folder = Path(args.out) / slug(arm) / slug(concept)
+            if args.finished_only and not finished(folder, names):
+                unfinished.append(f"{arm} on {concept}")
+                continue
             ember = [e for e, _ in arms.get("ember", []) if e["concept"] == concept]
             erased = erase_run(arm, concept, args.data, folder, ember[0]["delta"] if ember else None)
             if "qa_test" not in erased:  # nothing was erased (the original at chance): nothing to attack
@@ -171,6 +187,8 @@ def main() -> None:
             arms.setdefault(arm, []).append((erased, attack_run(folder, args.data, names)))
     command = "python bench/battery_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text, record = page(command, arms, names)
+    if unfinished:
+        text += f"\nNot run (unfinished when the page was written): {', '.join(unfinished)}.\n"
     print(text)
     write_json(Path(args.out) / "pooled.json", record)
     if args.write:
