@@ -38,8 +38,8 @@ def test_a_wrong_forget_text_is_refused_before_any_model_loads():
 def test_rmu_trains_on_the_respelled_text(tiny_lm, small_concept, monkeypatch):
     seen = []
 
-    def fake_train_delta(model, tokenizer, params, step_loss, forget, retain, *rest, **kwargs):
-        seen.append(list(forget))
+    def fake_train_delta(job, *rest, **kwargs):
+        seen.append(list(job.forget))
         return None, {}
 
     monkeypatch.setattr(rmu, "train_delta", fake_train_delta)
