@@ -172,9 +172,10 @@ def run(ctx: AttackContext, config: Config) -> dict:
     embedding = lm.model.get_input_embeddings().weight.detach().cpu() if "neighbours" in config.forms else None
     questions = ctx.test_questions()
     forms = config.measured_forms()
-    translator = (Translator(load_translation_model(config.translator, str(lm.model.device)), config.translate_to,
-                             config.translator_prefix) if "translated" in forms else None)
-    rewrites = rewrite_all(Rewriter(lm.tokenizer, targets, embedding), questions, forms, translator)
+    # the translation model is held only while the questions are rewritten, not while they are scored
+    rewrites = rewrite_all(Rewriter(lm.tokenizer, targets, embedding), questions, forms,
+                           Translator(load_translation_model(config.translator, str(lm.model.device)),
+                                      config.translate_to, config.translator_prefix) if "translated" in forms else None)
     out: dict = {"settings": asdict(config), "targets": {"source": source, "tokens": len(targets)},
                  "questions": len(questions), "forms": {}}
     if forms != config.forms:

@@ -10,7 +10,6 @@ from obliviate.attacks.common import accuracy_interval
 from obliviate.data.concepts import load_open_questions
 from obliviate.errors import ObliviateError
 from obliviate.evaluation import open_ended
-from obliviate.evaluation.cache import OriginalCache
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.harness import run_harness
 from obliviate.evaluation.results import RunResults
@@ -72,7 +71,7 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
         open_questions = load_open_questions(config.data.data_dir(), concept)
         results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match"}
         batching = Batching(config.evaluation.batch_tokens)
-        caches = {"base": OriginalCache(pair.original, enabled=config.evaluation.cache), "edited": None}
+        caches = {"base": evaluator.cache, "edited": None}  # the original's, already keyed to its weights
         for split in ("qa_test", "simdom_test"):
             if split not in open_questions:
                 continue
