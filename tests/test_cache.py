@@ -249,6 +249,22 @@ def test_the_folder_and_the_fingerprint(tiny_lm, cache_folder):
     assert OriginalCache(tiny_lm, enabled=True).key("x", [1]) != OriginalCache(tiny_lm, enabled=True).key("x", [2])
 
 
+def test_untying_the_output_layer_keeps_the_key_and_changing_it_does_not(tiny_tokenizer):
+    """`erase` opens the cache on the tied original and `eval` after untying it: the same
+    function, so the same key; the untied output layer's own bytes are still in it."""
+    from conftest import make_tiny_lm
+    from obliviate.models.loading import untie_output_embeddings
+
+    lm = make_tiny_lm(tiny_tokenizer, tie=True)
+    tied = weights_fingerprint(lm.model)
+    assert untie_output_embeddings(lm.model) and lm.model.config.tie_word_embeddings is False
+    assert weights_fingerprint(lm.model) == tied
+    with torch.no_grad():
+        lm.model.get_output_embeddings().weight[3, 1] += 1.0
+    assert weights_fingerprint(lm.model) != tied
+    assert weights_fingerprint(make_tiny_lm(tiny_tokenizer, tie=False).model) != tied  # other weights
+
+
 def test_no_cache_does_not_change_the_run_it_belongs_to():
     """--no-cache says where the original's numbers come from, not what they are: a run
     resumed with it is the same run."""

@@ -93,3 +93,44 @@ def test_options_sharing_a_context_score_as_if_run_whole(tiny_lm, tiny_llama):
         finally:
             hook.remove()
             head.remove()
+
+
+def test_output_states_recorded_while_scoring_equal_a_separate_capture(tiny_lm):
+    """What the output layer saw at each scored position, kept from the scoring pass (shared
+    contexts and whole sequences), equals capturing it in a pass of its own."""
+    from obliviate.evaluation.output_rows import capture_output_states
+
+    tok = tiny_lm.tokenizer
+    question = tok("Question: which club is used to putt?\nAnswer:").input_ids
+    options = [tok(f" {o}", add_special_tokens=False).input_ids for o in ("a putter", "the driver of the ball", "iron")]
+    items = [(question, o) for o in options] + [(tok("Q:").input_ids, options[1])]
+    for budget in (24, 4096):
+        totals, states = continuation_logprobs(tiny_lm, items, Batching(budget), record=True)
+        np.testing.assert_array_equal(totals.numpy(), continuation_logprobs(tiny_lm, items, Batching(budget)).numpy())
+        captured = capture_output_states(tiny_lm, [c + x[:-1] for c, x in items], [len(x) for _, x in items])
+        for kept, separate, (_, option) in zip(states, captured, items):
+            assert kept.hidden.shape == (len(option), tiny_lm.model.config.hidden_size) and kept.log_norm.dtype == torch.float64
+            torch.testing.assert_close(kept.hidden, separate.hidden, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(kept.log_norm, separate.log_norm, atol=1e-4, rtol=1e-5)
+
+
+def test_a_tied_edit_needs_no_second_pass_for_the_output_states(tiny_lm, small_concept, monkeypatch):
+    """The original's output states come from its scoring pass: correcting a tied edit's
+    untouched questions runs no capture pass."""
+    from obliviate.config import EvalConfig
+    from obliviate.edits.embedding import EmbeddingPatch
+    from obliviate.evaluation import evaluator as evaluator_module
+    from obliviate.evaluation.evaluator import Evaluator
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("a second pass over the original's questions")
+
+    monkeypatch.setattr(evaluator_module, "capture_output_states", no_second_pass)
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(scoring="loglik", coherence_new_tokens=0, bootstrap=20,
+                                                             cache=False))
+    weight = tiny_lm.model.get_input_embeddings().weight
+    tokens = torch.tensor([7, 11, 13])
+    rows = weight[tokens].detach().clone()
+    patch = EmbeddingPatch(token_ids=tokens, original_rows=rows, edited_rows=rows * 30.0, metadata={})
+    outcome = evaluator.evaluate("train", patch)
+    assert sum(outcome.rescored.values()) < sum(len(q) for q in evaluator.question_sets("train").values())

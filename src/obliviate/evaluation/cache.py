@@ -9,7 +9,8 @@ by the next command on the same model and data.
 
 An entry's key is the sha256 of:
 - the weights: the exact bytes of every parameter (names, dtypes and shapes included)
-  and the model's configuration (architecture, soft-caps, attention implementation).
+  and the model's configuration (architecture, soft-caps, attention implementation);
+  a tied output layer and an untied copy of the same matrix hash alike.
   A sha256 of the bytes in memory, not of the files: an edited model in memory, a patch
   applied on load, or a converted GGUF all hash to what actually runs, and one changed
   bit is a different key. It costs about 0.9 s for Gemma 3 270M (1.07 GB) on the CPU,
@@ -55,19 +56,32 @@ def results_dir() -> Path:
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:
-    """sha256 of every parameter's exact bytes (with names, dtypes, shapes) and the config."""
+    """sha256 of every parameter's exact bytes (with names, dtypes, shapes) and the config.
+
+    Every name is hashed with the tensor it holds, tied ones included, and the config's
+    tying flag is left out: a tied model and its untied copy (an EMBER run unties the
+    original before its output rows change) compute the same function and share a key,
+    so `eval`, which unties first, reads what `erase` cached before untying."""
     digest = hashlib.sha256()
-    for name, param in model.named_parameters(remove_duplicate=True):
-        tensor = param.detach().to("cpu").contiguous()
-        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    tensor_digests: dict[int, str] = {}  # a tied matrix is read once
+    for name, param in model.named_parameters(remove_duplicate=False):
+        if id(param) not in tensor_digests:
+            tensor = param.detach().to("cpu").contiguous()
+            tensor_digests[id(param)] = hashlib.sha256(tensor.reshape(-1).view(torch.uint8).numpy().data).hexdigest()
+        digest.update(f"{name}:{param.dtype}:{tuple(param.shape)}:{tensor_digests[id(param)]}".encode())
     config = getattr(model, "config", None)
     if config is not None:
-        settings = config.to_dict()
+        settings = without_tying(config.to_dict())
         settings.pop("_name_or_path", None)
         settings["attn_implementation"] = getattr(config, "_attn_implementation", None)
         digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
+
+
+def without_tying(settings: dict) -> dict:
+    """A config dict without ``tie_word_embeddings`` at any depth (the weights say it)."""
+    return {key: without_tying(value) if isinstance(value, dict) else value
+            for key, value in settings.items() if key != "tie_word_embeddings"}
 
 
 def environment(lm: LoadedModel) -> dict:

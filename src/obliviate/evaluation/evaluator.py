@@ -35,10 +35,10 @@ from obliviate.evaluation.metrics import (Interval, accuracy_pair, bootstrap, ch
                                           near_chance_sets, probability_sets)
 from obliviate.evaluation.multiple_choice import (PreparedQuestions, correct_from_scores, correct_probability, option_scores,
                               prepare)
-from obliviate.evaluation.output_rows import (OutputChange, OutputStates, capture_output_states, greedy_path_holds, option_shift,
+from obliviate.evaluation.output_rows import (OutputChange, capture_output_states, greedy_path_holds, option_shift,
                           current_output_rows, output_change)
 from obliviate.evaluation.results import SplitResults
-from obliviate.evaluation.scoring import Batching, greedy_generate
+from obliviate.evaluation.scoring import Batching, OutputStates, greedy_generate
 from obliviate.progress import progress_bar
 
 SPLITS = ("train", "test")
@@ -94,7 +94,7 @@ class Evaluator:
         self._prepared: dict[tuple[str, str], PreparedQuestions] = {}
         self._base_scores: dict[tuple[str, str], np.ndarray] = {}
         self._prompt_sets: dict[tuple[str, str], coh.CoherenceSet] = {}
-        self._states: dict[tuple[str, str], dict[int, OutputStates]] = {}  # tied models: _before_output_edit
+        self._states: dict[tuple[str, str], dict[int, OutputStates]] = {}  # output-row edits: _before_output_edit
         # Opened now, while the weights are the original's: its key is their fingerprint.
         self.cache = OriginalCache(lm, enabled=getattr(config, "cache", True))
 
@@ -111,12 +111,20 @@ class Evaluator:
         if key not in self._prepared:
             prepared = prepare(self.lm, self.question_sets(split)[name], self.config.scoring, self.seed)
             self._base_scores[key] = self.cache.fetch(
-                "option_scores", self._questions_key(prepared),
-                lambda: option_scores(self.lm, prepared, batching=self.batching),
+                "option_scores", self._questions_key(prepared), lambda: self._score_original(key, prepared),
                 lambda scores: ({"scores": torch.from_numpy(scores)}, {}),
                 lambda tensors, _: tensors["scores"].numpy().astype(np.float64))
             self._prepared[key] = prepared
         return self._prepared[key]
+
+    def _score_original(self, key: tuple[str, str], prepared: PreparedQuestions) -> np.ndarray:
+        """The original's option scores; the output states of the same pass are kept (and
+        cached), so correcting for an edit of output rows needs no second pass."""
+        scores, states = option_scores(self.lm, prepared, batching=self.batching, record=True)
+        if states:
+            self._states[key] = states
+            self._save_states(prepared, states)
+        return scores
 
     def _questions_key(self, prepared: PreparedQuestions) -> dict:
         """What the original's option scores depend on, besides the weights."""

@@ -23,7 +23,7 @@ import numpy as np
 from obliviate.data.concepts import MCQuestion
 from obliviate.errors import ObliviateError
 from obliviate.models.loading import LoadedModel
-from obliviate.evaluation.scoring import Batching, continuation_logprobs, next_token_logprobs
+from obliviate.evaluation.scoring import Batching, OutputStates, continuation_logprobs, next_token_logprobs
 
 SCORING_MODES = ("auto", "loglik", "letter")
 LETTERS = "ABCDEFGHIJ"
@@ -130,21 +130,30 @@ def prepare(lm: LoadedModel, questions: Sequence[MCQuestion], mode: str = "auto"
 
 
 def option_scores(
-    lm: LoadedModel, prepared: PreparedQuestions, which: np.ndarray | None = None, batching: Batching = Batching()
-) -> np.ndarray:
+    lm: LoadedModel, prepared: PreparedQuestions, which: np.ndarray | None = None, batching: Batching = Batching(),
+    record: bool = False,
+) -> np.ndarray | tuple[np.ndarray, dict[int, OutputStates]]:
     """Per-option scores (n_questions, max_options), -inf where a question has fewer options.
 
-    ``which`` limits the work to some questions (other rows are NaN).
+    ``which`` limits the work to some questions (other rows are NaN). ``record=True`` also
+    returns, per item of ``prepared.items`` scored, what the output layer saw at its
+    positions (``OutputStates``; log-likelihood scoring only, none for letters).
     """
     n_options = max(len(q.options) for q in prepared.questions)
     scores = np.full((len(prepared), n_options), np.nan)
+    states: dict[int, OutputStates] = {}
     which = np.arange(len(prepared)) if which is None else np.asarray(which, dtype=int)
     if len(which) == 0:
-        return scores
+        return (scores, states) if record else scores
     if prepared.mode == "loglik":
         chosen = np.nonzero(np.isin(prepared.item_question, which))[0]
-        logprobs = continuation_logprobs(lm, [prepared.items[i] for i in chosen], batching).numpy()
-        per_char = logprobs / prepared.char_lengths[chosen]
+        items = [prepared.items[i] for i in chosen]
+        if record:
+            logprobs, seen = continuation_logprobs(lm, items, batching, record=True)
+            states = dict(zip(chosen.tolist(), seen))
+        else:
+            logprobs = continuation_logprobs(lm, items, batching)
+        per_char = logprobs.numpy() / prepared.char_lengths[chosen]
         slot = np.zeros(len(prepared), dtype=int)
         for item, value in zip(chosen, per_char):
             question = prepared.item_question[item]
@@ -156,7 +165,7 @@ def option_scores(
         scores[which] = letters
     for question in which:
         scores[question, len(prepared.questions[question].options):] = -np.inf
-    return scores
+    return (scores, states) if record else scores
 
 
 def correct_from_scores(prepared: PreparedQuestions, scores: np.ndarray) -> np.ndarray:

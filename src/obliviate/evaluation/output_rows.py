@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from obliviate.models.loading import LoadedModel
-from obliviate.evaluation.scoring import Batching, GenerationSteps, _batches, _vocab
+from obliviate.evaluation.scoring import Batching, GenerationSteps, OutputStates, _batches, _vocab
 from obliviate.models.layers import left_pad
 
 # A greedy step is called unchanged only if the best edited token stays this far (in
@@ -34,20 +34,12 @@ ARGMAX_MARGIN = 1e-3
 MIN_REST_MASS = 1e-9
 
 
-@dataclass
-class OutputStates:
-    """The original model's final hidden states and log-normalizers at the last ``n``
-    positions of one input (each position predicts the next token)."""
-
-    hidden: torch.Tensor  # (n, d)
-    log_norm: torch.Tensor  # (n,) float64
-
-
 @torch.no_grad()
 def capture_output_states(lm: LoadedModel, sequences: Sequence[list[int]], last: Sequence[int],
                           batching: Batching = Batching()) -> list[OutputStates]:
     """Hidden states entering the output layer, and logsumexp of the logits, at the last
-    ``last[i]`` positions of each sequence (one batched forward pass, left-padded)."""
+    ``last[i]`` positions of each sequence (one batched forward pass, left-padded). For
+    inputs that were not scored in a pass that kept them (``continuation_logprobs``)."""
     captured: list[torch.Tensor] = []
     head = lm.model.get_output_embeddings()
     hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0].detach()))

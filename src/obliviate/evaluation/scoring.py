@@ -5,13 +5,15 @@ model is then asked for logits at the last few positions only (``logits_to_keep`
 which skips the vocabulary projection (262k x d for Gemma) at every context position.
 Within those, the output layer runs only where a scored token is predicted
 (``_output_layer_at``): a batch pads every continuation to its longest, and the padding
-was 40-50% of the projection's rows on the benchmark's options.
+was 40-50% of the projection's rows on the benchmark's options. The same pass can keep
+what the output layer saw at each scored position (``OutputStates``), which corrects the
+scores exactly after an edit of some output rows (output_rows.py) without a second pass.
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -61,82 +63,112 @@ def _last_logits(lm: LoadedModel, sequences: list[list[int]], keep: int) -> torc
     return out.logits.float()
 
 
+@dataclass
+class OutputStates:
+    """The final hidden states entering the output layer and the log-normalizers of the
+    logits (after the model's final soft-cap, if any) at the positions that predict one
+    continuation's tokens, in order."""
+
+    hidden: torch.Tensor  # (n, d) float32
+    log_norm: torch.Tensor  # (n,) float64
+
+
 @torch.no_grad()
 def continuation_logprobs(
     lm: LoadedModel,
     items: Sequence[tuple[list[int], list[int]]],
     batching: Batching = Batching(),
-) -> torch.Tensor:
+    record: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, list[OutputStates]]:
     """Sum of log p(continuation | context) for each (context_ids, continuation_ids) pair.
 
     Items that share a context (a question's options) run the context once and score each
     continuation on a copy of its key/value cache; the others run whole, batched.
+    ``record=True`` also returns each item's ``OutputStates`` from the same pass.
     """
     totals = torch.zeros(len(items), dtype=torch.float64)
+    states: list[OutputStates | None] = [None] * len(items)
     groups: dict[tuple[int, ...], list[int]] = {}
     for index, (context, _) in enumerate(items):
         groups.setdefault(tuple(context), []).append(index)
     shared = [group for group in groups.values() if len(group) > 1]
     alone = [group[0] for group in groups.values() if len(group) == 1]
     if alone:
-        totals[alone] = _whole_sequence_logprobs(lm, [items[i] for i in alone], batching)
+        _whole_sequence_logprobs(lm, items, alone, batching, totals, states if record else None)
     if shared:
-        _shared_context_logprobs(lm, items, shared, batching, totals)
-    return totals
+        _shared_context_logprobs(lm, items, shared, batching, totals, states if record else None)
+    return (totals, states) if record else totals  # type: ignore[return-value]
 
 
 def _vocab(lm: LoadedModel) -> int:
     return lm.model.get_output_embeddings().weight.shape[0]
 
 
-def _whole_sequence_logprobs(lm: LoadedModel, items: Sequence[tuple[list[int], list[int]]], batching: Batching) -> torch.Tensor:
-    lengths = [len(c) + len(x) for c, x in items]
-    kept = [len(x) + 1 for _, x in items]
-    totals = torch.zeros(len(items), dtype=torch.float64)
+def _whole_sequence_logprobs(lm: LoadedModel, items: Sequence[tuple[list[int], list[int]]], chosen: list[int],
+                             batching: Batching, totals: torch.Tensor, states: list | None) -> None:
+    """Score the ``chosen`` items each as one sequence into ``totals`` (and ``states``)."""
+    lengths = [len(items[i][0]) + len(items[i][1]) for i in chosen]
+    kept = [len(items[i][1]) + 1 for i in chosen]
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
-        keep = max(kept[i] for i in batch)
-        ids, mask, positions = left_pad([items[i][0] + items[i][1] for i in batch], lm.tokenizer.pad_token_id, lm.device)
+        members = [chosen[b] for b in batch]
+        keep = max(kept[b] for b in batch)
+        ids, mask, positions = left_pad([items[i][0] + items[i][1] for i in members], lm.tokenizer.pad_token_id,
+                                        lm.device)
         # Of the kept positions, keep-1-n .. keep-2 predict a row's n continuation tokens.
-        n = torch.tensor([len(items[i][1]) for i in batch])
+        n = torch.tensor([len(items[i][1]) for i in members])
         offset = torch.arange(keep)
         select = (offset >= keep - 1 - n[:, None]) & (offset < keep - 1)
-        targets = torch.cat([torch.tensor(items[i][1], dtype=torch.long) for i in batch])
-        totals[batch] = _marked_sums(lm, select, targets, input_ids=ids, attention_mask=mask, position_ids=positions,
-                                     logits_to_keep=keep, use_cache=False)
-    return totals
+        targets = torch.cat([torch.tensor(items[i][1], dtype=torch.long) for i in members])
+        sums, seen = _marked_sums(lm, select, targets, input_ids=ids, attention_mask=mask, position_ids=positions,
+                                  logits_to_keep=keep, use_cache=False)
+        totals[members] = sums
+        if states is not None:
+            for index, (hidden, log_norm) in zip(members, zip(*seen)):
+                states[index] = OutputStates(hidden, log_norm)
 
 
-def _marked_sums(lm: LoadedModel, select: torch.Tensor, targets: torch.Tensor, **inputs) -> torch.Tensor:
+def _marked_sums(lm: LoadedModel, select: torch.Tensor, targets: torch.Tensor,
+                 **inputs) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
     """Per row of ``select``, the sum of log p(target) over its marked positions (``targets``
-    in row-major order), from one forward pass whose output layer runs there only."""
-    with _output_layer_at(lm.model, select):
+    in row-major order), from one forward pass whose output layer runs there only; and per
+    row, the hidden states and log-normalizers at its marked positions."""
+    with _output_layer_at(lm.model, select) as hidden:
         logits = lm.model(**inputs).logits[0]
-    picked = _token_logprobs(logits, targets.to(logits.device)).double().cpu()
-    return torch.zeros(select.shape[0], dtype=torch.float64).index_add_(0, select.nonzero()[:, 0], picked)
+    picked, log_norm = _token_logprobs(logits, targets.to(logits.device))
+    sums = torch.zeros(select.shape[0], dtype=torch.float64).index_add_(0, select.nonzero()[:, 0], picked.double().cpu())
+    per_row = select.sum(dim=1).tolist()
+    return sums, (list(hidden[0].float().cpu().split(per_row)), list(log_norm.double().cpu().split(per_row)))
 
 
 @contextmanager
-def _output_layer_at(model, select: torch.Tensor):
+def _output_layer_at(model, select: torch.Tensor) -> Iterator[list[torch.Tensor]]:
     """The output layer runs only at the positions ``select`` marks, a (batch, positions)
-    mask over its input: the logits come out as (1, marked positions, vocab), row-major."""
+    mask over its input: the logits come out as (1, marked positions, vocab), row-major.
+    Yields a list that receives the layer's input there, (marked positions, d)."""
+    seen: list[torch.Tensor] = []
+
     def marked(_module, args):
-        hidden = args[0]
-        return (hidden[select.to(hidden.device)][None], *args[1:])
+        hidden = args[0][select.to(args[0].device)]
+        seen.append(hidden.detach())
+        return (hidden[None], *args[1:])
 
     handle = model.get_output_embeddings().register_forward_pre_hook(marked)
     try:
-        yield
+        yield seen
     finally:
         handle.remove()
 
 
-def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """log p(target) at each row of (rows, vocab) logits, in float32 at least."""
+def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(target), the log-normalizer) at each row of (rows, vocab) logits, in float32
+    at least."""
     logits = logits.float()
-    return logits.gather(-1, targets[:, None]).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+    log_norm = torch.logsumexp(logits, dim=-1)
+    return logits.gather(-1, targets[:, None]).squeeze(-1) - log_norm, log_norm
 
 
-def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batching, totals: torch.Tensor) -> None:
+def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batching, totals: torch.Tensor,
+                             states: list | None) -> None:
     """Score groups of items with one context each: the left-padded contexts run once with a
     cache, the cache rows are repeated per continuation, and the right-padded continuations
     run on it (right padding sits after every real token, so causality hides it)."""
@@ -147,7 +179,9 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
     cache_name = cache_argument(lm.model)
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
         ids, mask, positions = left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
-        out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
+        every_context = torch.ones(len(batch), 1, dtype=torch.bool)  # the output layer at each one's last position
+        with _output_layer_at(lm.model, every_context) as context_hidden:
+            out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         members = [i for g in batch for i in groups[g]]
         # A CPU index works on every device, also on a cache whose layers sit on several GPUs.
         rows = torch.tensor([row for row, g in enumerate(batch) for _ in groups[g]])
@@ -164,12 +198,19 @@ def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batch
         n = cont_mask.sum(dim=1)
         select = torch.arange(width) < (n - 1)[:, None]
         device = ids.device
-        later = _marked_sums(lm, select, cont[:, 1:][select[:, :-1]], input_ids=cont.to(device),
-                             attention_mask=torch.cat([mask[rows], cont_mask.to(device)], dim=1),
-                             position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device),
-                             use_cache=True, **{cache_name: cache})
-        first = _token_logprobs(out.logits[rows, -1], cont[:, 0].to(out.logits.device)).double().cpu() * (n > 0)
-        totals[members] = first + later
+        later, (hidden, log_norm) = _marked_sums(
+            lm, select, cont[:, 1:][select[:, :-1]], input_ids=cont.to(device),
+            attention_mask=torch.cat([mask[rows], cont_mask.to(device)], dim=1),
+            position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device), use_cache=True,
+            **{cache_name: cache})
+        context_logits = out.logits[0][rows.to(out.logits.device)]
+        first, first_norm = _token_logprobs(context_logits, cont[:, 0].to(context_logits.device))
+        totals[members] = first.double().cpu() * (n > 0) + later
+        if states is not None:
+            first_hidden = context_hidden[0][rows.to(context_hidden[0].device)].float().cpu()
+            for row, index in enumerate(members):  # n states: the context's last position, then n - 1
+                states[index] = OutputStates(torch.cat([first_hidden[row, None], hidden[row]])[: n[row]],
+                                             torch.cat([first_norm[row, None].double().cpu(), log_norm[row]])[: n[row]])
 
 
 @torch.no_grad()
