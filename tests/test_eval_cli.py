@@ -129,6 +129,7 @@ def test_eval_as_a_patch_measures_what_two_models_measure(tiny_model_dir, data_d
     fast, full = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("patch", "full"))
     assert fast["evaluated_as"].startswith("an embedding patch of") and full["evaluated_as"].startswith("two models")
     assert fast["per_question"].keys() == full["per_question"].keys() and fast["per_prompt"] == full["per_prompt"]
+    assert fast["open_ended"] == full["open_ended"] and "qa_test" in full["open_ended"]
     for name, rows in full["per_question"].items():
         for key, values in rows.items():  # answers exactly; probabilities up to float order
             assert fast["per_question"][name][key] == (values if key.endswith("correct") else pytest.approx(values, abs=1e-4))

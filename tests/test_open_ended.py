@@ -43,17 +43,43 @@ def test_evaluate_open_claims_judged_numbers_only_with_a_judge(tiny_lm):
     assert judged["judged"].tolist() == [1.0, 1.0] and judged["answers"] == plain["answers"]  # greedy: same answers
 
 
-def test_the_originals_open_answers_are_generated_once_with_a_cache(tiny_lm, tmp_path, monkeypatch):
-    from obliviate.evaluation import open_ended
-    from obliviate.evaluation.cache import OriginalCache
+@pytest.mark.parametrize("untie", [False, True])
+def test_an_embedding_patch_s_answers_are_generated_only_where_it_can_change_them(tiny_lm, small_concept, untie):
+    """The erased model's open-ended answers as a patch on the original (tied, or untied
+    with output rows set): only the prompts the patch can change are generated, and every
+    continuation equals generating all of them on the patched model."""
+    import torch
 
-    questions = [OpenQuestion("Who wrote Harry Potter?", "J.K. Rowling"), OpenQuestion("Who is Harry?", "a wizard")]
-    first = evaluate_open(tiny_lm, questions, None, 3, cache=OriginalCache(tiny_lm, folder=tmp_path))
-    monkeypatch.setattr(open_ended, "generate_answers", lambda *a, **k: pytest.fail("generated again"))
-    again = evaluate_open(tiny_lm, questions, None, 3, cache=OriginalCache(tiny_lm, folder=tmp_path))
-    assert again["answers"] == first["answers"] and again["match"].tolist() == first["match"].tolist()
-    with pytest.raises(pytest.fail.Exception):  # other settings are another entry
-        evaluate_open(tiny_lm, questions, None, 4, cache=OriginalCache(tiny_lm, folder=tmp_path))
+    from obliviate.config import EvalConfig
+    from obliviate.edits.embedding import EmbeddingPatch
+    from obliviate.evaluation.evaluator import Evaluator
+    from obliviate.evaluation.open_ended import answer_prompts
+    from obliviate.evaluation.scoring import greedy_generate
+    from obliviate.models.loading import untie_output_embeddings
+
+    if untie:
+        untie_output_embeddings(tiny_lm.model)
+    questions = [OpenQuestion(q, "x") for q in ("Who wrote Harry Potter?", "Who is Harry?", "What is rain?",
+                                                 "Where is Paris?", "When was 1990?", "Why is the sky blue?")]
+    evaluator = Evaluator(tiny_lm, small_concept, EvalConfig(cache=False, bootstrap=20))
+    reference = evaluator.original_continuations(answer_prompts(questions), 6)
+    weight, head = tiny_lm.model.get_input_embeddings().weight, tiny_lm.model.get_output_embeddings().weight
+    tokens = torch.tensor(sorted(set(tiny_lm.tokenizer(" Harry").input_ids[1:]) | {7, 11}))
+    rows = weight[tokens].detach().clone()
+    edited = -3.0 * rows  # tied: the edited tokens' logits flip sign too
+    patch = (EmbeddingPatch(tokens, rows, edited, {}, output_rows=head.detach().mean(0).expand_as(rows).clone(),
+                            original_output_rows=head[tokens].detach().clone())
+             if untie else EmbeddingPatch(tokens, rows, edited, {}))
+    continuations, generated = evaluator.edited_continuations(reference, patch)
+    patch.apply(tiny_lm.model)
+    try:
+        everything = greedy_generate(tiny_lm, reference.prompt_ids, 6)
+    finally:
+        patch.revert(tiny_lm.model)
+    assert continuations == everything
+    assert 0 < generated < len(questions)  # the untouched prompts were not generated again
+    assert continuations != reference.original_continuations  # the patch changed some answers
+    assert torch.equal(weight[tokens], rows)  # reverted
 
 
 class _FakeOpenAI(BaseHTTPRequestHandler):

@@ -143,15 +143,38 @@ class Evaluator:
         """The original model's continuations of one prompt set, computed once."""
         key = self._prompt_key(split, kind)
         if key not in self._prompt_sets:
-            prompts, new_tokens = self.prompts(split)[kind], self.config.coherence_new_tokens
-            payload = {"prompt_ids": [self.lm.tokenizer(p).input_ids for p in prompts], "new_tokens": new_tokens,
-                       "stops": [self.lm.tokenizer.eos_token_id, self.lm.tokenizer.pad_token_id],
-                       "budget": self.batching.budget(self.lm)}
-            self._prompt_sets[key] = self.cache.fetch(
-                "coherence_set", payload,
-                lambda: coh.build_coherence_set(self.lm, prompts, new_tokens, self.batching),
-                coh.encode_coherence_set, lambda tensors, _: coh.decode_coherence_set(tensors, prompts, new_tokens))
+            self._prompt_sets[key] = self.original_continuations(self.prompts(split)[kind],
+                                                                 self.config.coherence_new_tokens)
         return self._prompt_sets[key]
+
+    def original_continuations(self, prompts: list[str], new_tokens: int) -> coh.CoherenceSet:
+        """The original's greedy continuations of any prompts, with what its output layer saw
+        at each step, through the results cache."""
+        payload = {"prompt_ids": [self.lm.tokenizer(p).input_ids for p in prompts], "new_tokens": new_tokens,
+                   "stops": [self.lm.tokenizer.eos_token_id, self.lm.tokenizer.pad_token_id],
+                   "budget": self.batching.budget(self.lm)}
+        return self.cache.fetch(
+            "coherence_set", payload, lambda: coh.build_coherence_set(self.lm, prompts, new_tokens, self.batching),
+            coh.encode_coherence_set, lambda tensors, _: coh.decode_coherence_set(tensors, prompts, new_tokens))
+
+    def edited_continuations(self, reference: coh.CoherenceSet, edit: Edit) -> tuple[list[list[int]], int]:
+        """The edited model's greedy continuations of ``reference``'s prompts, and how many
+        were generated: only the prompts the edit can change run (as for the coherence
+        prompts); the others keep the original's continuation."""
+        token_ids = self.input_tokens(edit)
+        old_rows = self._output_rows_before(token_ids, edit)
+        edit.apply(self.lm.model)
+        try:
+            change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
+            which = self._prompts_to_rerun(reference, token_ids, change, edit)
+            generated = greedy_generate(self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens,
+                                        self.batching)
+        finally:
+            edit.revert(self.lm.model)
+        continuations = list(reference.original_continuations)
+        for i, continuation in zip(which, generated):
+            continuations[i] = continuation
+        return continuations, len(which)
 
     def input_tokens(self, edit: Edit | None) -> set[int] | None:
         """Tokens whose embedding rows the edit changed, when nothing else changed (else
@@ -297,8 +320,8 @@ class Evaluator:
         the original output rows of those tokens, with the original's output states of the
         untouched questions captured (once each), so they are corrected exactly instead of
         run again (evaluation/output_rows.py). None when there is nothing to correct."""
-        sets_output_rows = edit is not None and edit.sets_output_rows()
-        if not token_ids or not (embeddings_are_tied(self.lm.model) or sets_output_rows):
+        old_rows = self._output_rows_before(token_ids, edit)
+        if old_rows is None:
             return None
         for name, prepared in sets.items():
             if (split, name) not in self._states:
@@ -313,7 +336,15 @@ class Evaluator:
             captured = capture_output_states(self.lm, [p for p, _ in pairs], [n for _, n in pairs], self.batching)
             states.update(zip(missing, captured))
             self._save_states(prepared, states)
-        return current_output_rows(self.lm, token_ids)  # prompts: their generation pass kept what is needed
+        return old_rows  # prompts: their generation pass kept what is needed
+
+    def _output_rows_before(self, token_ids: set[int] | None, edit: Edit | None) -> torch.Tensor | None:
+        """The edited tokens' original output rows when the edit changes them too (a tied
+        model, or a patch that sets them); None when no output row changes."""
+        sets_output_rows = edit is not None and edit.sets_output_rows()
+        if not token_ids or not (embeddings_are_tied(self.lm.model) or sets_output_rows):
+            return None
+        return current_output_rows(self.lm, token_ids)
 
     def _cached_states(self, prepared: PreparedQuestions) -> dict[int, OutputStates]:
         """The original's output states captured for this set by earlier commands (any subset)."""

@@ -22,7 +22,6 @@ import numpy as np
 from obliviate.data.concepts import OpenQuestion
 from obliviate.errors import ObliviateError
 from obliviate.models.loading import LoadedModel
-from obliviate.evaluation.cache import OriginalCache
 from obliviate.evaluation.scoring import Batching, greedy_generate, next_token_logprobs
 from obliviate.models.loading import load_model
 from obliviate.evaluation.multiple_choice import chat_prompt_ids
@@ -65,11 +64,19 @@ def answer_matches(prediction: str, gold: str) -> bool:
     return False
 
 
+def answer_prompts(questions: Sequence[OpenQuestion]) -> list[str]:
+    return [PROMPT.format(q=q.question) for q in questions]
+
+
+def decode_answers(tokenizer, generated: Sequence[Sequence[int]]) -> list[str]:
+    """Each continuation's first line: the answer."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip() for ids in generated]
+
+
 def generate_answers(lm: LoadedModel, questions: Sequence[OpenQuestion], max_new_tokens: int = 24,
                      batching: Batching = Batching()) -> list[str]:
-    prompts = [lm.tokenizer(PROMPT.format(q=q.question)).input_ids for q in questions]
-    generated = greedy_generate(lm, prompts, max_new_tokens, batching)
-    return [lm.tokenizer.decode(ids, skip_special_tokens=True).strip().split("\n")[0].strip() for ids in generated]
+    prompts = [lm.tokenizer(p).input_ids for p in answer_prompts(questions)]
+    return decode_answers(lm.tokenizer, greedy_generate(lm, prompts, max_new_tokens, batching))
 
 
 @dataclass
@@ -127,18 +134,16 @@ def make_judge(spec: str | None, model: str = "default", device: str = "cpu") ->
     return local_model_judge(spec, device)
 
 
-def evaluate_open(lm: LoadedModel, questions: Sequence[OpenQuestion], judge: Judge | None = None,
-                  max_new_tokens: int = 24, batching: Batching = Batching(), cache: OriginalCache | None = None) -> dict:
-    """Per-question answers and correctness: {"answers", "match", "judged" (only with a judge)}.
-    ``cache``: the original model's results cache (its answers are generated once)."""
-    def answer() -> list[str]:
-        return generate_answers(lm, questions, max_new_tokens, batching)
-
-    payload = {"questions": [q.question for q in questions], "max_new_tokens": max_new_tokens,
-               "budget": batching.budget(lm)}
-    answers = cache.fetch_json("open_answers", payload, answer) if cache is not None else answer()
+def judge_answers(questions: Sequence[OpenQuestion], answers: list[str], judge: Judge | None = None) -> dict:
+    """Per-question answers and correctness: {"answers", "match", "judged" (only with a judge)}."""
     golds = [q.answer for q in questions]
     out = {"answers": answers, "match": np.array([answer_matches(a, g) for a, g in zip(answers, golds)], dtype=float)}
     if judge is not None:
         out["judged"] = np.asarray(judge.fn([q.question for q in questions], golds, answers), dtype=float)
     return out
+
+
+def evaluate_open(lm: LoadedModel, questions: Sequence[OpenQuestion], judge: Judge | None = None,
+                  max_new_tokens: int = 24, batching: Batching = Batching()) -> dict:
+    """``lm``'s answers, judged (``judge_answers``)."""
+    return judge_answers(questions, generate_answers(lm, questions, max_new_tokens, batching), judge)

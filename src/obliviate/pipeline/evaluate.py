@@ -7,15 +7,16 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from obliviate.attacks.common import accuracy_interval
-from obliviate.data.concepts import load_open_questions
+from obliviate.data.concepts import OpenQuestion, load_open_questions
+from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
 from obliviate.evaluation import open_ended
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.harness import run_harness
 from obliviate.evaluation.results import RunResults
-from obliviate.evaluation.scoring import Batching
 from obliviate.io import fingerprint
 from obliviate.methods import eco as eco_method
+from obliviate.models.loading import LoadedModel
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish
 from obliviate.pipeline.pair import erase_run_info, erased_as_patch, load_pair, open_out
@@ -70,18 +71,16 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
         judge_obj = open_ended.make_judge(judge, judge_model, config.model.device)
         open_questions = load_open_questions(config.data.data_dir(), concept)
         results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match"}
-        batching = Batching(config.evaluation.batch_tokens)
-        caches = {"base": evaluator.cache, "edited": None}  # the original's, already keyed to its weights
         for split in ("qa_test", "simdom_test"):
             if split not in open_questions:
                 continue
-            entry = {}
-            for role, lm in (("base", pair.original), ("edited", candidate)):
-                judged = open_ended.evaluate_open(lm, open_questions[split], judge_obj, open_new_tokens, batching,
-                                                  caches[role])
+            entry, questions = {}, open_questions[split]
+            answers = open_answers(evaluator, questions, open_new_tokens, patch, candidate)
+            for role, given in answers.items():
+                judged = open_ended.judge_answers(questions, given, judge_obj)
                 entry[role] = {"match": accuracy_interval(judged["match"], config.evaluation.bootstrap, config.seed),
                                "examples": [{"q": q.question, "gold": q.answer, "answer": a}
-                                            for q, a in zip(open_questions[split][:5], judged["answers"][:5])]}
+                                            for q, a in zip(questions[:5], judged["answers"][:5])]}
                 if "judged" in judged:
                     entry[role]["judged"] = accuracy_interval(judged["judged"], config.evaluation.bootstrap, config.seed)
             results["open_ended"][split] = entry
@@ -94,6 +93,17 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     results["timings"] = timings
     finish(out, results)
     return results
+
+
+def open_answers(evaluator: Evaluator, questions: list[OpenQuestion], new_tokens: int, patch: EmbeddingPatch | None,
+                 candidate: LoadedModel) -> dict[str, list[str]]:
+    """The original's open-ended answers (through its results cache) and the erased model's:
+    as a patch, only the questions the patch can change are generated again."""
+    reference = evaluator.original_continuations(open_ended.answer_prompts(questions), new_tokens)
+    tokenizer = evaluator.lm.tokenizer
+    edited = (open_ended.decode_answers(tokenizer, evaluator.edited_continuations(reference, patch)[0])
+              if patch is not None else open_ended.generate_answers(candidate, questions, new_tokens, evaluator.batching))
+    return {"base": open_ended.decode_answers(tokenizer, reference.original_continuations), "edited": edited}
 
 
 def eco_artifact(eco: str | None):
