@@ -20,6 +20,7 @@ Prints a Markdown table with the machine's name.
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
 import platform
@@ -38,6 +39,11 @@ from obliviate.evaluation.multiple_choice import option_scores, prepare
 from obliviate.methods.factorization import FactorizationConfig, factorize, reference_factorize
 from obliviate.methods.features import build_token_set
 from obliviate.methods.ember import embedding_matrix
+
+
+PAGE_INTRO = ("Each stage is described in `bench/bench_erase.py`. \"cold\" means an empty results cache (the "
+              "original model's answers, continuations and output states computed and written); \"warm\" reads them "
+              "back. The same numbers (chosen delta, answers) are checked on both sides of every comparison.")
 
 
 def machine() -> str:
@@ -183,7 +189,7 @@ def bench_eval(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
     from obliviate.pipeline import evaluate
 
     data = ["--data", data_dir] if data_dir else []
-    seconds, results, shortcut = {}, {}, evaluate.erased_as_patch
+    seconds, results, shortcut = {}, {}, evaluate.erased_as_edit
     with tempfile.TemporaryDirectory() as tmp:
         run = Path(tmp) / "erase"
 
@@ -200,10 +206,10 @@ def bench_eval(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
             seconds["erase"] = time.perf_counter() - start
             timed_eval("cached")
         for name, as_patch in (("as a patch", shortcut), ("as two models", lambda pair: None)):
-            evaluate.erased_as_patch = as_patch
+            evaluate.erased_as_edit = as_patch
             with empty_results_cache():
                 timed_eval(name)
-        evaluate.erased_as_patch = shortcut
+        evaluate.erased_as_edit = shortcut
     full = results["as two models"]
     same = all(results[name]["per_question"][s][k] == full["per_question"][s][k] for name in ("cached", "as a patch")
                for s in full["per_question"] for k in full["per_question"][s] if k.endswith("correct"))
@@ -223,6 +229,7 @@ def main() -> None:
     parser.add_argument("--nothing-concept", default="Valentine's Day", help="a concept the model does not know")
     parser.add_argument("--stages", default="factorization,scoring,erase")
     parser.add_argument("--questions", type=int, default=20)
+    parser.add_argument("--write", type=Path, default=None, help="also write the table to this page")
     args = parser.parse_args()
     stages = args.stages.split(",")
     lm = obliviate.load_model()
@@ -240,9 +247,15 @@ def main() -> None:
         rows += bench_nothing(args.nothing_concept, args.data)
     if "eval" in stages:
         rows += bench_eval(args.concept, args.data)
-    print("| measurement | result |\n| --- | --- |")
-    for name, value in rows:
-        print(f"| {name} | {value} |")
+    table = ["| measurement | result |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)]
+    print("\n".join(table))
+    if args.write:
+        command = " ".join(["python bench/bench_erase.py", f"--concept '{args.concept}'", f"--stages {args.stages}",
+                            f"--write {args.write}"])
+        args.write.write_text("\n".join([
+            f"Written by `{command}` on {datetime.date.today()} (the embedded Gemma 3 270M, one process alone on "
+            "the machine named below; wall seconds).", "", "# Where a user waits: erase, eval, the cache", "",
+            PAGE_INTRO, "", *table]) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

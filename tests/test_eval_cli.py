@@ -124,10 +124,16 @@ def test_eval_as_a_patch_measures_what_two_models_measure(tiny_model_dir, data_d
     args = ["eval", "--model", str(run_dir), "--data", str(data_dir), "--general-questions", "6", "--bootstrap", "20",
             "--coherence-new-tokens", "4", "--open-new-tokens", "4", "--no-cache", "--no-progress"]
     assert main([*args, "--out", str(tmp_path / "patch")]) == 0, capsys.readouterr().err
-    monkeypatch.setattr(evaluate, "erased_as_patch", lambda pair: None)
+    monkeypatch.setattr(evaluate, "erased_as_edit", lambda pair: None)
     assert main([*args, "--out", str(tmp_path / "full")]) == 0, capsys.readouterr().err
     fast, full = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("patch", "full"))
     assert fast["evaluated_as"].startswith("an embedding patch of") and full["evaluated_as"].startswith("two models")
+    _assert_the_same_measurements(fast, full)
+
+
+def _assert_the_same_measurements(fast: dict, full: dict) -> None:
+    """Two eval results.json: the same answers and continuations, probabilities and metrics
+    up to float order."""
     assert fast["per_question"].keys() == full["per_question"].keys() and fast["per_prompt"] == full["per_prompt"]
     assert fast["open_ended"] == full["open_ended"] and "qa_test" in full["open_ended"]
     for name, rows in full["per_question"].items():
@@ -140,9 +146,9 @@ def test_eval_as_a_patch_measures_what_two_models_measure(tiny_model_dir, data_d
         assert fast_value == pytest.approx(full_value, abs=1e-6), name
 
 
-def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_model_dir, data_dir, tmp_path, capsys):
-    """`eval --eco DIR` alone evaluates the artifact's own model (the embedded default
-    included) with the hook, against the same model without it."""
+def _save_tiny_eco_artifact(tiny_model_dir, folder, threshold: float) -> None:
+    """An ECO artifact for the tiny model: a random classifier (flags by ``threshold``) and
+    a hard gaussian corruption."""
     import torch
 
     from obliviate.methods.eco import EcoArtifact
@@ -154,10 +160,15 @@ def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_m
     lm = load_model(str(tiny_model_dir))
     d = lm.model.config.hidden_size
     torch.manual_seed(0)
-    classifier = PromptClassifier(torch.randn(d), torch.zeros(1), torch.zeros(d), torch.ones(d), 1, 1e-6)
-    artifact = EcoArtifact(classifier, Corruption("gaussian", 0, 100.0), str(tiny_model_dir), lm.source,
-                           model_identity(lm.model), probe_rows(lm.model), (), 0, {"concept": "Harry Potter"})
-    artifact.save(tmp_path / "eco")
+    classifier = PromptClassifier(torch.randn(d), torch.zeros(1), torch.zeros(d), torch.ones(d), 1, threshold)
+    EcoArtifact(classifier, Corruption("gaussian", 0, 100.0), str(tiny_model_dir), lm.source, model_identity(lm.model),
+                probe_rows(lm.model), (), 0, {"concept": "Harry Potter"}).save(folder)
+
+
+def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_model_dir, data_dir, tmp_path, capsys):
+    """`eval --eco DIR` alone evaluates the artifact's own model (the embedded default
+    included) with the hook, against the same model without it."""
+    _save_tiny_eco_artifact(tiny_model_dir, tmp_path / "eco", 1e-6)
     out = tmp_path / "eval"
     code = main(["eval", "--eco", str(tmp_path / "eco"), "--concept", "Harry Potter", "--data", str(data_dir),
                  "--general-questions", "8", "--bootstrap", "20", "--coherence-new-tokens", "4",
@@ -167,6 +178,27 @@ def test_eval_eco_without_model_uses_the_model_the_artifact_was_fitted_on(tiny_m
     assert r["base"] == str(tiny_model_dir) and r["method"].endswith("+eco")
     # every prompt is flagged (threshold 1e-6) and corrupted hard: answers move on the hooked side
     assert r["qa_test"]["base"] != r["qa_test"]["edited"] or r["general_test"]["base"] != r["general_test"]["edited"]
+
+
+def test_eval_of_an_eco_hook_as_an_edit_measures_what_two_models_measure(tiny_model_dir, data_dir, tmp_path,
+                                                                         monkeypatch, capsys):
+    """The hook on the original, running again only the inputs it flags, against the hooked
+    copy beside the original: the same answers, continuations and open-ended answers."""
+    from obliviate.pipeline import evaluate
+
+    _save_tiny_eco_artifact(tiny_model_dir, tmp_path / "eco", 0.5)
+    args = ["eval", "--eco", str(tmp_path / "eco"), "--concept", "Harry Potter", "--data", str(data_dir),
+            "--general-questions", "8", "--bootstrap", "20", "--coherence-new-tokens", "4", "--open-new-tokens", "4",
+            "--no-cache", "--no-progress"]
+    assert main([*args, "--out", str(tmp_path / "hook")]) == 0, capsys.readouterr().err
+    monkeypatch.setattr(evaluate, "erased_as_edit", lambda pair: None)
+    assert main([*args, "--out", str(tmp_path / "full")]) == 0, capsys.readouterr().err
+    fast, full = (json.loads((tmp_path / name / "results.json").read_text()) for name in ("hook", "full"))
+    assert fast["evaluated_as"] == "the ECO hook on the original" and full["evaluated_as"].startswith("two models")
+    _assert_the_same_measurements(fast, full)
+    edited = [v for rows in full["per_question"].values() for v in rows["edited_prob"]]
+    base = [v for rows in full["per_question"].values() for v in rows["base_prob"]]
+    assert edited != base  # the hook moved some answers: the comparison is not of two originals
 
 
 @pytest.mark.parametrize("command", ["eval", "attack"])

@@ -16,10 +16,11 @@ from obliviate.evaluation.harness import run_harness
 from obliviate.evaluation.results import RunResults
 from obliviate.io import fingerprint
 from obliviate.methods import eco as eco_method
+from obliviate.methods.eco import EcoEdit
 from obliviate.models.loading import LoadedModel
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish
-from obliviate.pipeline.pair import erase_run_info, erased_as_patch, load_pair, open_out
+from obliviate.pipeline.pair import erase_run_info, erased_as_edit, load_pair, open_out
 
 
 def run_eval(config, base: str | None = None, eco: str | None = None, judge: str | None = None,
@@ -44,13 +45,13 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     timings, clock = {}, time.perf_counter()
     _, pair = open_out(out, print_, config.overwrite, lambda: load_pair(config, base, artifact.model_name if artifact else None))
     candidate = eco_method.wrap(pair.erased, artifact) if artifact else pair.erased
-    patch = None if artifact else erased_as_patch(pair)
+    edit = erased_as_edit(pair)
     timings["load"] = time.perf_counter() - clock
     clock = time.perf_counter()
     evaluator = Evaluator(pair.original, data, config.evaluation, config.seed)
-    if patch is not None:  # only the inputs holding an edited token run on the erased weights
-        train = evaluator.evaluate("train", patch, coherence=False, progress=progress)
-        test = evaluator.evaluate("test", patch, progress=progress)
+    if edit is not None:  # only the inputs the edit changes run again
+        train = evaluator.evaluate("train", edit, coherence=False, progress=progress)
+        test = evaluator.evaluate("test", edit, progress=progress)
     else:
         train = evaluator.compare("train", candidate, coherence=False, progress=progress)
         test = evaluator.compare("test", candidate, progress=progress)
@@ -58,8 +59,7 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     parts = {
         "model_source": pair.erased.source, "base": pair.original.name, "base_source": pair.original.source,
         "eco": eco, "config_fingerprint": print_, "scoring": config.evaluation.scoring,
-        "evaluated_as": (f"an embedding patch of {len(patch.changed_token_ids())} rows on the original" if patch is not None
-                         else "two models, every input on both"),
+        "evaluated_as": evaluated_as(edit),
         "general_knowledge_source": data.general_source, "train": train.results().to_dict()["metrics"],
         "near_chance": dict(test.results().near_chance), "examples": test.examples,
         "per_question": test.per_question(), "per_prompt": test.per_prompt(),
@@ -75,7 +75,7 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
             if split not in open_questions:
                 continue
             entry, questions = {}, open_questions[split]
-            answers = open_answers(evaluator, questions, open_new_tokens, patch, candidate)
+            answers = open_answers(evaluator, questions, open_new_tokens, edit, candidate)
             for role, given in answers.items():
                 judged = open_ended.judge_answers(questions, given, judge_obj)
                 entry[role] = {"match": accuracy_interval(judged["match"], config.evaluation.bootstrap, config.seed),
@@ -95,14 +95,20 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
     return results
 
 
-def open_answers(evaluator: Evaluator, questions: list[OpenQuestion], new_tokens: int, patch: EmbeddingPatch | None,
-                 candidate: LoadedModel) -> dict[str, list[str]]:
+def evaluated_as(edit: EmbeddingPatch | EcoEdit | None) -> str:
+    if isinstance(edit, EmbeddingPatch):
+        return f"an embedding patch of {len(edit.changed_token_ids())} rows on the original"
+    return "the ECO hook on the original" if edit is not None else "two models, every input on both"
+
+
+def open_answers(evaluator: Evaluator, questions: list[OpenQuestion], new_tokens: int,
+                 edit: EmbeddingPatch | EcoEdit | None, candidate: LoadedModel) -> dict[str, list[str]]:
     """The original's open-ended answers (through its results cache) and the erased model's:
-    as a patch, only the questions the patch can change are generated again."""
+    as an edit of the original, only the questions the edit can change are generated again."""
     reference = evaluator.original_continuations(open_ended.answer_prompts(questions), new_tokens)
     tokenizer = evaluator.lm.tokenizer
-    edited = (open_ended.decode_answers(tokenizer, evaluator.edited_continuations(reference, patch)[0])
-              if patch is not None else open_ended.generate_answers(candidate, questions, new_tokens, evaluator.batching))
+    edited = (open_ended.decode_answers(tokenizer, evaluator.edited_continuations(reference, edit)[0])
+              if edit is not None else open_ended.generate_answers(candidate, questions, new_tokens, evaluator.batching))
     return {"base": open_ended.decode_answers(tokenizer, reference.original_continuations), "edited": edited}
 
 

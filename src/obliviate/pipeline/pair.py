@@ -14,6 +14,7 @@ from obliviate.edits.weights import WEIGHT_DELTA_FILE, apply_weight_delta_file
 from obliviate.errors import ObliviateError
 from obliviate.io import read_json
 from obliviate.methods import eco
+from obliviate.methods.eco import EcoEdit
 from obliviate.models.loading import EMBEDDED_MODEL, LoadedModel, load_model, untie_output_embeddings
 from obliviate.pipeline.outputs import mark_out_dir, prepare_out_dir
 
@@ -99,16 +100,21 @@ def load_pair(config, base: str | None, hooked_model: str | None = None) -> Mode
     return ModelPair(original, erased, recorded)
 
 
-def erased_as_patch(pair: ModelPair) -> EmbeddingPatch | None:
-    """The erased model as an embedding patch on the original, when rows of the embedding
-    are all it changed (EMBER's runs, model/ saved or not), so an evaluation runs again only
-    the inputs that hold an edited token; the original is untied first where the patch
-    needs it (as the erase run did). None for anything else (an inference hook, trained
-    weights, another model): then every input runs on both models."""
-    if eco.installed_hook(pair.erased.model) is not None:
-        return None
+def erased_as_edit(pair: ModelPair) -> EmbeddingPatch | EcoEdit | None:
+    """The erased model as an edit of the original, so an evaluation runs again only the
+    inputs the edit changes: rows of the embedding (EMBER's runs, model/ saved or not; the
+    original is untied first where the patch needs it, as the erase run did), or an ECO
+    hook on the original's own weights (an ECO erase folder, `--eco`; a copy of the hook
+    goes on the original and decides itself which inputs it changes). None for anything else
+    (trained weights, another model, a patch and a hook together): then every input runs
+    on both models."""
     patch = patch_between(pair.original.model, pair.erased.model)
-    if patch is not None and patch.metadata["embeddings_untied"] == "True":
+    hook = eco.installed_hook(pair.erased.model)
+    if patch is None or (hook is not None and len(patch.token_ids)):
+        return None
+    if hook is not None:
+        return EcoEdit(hook.detached_copy())
+    if patch.metadata["embeddings_untied"] == "True":
         untie_output_embeddings(pair.original.model)
     return patch
 

@@ -24,7 +24,7 @@ every real token but the last is corrupted, as in the reference.
 from __future__ import annotations
 
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -96,6 +96,11 @@ class EcoHook:
         self.model: nn.Module | None = None
 
     # -- installation ------------------------------------------------------------------
+    def detached_copy(self) -> "EcoHook":
+        """The same classifier, corruption and settings, installed nowhere (for another copy
+        of the same weights)."""
+        return replace(self, stats=HookStats(), last_flags=None)
+
     def install(self, model: nn.Module) -> "EcoHook":
         if installed_hook(model) is not None:
             raise RuntimeError("An ECO hook is already installed on this model; remove it first.")
