@@ -37,7 +37,9 @@ def test_attack_end_to_end_then_report(common, tmp_path, capsys):
 def test_eval_same_model_as_base_is_identical(common, tmp_path, capsys):
     out = tmp_path / "eval"
     code = main(["eval", *common, "--out", str(out), "--coherence-new-tokens", "4", "--open-new-tokens", "4"])
-    assert code == 0, capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 0, err
+    assert "open-ended answers: started (2 set)" in err  # a progress line for the open-ended part too
     r = json.loads((out / "results.json").read_text())
     for name in ("qa_test", "simdom_test", "general_test"):
         assert r[name]["base"] == r[name]["edited"]

@@ -7,6 +7,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 from obliviate.attacks.common import accuracy_interval
+from obliviate.config import RunConfig
 from obliviate.data.concepts import OpenQuestion, load_open_questions
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.errors import ObliviateError
@@ -21,6 +22,7 @@ from obliviate.models.loading import LoadedModel
 from obliviate.pipeline.inputs import load_concept_data
 from obliviate.pipeline.outputs import finish
 from obliviate.pipeline.pair import erase_run_info, erased_as_edit, load_pair, open_out
+from obliviate.progress import progress_bar
 
 
 def run_eval(config, base: str | None = None, eco: str | None = None, judge: str | None = None,
@@ -70,20 +72,9 @@ def run_eval(config, base: str | None = None, eco: str | None = None, judge: str
         clock = time.perf_counter()
         judge_obj = open_ended.make_judge(judge, judge_model, config.model.device)
         open_questions = load_open_questions(config.data.data_dir(), concept)
-        results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match"}
-        for split in ("qa_test", "simdom_test"):
-            if split not in open_questions:
-                continue
-            entry, questions = {}, open_questions[split]
-            answers = open_answers(evaluator, questions, open_new_tokens, edit, candidate)
-            for role, given in answers.items():
-                judged = open_ended.judge_answers(questions, given, judge_obj)
-                entry[role] = {"match": accuracy_interval(judged["match"], config.evaluation.bootstrap, config.seed),
-                               "examples": [{"q": q.question, "gold": q.answer, "answer": a}
-                                            for q, a in zip(questions[:5], judged["answers"][:5])]}
-                if "judged" in judged:
-                    entry[role]["judged"] = accuracy_interval(judged["judged"], config.evaluation.bootstrap, config.seed)
-            results["open_ended"][split] = entry
+        results["open_ended"] = {"judge": judge_obj.name if judge_obj else None, "matcher": "normalised answer match",
+                                 **open_ended_results(evaluator, open_questions, open_new_tokens, edit, candidate,
+                                                      judge_obj, config, progress)}
         timings["open_ended"] = time.perf_counter() - clock
     if harness:
         clock = time.perf_counter()
@@ -99,6 +90,29 @@ def evaluated_as(edit: EmbeddingPatch | EcoEdit | None) -> str:
     if isinstance(edit, EmbeddingPatch):
         return f"an embedding patch of {len(edit.changed_token_ids())} rows on the original"
     return "the ECO hook on the original" if edit is not None else "two models, every input on both"
+
+
+def open_ended_results(evaluator: Evaluator, open_questions: dict[str, list[OpenQuestion]], new_tokens: int,
+                       edit: EmbeddingPatch | EcoEdit | None, candidate: LoadedModel, judge: open_ended.Judge | None,
+                       config: RunConfig, progress: bool) -> dict[str, dict]:
+    """Per TEST split: each model's open-ended match (and judged) accuracy with a few examples;
+    a progress line per split."""
+    splits = [split for split in ("qa_test", "simdom_test") if split in open_questions]
+    out = {}
+    with progress_bar(desc="open-ended answers", total=len(splits), unit="set", disable=not progress) as bar:
+        for split in splits:
+            questions, entry = open_questions[split], {}
+            for role, given in open_answers(evaluator, questions, new_tokens, edit, candidate).items():
+                judged = open_ended.judge_answers(questions, given, judge)
+                entry[role] = {"match": accuracy_interval(judged["match"], config.evaluation.bootstrap, config.seed),
+                               "examples": [{"q": q.question, "gold": q.answer, "answer": a}
+                                            for q, a in zip(questions[:5], judged["answers"][:5])]}
+                if "judged" in judged:
+                    entry[role]["judged"] = accuracy_interval(judged["judged"], config.evaluation.bootstrap, config.seed)
+            out[split] = entry
+            bar.set_postfix(done=split)
+            bar.update(1)
+    return out
 
 
 def open_answers(evaluator: Evaluator, questions: list[OpenQuestion], new_tokens: int,
