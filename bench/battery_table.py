@@ -30,7 +30,7 @@ import obliviate
 from obliviate import attacks as battery
 from obliviate.attacks.common import worst_case_recovered
 from obliviate.cli import main as cli
-from obliviate.evaluation.results import RunResults
+from obliviate.evaluation.results import RunResults, nothing_applied
 from obliviate.evaluation.robustness import AttackedArm, attacked_arm, paired_worst_case, pooled_worst_case
 from obliviate.io import write_json, write_text
 
@@ -173,7 +173,7 @@ def main() -> None:
     args = parser.parse_args()
     names = [n for n in battery.parse_names(args.attacks) if n != "probe"]  # the probe brings back no answers
     arms: dict[str, list[tuple[dict, dict]]] = {}
-    unfinished = []
+    unfinished, not_applied = [], []
     for arm in args.arms.split(","):
         for concept in args.concepts.split(","):
             folder = Path(args.out) / slug(arm) / slug(concept)
@@ -184,11 +184,17 @@ def main() -> None:
             erased = erase_run(arm, concept, args.data, folder, ember[0]["delta"] if ember else None)
             if "qa_test" not in erased:  # nothing was erased (the original at chance): nothing to attack
                 continue
+            if nothing_applied(erased):  # no grid candidate passed the gates: the model is the original
+                not_applied.append(f"{arm} on {concept}")
+                continue
             arms.setdefault(arm, []).append((erased, attack_run(folder, args.data, names)))
     command = "python bench/battery_table.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     text, record = page(command, arms, names)
     if unfinished:
         text += f"\nNot run (unfinished when the page was written): {', '.join(unfinished)}.\n"
+    if not_applied:
+        text += (f"\nNo edit applied (no candidate of the method's grid passed its gates on TRAIN, so the model is "
+                 f"the original and there is nothing to attack): {', '.join(not_applied)}.\n")
     print(text)
     write_json(Path(args.out) / "pooled.json", record)
     if args.write:

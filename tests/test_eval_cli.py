@@ -204,6 +204,23 @@ def test_eval_of_an_eco_hook_as_an_edit_measures_what_two_models_measure(tiny_mo
 
 
 @pytest.mark.parametrize("command", ["eval", "attack"])
+def test_an_erase_run_that_applied_no_edit_is_refused_naming_why(command, data_dir, tmp_path, capsys, monkeypatch):
+    """A grid whose every candidate failed its gates saves no model and no edit: its "erased"
+    model is the original, and eval or attack on it says so (exit 2) before loading a model."""
+    from obliviate.pipeline import pair
+
+    run = tmp_path / "erase"
+    run.mkdir()
+    (run / "results.json").write_text(json.dumps({"kind": "erase", "concept": "Golf", "method": "npo",
+                                                  "delta": None, "params": {}, "saved": {"model": False, "edits": []}}))
+    monkeypatch.setattr(pair, "load_model", lambda *a, **k: pytest.fail("a model was loaded"))
+    assert main([command, "--model", str(run), "--data", str(data_dir), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "applied no edit" in err and "nothing to evaluate or attack" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "attack"])
 def test_a_model_that_fails_to_load_leaves_nothing_that_blocks_the_corrected_rerun(command, common, tiny_model_dir,
                                                                                      tmp_path, capsys):
     not_a_model = tmp_path / "not-a-model"

@@ -12,6 +12,7 @@ from pathlib import Path
 from obliviate.edits.embedding import PATCH_FILE, EmbeddingPatch, apply_patch_file, patch_between
 from obliviate.edits.weights import WEIGHT_DELTA_FILE, apply_weight_delta_file
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.results import nothing_applied
 from obliviate.io import read_json
 from obliviate.methods import eco
 from obliviate.methods.eco import EcoEdit
@@ -39,6 +40,13 @@ def erase_run_info(spec: str | None) -> tuple[str | None, dict]:
         return str(folder / "model"), read_json(folder / "results.json")
     if saved_edits(folder):
         return spec, read_json(folder / "results.json")
+    recorded = read_json(folder / "results.json")
+    if recorded.get("kind") == "erase" and nothing_applied(recorded):
+        raise ObliviateError(
+            f"{folder} is an erase run that applied no edit (no candidate passed the grid's gates, or the concept's "
+            "questions were at chance): its model is the original, so there is nothing to evaluate or attack. Rerun "
+            "`erase` (another method, a wider grid) or name a run that saved a model or an edit."
+        )
     return spec, {}
 
 
