@@ -68,8 +68,12 @@ def attack_results(folder: Path, name: str) -> Path | None:
 
 
 def finished(folder: Path, names: list[str]) -> bool:
-    """Whether the cell's erase and every asked attack have results (nothing left to run)."""
-    return (folder / "results.json").exists() and all(attack_results(folder, name) for name in names)
+    """Whether the cell's erase and every asked attack have results, or the erase applied no
+    edit (nothing left to run)."""
+    path = folder / "results.json"
+    if not path.exists():
+        return False
+    return nothing_applied(json.loads(path.read_text())) or all(attack_results(folder, name) for name in names)
 
 
 def attack_run(folder: Path, data: str | None, names: list[str]) -> dict:
