@@ -10,7 +10,8 @@ import pytest
 
 from obliviate.data.concepts import OpenQuestion
 from obliviate.errors import ObliviateError
-from obliviate.evaluation.open_ended import Judge, answer_matches, endpoint_judge, evaluate_open, make_judge, normalise
+from obliviate.evaluation.open_ended import (Judge, answer_matches, endpoint_judge, generate_answers, judge_answers,
+                                             make_judge, normalise)
 
 
 @pytest.mark.parametrize("prediction, gold, expected", [
@@ -34,12 +35,12 @@ def test_normalise_words():
     assert normalise("Café  É") == ["cafe", "e"]
 
 
-def test_evaluate_open_claims_judged_numbers_only_with_a_judge(tiny_lm):
+def test_judged_numbers_exist_only_with_a_judge(tiny_lm):
     questions = [OpenQuestion("Who wrote Harry Potter?", "J.K. Rowling"), OpenQuestion("Who is Harry?", "a wizard")]
-    plain = evaluate_open(tiny_lm, questions, None, max_new_tokens=3)
+    plain = judge_answers(questions, generate_answers(tiny_lm, questions, max_new_tokens=3))
     assert set(plain) == {"answers", "match"} and plain["match"].shape == (2,) and len(plain["answers"]) == 2
     always = Judge("always yes", lambda q, g, a: np.ones(len(q), dtype=bool))
-    judged = evaluate_open(tiny_lm, questions, always, max_new_tokens=3)
+    judged = judge_answers(questions, generate_answers(tiny_lm, questions, max_new_tokens=3), always)
     assert judged["judged"].tolist() == [1.0, 1.0] and judged["answers"] == plain["answers"]  # greedy: same answers
 
 

@@ -142,8 +142,3 @@ def judge_answers(questions: Sequence[OpenQuestion], answers: list[str], judge: 
         out["judged"] = np.asarray(judge.fn([q.question for q in questions], golds, answers), dtype=float)
     return out
 
-
-def evaluate_open(lm: LoadedModel, questions: Sequence[OpenQuestion], judge: Judge | None = None,
-                  max_new_tokens: int = 24, batching: Batching = Batching()) -> dict:
-    """``lm``'s answers, judged (``judge_answers``)."""
-    return judge_answers(questions, generate_answers(lm, questions, max_new_tokens, batching), judge)
