@@ -233,3 +233,8 @@ def test_a_grid_that_chooses_nothing_says_so_and_why():
     assert "| general-knowledge fraction 0.52 < 0.9 |" in report and "| coherence < 0.9: scores 0 |" in report
     assert sentence in report
     assert no_candidate_chosen({**results, "params": {"lr": 1e-4}}) is None
+    uncertain = {**results, "method_sweep": [{"params": {"lr": 1e-3}, "score": 0.0, "rejected": None,
+                                              "metrics": {"coherence": {"value": 0.95, "low": 0.85, "high": 1.0}}}]}
+    assert "scores 0" not in markdown_report(uncertain)  # judged on its point value
+    on_low = {**uncertain, "config": {"evaluation": {**results["config"]["evaluation"], "coherence_gate_on": "low"}}}
+    assert "| coherence (interval low end) < 0.9: scores 0 |" in markdown_report(on_low)

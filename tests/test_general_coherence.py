@@ -9,6 +9,7 @@ import torch
 
 from obliviate.cli import main
 from obliviate.config import EvalConfig
+from obliviate.errors import ObliviateError
 from obliviate.data.concepts import load_prompt_file, neutral_openings, sample_general_prompts
 from obliviate.edits.embedding import EmbeddingPatch
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
@@ -33,6 +34,25 @@ def test_the_gate_uses_general_coherence_not_the_concept_prompts():
     score, _, _ = ember_score(garbled_concept_text, EvalConfig(gate_concept_fluency=True))
     assert score == 0.0
     assert ember_score(outcome(coherence=0.85, concept_fluency=1.0, **GOOD), EvalConfig())[0] == 0.0
+
+
+def test_the_coherence_gate_can_judge_the_interval_low_end():
+    """0.93 [0.88, 0.98]: over a 0.9 gate by its point, under it by its low end; the same
+    reading for a saved grid's dict form, and for concept fluency when that is gated too."""
+    from obliviate.evaluation.metrics import below_gate
+    from obliviate.pipeline.selection import fails_coherence
+
+    uncertain = outcome(coherence=0.93, concept_fluency=1.0, **GOOD)
+    assert ember_score(uncertain, EvalConfig(coherence_gate_on="value"))[0] == 0.92
+    assert ember_score(uncertain, EvalConfig())[0] == 0.0  # the default judges the low end
+    assert not below_gate(Interval(0.93, 0.88, 0.98), 0.9) and below_gate(Interval(0.93, 0.88, 0.98), 0.9, "low")
+    assert below_gate({"value": 0.93, "low": 0.88, "high": 0.98}, 0.9, "low") and not below_gate(None, 0.9, "low")
+    saved = {"coherence": {"value": 1.0, "low": 1.0, "high": 1.0}, "concept_fluency": {"value": 0.93, "low": 0.88}}
+    assert not fails_coherence(saved, EvalConfig(), 0.9)
+    assert fails_coherence(saved, EvalConfig(gate_concept_fluency=True), 0.9)
+    assert not fails_coherence(saved, EvalConfig(coherence_gate_on="value", gate_concept_fluency=True), 0.9)
+    with pytest.raises(ObliviateError, match="coherence_gate_on must be value or low"):
+        EvalConfig(coherence_gate_on="mid")
 
 
 def test_ember_gate_rejects_lost_general_knowledge_unless_that_set_is_at_chance():
@@ -226,7 +246,7 @@ def test_base_method_grid_measures_coherence_on_its_top_cells_only():
 
         def evaluate(self, split, edit, coherence=True, questions=True):
             self.calls.append((split, edit, coherence, questions))
-            return outcome(coherence={"a": 0.95, "b": 0.60, "c": 0.99}[edit], concept_fluency=0.4)
+            return outcome(coherence={"a": 0.97, "b": 0.60, "c": 0.99}[edit], concept_fluency=0.4)
 
     results = [CandidateResult({"lr": lr}, {"harmonic": {"value": s, "low": s, "high": s}}, s, 0.0, rejected)
                for lr, s, rejected in ((1, 0.5, None), (2, 0.8, None), (3, 0.9, "QA fraction 0.7 > 0.6"), (4, 0.7, None))]

@@ -3,7 +3,7 @@ import torch
 
 from obliviate.data.concepts import MCQuestion
 from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare, shuffled_order
-from obliviate.evaluation.scoring import Batching, continuation_logprobs, greedy_generate
+from obliviate.evaluation.scoring import CPU_GENERATION_BATCH_TOKENS, Batching, continuation_logprobs, greedy_generate
 
 
 @torch.no_grad()
@@ -33,6 +33,10 @@ def test_greedy_generation_matches_unbatched_generation(tiny_lm):
     alone = [greedy_generate(tiny_lm, [p], 6, Batching(4096))[0] for p in prompts]
     assert together == alone
     assert all(0 < len(c) <= 6 for c in together)
+    # on a CPU, generation takes larger batches than scoring unless a budget is given
+    assert Batching().generation_budget(tiny_lm) == CPU_GENERATION_BATCH_TOKENS > Batching().budget(tiny_lm)
+    assert Batching(16).generation_budget(tiny_lm) == 16
+    assert greedy_generate(tiny_lm, prompts, 6) == greedy_generate(tiny_lm, prompts, 6, Batching(16)) == alone
 
 
 def test_options_are_shuffled_with_a_fixed_seed_and_answers_follow():

@@ -17,6 +17,7 @@ import yaml
 
 from obliviate.data import benchmark_dir
 from obliviate.errors import ObliviateError
+from obliviate.evaluation.metrics import GateOn
 from obliviate.settings import build_section, coerce, setting
 from obliviate import methods as method_registry
 from obliviate.methods.ember import Config as EmberConfig
@@ -83,6 +84,13 @@ class EvalConfig:
     # coherence 0.9, rank by harmonic(efficacy, specificity, coherence).
     general_gate: float = setting(0.9, "EMBER: reject a delta whose general-knowledge fraction is below this")
     coherence_gate: float = setting(0.9, "EMBER: a delta whose coherence on general prompts is below this scores 0")
+    # Ours (the reference gates the point value): 110 TRAIN prompts leave a candidate's
+    # coherence uncertain by about +/-0.05, and a point just over the gate can fall well under
+    # it on new prompts; "low" gates the low end of the candidate's 95% interval instead
+    # (docs/results/coherence-gate.md).
+    coherence_gate_on: GateOn = setting(
+        "low", "judge the coherence gates on the low end of a candidate's 95% interval (low) or on its point "
+               "value (value, the reference)")
     # EMBER's delta grid is monotone: stop after this many candidates in a row fail the
     # coherence gate (they score 0 and cannot be chosen). 0 = run the whole grid (reference).
     stop_after_incoherent: int = setting(
@@ -123,6 +131,8 @@ class EvalConfig:
         for name in ("general_gate", "coherence_gate", "method_general_gate", "method_max_qa_frac"):
             if not 0 <= getattr(self, name) <= 1:
                 raise ObliviateError(f"{name} must be in [0, 1], got {getattr(self, name)}.")
+        if self.coherence_gate_on not in typing.get_args(GateOn):
+            raise ObliviateError(f"coherence_gate_on must be value or low, got {self.coherence_gate_on!r}.")
         if self.choice not in ("best", "one-se"):
             raise ObliviateError(f"choice must be best or one-se, got {self.choice!r}.")
         if self.method_coherence_gate is not None and not 0 <= self.method_coherence_gate <= 1:

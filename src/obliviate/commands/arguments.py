@@ -130,7 +130,7 @@ def collect_overrides(args: argparse.Namespace) -> dict:
 
 # Evaluation settings only a grid reads (how candidates are gated and chosen): commands
 # that evaluate one given model (eval, attack) do not show them.
-GRID_SETTINGS = ("gate_concept_fluency", "grid_concept_fluency", "general_gate", "coherence_gate",
+GRID_SETTINGS = ("gate_concept_fluency", "grid_concept_fluency", "general_gate", "coherence_gate", "coherence_gate_on",
                  "stop_after_incoherent", "method_general_gate", "method_max_qa_frac", "method_coherence_top",
                  "method_coherence_gate", "choice", "fit_at_chance")
 

@@ -152,7 +152,7 @@ class Evaluator:
         at each step, through the results cache."""
         payload = {"prompt_ids": [self.lm.tokenizer(p).input_ids for p in prompts], "new_tokens": new_tokens,
                    "stops": [self.lm.tokenizer.eos_token_id, self.lm.tokenizer.pad_token_id],
-                   "budget": self.batching.budget(self.lm)}
+                   "budget": self.batching.generation_budget(self.lm)}
         return self.cache.fetch(
             "coherence_set", payload, lambda: coh.build_coherence_set(self.lm, prompts, new_tokens, self.batching),
             coh.encode_coherence_set, lambda tensors, _: coh.decode_coherence_set(tensors, prompts, new_tokens))

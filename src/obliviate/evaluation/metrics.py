@@ -11,7 +11,7 @@ answers paired, and every derived metric is recomputed on each resample.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Literal, Mapping
 
 import numpy as np
 
@@ -40,6 +40,19 @@ class Interval:
 
     def excludes(self, x: float) -> bool:
         return not (self.low <= x <= self.high)
+
+
+GateOn = Literal["value", "low"]
+
+
+def below_gate(entry: Interval | Mapping[str, float] | None, gate: float, on: GateOn = "value") -> bool:
+    """Whether a measured metric fails a gate: its point value (``on="value"``) or the low end
+    of its 95% interval (``on="low"``) is below ``gate``. An entry in dict form (a saved grid)
+    is read the same way; a metric not measured never fails."""
+    if entry is None:
+        return False
+    point = entry if isinstance(entry, Mapping) else entry.as_dict()
+    return point[on] < gate
 
 
 def harmonic(*values: float) -> float:

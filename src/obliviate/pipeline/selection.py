@@ -22,6 +22,7 @@ from typing import Iterator
 from obliviate.config import RunConfig
 from obliviate.edits.protocol import CompositeEdit
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
+from obliviate.evaluation.metrics import below_gate
 from obliviate.pipeline.checkpoint import CandidateResult, RunCheckpoint
 from obliviate.progress import progress_bar
 
@@ -34,6 +35,8 @@ def selection_rules(config: RunConfig) -> dict:
     return {
         "ember": {"reject_general_frac_below": ev.general_gate, "zero_coherence_below": ev.coherence_gate,
                   "rank_by": "harmonic(efficacy, specificity, coherence)"},
+        "coherence_gated_on": {"value": "the candidate's point value",
+                               "low": "the low end of the candidate's 95% interval"}[ev.coherence_gate_on],
         "base_method": {"reject_general_frac_below": ev.method_general_gate,
                         "reject_qa_frac_above": ev.method_max_qa_frac, "rank_by": "harmonic(efficacy, specificity)",
                         "coherence_measured_on_top": ev.method_coherence_top,
@@ -91,18 +94,13 @@ def _with_se(interval) -> tuple[float, float, None]:
 
 
 def fails_coherence(metrics: dict, config, gate: float | None) -> bool:
-    """Coherence on general prompts below ``gate`` (and, when opted in, fluency on concept text).
-    ``metrics`` maps names to Intervals or to their dict form (saved sweeps)."""
+    """Coherence on general prompts below ``gate`` (and, when opted in, fluency on concept text),
+    judged on the point value or the interval's low end (``coherence_gate_on``). ``metrics``
+    maps names to Intervals or to their dict form (saved sweeps)."""
     if gate is None:
         return False
-
-    def value(name: str) -> float:
-        entry = metrics.get(name)
-        if entry is None:
-            return 1.0
-        return entry["value"] if isinstance(entry, dict) else entry.value
-
-    return value("coherence") < gate or (config.gate_concept_fluency and value("concept_fluency") < gate)
+    names = ("coherence", "concept_fluency") if config.gate_concept_fluency else ("coherence",)
+    return any(below_gate(metrics.get(name), gate, config.coherence_gate_on) for name in names)
 
 
 def choose(results: list[CandidateResult], rule: str = "best") -> int | None:

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Mapping
 
-from obliviate.evaluation.metrics import QUESTION_SETS, Interval
+from obliviate.evaluation.metrics import QUESTION_SETS, GateOn, Interval, below_gate
 from obliviate.evaluation.results import HEADLINE, METRICS, RunResults, set_key
 
 SHOWN = tuple(name for name in HEADLINE if name != "score")  # the score is the grids' business
@@ -46,15 +46,15 @@ def _accuracy_rows(results: RunResults) -> list[str]:
     return rows if len(rows) > 2 else ["No questions were given: no accuracy is claimed."]
 
 
-def _sweep_rows(sweep: list[dict], coherence_gate: float | None) -> list[str]:
+def _sweep_rows(sweep: list[dict], coherence_gate: float | None, gate_on: GateOn = "value") -> list[str]:
     rows = ["| params | efficacy | specificity | coherence | concept fluency | score | note |",
             "| --- | --- | --- | --- | --- | --- | --- |"]
     for entry in sweep:
         m = entry["metrics"]
         value = lambda k: f"{m[k]['value']:.3f}" if k in m else "n/a"  # noqa: E731
         note = entry["rejected"] or ""
-        if not note and coherence_gate is not None and m.get("coherence", {}).get("value", 1.0) < coherence_gate:
-            note = f"coherence < {coherence_gate}: scores 0"
+        if not note and coherence_gate is not None and below_gate(m.get("coherence"), coherence_gate, gate_on):
+            note = f"coherence{' (interval low end)' if gate_on == 'low' else ''} < {coherence_gate}: scores 0"
         rows.append(
             f"| {entry['params']} | {value('efficacy')} | {value('specificity')} | {value('coherence')} | "
             f"{value('concept_fluency')} | {entry['score']:.3f} | {note} |"
@@ -206,7 +206,7 @@ def markdown_report(results: RunResults) -> str:
     for key, title, gate in (("delta_sweep", "EMBER delta grid (train questions)", gates.get("coherence_gate")),
                              ("method_sweep", "Method grid (train questions)", gates.get("method_coherence_gate"))):
         if parts.get(key):
-            lines += ["", f"## {title}", *_sweep_rows(parts[key], gate)]
+            lines += ["", f"## {title}", *_sweep_rows(parts[key], gate, gates.get("coherence_gate_on", "value"))]
     nothing_chosen = no_candidate_chosen(results)
     if nothing_chosen:
         lines += ["", nothing_chosen]
