@@ -26,13 +26,10 @@ from obliviate.evaluation.pooled import arm_from_results, paired_difference, poo
 from obliviate.evaluation.results import RunResults, nothing_applied
 from obliviate.io import write_json, write_text
 from obliviate.pipeline.cells import run_cell
+from quality_table import slug  # this folder's scripts name a concept's run folder alike
 
 RULES = ("value", "low")
 SHOWN = ("efficacy", "specificity", "coherence")
-
-
-def slug(concept: str) -> str:
-    return "".join(c if c.isalnum() else "_" for c in concept).strip("_").lower()
 
 
 def run_rule(concept: str, rule: str, data: str | None, out: Path) -> RunResults:

@@ -35,18 +35,19 @@ class Batching:
     tokens: int | None = None
 
     def budget(self, lm: LoadedModel) -> int:
+        return self._sized(lm, CPU_BATCH_TOKENS)
+
+    def generation_budget(self, lm: LoadedModel) -> int:
+        """Tokens a generation batch may hold (prompts and new tokens)."""
+        return self._sized(lm, CPU_GENERATION_BATCH_TOKENS)
+
+    def _sized(self, lm: LoadedModel, on_cpu: int) -> int:
         if self.tokens is not None:
             return self.tokens
         # Sized to the tightest GPU holding the model (device maps span several); the
         # fixed CPU budget when no GPU holds it.
         tokens = auto_batch_tokens(lm.model)
-        return CPU_BATCH_TOKENS if tokens is None else tokens
-
-    def generation_budget(self, lm: LoadedModel) -> int:
-        """Tokens a generation batch may hold (prompts and new tokens)."""
-        if self.tokens is None and auto_batch_tokens(lm.model) is None:
-            return CPU_GENERATION_BATCH_TOKENS
-        return self.budget(lm)
+        return on_cpu if tokens is None else tokens
 
 
 def _batches(lengths: Sequence[int], kept: Sequence[int], vocab: int, budget: int) -> list[list[int]]:
