@@ -43,7 +43,9 @@ from obliviate.methods.ember import embedding_matrix
 
 PAGE_INTRO = ("Each stage is described in `bench/bench_erase.py`. \"cold\" means an empty results cache (the "
               "original model's answers, continuations and output states computed and written); \"warm\" reads them "
-              "back. The same numbers (chosen delta, answers) are checked on both sides of every comparison.")
+              "back. The same numbers (chosen delta, answers) are checked on both sides of every comparison. On a "
+              "shared machine wall seconds vary by up to a quarter from run to run: compare rows of one page, or runs "
+              "made back to back.")
 
 
 def machine() -> str:

@@ -111,6 +111,22 @@ def full_data_dir(data_dir) -> Path:
     pytest.skip(f"no benchmark folder with relearn_paragraphs.json (set OBLIVIATE_DATA; tried {data_dir}, {FULL_DATA_DIR})")
 
 
+def same_outcome(a, b) -> None:
+    """Two evaluation outcomes carry the very same numbers (metrics, answers, prompt rows, examples)."""
+    import numpy as np
+
+    assert a.metrics.keys() == b.metrics.keys()
+    for name in a.metrics:
+        assert a.metrics[name].as_dict() == b.metrics[name].as_dict(), name
+    for name in a.correct:
+        for x, y in zip(a.correct[name], b.correct[name]):
+            np.testing.assert_array_equal(x, y)
+    for kind in a.prompt_rows:
+        for x, y in zip(a.prompt_rows[kind], b.prompt_rows[kind]):
+            np.testing.assert_array_equal(x, y)
+    assert a.examples == b.examples and a.coverage == b.coverage and a.rescored == b.rescored
+
+
 def shrink(data: ConceptData, questions: int = 6, general: int = 8, prompts: int = 3) -> ConceptData:
     """Few questions and prompts, for fast plumbing tests."""
     data.questions = {k: v[:questions] for k, v in data.questions.items()}

@@ -3,7 +3,6 @@ data and settings runs nothing of the original and gives the same numbers as no 
 another weight, setting or question is a miss; --no-cache reads and writes nothing."""
 from dataclasses import replace
 
-import numpy as np
 import pytest
 import torch
 
@@ -15,6 +14,8 @@ from obliviate.evaluation.cache import OriginalCache, results_dir, weights_finge
 from obliviate.io import load_tensors, save_tensors
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.pipeline.erase import config_fingerprint
+
+from conftest import same_outcome
 
 CONFIG = EvalConfig(scoring="loglik", coherence_new_tokens=5, bootstrap=20)
 
@@ -53,19 +54,6 @@ def edit_for(lm, count=12, scale=5.0, seed=0) -> EmbeddingPatch:
     rows = weight[tokens].detach().clone()
     return EmbeddingPatch(token_ids=tokens, original_rows=rows,
                           edited_rows=rows + scale * torch.randn(rows.shape, generator=generator), metadata={})
-
-
-def same_outcome(a, b) -> None:
-    assert a.metrics.keys() == b.metrics.keys()
-    for name in a.metrics:
-        assert a.metrics[name].as_dict() == b.metrics[name].as_dict(), name
-    for name in a.correct:
-        for x, y in zip(a.correct[name], b.correct[name]):
-            np.testing.assert_array_equal(x, y)
-    for kind in a.prompt_rows:
-        for x, y in zip(a.prompt_rows[kind], b.prompt_rows[kind]):
-            np.testing.assert_array_equal(x, y)
-    assert a.examples == b.examples and a.coverage == b.coverage
 
 
 def run_twice(lm, concept, config=CONFIG, edit=None):

@@ -179,8 +179,8 @@ def test_ember_patch_is_applied_while_training(tiny_lm, small_concept, monkeypat
     the candidate it yields is the EMBER patch followed by the trained change."""
     from obliviate.training import loop as training
     from obliviate.edits.embedding import EmbeddingPatch
-    from obliviate.edits.protocol import CompositeEdit
-    from obliviate.pipeline.selection import _under, applied
+    from obliviate.edits.protocol import CompositeEdit, applied
+    from obliviate.pipeline.selection import _under
 
     weight = tiny_lm.model.get_input_embeddings().weight
     rows = torch.tensor([5, 9, 11])

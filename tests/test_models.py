@@ -61,3 +61,22 @@ def test_dtype_defaults_follow_the_device(tiny_model_dir):
 def test_asking_for_cuda_without_a_gpu_is_a_clear_error(tiny_model_dir):
     with pytest.raises(ObliviateError, match="no CUDA GPU"):
         load_model(str(tiny_model_dir), device="cuda")
+
+
+def test_a_gguf_file_is_parsed_once_while_converting(monkeypatch):
+    """The tokenizer, the config and the weights each ask for a reader: one parse serves all,
+    and the library's reader is back afterwards."""
+    gguf = pytest.importorskip("gguf")
+    from obliviate.models.loading import _one_gguf_read
+
+    parsed = []
+
+    class Reader:
+        def __init__(self, path, mode="r"):
+            parsed.append((path, mode))
+
+    monkeypatch.setattr(gguf, "GGUFReader", Reader)
+    with _one_gguf_read():
+        first, second, other = gguf.GGUFReader("a.gguf"), gguf.GGUFReader("a.gguf"), gguf.GGUFReader("b.gguf")
+    assert first is second and other is not first and parsed == [("a.gguf", "r"), ("b.gguf", "r")]
+    assert gguf.GGUFReader is Reader

@@ -3,7 +3,8 @@ import torch
 
 from obliviate.data.concepts import MCQuestion
 from obliviate.evaluation.multiple_choice import correct_from_scores, option_scores, prepare, shuffled_order
-from obliviate.evaluation.scoring import CPU_GENERATION_BATCH_TOKENS, Batching, continuation_logprobs, greedy_generate
+from obliviate.evaluation.scoring import (CPU_GENERATION_BATCH_TOKENS, ROWS_PER_REDUCTION, Batching,
+                                         continuation_logprobs, greedy_generate, log_normalizer)
 
 
 @torch.no_grad()
@@ -87,8 +88,9 @@ def test_options_sharing_a_context_score_as_if_run_whole(tiny_lm, tiny_llama):
                 fed.clear()
                 projected.clear()
                 shared = continuation_logprobs(lm, items, Batching(budget)).numpy()
-                # each distinct context is fed once, each option once
-                assert sum(fed) == len(short) + len(long) + len(tok("Q:").input_ids) + sum(len(x) for _, x in items)
+                # each distinct context is fed once, each option once but its last token (it
+                # predicts nothing)
+                assert sum(fed) == len(short) + len(long) + len(tok("Q:").input_ids) + sum(len(x) - 1 for _, x in items)
                 # the output layer runs once per scored token, never on padding: a shared
                 # context's last position predicts its options' first tokens
                 assert sum(projected) == 2 + sum(len(x) - 1 for _, x in items[:5]) + len(items[5][1])
@@ -107,7 +109,8 @@ def test_output_states_recorded_while_scoring_equal_a_separate_capture(tiny_lm):
     tok = tiny_lm.tokenizer
     question = tok("Question: which club is used to putt?\nAnswer:").input_ids
     options = [tok(f" {o}", add_special_tokens=False).input_ids for o in ("a putter", "the driver of the ball", "iron")]
-    items = [(question, o) for o in options] + [(tok("Q:").input_ids, options[1])]
+    options.append(options[0][:1])  # one token: scored from the context's last position alone
+    items = [(question, o) for o in options] + [(tok("Q:").input_ids, options[1]), (tok("Q:").input_ids[:2], options[3])]
     for budget in (24, 4096):
         totals, states = continuation_logprobs(tiny_lm, items, Batching(budget), record=True)
         np.testing.assert_array_equal(totals.numpy(), continuation_logprobs(tiny_lm, items, Batching(budget)).numpy())
@@ -116,6 +119,17 @@ def test_output_states_recorded_while_scoring_equal_a_separate_capture(tiny_lm):
             assert kept.hidden.shape == (len(option), tiny_lm.model.config.hidden_size) and kept.log_norm.dtype == torch.float64
             torch.testing.assert_close(kept.hidden, separate.hidden, atol=1e-4, rtol=1e-4)
             torch.testing.assert_close(kept.log_norm, separate.log_norm, atol=1e-4, rtol=1e-5)
+        naive = np.array([naive_logprob(tiny_lm, c, x) for c, x in items])
+        np.testing.assert_allclose(totals.numpy(), naive, rtol=1e-4, atol=1e-4)
+
+
+def test_log_normalizer_in_row_blocks_equals_one_reduction():
+    """Reduced a few rows at a time on a CPU: the very values of one logsumexp, for row counts
+    that leave a remainder of one row, of several, or none."""
+    generator = torch.Generator().manual_seed(0)
+    for rows in (1, 2, ROWS_PER_REDUCTION, ROWS_PER_REDUCTION + 1, 2 * ROWS_PER_REDUCTION + 3, 113):
+        logits = torch.randn(rows, 4099, generator=generator) * 6
+        assert torch.equal(log_normalizer(logits), torch.logsumexp(logits, dim=-1))
 
 
 def test_a_tied_edit_needs_no_second_pass_for_the_output_states(tiny_lm, small_concept, monkeypatch):

@@ -8,9 +8,10 @@ original ones (whoever holds an original could undo the erasure).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, Sequence, runtime_checkable
+from typing import Iterator, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 import torch
@@ -112,6 +113,20 @@ def parts_of(edit) -> list:
     if edit is None:
         return []
     return edit.parts() if isinstance(edit, CompositeEdit) else [edit]
+
+
+@contextmanager
+def applied(edit: Edit | None, model: torch.nn.Module) -> Iterator[None]:
+    """Hold an edit applied for a block (a base method trains on the EMBER-edited model; the
+    evaluator reads an edited model), reverted after it whatever happens."""
+    if edit is None:
+        yield
+        return
+    edit.apply(model)
+    try:
+        yield
+    finally:
+        edit.revert(model)
 
 
 def apply_verified(edit: Edit, model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from obliviate.data.concepts import ConceptData, MCQuestion
-from obliviate.edits.protocol import Edit
+from obliviate.edits.protocol import Edit, applied
+from obliviate.models.layers import input_rows_per_sequence
 from obliviate.models.loading import LoadedModel, embeddings_are_tied
 from obliviate.evaluation import coherence as coh
 from obliviate.evaluation.cache import OriginalCache, pack, unpack
@@ -95,6 +96,7 @@ class Evaluator:
         self._base_scores: dict[tuple[str, str], np.ndarray] = {}
         self._prompt_sets: dict[tuple[str, str], coh.CoherenceSet] = {}
         self._states: dict[tuple[str, str], dict[int, OutputStates]] = {}  # output-row edits: _before_output_edit
+        self._ahead: dict[tuple[str, str, int], tuple] = {}  # (split, kind, id(edit)) -> generate_ahead's output
         # Opened now, while the weights are the original's: its key is their fingerprint.
         self.cache = OriginalCache(lm, enabled=getattr(config, "cache", True))
 
@@ -163,18 +165,63 @@ class Evaluator:
         prompts); the others keep the original's continuation."""
         token_ids = self.input_tokens(edit)
         old_rows = self._output_rows_before(token_ids, edit)
-        edit.apply(self.lm.model)
-        try:
+        with applied(edit, self.lm.model):
             change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
-            which = self._prompts_to_rerun(reference, token_ids, change, edit)
-            generated = greedy_generate(self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens,
-                                        self.batching)
-        finally:
-            edit.revert(self.lm.model)
+            which, generated = self._generate_edited(reference, self._prompts_to_rerun(reference, token_ids, change, edit))
         continuations = list(reference.original_continuations)
         for i, continuation in zip(which, generated):
             continuations[i] = continuation
         return continuations, len(which)
+
+    def generate_ahead(self, split: str, edits: Sequence[Edit], concept_fluency: bool = True) -> None:
+        """Generate at once what ``evaluate(split, edit, concept_fluency=...)`` will generate for
+        each of ``edits``, when they differ only in the input rows of the same tokens (EMBER's
+        deltas): every candidate's changed prompts run as one batch, each row with its own
+        candidate's rows (``input_rows_per_sequence``), so a decoding step reads the weights
+        once for all of them (on 2 CPU cores, Gemma 3 270M: 8 candidates' one prompt in 6 s,
+        26 s one after another). Anything else is left to ``evaluate``."""
+        self._ahead.clear()
+        changed = {None if ids is None else frozenset(ids) for ids in (edit.changed_token_ids() for edit in edits)}
+        if len(edits) < 2 or len(changed) != 1 or not next(iter(changed)):
+            return
+        tokens = set(next(iter(changed)))
+        references = {kind: self.prompt_set(split, kind) for kind in self._prompt_kinds(split, True, concept_fluency)}
+        ids = torch.tensor(sorted(tokens), dtype=torch.long)
+        embedded, outputs, which = [], [], {}
+        for number, edit in enumerate(edits):
+            old_rows = self._output_rows_before(tokens, edit)
+            with applied(edit, self.lm.model):
+                embedded.append(self.lm.model.get_input_embeddings()(ids[None].to(self.lm.device))[0].detach().cpu())
+                outputs.append(current_output_rows(self.lm, tokens))
+                change = output_change(self.lm, tokens, old_rows) if old_rows is not None else None
+                for kind, reference in references.items():
+                    which[kind, number] = self._prompts_to_rerun(reference, tokens, change, edit)
+        if any(not torch.equal(rows, outputs[0]) for rows in outputs[1:]):
+            return  # their output rows differ too (a tied matrix): one model per candidate
+        rows = torch.stack(embedded)
+        for kind, reference in references.items():
+            pairs = [(number, int(i)) for number in range(len(edits)) for i in which[kind, number]]
+            with applied(edits[0], self.lm.model):
+                generated = greedy_generate(
+                    self.lm, [reference.prompt_ids[i] for _, i in pairs], reference.max_new_tokens, self.batching,
+                    per_batch=lambda batch: input_rows_per_sequence(self.lm.model, ids, rows,
+                                                                    [pairs[b][0] for b in batch]))
+            for number, edit in enumerate(edits):
+                mine = [continuation for (owner, _), continuation in zip(pairs, generated) if owner == number]
+                self._ahead[split, kind, id(edit)] = (edit, which[kind, number], mine)
+
+    def _take_ahead(self, split: str, kind: str, edit: Edit | None) -> tuple[np.ndarray, list[list[int]]] | None:
+        """(prompts, continuations) ``generate_ahead`` made for this very edit, once."""
+        entry = self._ahead.pop((split, kind, id(edit)), None)
+        return (entry[1], entry[2]) if entry is not None and entry[0] is edit else None
+
+    def _generate_edited(self, reference: coh.CoherenceSet, which: np.ndarray) -> tuple[np.ndarray, list[list[int]]]:
+        """The model as it is now (edited) continues ``reference``'s prompts ``which``."""
+        return which, greedy_generate(self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens,
+                                      self.batching)
+
+    def _prompt_kinds(self, split: str, coherence: bool, concept_fluency: bool) -> list[str]:
+        return [kind for kind in self.prompts(split) if coherence and (concept_fluency or kind != "concept")]
 
     def input_tokens(self, edit: Edit | None) -> set[int] | None:
         """Tokens whose embedding rows the edit changed, when nothing else changed (else
@@ -216,7 +263,7 @@ class Evaluator:
         original's answers, then the edited model's) with an ETA, off a terminal every 30 s."""
         token_ids = self.input_tokens(edit)
         names = list(self.question_sets(split)) if questions else []
-        kinds = [kind for kind in self.prompts(split) if coherence and (concept_fluency or kind != "concept")]
+        kinds = self._prompt_kinds(split, coherence, concept_fluency)
         with self._parts(f"{split} evaluation", 2 * (len(names) + len(kinds)), progress) as done:
             sets, references = {}, {}
             for name in names:
@@ -235,9 +282,8 @@ class Evaluator:
                     correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change, edit)
                     done(name)
                 for kind, reference in references.items():
-                    which = self._prompts_to_rerun(reference, token_ids, change, edit)
-                    generated[kind] = (which, greedy_generate(
-                        self.lm, [reference.prompt_ids[i] for i in which], reference.max_new_tokens, self.batching))
+                    generated[kind] = self._take_ahead(split, kind, edit) or self._generate_edited(
+                        reference, self._prompts_to_rerun(reference, token_ids, change, edit))
                     done(f"{kind} prompts")
             finally:
                 if edit is not None:

@@ -11,9 +11,9 @@ scores exactly after an edit of some output rows (output_rows.py) without a seco
 """
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -26,6 +26,7 @@ CPU_BATCH_TOKENS = 2048
 # batch: on a CPU a larger batch reads it fewer times (110 prompts x 32 tokens on Gemma 3
 # 270M, 2 cores: 38 s at 2048 tokens a batch, 26 s at 8192). Scoring gains nothing from it.
 CPU_GENERATION_BATCH_TOKENS = 8192
+ROWS_PER_REDUCTION = 8  # rows of logits reduced at once on a CPU (8 x 262k floats: 8 MiB, cache-sized)
 
 
 @dataclass(frozen=True)
@@ -117,18 +118,18 @@ def _vocab(lm: LoadedModel) -> int:
 
 def _whole_sequence_logprobs(lm: LoadedModel, items: Sequence[tuple[list[int], list[int]]], chosen: list[int],
                              batching: Batching, totals: torch.Tensor, states: list | None) -> None:
-    """Score the ``chosen`` items each as one sequence into ``totals`` (and ``states``)."""
-    lengths = [len(items[i][0]) + len(items[i][1]) for i in chosen]
-    kept = [len(items[i][1]) + 1 for i in chosen]
+    """Score the ``chosen`` items each as one sequence into ``totals`` (and ``states``). A
+    continuation's last token is never fed: nothing after it is scored."""
+    lengths = [len(items[i][0]) + max(len(items[i][1]) - 1, 0) for i in chosen]
+    kept = [max(len(items[i][1]), 1) for i in chosen]
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
         members = [chosen[b] for b in batch]
         keep = max(kept[b] for b in batch)
-        ids, mask, positions = left_pad([items[i][0] + items[i][1] for i in members], lm.tokenizer.pad_token_id,
+        ids, mask, positions = left_pad([items[i][0] + items[i][1][:-1] for i in members], lm.tokenizer.pad_token_id,
                                         lm.device)
-        # Of the kept positions, keep-1-n .. keep-2 predict a row's n continuation tokens.
+        # Of the kept positions, the last n predict a row's n continuation tokens.
         n = torch.tensor([len(items[i][1]) for i in members])
-        offset = torch.arange(keep)
-        select = (offset >= keep - 1 - n[:, None]) & (offset < keep - 1)
+        select = torch.arange(keep) >= keep - n[:, None]
         targets = torch.cat([torch.tensor(items[i][1], dtype=torch.long) for i in members])
         sums, seen = _marked_sums(lm, select, targets, input_ids=ids, attention_mask=mask, position_ids=positions,
                                   logits_to_keep=keep, use_cache=False)
@@ -170,58 +171,88 @@ def _output_layer_at(model, select: torch.Tensor) -> Iterator[list[torch.Tensor]
         handle.remove()
 
 
+def log_normalizer(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the last dimension of (rows, vocab) logits. On a CPU it runs a few rows
+    at a time: over the whole tensor it streams every row through memory four times (max,
+    subtract, exp, sum: 63 ms for 110 rows of Gemma's 262k logits, 20 ms in blocks). A block
+    never holds one row alone unless the tensor does: a single row is reduced by another
+    kernel (split across threads), which rounds differently."""
+    if logits.device.type != "cpu" or logits.shape[0] <= ROWS_PER_REDUCTION:
+        return torch.logsumexp(logits, dim=-1)
+    blocks, rest = divmod(logits.shape[0], ROWS_PER_REDUCTION)
+    sizes = [ROWS_PER_REDUCTION] * blocks + ([rest] if rest else [])
+    if rest == 1:
+        sizes[-2:] = [ROWS_PER_REDUCTION + 1]
+    return torch.cat([torch.logsumexp(block, dim=-1) for block in logits.split(sizes)])
+
+
 def _token_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(target), the log-normalizer) at each row of (rows, vocab) logits, in float32
     at least."""
     logits = logits.float()
-    log_norm = torch.logsumexp(logits, dim=-1)
+    log_norm = log_normalizer(logits)
     return logits.gather(-1, targets[:, None]).squeeze(-1) - log_norm, log_norm
 
 
 def _shared_context_logprobs(lm, items, groups: list[list[int]], batching: Batching, totals: torch.Tensor,
                              states: list | None) -> None:
     """Score groups of items with one context each: the left-padded contexts run once with a
-    cache, the cache rows are repeated per continuation, and the right-padded continuations
-    run on it (right padding sits after every real token, so causality hides it)."""
-    widest = [max(len(items[i][1]) for i in group) for group in groups]
-    lengths = [len(items[group[0]][0]) + len(group) * width for group, width in zip(groups, widest)]
-    kept = [len(group) * width for group, width in zip(groups, widest)]
-    pad = lm.tokenizer.pad_token_id
+    cache, whose last position predicts every option's first token. The cache rows are then
+    repeated per option of two tokens or more, and those options run on it without their
+    last token (it predicts nothing), right-padded (padding sits after every real token, so
+    causality hides it). Splitting them by length cut the padding but not the time: every
+    pass reads the whole output layer."""
+    fed = [[len(items[i][1]) - 1 for i in group] for group in groups]  # option tokens each option feeds
+    lengths = [len(items[group[0]][0]) + sum(max(f, 0) for f in counts) for group, counts in zip(groups, fed)]
+    kept = [1 + sum(max(f, 0) for f in counts) for counts in fed]
     cache_name = cache_argument(lm.model)
     for batch in _batches(lengths, kept, _vocab(lm), batching.budget(lm)):
-        ids, mask, positions = left_pad([items[groups[g][0]][0] for g in batch], pad, lm.device)
+        ids, mask, positions = left_pad([items[groups[g][0]][0] for g in batch], lm.tokenizer.pad_token_id, lm.device)
         every_context = torch.ones(len(batch), 1, dtype=torch.bool)  # the output layer at each one's last position
         with _output_layer_at(lm.model, every_context) as context_hidden:
             out = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1)
         members = [i for g in batch for i in groups[g]]
         # A CPU index works on every device, also on a cache whose layers sit on several GPUs.
         rows = torch.tensor([row for row, g in enumerate(batch) for _ in groups[g]])
-        cache = getattr(out, cache_name)
-        cache.batch_select_indices(rows)
-        width = max(len(items[i][1]) for i in members)
-        cont = torch.full((len(members), width), pad, dtype=torch.long)
-        cont_mask = torch.zeros((len(members), width), dtype=torch.long)
-        for row, index in enumerate(members):
-            cont[row, : len(items[index][1])] = torch.tensor(items[index][1])
-            cont_mask[row, : len(items[index][1])] = 1
-        # Token t is predicted by the context's last position (t = 0) or by continuation
-        # position t-1: the output layer runs at a row's positions 0 .. n-2 only.
-        n = cont_mask.sum(dim=1)
-        select = torch.arange(width) < (n - 1)[:, None]
-        device = ids.device
-        later, (hidden, log_norm) = _marked_sums(
-            lm, select, cont[:, 1:][select[:, :-1]], input_ids=cont.to(device),
-            attention_mask=torch.cat([mask[rows], cont_mask.to(device)], dim=1),
-            position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device), use_cache=True,
-            **{cache_name: cache})
+        n = torch.tensor([len(items[i][1]) for i in members])
         context_logits = out.logits[0][rows.to(out.logits.device)]
-        first, first_norm = _token_logprobs(context_logits, cont[:, 0].to(context_logits.device))
-        totals[members] = first.double().cpu() * (n > 0) + later
+        firsts = torch.tensor([items[i][1][0] if items[i][1] else 0 for i in members])
+        first, first_norm = _token_logprobs(context_logits, firsts.to(context_logits.device))
+        totals[members] = first.double().cpu() * (n > 0)
+        longer = (n > 1).nonzero()[:, 0].tolist()
+        tails: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # row -> what the output layer saw after the first
+        if longer:
+            sums, seen = _option_tails(lm, [items[members[r]][1] for r in longer], getattr(out, cache_name),
+                                       rows[longer].tolist(), mask, positions, cache_name)
+            totals[[members[r] for r in longer]] += sums
+            tails = dict(zip(longer, zip(*seen)))
         if states is not None:
             first_hidden = context_hidden[0][rows.to(context_hidden[0].device)].float().cpu()
+            none = (first_hidden[:0], first_norm[:0].double().cpu())
             for row, index in enumerate(members):  # n states: the context's last position, then n - 1
-                states[index] = OutputStates(torch.cat([first_hidden[row, None], hidden[row]])[: n[row]],
-                                             torch.cat([first_norm[row, None].double().cpu(), log_norm[row]])[: n[row]])
+                hidden, log_norm = tails.get(row, none)
+                states[index] = OutputStates(torch.cat([first_hidden[row, None], hidden])[: n[row]],
+                                             torch.cat([first_norm[row, None].double().cpu(), log_norm])[: n[row]])
+
+
+def _option_tails(lm, options: list[list[int]], cache, rows: list[int], mask: torch.Tensor, positions: torch.Tensor,
+                  cache_name: str) -> tuple[torch.Tensor, tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Log-probabilities of each option's tokens after its first, each option fed but its last
+    token on the context ``cache``'s ``rows`` (the cache is consumed), with what the output
+    layer saw there."""
+    cache.batch_select_indices(torch.tensor(rows))
+    width = max(len(option) - 1 for option in options)
+    fed = torch.full((len(options), width), lm.tokenizer.pad_token_id, dtype=torch.long)
+    fed_mask = torch.zeros((len(options), width), dtype=torch.long)
+    for row, option in enumerate(options):
+        fed[row, : len(option) - 1] = torch.tensor(option[:-1])
+        fed_mask[row, : len(option) - 1] = 1
+    targets = torch.cat([torch.tensor(option[1:], dtype=torch.long) for option in options])
+    device = mask.device
+    return _marked_sums(lm, fed_mask.bool(), targets, input_ids=fed.to(device),
+                        attention_mask=torch.cat([mask[rows], fed_mask.to(device)], dim=1),
+                        position_ids=positions[rows, -1:] + 1 + torch.arange(width, device=device), use_cache=True,
+                        **{cache_name: cache})
 
 
 @torch.no_grad()
@@ -257,13 +288,15 @@ class GenerationSteps:
 @torch.no_grad()
 def greedy_generate(
     lm: LoadedModel, prompts: Sequence[list[int]], max_new_tokens: int, batching: Batching = Batching(),
-    record: bool = False,
+    record: bool = False, per_batch: Callable[[list[int]], AbstractContextManager] | None = None,
 ) -> list[list[int]] | tuple[list[list[int]], list[GenerationSteps]]:
     """Greedy continuations (new token ids only, cut at EOS) for each tokenized prompt.
 
     ``record=True`` also returns, per prompt, what the output layer saw at each step (the
     steps of its continuation, plus the one that chose EOS): from the same pass, so the
-    original's own continuations need no second pass to be scored."""
+    original's own continuations need no second pass to be scored. ``per_batch(prompts)``
+    is held around each batch's generation, given the indices of its prompts in row order
+    (a hook that varies the model per row)."""
     vocab = _vocab(lm)
     lengths = [len(p) + max_new_tokens for p in prompts]
     results: list[list[int]] = [[] for _ in prompts]
@@ -277,7 +310,7 @@ def greedy_generate(
         logits = output[:, -1].float()
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        steps.append((args[0][:, -1].float().cpu(), torch.logsumexp(logits, -1).double().cpu(),
+        steps.append((args[0][:, -1].float().cpu(), log_normalizer(logits).double().cpu(),
                       logits.max(-1).values.double().cpu()))
 
     hook = lm.model.get_output_embeddings().register_forward_hook(keep_step) if record else None
@@ -286,13 +319,14 @@ def greedy_generate(
         for batch in _batches(lengths, [1] * len(prompts), vocab, batching.generation_budget(lm)):
             steps.clear()
             ids, mask, _ = left_pad([list(prompts[i]) for i in batch], lm.tokenizer.pad_token_id, lm.device)
-            generated = lm.model.generate(
-                input_ids=ids,
-                attention_mask=mask,
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=lm.tokenizer.pad_token_id,
-            )[:, ids.shape[1]:]
+            with per_batch(batch) if per_batch is not None else nullcontext():
+                generated = lm.model.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=lm.tokenizer.pad_token_id,
+                )[:, ids.shape[1]:]
             for row, index in enumerate(batch):
                 tokens = generated[row].tolist()
                 cut = next((t for t, token in enumerate(tokens) if token in stops), len(tokens))

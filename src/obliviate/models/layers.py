@@ -10,9 +10,9 @@ Layer numbers, one convention for the whole package:
 from __future__ import annotations
 
 import inspect
-
 import re
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -141,3 +141,31 @@ def cache_argument(model) -> str:
     """The key/value cache's name in forward() and its output: "cache" from transformers 5
     on ("past_key_values" is a deprecated alias there), "past_key_values" before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+@contextmanager
+def input_rows_per_sequence(model: nn.Module, token_ids: torch.Tensor, embedded: torch.Tensor,
+                            owner: Sequence[int]) -> Iterator[None]:
+    """While held, the input embedding module gives batch row ``b``'s tokens ``token_ids`` the
+    vectors ``embedded[owner[b]]`` ((variants, len(token_ids), d), as the module outputs them:
+    scaled where it scales): several versions of those rows run in one batch."""
+    module = model.get_input_embeddings()
+    slot = torch.full((module.weight.shape[0],), -1, dtype=torch.long)
+    slot[token_ids.cpu()] = torch.arange(len(token_ids))
+    owners = torch.tensor(list(owner), dtype=torch.long)
+
+    def swap(_module, args, output):
+        ids = args[0].cpu()
+        found = slot[ids]
+        hit = found >= 0
+        if not hit.any():
+            return output
+        variant = owners[:, None].expand_as(ids)
+        output[hit.to(output.device)] = embedded[variant[hit], found[hit]].to(output.device, output.dtype)
+        return output
+
+    handle = module.register_forward_hook(swap)
+    try:
+        yield
+    finally:
+        handle.remove()

@@ -18,7 +18,7 @@ from obliviate import methods
 from obliviate.config import RunConfig
 from obliviate.data.concepts import ConceptData, merge_concepts
 from obliviate.edits.embedding import EmbeddingPatch, check_revertible_path, merge_patches
-from obliviate.edits.protocol import apply_verified, parts_of
+from obliviate.edits.protocol import applied, apply_verified, parts_of
 from obliviate.errors import ObliviateError
 from obliviate.evaluation.evaluator import Evaluator
 from obliviate.evaluation.results import RunResults
@@ -29,7 +29,7 @@ from obliviate.pipeline.checkpoint import CandidateResult, RunCheckpoint
 from obliviate.pipeline.outputs import finish, publish, save_outputs
 from obliviate.training.sharding import world
 from obliviate.progress import write_line
-from obliviate.pipeline.selection import NOTHING_TO_ERASE, applied, choose, measure_top_coherence, selection_rules, sweep
+from obliviate.pipeline.selection import NOTHING_TO_ERASE, choose, measure_top_coherence, selection_rules, sweep
 
 PLUG_IN = methods.PLUG_IN
 

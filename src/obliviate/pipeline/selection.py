@@ -16,11 +16,10 @@ A set at chance by accuracy alone is judged on the probability. If every score i
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from typing import Iterator
 
 from obliviate.config import RunConfig
-from obliviate.edits.protocol import CompositeEdit
+from obliviate.edits.protocol import CompositeEdit, applied
 from obliviate.evaluation.evaluator import Evaluator, SplitOutcome
 from obliviate.evaluation.metrics import below_gate
 from obliviate.pipeline.checkpoint import CandidateResult, RunCheckpoint
@@ -126,19 +125,6 @@ def _probability_drop(result: CandidateResult) -> float:
     return 0.0 if drop != drop else drop  # NaN: a sweep saved without it
 
 
-@contextmanager
-def applied(edit, model):
-    """Hold an edit applied for a block (used to train a base method on the EMBER-edited model)."""
-    if edit is None:
-        yield
-        return
-    edit.apply(model)
-    try:
-        yield
-    finally:
-        edit.revert(model)
-
-
 def _under(base_edit, model, candidates: Iterator) -> Iterator:
     """Run a method's candidate generator with ``base_edit`` applied while it works."""
     while True:
@@ -162,7 +148,14 @@ def sweep(
     bar = progress_bar(desc=f"{name} grid (train questions)", unit="candidate", disable=None)
     incoherent = 0
     rule = ember_score if ember_rule else method_score
-    for index, (params, edit) in enumerate(_under(base_edit, evaluator.lm.model, fitted.candidates())):
+    concept_fluency = config.evaluation.grid_concept_fluency or config.evaluation.gate_concept_fluency
+    candidates = _under(base_edit, evaluator.lm.model, fitted.candidates())
+    if ember_rule and evaluator.data.has_questions:
+        # the plug-in's candidates are patches built in memory: their continuations of the
+        # general prompts are generated together (the stop rule may leave a few unused)
+        candidates = list(candidates)
+        evaluator.generate_ahead("train", [edit for _, edit in candidates[len(done):]], concept_fluency)
+    for index, (params, edit) in enumerate(candidates):
         edits.append(edit)
         if index < len(done):
             results.append(done[index])
@@ -170,9 +163,7 @@ def sweep(
             outcome_metrics, score, se, rejected = {}, 0.0, 0.0, None
             clock = time.perf_counter()
             if evaluator.data.has_questions:
-                ev = config.evaluation
-                outcome = evaluator.evaluate("train", edit, coherence=ember_rule,
-                                             concept_fluency=ev.grid_concept_fluency or ev.gate_concept_fluency)
+                outcome = evaluator.evaluate("train", edit, coherence=ember_rule, concept_fluency=concept_fluency)
                 outcome_metrics = outcome.as_dict()["metrics"]
                 score, se, rejected = rule(outcome, config.evaluation)
             results.append(CandidateResult(params, outcome_metrics, score, se, rejected, time.perf_counter() - clock))
