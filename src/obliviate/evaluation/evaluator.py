@@ -166,7 +166,7 @@ class Evaluator:
         token_ids = self.input_tokens(edit)
         old_rows = self._output_rows_before(token_ids, edit)
         with applied(edit, self.lm.model):
-            change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
+            change = self._output_change(token_ids, old_rows)
             which, generated = self._generate_edited(reference, self._prompts_to_rerun(reference, token_ids, change, edit))
         continuations = list(reference.original_continuations)
         for i, continuation in zip(which, generated):
@@ -193,22 +193,22 @@ class Evaluator:
             with applied(edit, self.lm.model):
                 embedded.append(self.lm.model.get_input_embeddings()(ids[None].to(self.lm.device))[0].detach().cpu())
                 outputs.append(current_output_rows(self.lm, tokens))
-                change = output_change(self.lm, tokens, old_rows) if old_rows is not None else None
+                change = self._output_change(tokens, old_rows)
                 for kind, reference in references.items():
                     which[kind, number] = self._prompts_to_rerun(reference, tokens, change, edit)
         if any(not torch.equal(rows, outputs[0]) for rows in outputs[1:]):
             return  # their output rows differ too (a tied matrix): one model per candidate
         rows = torch.stack(embedded)
-        for kind, reference in references.items():
-            pairs = [(number, int(i)) for number in range(len(edits)) for i in which[kind, number]]
-            with applied(edits[0], self.lm.model):
+        with applied(edits[0], self.lm.model):  # its output rows are every candidate's
+            for kind, reference in references.items():
+                pairs = [(number, int(i)) for number in range(len(edits)) for i in which[kind, number]]
                 generated = greedy_generate(
                     self.lm, [reference.prompt_ids[i] for _, i in pairs], reference.max_new_tokens, self.batching,
                     per_batch=lambda batch: input_rows_per_sequence(self.lm.model, ids, rows,
                                                                     [pairs[b][0] for b in batch]))
-            for number, edit in enumerate(edits):
-                mine = [continuation for (owner, _), continuation in zip(pairs, generated) if owner == number]
-                self._ahead[split, kind, id(edit)] = (edit, which[kind, number], mine)
+                for number, edit in enumerate(edits):
+                    mine = [continuation for (owner, _), continuation in zip(pairs, generated) if owner == number]
+                    self._ahead[split, kind, id(edit)] = (edit, which[kind, number], mine)
 
     def _take_ahead(self, split: str, kind: str, edit: Edit | None) -> tuple[np.ndarray, list[list[int]]] | None:
         """(prompts, continuations) ``generate_ahead`` made for this very edit, once."""
@@ -277,7 +277,7 @@ class Evaluator:
             if edit is not None:
                 edit.apply(self.lm.model)
             try:
-                change = output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
+                change = self._output_change(token_ids, old_rows)
                 for name, prepared in sets.items():
                     correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change, edit)
                     done(name)
@@ -383,6 +383,10 @@ class Evaluator:
             states.update(zip(missing, captured))
             self._save_states(prepared, states)
         return old_rows  # prompts: their generation pass kept what is needed
+
+    def _output_change(self, token_ids: set[int] | None, old_rows: torch.Tensor | None) -> OutputChange | None:
+        """How the edit now applied moved the output rows ``old_rows`` held (None: nothing to correct)."""
+        return output_change(self.lm, token_ids, old_rows) if old_rows is not None else None
 
     def _output_rows_before(self, token_ids: set[int] | None, edit: Edit | None) -> torch.Tensor | None:
         """The edited tokens' original output rows when the edit changes them too (a tied
