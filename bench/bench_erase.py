@@ -8,13 +8,16 @@
   logits (target >= 5x), and as a fraction of this machine's measured matmul FLOP rate;
 - erase: a full `erase` of one concept, per-stage seconds (target <= 5 minutes);
 - cache: the same `erase` twice on an empty results cache, cold then warm (issue 17:
-  warm <= 2 minutes on 2 cores; the same results);
+  warm <= 2 minutes on 2 cores; the same results), and the warm grid's candidates/s;
 - nothing: a cold `erase` of a concept the model does not know (--nothing-concept): when
   "nothing to erase" is known (loading and the TRAIN QA decision; target <= 30 s), and the
   TEST record after it;
 - eval: a cold erase (delta 50), then `eval` of it in the results cache it filled (target
   <= 90 s) and on an empty cache, as an embedding patch and as two models (target
-  <= 180 s; the same answers).
+  <= 180 s; the same answers);
+- attack: a cold erase (delta 50, patch only), then the cheap attack battery on it in the
+  results cache it filled (`obliviate attack --attacks cheap`): per attack seconds and the
+  share of the original's knowledge it brought back.
 Prints a Markdown table with the machine's name.
 """
 from __future__ import annotations
@@ -179,8 +182,11 @@ def bench_cache(concept: str, data_dir: str) -> list[tuple[str, str]]:
     (cold, cold_results), (warm, warm_results) = runs
     same = all(cold_results.get(k) == warm_results.get(k) for k in ("delta", "per_question", "per_prompt")) and \
         untimed(cold_results["delta_sweep"]) == untimed(warm_results["delta_sweep"])
+    candidates, grid = len(warm_results["delta_sweep"]), warm_results["timings"]["ember_grid"]
     rows = [(f"erase {concept!r}, cold cache / warm cache",
-             f"{cold:.0f} s / {warm:.0f} s ({cold / warm:.1f}x; target warm <= 120 s); same results: {same}")]
+             f"{cold:.0f} s / {warm:.0f} s ({cold / warm:.1f}x; target warm <= 120 s); same results: {same}"),
+            ("  EMBER's grid, warm (the candidates' own work)", f"{candidates} candidates in {grid:.1f} s: "
+                                                                f"{candidates / grid:.3f} candidates/s")]
     for stage, seconds in cold_results["timings"].items():
         rows.append((f"  stage {stage}", f"{seconds:.1f} s / {warm_results['timings'].get(stage, float('nan')):.1f} s"))
     return rows
@@ -230,6 +236,33 @@ def bench_eval(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
             ("  evaluated as", results["as a patch"]["evaluated_as"])]
 
 
+def bench_attack(concept: str, data_dir: str | None) -> list[tuple[str, str]]:
+    """The cheap attack battery on a fresh erase run, as a user runs it after `erase`."""
+    from obliviate.cli import main as cli
+
+    data = ["--data", data_dir] if data_dir else []
+    with empty_results_cache() as tmp:
+        run, out = tmp / "erase", tmp / "attack"
+        obliviate.erase(concept, out=run, save_model=False, ember={"delta": 50.0}, progress=False,
+                        **({"data": data_dir} if data_dir else {}))
+        start = time.perf_counter()
+        assert cli(["attack", "--model", str(run), *data, "--attacks", "cheap", "--no-progress", "--out", str(out)]) == 0
+        wall = time.perf_counter() - start
+        results = json.loads((out / "results.json").read_text())
+    rows = [(f"attack battery (cheap) on an erase of {concept!r} (delta 50), in the results cache the erase filled",
+             f"{wall:.0f} s; worst case recovered {_recovered(results['worst_case_recovered'])} "
+             f"({results['worst_case_recovered']['attack']})")]
+    for name, seconds in results["timings"].items():
+        rows.append((f"  attack {name}", f"{seconds:.1f} s; recovered {_recovered(results[name].get('recovered_frac'))}"))
+    return rows
+
+
+def _recovered(interval: dict | None) -> str:
+    if not interval or interval.get("value") is None:
+        return "-"
+    return f"{interval['value']:.4f} [{interval['low']:.4f}, {interval['high']:.4f}]"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=None, help="the benchmark folder (default: the one the package ships)")
@@ -255,6 +288,8 @@ def main() -> None:
         rows += bench_nothing(args.nothing_concept, args.data)
     if "eval" in stages:
         rows += bench_eval(args.concept, args.data)
+    if "attack" in stages:
+        rows += bench_attack(args.concept, args.data)
     table = ["| measurement | result |", "| --- | --- |", *(f"| {name} | {value} |" for name, value in rows)]
     print("\n".join(table))
     if args.write:
