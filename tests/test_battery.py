@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from obliviate import attacks
-from obliviate.attacks import activations, quantize, respell
+from obliviate.attacks import activations, probe, quantize, respell
 from obliviate.attacks.common import AttackContext, attack_text, worst_case_recovered
 from obliviate.data.concepts import MCQuestion
 from obliviate.errors import ObliviateError
@@ -282,6 +282,84 @@ def test_logit_lens_last_block_is_the_model_and_lower_blocks_differ(tiny_tokeniz
         best = result[role]["best_block"]
         accuracy = [np.mean(c) for c in result[role]["by_block_correct"]]
         assert accuracy[best] == max(accuracy) and result[role]["after"]["value"] == pytest.approx(max(accuracy))
+
+
+def test_reading_at_a_block_runs_no_block_above_it(tiny_lm, tiny_llama):
+    """The output layer reads block b's output (its hidden state, through the final norm) and
+    the blocks above b never run; the model's depth is back after."""
+    from obliviate.models.layers import decoder_layers
+
+    ids = torch.tensor([[2, 10, 11, 12, 13]])
+    for lm in (tiny_lm, tiny_llama):
+        _, blocks = decoder_layers(lm.model)
+        ran: list[int] = []
+        handles = [b.register_forward_hook(lambda _m, _a, _o, i=i: ran.append(i)) for i, b in enumerate(blocks)]
+        try:
+            with torch.no_grad():
+                hidden = lm.model(ids, output_hidden_states=True).hidden_states[2]  # block 1's output
+                expected = lm.model.get_output_embeddings()(lm.model.model.norm(hidden))
+                softcap = getattr(lm.model.config, "final_logit_softcapping", None)
+                expected = softcap * torch.tanh(expected / softcap) if softcap else expected
+                ran.clear()
+                with activations.read_at_block(lm.model, 1):
+                    read = lm.model(ids).logits
+        finally:
+            for handle in handles:
+                handle.remove()
+        assert ran == [0, 1] and lm.model.config.num_hidden_layers == len(blocks)
+        torch.testing.assert_close(read, expected, atol=1e-5, rtol=1e-5)
+
+
+# ---- probe ---------------------------------------------------------------------------
+
+def test_probe_features_of_a_sentence_do_not_depend_on_its_batch(tiny_lm):
+    """What lets the erased model run only some sentences: a sentence's features are the same
+    whatever else (and however much padding) shares its batch."""
+    sentences = ["The wizard cast a spell.", "A much longer sentence about the golf clubs of Scotland and their greens.",
+                 "Cats sleep."]
+    together = probe.layer_features(tiny_lm, sentences, 32, batch_size=3)
+    for i, sentence in enumerate(sentences):
+        np.testing.assert_allclose(probe.layer_features(tiny_lm, [sentence], 32, 1)[:, 0], together[:, i], atol=1e-5)
+
+
+def test_erased_probe_features_run_only_the_sentences_an_embedding_patch_changes(tiny_tokenizer, small_concept,
+                                                                                 data_dir, tmp_path, monkeypatch):
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    original, erased = ctx.models["original"], ctx.models["erased"]
+    golf = _word_ids(tiny_tokenizer, ["golf"])
+    assert golf
+    with torch.no_grad():
+        erased.model.get_input_embeddings().weight[golf] += 0.5
+    sentences = ["The golf club is old.", "Cats sleep all day.", "A golf course and a cat.", "Rain falls on us."]
+    config = probe.Config(sentences=4, max_length=32, batch_size=2)
+    ran: list[str] = []
+    compute = probe.layer_features
+    monkeypatch.setattr(probe, "layer_features", lambda lm, batch, *a: ran.extend(batch) or compute(lm, batch, *a))
+    before = probe.original_features(ctx, original, sentences, config)
+    ran.clear()
+    shortcut = probe.erased_features(ctx, erased, sentences, config, before)
+    assert ran == [sentences[0], sentences[2]]
+    np.testing.assert_allclose(shortcut, compute(erased, sentences, 32, 2), atol=1e-5)
+    assert not np.allclose(shortcut[:, 0], before[:, 0], atol=1e-3) and np.array_equal(shortcut[:, 1], before[:, 1])
+    with torch.no_grad():  # another weight changed too: every sentence runs
+        next(p for n, p in erased.model.named_parameters() if "mlp" in n).add_(0.01)
+    ran.clear()
+    probe.erased_features(ctx, erased, sentences, config, before)
+    assert ran == sentences
+
+
+def test_the_originals_probe_features_are_computed_once(tiny_tokenizer, small_concept, data_dir, tmp_path,
+                                                        monkeypatch):
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    ctx.options["cache"] = True
+    sentences, config, ran = ["The golf club is old.", "Cats sleep all day."], probe.Config(4, 32, 2), []
+    compute = probe.layer_features
+    monkeypatch.setattr(probe, "layer_features", lambda lm, batch, *a: ran.append(len(batch)) or compute(lm, batch, *a))
+    first = probe.original_features(ctx, ctx.models["original"], sentences, config)
+    again = probe.original_features(ctx, ctx.models["original"], sentences, config)
+    assert ran == [2] and np.array_equal(first, again)
+    probe.original_features(ctx, ctx.models["original"], sentences[:1], config)  # other sentences: computed
+    assert ran == [2, 1]
 
 
 # ---- the sweep and the worst case ----------------------------------------------------

@@ -108,10 +108,15 @@ def cached_for_original(ctx: AttackContext, lm: LoadedModel, prepared: PreparedQ
     before; else ``compute()``, kept for the next command. It depends on nothing the
     erasure did, so every erase run of the concept shares it (``ctx.options["cache"]``
     False: always ``compute()``)."""
-    cache = OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
     payload = {**settings, "seed": ctx.seed, "items": prepared.items, "answers": prepared.answers,
                "mode": prepared.mode, "letter_ids": prepared.letter_ids, "budget": ctx.batching.budget(lm)}
-    return cache.fetch_json(kind, payload, compute)
+    return original_cache(ctx, lm).fetch_json(kind, payload, compute)
+
+
+def original_cache(ctx: AttackContext, lm: LoadedModel) -> OriginalCache:
+    """The results cache for what an attack measures on the ORIGINAL model (off when
+    ``ctx.options["cache"]`` is False, and across several processes)."""
+    return OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
 
 
 def each_role(ctx: AttackContext, out: dict, measure: Callable) -> dict:

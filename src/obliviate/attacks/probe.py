@@ -4,7 +4,10 @@ Per layer, a logistic-regression probe on mean-pooled hidden states learns to te
 concept's sentences from neutral ones (a split fixed by the seed: train half, test half).
 Erasure that only hides the answers leaves probe accuracy near the original's; chance is
 0.5. The reported "after" number is the best layer's held-out accuracy (the attacker's
-choice of layer).
+choice of layer). The original's features come from the results cache when the same
+sentences ran before; an erased model that is the original with some tokens' embedding
+rows changed runs only the sentences holding one of those tokens (the others' hidden
+states are the original's).
 """
 from __future__ import annotations
 
@@ -14,9 +17,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from obliviate.edits.embedding import patch_between
 from obliviate.errors import ObliviateError
+from obliviate.methods import eco
+from obliviate.models.layers import left_pad
 from obliviate.models.loading import LoadedModel
-from obliviate.attacks.common import AttackContext, accuracy_interval
+from obliviate.attacks.common import AttackContext, accuracy_interval, original_cache
 
 NAME = "probe"
 
@@ -35,14 +41,16 @@ class Config:
 
 @torch.no_grad()
 def layer_features(lm: LoadedModel, sentences: list[str], max_length: int, batch_size: int) -> np.ndarray:
-    """Mean-pooled hidden states: (n_layers + 1, n_sentences, hidden), padding excluded."""
+    """Mean-pooled hidden states: (n_layers + 1, n_sentences, hidden), padding excluded. Positions
+    count each sentence's own tokens, so its features do not depend on the batch it is in."""
     per_batch = []
     for start in range(0, len(sentences), batch_size):
-        enc = lm.tokenizer(sentences[start:start + batch_size], return_tensors="pt", padding=True,
-                           truncation=True, max_length=max_length).to(lm.device)
+        encoded = lm.tokenizer(sentences[start:start + batch_size], truncation=True, max_length=max_length).input_ids
+        ids, mask, positions = left_pad(encoded, lm.tokenizer.pad_token_id, lm.device)
         # logits_to_keep=1: the probe needs hidden states, not the vocabulary projection
-        states = lm.model(**enc, output_hidden_states=True, use_cache=False, logits_to_keep=1).hidden_states
-        mask = enc["attention_mask"].unsqueeze(-1).float()
+        states = lm.model(input_ids=ids, attention_mask=mask, position_ids=positions, output_hidden_states=True,
+                          use_cache=False, logits_to_keep=1).hidden_states
+        mask = mask.unsqueeze(-1).float()
         pooled = [(h.float() * mask).sum(1) / mask.sum(1) for h in states]
         per_batch.append(torch.stack(pooled).cpu().numpy())
     return np.concatenate(per_batch, axis=1)
@@ -79,10 +87,51 @@ def sentence_split(ctx: AttackContext, config: Config) -> tuple[list[str], np.nd
 def run(ctx: AttackContext, config: Config) -> dict:
     sentences, labels, train = sentence_split(ctx, config)
     out: dict = {"settings": {**config.__dict__, "train": int(train.sum()), "test": int((~train).sum()), "chance": 0.5}}
+    original = None
     for role, lm in ctx.models.items():
-        features = layer_features(lm, sentences, config.max_length, config.batch_size)
+        if role == "original":
+            features = original = original_features(ctx, lm, sentences, config)
+        else:
+            features = erased_features(ctx, lm, sentences, config, original)
         accuracies, corrects = probe_accuracies(features, labels, train, config.c, ctx.seed)
         best = int(np.argmax(accuracies))
         out[role] = {"per_layer": accuracies, "best_layer": best,
                      "after": accuracy_interval(corrects[best], ctx.bootstrap, ctx.seed)}
     return out
+
+
+def original_features(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: Config) -> np.ndarray:
+    """The original's features, through the results cache (they depend on nothing erased)."""
+    payload = {"sentences": sentences, "max_length": config.max_length, "batch_size": config.batch_size}
+    return original_cache(ctx, lm).fetch("probe_features", payload,
+                       lambda: layer_features(lm, sentences, config.max_length, config.batch_size),
+                       lambda features: ({"features": torch.from_numpy(features)}, {}),
+                       lambda tensors, _: tensors["features"].numpy())
+
+
+def erased_features(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: Config,
+                    original: np.ndarray | None) -> np.ndarray:
+    """The erased model's features: only the sentences it can change run, when it is the
+    original with some tokens' embedding rows changed; every sentence otherwise."""
+    changed = sentences_changed(ctx, lm, sentences, config.max_length) if original is not None else None
+    if changed is None:
+        return layer_features(lm, sentences, config.max_length, config.batch_size)
+    features = original.copy()
+    if len(changed):
+        features[:, changed] = layer_features(lm, [sentences[i] for i in changed], config.max_length, config.batch_size)
+    return features
+
+
+def sentences_changed(ctx: AttackContext, erased: LoadedModel, sentences: list[str], max_length: int) -> np.ndarray | None:
+    """The sentences (as read, truncated) holding a token whose input row the erased model
+    changed, when that is all it changed: no other weight, no inference-time hook. None
+    when the models differ otherwise (every sentence may change)."""
+    original = ctx.models["original"]
+    if eco.hook_of(erased.model) is not None:
+        return None
+    patch = patch_between(original.model, erased.model)
+    if patch is None:
+        return None
+    tokens = set(patch.token_ids.tolist())
+    ids = erased.tokenizer(sentences, truncation=True, max_length=max_length).input_ids
+    return np.array([i for i, sentence in enumerate(ids) if tokens & set(sentence)], dtype=int)
