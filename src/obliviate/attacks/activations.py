@@ -110,7 +110,7 @@ def read_at_block(model: nn.Module, block: int) -> Iterator[None]:
     """The blocks above ``block`` return their input, so the output layer reads ``block``'s
     output. They are not even run where the family runs only the config's first
     ``num_hidden_layers`` blocks (Gemma, Llama, Mistral, Qwen: the same scores, a reading at
-    block 2 of 18 in half the time); elsewhere they run and their output is dropped."""
+    block 2 of 18 in under half the time); elsewhere they run and their output is dropped."""
     _, blocks = decoder_layers(model)
     config = model.config.get_text_config()
     depth = config.num_hidden_layers
