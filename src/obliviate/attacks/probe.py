@@ -103,10 +103,9 @@ def run(ctx: AttackContext, config: Config) -> dict:
 def original_features(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: Config) -> np.ndarray:
     """The original's features, through the results cache (they depend on nothing erased)."""
     payload = {"sentences": sentences, "max_length": config.max_length, "batch_size": config.batch_size}
-    return original_cache(ctx, lm).fetch("probe_features", payload,
-                       lambda: layer_features(lm, sentences, config.max_length, config.batch_size),
-                       lambda features: ({"features": torch.from_numpy(features)}, {}),
-                       lambda tensors, _: tensors["features"].numpy())
+    return original_cache(ctx, lm).fetch(
+        "probe_features", payload, lambda: layer_features(lm, sentences, config.max_length, config.batch_size),
+        lambda features: ({"features": torch.from_numpy(features)}, {}), lambda tensors, _: tensors["features"].numpy())
 
 
 def erased_features(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: Config,
