@@ -362,6 +362,19 @@ def test_the_originals_probe_features_are_computed_once(tiny_tokenizer, small_co
     assert ran == [2, 1]
 
 
+def test_the_originals_mean_activations_are_computed_once(tiny_tokenizer, small_concept, data_dir, tmp_path,
+                                                          monkeypatch):
+    ctx = _ctx(tiny_tokenizer, small_concept, data_dir, tmp_path)
+    ctx.options["cache"] = True
+    sentences, config, ran = small_concept.concept_sentences[:4], activations.AblateConfig(4, 32, 2), []
+    compute = activations.mean_activations
+    monkeypatch.setattr(activations, "mean_activations", lambda lm, batch, *a: ran.append(len(batch)) or compute(lm, batch, *a))
+    first = activations.original_means(ctx, ctx.models["original"], sentences, config)
+    again = activations.original_means(ctx, ctx.models["original"], sentences, config)
+    assert ran == [4] and torch.equal(first, again) and first.shape == (len(activations.residual_sites(
+        ctx.models["original"].model)), ctx.models["original"].model.config.hidden_size)
+
+
 # ---- the sweep and the worst case ----------------------------------------------------
 
 def test_relearn_sweep_reports_every_cell_and_the_worst(tiny_tokenizer, small_concept, data_dir, tmp_path):

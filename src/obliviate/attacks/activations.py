@@ -24,7 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from obliviate.attacks.common import AttackContext, accuracy_interval, cached_for_original, correct_on, each_role
+from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, each_role,
+                                     original_cache)
 from obliviate.errors import ObliviateError
 from obliviate.models.layers import decoder_layers
 from obliviate.models.loading import LoadedModel
@@ -146,7 +147,9 @@ def run_ablate(ctx: AttackContext, config: AblateConfig) -> dict:
     if "original" not in ctx.models or "erased" not in ctx.models:
         raise ObliviateError("ablate-direction needs both the original and the erased model.")
     sentences = ctx.data.concept_sentences[:config.sentences]
-    means = {role: mean_activations(lm, sentences, config.max_length, config.batch_size) for role, lm in ctx.models.items()}
+    means = {role: original_means(ctx, lm, sentences, config) if role == "original"
+             else mean_activations(lm, sentences, config.max_length, config.batch_size)
+             for role, lm in ctx.models.items()}
     directions = difference_directions(means["erased"], means["original"])
     gaps = (means["erased"] - means["original"]).norm(dim=1)
 
@@ -159,6 +162,14 @@ def run_ablate(ctx: AttackContext, config: AblateConfig) -> dict:
     out = {"settings": asdict(config), "sentences_used": len(sentences),
            "mean_gap_by_site": [float(g) for g in gaps]}  # site 0: the embedding output; 1..: blocks
     return each_role(ctx, out, measure)
+
+
+def original_means(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: AblateConfig) -> torch.Tensor:
+    """The original's mean activations, through the results cache (they depend on nothing erased)."""
+    payload = {"sentences": sentences, "max_length": config.max_length, "batch_size": config.batch_size}
+    return original_cache(ctx, lm).fetch(
+        "ablate_means", payload, lambda: mean_activations(lm, sentences, config.max_length, config.batch_size),
+        lambda means: ({"means": means}, {}), lambda tensors, _: tensors["means"])
 
 
 # ---- logit-lens ------------------------------------------------------------------------
