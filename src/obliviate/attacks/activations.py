@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original, correct_on, each_role,
-                                     original_cache)
+from obliviate.attacks.common import (AttackContext, accuracy_interval, cached_for_original,
+                                     cached_tensor_for_original, correct_on, each_role)
 from obliviate.errors import ObliviateError
 from obliviate.models.layers import decoder_layers
 from obliviate.models.loading import LoadedModel
@@ -167,9 +167,8 @@ def run_ablate(ctx: AttackContext, config: AblateConfig) -> dict:
 def original_means(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: AblateConfig) -> torch.Tensor:
     """The original's mean activations, through the results cache (they depend on nothing erased)."""
     payload = {"sentences": sentences, "max_length": config.max_length, "batch_size": config.batch_size}
-    return original_cache(ctx, lm).fetch(
-        "ablate_means", payload, lambda: mean_activations(lm, sentences, config.max_length, config.batch_size),
-        lambda means: ({"means": means}, {}), lambda tensors, _: tensors["means"])
+    return cached_tensor_for_original(ctx, lm, "ablate_means", payload,
+                                      lambda: mean_activations(lm, sentences, config.max_length, config.batch_size))
 
 
 # ---- logit-lens ------------------------------------------------------------------------

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Callable, Literal
 
 import numpy as np
+import torch
 
 from obliviate.data.concepts import ConceptData, MCQuestion, load_relearn_paragraphs
 from obliviate.evaluation.cache import OriginalCache
@@ -117,6 +118,14 @@ def original_cache(ctx: AttackContext, lm: LoadedModel) -> OriginalCache:
     """The results cache for what an attack measures on the ORIGINAL model (off when
     ``ctx.options["cache"]`` is False, and across several processes)."""
     return OriginalCache(lm, enabled=ctx.options.get("cache", True) and sharding.world()[1] == 1)
+
+
+def cached_tensor_for_original(ctx: AttackContext, lm: LoadedModel, kind: str, payload: dict,
+                               compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """A tensor an attack computes on the ORIGINAL model from ``payload``'s inputs (its
+    sentences and settings), from the results cache when they ran before."""
+    return original_cache(ctx, lm).fetch(kind, payload, compute, lambda value: ({"value": value}, {}),
+                                         lambda tensors, _: tensors["value"])
 
 
 def each_role(ctx: AttackContext, out: dict, measure: Callable) -> dict:

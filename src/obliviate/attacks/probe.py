@@ -22,7 +22,7 @@ from obliviate.errors import ObliviateError
 from obliviate.methods import eco
 from obliviate.models.layers import left_pad
 from obliviate.models.loading import LoadedModel
-from obliviate.attacks.common import AttackContext, accuracy_interval, original_cache
+from obliviate.attacks.common import AttackContext, accuracy_interval, cached_tensor_for_original
 
 NAME = "probe"
 
@@ -103,9 +103,8 @@ def run(ctx: AttackContext, config: Config) -> dict:
 def original_features(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: Config) -> np.ndarray:
     """The original's features, through the results cache (they depend on nothing erased)."""
     payload = {"sentences": sentences, "max_length": config.max_length, "batch_size": config.batch_size}
-    return original_cache(ctx, lm).fetch(
-        "probe_features", payload, lambda: layer_features(lm, sentences, config.max_length, config.batch_size),
-        lambda features: ({"features": torch.from_numpy(features)}, {}), lambda tensors, _: tensors["features"].numpy())
+    return cached_tensor_for_original(ctx, lm, "probe_features", payload, lambda: torch.from_numpy(
+        layer_features(lm, sentences, config.max_length, config.batch_size))).numpy()
 
 
 def erased_features(ctx: AttackContext, lm: LoadedModel, sentences: list[str], config: Config,

@@ -274,9 +274,7 @@ class Evaluator:
                 done(f"original {kind} prompts")
             old_rows = self._before_output_edit(split, sets, token_ids, edit)
             correct, rescored, generated = {}, {}, {}
-            if edit is not None:
-                edit.apply(self.lm.model)
-            try:
+            with applied(edit, self.lm.model):
                 change = self._output_change(token_ids, old_rows)
                 for name, prepared in sets.items():
                     correct[name], rescored[name] = self._score_set(split, name, prepared, token_ids, change, edit)
@@ -285,9 +283,6 @@ class Evaluator:
                     generated[kind] = self._take_ahead(split, kind, edit) or self._generate_edited(
                         reference, self._prompts_to_rerun(reference, token_ids, change, edit))
                     done(f"{kind} prompts")
-            finally:
-                if edit is not None:
-                    edit.revert(self.lm.model)
         prompt_rows = {kind: self._coherence_rows(references[kind], *generated[kind]) for kind in references}
         rescored.update({f"{kind}_prompts": int(len(generated[kind][0])) for kind in references})
         samples = {**correct, **{PROMPT_KINDS[kind]: rows for kind, rows in prompt_rows.items()}}
